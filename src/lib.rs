@@ -1,1 +1,3 @@
 
+pub mod store;
+pub mod meta_store;

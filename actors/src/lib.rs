@@ -4,6 +4,12 @@
 //! traits in [`ports`].
 
 pub mod buffer;
-pub mod meta;
-pub mod ports;
 pub mod core;
+pub mod device;
+pub mod gate;
+pub mod meta;
+pub mod metadata;
+pub mod ports;
+pub mod retry;
+pub mod status;
+pub mod supervisor;

@@ -1,6 +1,10 @@
 //! The deterministic core: plain state machines with no I/O, no clock reads and no threads.
 //! Actors feed them events (with the time as a number) and carry out the effects they return.
 
+pub mod device;
 mod protocol;
+mod states;
 
+pub use device::{ByteRange, DeviceCore, DeviceStats, Effect, IoFault, IoKind, RequestId, Stage, Tick};
 pub use protocol::ReplicationProtocol;
+pub use states::{DiskState, Role};

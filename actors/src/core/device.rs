@@ -1,0 +1,579 @@
+//! The request pipeline of one volume as a pure state machine: admission (the application-I/O
+//! count and suspension), conflicts between overlapping writes, and the completion rule.
+//!
+//! The [`crate::device::DeviceActor`] owns the data and reply of each request; this core only
+//! knows each request's kind, range and stage, and answers every event with [`Effect`]s.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use crate::buffer::IO_ALIGN;
+
+/// Identifies a request for as long as the core tracks it. Never reused.
+pub type RequestId = u64;
+
+/// Time as the shell tells it (nanoseconds since the shell's start); the core never reads a clock.
+pub type Tick = u64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub enum IoKind {
+    Read,
+    Write,
+    Discard,
+    Flush,
+}
+
+impl IoKind {
+    /// Writes and discards change data, so they are refused on a Secondary and must not overlap.
+    pub fn modifies_data(self) -> bool {
+        matches!(self, IoKind::Write | IoKind::Discard)
+    }
+}
+
+/// A byte range of the volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteRange {
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl ByteRange {
+    pub fn new(offset: u64, len: u64) -> Self {
+        ByteRange { offset, len }
+    }
+
+    pub fn end(&self) -> Option<u64> {
+        self.offset.checked_add(self.len)
+    }
+
+    /// The range widened to whole 4 KiB blocks: two writes that touch the same block conflict,
+    /// because an unaligned write is a read-modify-write of its edge blocks.
+    fn block_span(&self) -> (u64, u64) {
+        let align = IO_ALIGN as u64;
+        let start = self.offset / align * align;
+        let end = self.offset.saturating_add(self.len).div_ceil(align) * align;
+        (start, end)
+    }
+}
+
+/// Why a request failed. The FUSE front end maps each to an errno.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum IoFault {
+    #[error("the request reaches beyond the end of the device")]
+    BeyondEnd,
+    #[error("the device is read-only because this node is not Primary")]
+    ReadOnly,
+    #[error("the device is going down and takes no new requests")]
+    Closed,
+    #[error("the local backing store failed (errno {0})")]
+    LocalIo(i32),
+}
+
+/// Where a request is in the pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Stage {
+    /// Not admitted yet: I/O is suspended.
+    Held,
+    /// Admitted; waits for an overlapping earlier write to finish.
+    WaitingForConflict,
+    /// Submitted to the local store.
+    Local,
+    /// Local part finished; completion waits for the rest of the rule (I/O suspended).
+    ReadyToComplete,
+}
+
+/// What the shell must do after an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Submit the request to the local store, then report `local_done`.
+    StartLocal(RequestId),
+    /// Reply to the application; the core has forgotten the request.
+    Complete(RequestId, Result<(), IoFault>),
+    /// The request was postponed and forgotten: hand it to the retry actor, which re-submits it
+    /// (as a new request with the original start time).
+    Postponed(RequestId),
+}
+
+#[derive(Debug)]
+struct Request {
+    kind: IoKind,
+    range: ByteRange,
+    stage: Stage,
+    start: Tick,
+    local_result: Option<Result<(), IoFault>>,
+    postponed: bool,
+}
+
+/// Counters the status command shows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceStats {
+    pub reads: u64,
+    pub writes: u64,
+    pub discards: u64,
+    pub flushes: u64,
+    pub read_bytes: u64,
+    pub written_bytes: u64,
+    pub discarded_bytes: u64,
+    pub failed: u64,
+    pub postponed: u64,
+    /// Sum of the latencies (submit to completion) of completed writes, in ticks.
+    pub write_latency_total: u64,
+}
+
+/// The deterministic request pipeline of one volume.
+#[derive(Debug)]
+pub struct DeviceCore {
+    size: u64,
+    writable: bool,
+    suspended: bool,
+    closed: bool,
+    next_id: RequestId,
+    requests: HashMap<RequestId, Request>,
+    /// Requests waiting for admission while I/O is suspended, in arrival order.
+    held: VecDeque<RequestId>,
+    /// Block spans of the writes and discards at the local store: start -> (end, id).
+    /// Spans in here never overlap, which keeps the overlap check to one lookup.
+    active_spans: BTreeMap<u64, (u64, RequestId)>,
+    /// Admitted writes waiting for an overlapping earlier one, in arrival order.
+    conflict_waiters: VecDeque<RequestId>,
+    /// Admitted and not yet completed (the "application I/O" count).
+    app_in_flight: u64,
+    stats: DeviceStats,
+}
+
+impl DeviceCore {
+    pub fn new(size: u64, writable: bool) -> Self {
+        DeviceCore {
+            size,
+            writable,
+            suspended: false,
+            closed: false,
+            next_id: 1,
+            requests: HashMap::new(),
+            held: VecDeque::new(),
+            active_spans: BTreeMap::new(),
+            conflict_waiters: VecDeque::new(),
+            app_in_flight: 0,
+            stats: DeviceStats::default(),
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn app_in_flight(&self) -> u64 {
+        self.app_in_flight
+    }
+
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    pub fn is_suspended(&self) -> bool {
+        self.suspended
+    }
+
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// Nothing admitted, nothing held: a drain may finish.
+    pub fn is_idle(&self) -> bool {
+        self.app_in_flight == 0 && self.held.is_empty()
+    }
+
+    pub fn stats(&self) -> DeviceStats {
+        self.stats
+    }
+
+    pub fn stage(&self, id: RequestId) -> Option<Stage> {
+        self.requests.get(&id).map(|request| request.stage)
+    }
+
+    pub fn start_tick(&self, id: RequestId) -> Option<Tick> {
+        self.requests.get(&id).map(|request| request.start)
+    }
+
+    pub fn set_writable(&mut self, writable: bool) {
+        self.writable = writable;
+    }
+
+    /// Refuse every new request from now on; admitted ones run to completion.
+    pub fn close(&mut self) {
+        self.closed = true;
+    }
+
+    /// A new application request. `start` is when the application issued it (kept across
+    /// re-submissions of a postponed request).
+    pub fn submit(
+        &mut self,
+        kind: IoKind,
+        range: ByteRange,
+        start: Tick,
+    ) -> (RequestId, Vec<Effect>) {
+        let id = self.next_id;
+        self.next_id += 1;
+        if let Err(fault) = self.check_acceptable(kind, range) {
+            self.stats.failed += 1;
+            return (id, vec![Effect::Complete(id, Err(fault))]);
+        }
+        self.requests.insert(
+            id,
+            Request {
+                kind,
+                range,
+                stage: Stage::Held,
+                start,
+                local_result: None,
+                postponed: false,
+            },
+        );
+        let mut effects = Vec::new();
+        if self.suspended {
+            self.held.push_back(id);
+        } else {
+            self.admit(id, &mut effects);
+        }
+        (id, effects)
+    }
+
+    fn check_acceptable(&self, kind: IoKind, range: ByteRange) -> Result<(), IoFault> {
+        if self.closed {
+            return Err(IoFault::Closed);
+        }
+        if kind.modifies_data() && !self.writable {
+            return Err(IoFault::ReadOnly);
+        }
+        if kind != IoKind::Flush {
+            match range.end() {
+                Some(end) if end <= self.size => {}
+                _ => return Err(IoFault::BeyondEnd),
+            }
+        }
+        Ok(())
+    }
+
+    fn admit(&mut self, id: RequestId, effects: &mut Vec<Effect>) {
+        self.app_in_flight += 1;
+        let Some(request) = self.requests.get(&id) else {
+            return;
+        };
+        if request.kind.modifies_data() {
+            let span = request.range.block_span();
+            if self.overlaps_active(span) || self.overlaps_waiter(span) {
+                self.set_stage(id, Stage::WaitingForConflict);
+                self.conflict_waiters.push_back(id);
+                return;
+            }
+            self.active_spans.insert(span.0, (span.1, id));
+        }
+        self.set_stage(id, Stage::Local);
+        effects.push(Effect::StartLocal(id));
+    }
+
+    fn set_stage(&mut self, id: RequestId, stage: Stage) {
+        if let Some(request) = self.requests.get_mut(&id) {
+            request.stage = stage;
+        }
+    }
+
+    fn overlaps_active(&self, (start, end): (u64, u64)) -> bool {
+        self.active_spans
+            .range(..end)
+            .next_back()
+            .is_some_and(|(_, (active_end, _))| *active_end > start)
+    }
+
+    fn overlaps_waiter(&self, (start, end): (u64, u64)) -> bool {
+        self.conflict_waiters.iter().any(|waiter| {
+            self.requests.get(waiter).is_some_and(|request| {
+                let (w_start, w_end) = request.range.block_span();
+                w_start < end && start < w_end
+            })
+        })
+    }
+
+    /// The local store finished the request.
+    pub fn local_done(
+        &mut self,
+        id: RequestId,
+        result: Result<(), IoFault>,
+        now: Tick,
+    ) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        let Some(request) = self.requests.get_mut(&id) else {
+            return effects;
+        };
+        if request.stage != Stage::Local {
+            return effects;
+        }
+        request.local_result = Some(result);
+        request.stage = Stage::ReadyToComplete;
+        let kind = request.kind;
+        let span = request.range.block_span();
+        if kind.modifies_data() {
+            self.active_spans.remove(&span.0);
+            self.start_unblocked_waiters(&mut effects);
+        }
+        if !self.suspended {
+            self.finish(id, now, &mut effects);
+        }
+        effects
+    }
+
+    /// Starts, in arrival order, every waiting write that no longer overlaps an active write or
+    /// an earlier waiter.
+    fn start_unblocked_waiters(&mut self, effects: &mut Vec<Effect>) {
+        let waiters: Vec<RequestId> = self.conflict_waiters.drain(..).collect();
+        let mut still_waiting: Vec<(u64, u64)> = Vec::new();
+        for id in waiters {
+            let Some(request) = self.requests.get(&id) else {
+                continue;
+            };
+            let span = request.range.block_span();
+            let blocked_by_waiter = still_waiting.iter().any(|(s, e)| *s < span.1 && span.0 < *e);
+            if blocked_by_waiter || self.overlaps_active(span) {
+                still_waiting.push(span);
+                self.conflict_waiters.push_back(id);
+            } else {
+                self.active_spans.insert(span.0, (span.1, id));
+                self.set_stage(id, Stage::Local);
+                effects.push(Effect::StartLocal(id));
+            }
+        }
+    }
+
+    /// Completes (or, if postponed, hands back) a request whose local part is done.
+    fn finish(&mut self, id: RequestId, now: Tick, effects: &mut Vec<Effect>) {
+        let Some(request) = self.requests.remove(&id) else {
+            return;
+        };
+        self.app_in_flight = self.app_in_flight.saturating_sub(1);
+        if request.postponed {
+            self.stats.postponed += 1;
+            effects.push(Effect::Postponed(id));
+            return;
+        }
+        let result = request.local_result.unwrap_or(Err(IoFault::Closed));
+        self.account(&request, result, now);
+        effects.push(Effect::Complete(id, result));
+    }
+
+    fn account(&mut self, request: &Request, result: Result<(), IoFault>, now: Tick) {
+        if result.is_err() {
+            self.stats.failed += 1;
+            return;
+        }
+        let stats = &mut self.stats;
+        match request.kind {
+            IoKind::Read => {
+                stats.reads += 1;
+                stats.read_bytes += request.range.len;
+            }
+            IoKind::Write => {
+                stats.writes += 1;
+                stats.written_bytes += request.range.len;
+                stats.write_latency_total += now.saturating_sub(request.start);
+            }
+            IoKind::Discard => {
+                stats.discards += 1;
+                stats.discarded_bytes += request.range.len;
+            }
+            IoKind::Flush => stats.flushes += 1,
+        }
+    }
+
+    /// Marks a request as postponed (a peer answered RetryWrite): it will not complete upward;
+    /// once its local part is done it is handed back as [`Effect::Postponed`] and its
+    /// application-I/O count is released, to be taken again when it is re-submitted.
+    pub fn postpone(&mut self, id: RequestId, now: Tick) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        let Some(request) = self.requests.get_mut(&id) else {
+            return effects;
+        };
+        request.postponed = true;
+        if request.stage == Stage::ReadyToComplete {
+            self.finish(id, now, &mut effects);
+        }
+        effects
+    }
+
+    /// Suspend I/O: new requests are held before admission and completions are held back.
+    pub fn suspend(&mut self) {
+        self.suspended = true;
+    }
+
+    /// Resume I/O: complete what was held back, then admit the held requests in order.
+    pub fn resume(&mut self, now: Tick) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        if !self.suspended {
+            return effects;
+        }
+        self.suspended = false;
+        let mut ready: Vec<(Tick, RequestId)> = self
+            .requests
+            .iter()
+            .filter(|(_, request)| request.stage == Stage::ReadyToComplete)
+            .map(|(id, request)| (request.start, *id))
+            .collect();
+        ready.sort_unstable();
+        for (_, id) in ready {
+            self.finish(id, now, &mut effects);
+        }
+        while let Some(id) = self.held.pop_front() {
+            if self.closed {
+                self.requests.remove(&id);
+                self.stats.failed += 1;
+                effects.push(Effect::Complete(id, Err(IoFault::Closed)));
+            } else {
+                self.admit(id, &mut effects);
+            }
+        }
+        effects
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn started(effects: &[Effect]) -> Vec<RequestId> {
+        effects
+            .iter()
+            .filter_map(|effect| match effect {
+                Effect::StartLocal(id) => Some(*id),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn completed(effects: &[Effect]) -> Vec<(RequestId, Result<(), IoFault>)> {
+        effects
+            .iter()
+            .filter_map(|effect| match effect {
+                Effect::Complete(id, result) => Some((*id, *result)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn write_starts_and_completes_with_counting() {
+        let mut core = DeviceCore::new(MIB, true);
+        let (id, effects) = core.submit(IoKind::Write, ByteRange::new(0, 4096), 10);
+        assert_eq!(effects, vec![Effect::StartLocal(id)]);
+        assert_eq!(core.app_in_flight(), 1);
+        assert_eq!(core.stage(id), Some(Stage::Local));
+        let effects = core.local_done(id, Ok(()), 30);
+        assert_eq!(completed(&effects), vec![(id, Ok(()))]);
+        assert_eq!(core.app_in_flight(), 0);
+        assert!(core.is_idle());
+        let stats = core.stats();
+        assert_eq!((stats.writes, stats.written_bytes), (1, 4096));
+        assert_eq!(stats.write_latency_total, 20);
+    }
+
+    #[test]
+    fn writes_beyond_end_and_on_secondary_are_refused_without_counting() {
+        let mut core = DeviceCore::new(MIB, false);
+        let (id, effects) = core.submit(IoKind::Write, ByteRange::new(0, 512), 0);
+        assert_eq!(completed(&effects), vec![(id, Err(IoFault::ReadOnly))]);
+        let (id, effects) = core.submit(IoKind::Read, ByteRange::new(MIB - 1, 2), 0);
+        assert_eq!(completed(&effects), vec![(id, Err(IoFault::BeyondEnd))]);
+        let (id, effects) = core.submit(IoKind::Read, ByteRange::new(u64::MAX, 2), 0);
+        assert_eq!(completed(&effects), vec![(id, Err(IoFault::BeyondEnd))]);
+        assert_eq!(core.app_in_flight(), 0);
+        core.set_writable(true);
+        let (id, effects) = core.submit(IoKind::Discard, ByteRange::new(MIB, 4096), 0);
+        assert_eq!(completed(&effects), vec![(id, Err(IoFault::BeyondEnd))]);
+    }
+
+    #[test]
+    fn overlapping_writes_run_one_after_the_other_in_order() {
+        let mut core = DeviceCore::new(MIB, true);
+        let (first, e1) = core.submit(IoKind::Write, ByteRange::new(100, 10), 0);
+        // Same 4 KiB block, different bytes: still a conflict (read-modify-write).
+        let (second, e2) = core.submit(IoKind::Write, ByteRange::new(2000, 10), 0);
+        let (third, e3) = core.submit(IoKind::Discard, ByteRange::new(0, 8192), 0);
+        let (apart, e4) = core.submit(IoKind::Write, ByteRange::new(8192, 4096), 0);
+        assert_eq!(started(&e1), vec![first]);
+        assert!(started(&e2).is_empty() && started(&e3).is_empty());
+        assert_eq!(started(&e4), vec![apart]);
+        assert_eq!(core.stage(second), Some(Stage::WaitingForConflict));
+        assert_eq!(core.app_in_flight(), 4);
+        let effects = core.local_done(first, Ok(()), 1);
+        // The discard overlaps the second write, which arrived earlier: it keeps waiting.
+        assert_eq!(started(&effects), vec![second]);
+        let effects = core.local_done(second, Ok(()), 2);
+        assert_eq!(started(&effects), vec![third]);
+    }
+
+    #[test]
+    fn suspend_holds_new_requests_and_completions_until_resume() {
+        let mut core = DeviceCore::new(MIB, true);
+        let (running, _) = core.submit(IoKind::Write, ByteRange::new(0, 4096), 0);
+        core.suspend();
+        let (held, effects) = core.submit(IoKind::Write, ByteRange::new(4096, 4096), 0);
+        assert!(effects.is_empty());
+        assert_eq!(core.stage(held), Some(Stage::Held));
+        assert_eq!(core.held(), 1);
+        let effects = core.local_done(running, Ok(()), 5);
+        assert!(completed(&effects).is_empty(), "completion waits while suspended");
+        assert_eq!(core.stage(running), Some(Stage::ReadyToComplete));
+        assert!(!core.is_idle());
+        let effects = core.resume(6);
+        assert_eq!(completed(&effects), vec![(running, Ok(()))]);
+        assert_eq!(started(&effects), vec![held]);
+        assert_eq!(core.app_in_flight(), 1);
+    }
+
+    #[test]
+    fn closed_device_refuses_new_requests_and_fails_held_ones() {
+        let mut core = DeviceCore::new(MIB, true);
+        core.suspend();
+        let (held, _) = core.submit(IoKind::Read, ByteRange::new(0, 4096), 0);
+        core.close();
+        let (refused, effects) = core.submit(IoKind::Read, ByteRange::new(0, 4096), 0);
+        assert_eq!(completed(&effects), vec![(refused, Err(IoFault::Closed))]);
+        let effects = core.resume(1);
+        assert_eq!(completed(&effects), vec![(held, Err(IoFault::Closed))]);
+        assert!(core.is_idle());
+    }
+
+    #[test]
+    fn postponed_request_releases_its_count_exactly_once() {
+        let mut core = DeviceCore::new(MIB, true);
+        let (id, _) = core.submit(IoKind::Write, ByteRange::new(0, 4096), 7);
+        assert!(core.postpone(id, 1).is_empty(), "local part still running");
+        assert_eq!(core.app_in_flight(), 1);
+        let effects = core.local_done(id, Ok(()), 2);
+        assert_eq!(effects, vec![Effect::Postponed(id)]);
+        assert_eq!(core.app_in_flight(), 0);
+        // Re-submission is a new request with the original start tick.
+        let (again, effects) = core.submit(IoKind::Write, ByteRange::new(0, 4096), 7);
+        assert_eq!(started(&effects), vec![again]);
+        assert_eq!(core.start_tick(again), Some(7));
+        assert_eq!(core.app_in_flight(), 1);
+        let effects = core.local_done(again, Ok(()), 9);
+        assert_eq!(completed(&effects), vec![(again, Ok(()))]);
+        assert_eq!(core.app_in_flight(), 0);
+        assert_eq!(core.stats().postponed, 1);
+    }
+
+    #[test]
+    fn local_failure_is_reported_and_counted() {
+        let mut core = DeviceCore::new(MIB, true);
+        let (id, _) = core.submit(IoKind::Flush, ByteRange::new(0, 0), 0);
+        let effects = core.local_done(id, Err(IoFault::LocalIo(5)), 1);
+        assert_eq!(completed(&effects), vec![(id, Err(IoFault::LocalIo(5)))]);
+        assert_eq!(core.stats().failed, 1);
+    }
+}

@@ -1,0 +1,34 @@
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// The role of a node for one resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Role {
+    Primary,
+    Secondary,
+}
+
+/// The state of a node's local data (replication-semantics.md section 9).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum DiskState {
+    Diskless,
+    Attaching,
+    Inconsistent,
+    Outdated,
+    DUnknown,
+    Consistent,
+    UpToDate,
+}
+
+macro_rules! display_as_debug {
+    ($($ty:ty),*) => {$(
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(self, f)
+            }
+        }
+    )*};
+}
+
+display_as_debug!(Role, DiskState);

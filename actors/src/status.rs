@@ -1,0 +1,52 @@
+//! What `qrbd status` reports, as serialisable types (the `--json` output is this, verbatim).
+
+use serde::{Deserialize, Serialize};
+
+use crate::core::{DiskState, ReplicationProtocol, Role};
+
+/// The status of one resource on this node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceStatus {
+    pub name: String,
+    pub role: Role,
+    pub disk: DiskState,
+    pub size_bytes: u64,
+    pub protocol: ReplicationProtocol,
+    /// Application I/O is suspended (`suspend-io`).
+    pub suspended: bool,
+    /// Admitted application requests not yet completed.
+    pub app_in_flight: u64,
+    /// Requests waiting for admission while suspended.
+    pub app_held: u64,
+    pub open_writers: u32,
+    pub open_readers: u32,
+    pub reads: u64,
+    pub writes: u64,
+    pub flushes: u64,
+    pub discards: u64,
+    pub read_bytes: u64,
+    pub written_bytes: u64,
+    pub discarded_bytes: u64,
+    pub failed_requests: u64,
+    /// Mean write latency in microseconds since the resource came up.
+    pub write_latency_avg_us: u64,
+    /// Current data generation, as 16 hex digits.
+    pub current_uuid: String,
+    pub peers: Vec<PeerStatus>,
+}
+
+/// The status of one peer of a resource (filled in once replication lands).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub name: String,
+    pub node_id: u8,
+    pub connection: String,
+    pub role: Option<Role>,
+    pub disk: Option<DiskState>,
+    pub replication: String,
+    pub sent_bytes: u64,
+    pub received_bytes: u64,
+    pub pending: u64,
+    pub unacked: u64,
+    pub out_of_sync_bytes: u64,
+}

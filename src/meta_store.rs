@@ -1,0 +1,345 @@
+//! Durable per-volume metadata in a sled database.
+
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use qrbd_actors::meta::{DeviceMeta, META_FORMAT_VERSION};
+use qrbd_actors::ports::{MetaError, MetaStore};
+
+const DEVICE_META_KEY: &str = "device-meta";
+/// Prefix of the keys written by [`SledMetaStore::put_blob`], so that a blob can never clobber
+/// the device metadata.
+const BLOB_PREFIX: &str = "blob/";
+
+/// sled 0.34's file names inside its directory (see `sled::Config::{db_path, config_path,
+/// blob_path}`).
+const DB_FILE: &str = "db";
+const CONF_FILE: &str = "conf";
+const BLOBS_DIR: &str = "blobs";
+
+/// A [`MetaStore`] backed by a sled database in a directory of its own.
+pub struct SledMetaStore {
+    db: sled::Db,
+    dir: PathBuf,
+    /// Handles kept for the fsyncs that make writes durable (see [`SledMetaStore::sync`]).
+    db_file: File,
+    conf_file: File,
+    dir_file: File,
+    /// Blob files already fsynced. sled writes each blob once under a fresh name and never
+    /// modifies it, so one fsync per blob is enough.
+    synced_blobs: HashSet<OsString>,
+}
+
+impl std::fmt::Debug for SledMetaStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SledMetaStore")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SledMetaStore {
+    /// Opens the metadata database in `dir`, creating the directory and an empty database if
+    /// needed.
+    pub fn open(dir: &Path) -> Result<SledMetaStore, MetaError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .open()
+            .map_err(|e| sled_error(e, dir, "opening metadata database"))?;
+        let open = |name: &str| {
+            let path = dir.join(name);
+            File::open(&path).map_err(|e| io_context(e, &path, "opening for fsync"))
+        };
+        let mut store = SledMetaStore {
+            db_file: open(DB_FILE)?,
+            conf_file: open(CONF_FILE)?,
+            dir_file: File::open(dir).map_err(|e| io_context(e, dir, "opening for fsync"))?,
+            db,
+            dir: dir.to_owned(),
+            synced_blobs: HashSet::new(),
+        };
+        // sled may just have created the directory and its files without syncing them; make the
+        // empty database durable so a later save never depends on unsynced directory entries.
+        store.sync()?;
+        Ok(store)
+    }
+
+    /// Whether `dir` holds a metadata database with device metadata in it. Never creates
+    /// anything when it does not; errors (e.g. the database is open elsewhere) count as absent
+    /// and are logged: use [`SledMetaStore::try_exists`] to see them.
+    pub fn exists(dir: &Path) -> bool {
+        match Self::try_exists(dir) {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot check for metadata");
+                false
+            }
+        }
+    }
+
+    /// Like [`SledMetaStore::exists`] but reports why the check could not be made.
+    pub fn try_exists(dir: &Path) -> Result<bool, MetaError> {
+        // sled creates its directory and files on open, so only open what is already there.
+        if !dir.join(DB_FILE).is_file() {
+            return Ok(false);
+        }
+        let db = sled::Config::new()
+            .path(dir)
+            .open()
+            .map_err(|e| sled_error(e, dir, "opening metadata database"))?;
+        db.contains_key(DEVICE_META_KEY)
+            .map_err(|e| sled_error(e, dir, "reading device metadata"))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Stores `value` under `key`, durably: returns once it would survive a crash.
+    pub fn put_blob(&mut self, key: &str, value: &[u8]) -> Result<(), MetaError> {
+        self.put_durable(&blob_key(key), value, "writing blob")
+    }
+
+    /// The value last stored under `key` with [`SledMetaStore::put_blob`].
+    pub fn get_blob(&self, key: &str) -> Result<Option<Vec<u8>>, MetaError> {
+        let value = self
+            .db
+            .get(blob_key(key))
+            .map_err(|e| sled_error(e, &self.dir, "reading blob"))?;
+        Ok(value.map(|v| v.to_vec()))
+    }
+
+    fn put_durable(&mut self, key: &str, value: &[u8], what: &str) -> Result<(), MetaError> {
+        self.db
+            .insert(key, value)
+            .map_err(|e| sled_error(e, &self.dir, what))?;
+        self.db
+            .flush()
+            .map_err(|e| sled_error(e, &self.dir, "flushing metadata database"))?;
+        self.sync()
+    }
+
+    /// fsyncs sled's files and directories.
+    ///
+    /// Why: sled 0.34's `Db::flush` only calls `sync_file_range` on its log (sled issue #1452).
+    /// That starts and waits for writeback of the data pages, but flushes neither the drive's
+    /// volatile write cache nor the file's metadata (e.g. its size after the log grew), and
+    /// blob files and new directory entries are not synced at all. A power loss could then lose
+    /// metadata that `save` already reported durable, such as a new generation UUID.
+    fn sync(&mut self) -> Result<(), MetaError> {
+        let blobs_dir = self.dir.join(BLOBS_DIR);
+        if self.sync_new_blobs(&blobs_dir)? {
+            File::open(&blobs_dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| io_context(e, &blobs_dir, "fsync"))?;
+        }
+        self.db_file
+            .sync_all()
+            .map_err(|e| io_context(e, &self.dir.join(DB_FILE), "fsync"))?;
+        self.conf_file
+            .sync_all()
+            .map_err(|e| io_context(e, &self.dir.join(CONF_FILE), "fsync"))?;
+        self.dir_file
+            .sync_all()
+            .map_err(|e| io_context(e, &self.dir, "fsync"))?;
+        Ok(())
+    }
+
+    /// fsyncs the blob files not synced yet; returns whether the blob directory changed.
+    fn sync_new_blobs(&mut self, blobs_dir: &Path) -> Result<bool, MetaError> {
+        let entries = match std::fs::read_dir(blobs_dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(io_context(e, blobs_dir, "listing").into()),
+        };
+        let mut present = HashSet::new();
+        let mut changed = false;
+        for entry in entries {
+            let entry = entry.map_err(|e| io_context(e, blobs_dir, "listing"))?;
+            let name = entry.file_name();
+            if !self.synced_blobs.contains(&name) {
+                let path = entry.path();
+                match File::open(&path).and_then(|f| f.sync_all()) {
+                    Ok(()) => changed = true,
+                    // sled garbage-collects blobs concurrently; a vanished one needs no sync.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(io_context(e, &path, "fsync").into()),
+                }
+            }
+            present.insert(name);
+        }
+        changed |= present.len() != self.synced_blobs.len();
+        self.synced_blobs = present;
+        Ok(changed)
+    }
+}
+
+impl MetaStore for SledMetaStore {
+    fn load(&self) -> Result<Option<DeviceMeta>, MetaError> {
+        let Some(raw) = self
+            .db
+            .get(DEVICE_META_KEY)
+            .map_err(|e| sled_error(e, &self.dir, "reading device metadata"))?
+        else {
+            return Ok(None);
+        };
+        let meta: DeviceMeta = serde_json::from_slice(&raw).map_err(|e| {
+            MetaError::Corrupt(format!(
+                "device metadata in {} is not valid: {e}",
+                self.dir.display()
+            ))
+        })?;
+        if meta.format_version != META_FORMAT_VERSION {
+            return Err(MetaError::Corrupt(format!(
+                "device metadata in {} has format version {}, this build reads version {}",
+                self.dir.display(),
+                meta.format_version,
+                META_FORMAT_VERSION
+            )));
+        }
+        Ok(Some(meta))
+    }
+
+    fn save(&mut self, meta: &DeviceMeta) -> Result<(), MetaError> {
+        let json = serde_json::to_vec(meta)
+            .map_err(|e| MetaError::Backend(format!("encoding device metadata: {e}")))?;
+        self.put_durable(DEVICE_META_KEY, &json, "writing device metadata")
+    }
+}
+
+fn blob_key(key: &str) -> String {
+    format!("{BLOB_PREFIX}{key}")
+}
+
+fn io_context(e: io::Error, path: &Path, op: &str) -> io::Error {
+    io::Error::new(e.kind(), format!("{op} {}: {e}", path.display()))
+}
+
+fn sled_error(e: sled::Error, dir: &Path, op: &str) -> MetaError {
+    match e {
+        sled::Error::Io(io) => MetaError::Io(io_context(io, dir, op)),
+        sled::Error::Corruption { .. } => {
+            MetaError::Corrupt(format!("{op} in {}: {e}", dir.display()))
+        }
+        other => MetaError::Backend(format!("{op} in {}: {other}", dir.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> DeviceMeta {
+        let mut meta = DeviceMeta::new("r0", 2, 1 << 30, 0xdead_beef);
+        meta.bitmap_uuids.insert(1, 42);
+        meta.history_uuids = vec![7, 8];
+        meta.flags.was_primary = true;
+        meta
+    }
+
+    #[test]
+    fn round_trip_and_overwrite() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut store = SledMetaStore::open(&tmp.path().join("md")).expect("open");
+        assert_eq!(store.load().expect("load"), None);
+        let mut meta = sample();
+        store.save(&meta).expect("save");
+        assert_eq!(store.load().expect("load"), Some(meta.clone()));
+        meta.current_uuid = 99;
+        meta.flags.clean_shutdown = false;
+        store.save(&meta).expect("save again");
+        assert_eq!(store.load().expect("load"), Some(meta));
+    }
+
+    #[test]
+    fn survives_drop_and_reopen() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("md");
+        {
+            let mut store = SledMetaStore::open(&dir).expect("open");
+            store.save(&sample()).expect("save");
+            store.put_blob("bitmap/1", b"\x01\x02\x03").expect("put");
+        }
+        let store = SledMetaStore::open(&dir).expect("reopen");
+        assert_eq!(store.load().expect("load"), Some(sample()));
+        assert_eq!(
+            store.get_blob("bitmap/1").expect("get"),
+            Some(vec![1, 2, 3])
+        );
+    }
+
+    #[test]
+    fn corrupt_json_and_wrong_version_are_corrupt() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut store = SledMetaStore::open(tmp.path()).expect("open");
+        store
+            .db
+            .insert(DEVICE_META_KEY, &b"{\"format_version\": 1, \"resou"[..])
+            .expect("insert");
+        match store.load() {
+            Err(MetaError::Corrupt(msg)) => assert!(msg.contains("EOF"), "{msg}"),
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+        let mut meta = sample();
+        meta.format_version = META_FORMAT_VERSION + 1;
+        store.save(&meta).expect("save");
+        match store.load() {
+            Err(MetaError::Corrupt(msg)) => assert!(msg.contains("format version"), "{msg}"),
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn exists_does_not_create_and_sees_saved_meta() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("md");
+        assert!(!SledMetaStore::exists(&dir));
+        assert!(!dir.exists(), "exists() created {}", dir.display());
+        std::fs::create_dir(&dir).expect("mkdir");
+        assert!(!SledMetaStore::exists(&dir));
+        assert_eq!(std::fs::read_dir(&dir).expect("ls").count(), 0);
+        {
+            let store = SledMetaStore::open(&dir).expect("open");
+            // The database exists but holds no metadata yet.
+            drop(store);
+            assert!(!SledMetaStore::exists(&dir));
+        }
+        {
+            let mut store = SledMetaStore::open(&dir).expect("open");
+            store.save(&sample()).expect("save");
+            // Open elsewhere: the check cannot be made, and says so.
+            assert!(SledMetaStore::try_exists(&dir).is_err());
+        }
+        assert!(SledMetaStore::exists(&dir));
+    }
+
+    #[test]
+    fn blobs_are_separate_from_meta_and_large_ones_are_synced() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("md");
+        let mut store = SledMetaStore::open(&dir).expect("open");
+        assert_eq!(store.get_blob("x").expect("get"), None);
+        store.put_blob(DEVICE_META_KEY, b"not json").expect("put");
+        assert_eq!(store.load().expect("load"), None);
+        // Large enough for sled to store it as a separate blob file.
+        let big: Vec<u8> = (0..2_000_000u32).map(|i| (i * 7 % 256) as u8).collect();
+        store.put_blob("bitmap/big", &big).expect("put big");
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .expect("ls")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        eprintln!("sled dir after flush: {names:?}");
+        assert!(names.iter().any(|n| n == DB_FILE) && names.iter().any(|n| n == CONF_FILE));
+        let blobs = std::fs::read_dir(dir.join(BLOBS_DIR))
+            .expect("ls blobs")
+            .count();
+        eprintln!("blob files: {blobs}, synced: {}", store.synced_blobs.len());
+        assert_eq!(store.synced_blobs.len(), blobs);
+        drop(store);
+        let store = SledMetaStore::open(&dir).expect("reopen");
+        assert_eq!(store.get_blob("bitmap/big").expect("get"), Some(big));
+    }
+}
