@@ -1,3 +1,16 @@
+//! qrbd: a replicated virtual disk in userspace. This package holds the adapters (FUSE front
+//! end, backing store, sled metadata, admin socket, configuration) and the program; the actor
+//! system and the replication core live in the `qrbd-actors` crate.
 
-pub mod store;
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod demo;
+pub mod fuse_fs;
 pub mod meta_store;
+pub mod node;
+pub mod resources;
+pub mod status_text;
+pub mod store;
+pub mod testbed;

@@ -1,1 +1,133 @@
-fn main() {}
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use qrbd::admin::{self, AdminRequest, AdminResponse};
+use qrbd::cli::{Cli, Command};
+use qrbd::config::{self, QrbdConfig};
+use qrbd::{daemon, demo, resources, status_text};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(error) = init_logging(&cli) {
+        eprintln!("error: {error:#}");
+        return ExitCode::from(2);
+    }
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(cli: &Cli) -> anyhow::Result<()> {
+    let default_level = match cli.command {
+        Command::Daemon => "info",
+        _ => "warn",
+    };
+    let filter = match &cli.log_level {
+        Some(level) => {
+            EnvFilter::try_new(level).with_context(|| format!("invalid --log-level {level:?}"))?
+        }
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    Ok(())
+}
+
+fn load_config(cli: &Cli) -> anyhow::Result<QrbdConfig> {
+    Ok(config::load(&cli.config)?)
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::CheckConfig => {
+            let config = load_config(&cli)?;
+            println!(
+                "{}: configuration is valid: node {:?} (id {}), {} resource(s)",
+                config.source.display(),
+                config.node.name,
+                config.node.id,
+                config.resources.len()
+            );
+            for resource in &config.resources {
+                println!(
+                    "  {}: {} protocol {} peers {}",
+                    resource.name,
+                    status_text::human_bytes(resource.size_bytes),
+                    resource.protocol,
+                    resource.peers.len()
+                );
+            }
+            Ok(())
+        }
+        Command::CreateMd { resource, force } => {
+            let config = load_config(&cli)?;
+            let resource = config.resource(resource)?;
+            println!("{}", resources::create_metadata(&config, resource, *force)?);
+            Ok(())
+        }
+        Command::Daemon => daemon::run(load_config(&cli)?),
+        Command::Demo { size } => demo::run_demo(size),
+        Command::Status { resource, json } => {
+            let config = load_config(&cli)?;
+            let request = AdminRequest::Status {
+                resource: resource.clone(),
+            };
+            match admin::request(&config.node.admin_socket, &request)? {
+                AdminResponse::Status { resources } if *json => {
+                    println!("{}", serde_json::to_string_pretty(&resources)?);
+                    Ok(())
+                }
+                AdminResponse::Status { resources } => {
+                    print!("{}", status_text::render(&resources));
+                    Ok(())
+                }
+                other => answer(other),
+            }
+        }
+        command => {
+            let config = load_config(&cli)?;
+            let request = match command {
+                Command::Up { resource } => AdminRequest::Up {
+                    resource: resource.clone(),
+                },
+                Command::Down { resource } => AdminRequest::Down {
+                    resource: resource.clone(),
+                },
+                Command::Primary { resource, force } => AdminRequest::Primary {
+                    resource: resource.clone(),
+                    force: *force,
+                },
+                Command::Secondary { resource } => AdminRequest::Secondary {
+                    resource: resource.clone(),
+                },
+                Command::SuspendIo { resource } => AdminRequest::SuspendIo {
+                    resource: resource.clone(),
+                },
+                Command::ResumeIo { resource } => AdminRequest::ResumeIo {
+                    resource: resource.clone(),
+                },
+                other => bail!("unhandled command {other:?}"),
+            };
+            answer(admin::request(&config.node.admin_socket, &request)?)
+        }
+    }
+}
+
+fn answer(response: AdminResponse) -> anyhow::Result<()> {
+    match response {
+        AdminResponse::Done { message } => {
+            println!("{message}");
+            Ok(())
+        }
+        AdminResponse::Failed { message } => bail!("{message}"),
+        AdminResponse::Status { .. } => bail!("the daemon answered with a status to a command"),
+    }
+}

@@ -64,6 +64,11 @@ impl SledMetaStore {
         // sled may just have created the directory and its files without syncing them; make the
         // empty database durable so a later save never depends on unsynced directory entries.
         store.sync()?;
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            File::open(parent)
+                .and_then(|p| p.sync_all())
+                .map_err(|e| io_context(e, parent, "fsync"))?;
+        }
         Ok(store)
     }
 

@@ -76,7 +76,11 @@ impl AlignedBuf {
 
     /// Sets the length; the bytes up to the capacity are always initialised.
     pub fn set_len(&mut self, len: usize) {
-        assert!(len <= self.capacity, "length {len} beyond capacity {}", self.capacity);
+        assert!(
+            len <= self.capacity,
+            "length {len} beyond capacity {}",
+            self.capacity
+        );
         self.len = len;
     }
 
@@ -262,7 +266,9 @@ impl DerefMut for PooledBuf {
 
 impl std::fmt::Debug for PooledBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PooledBuf").field("len", &self.len()).finish()
+        f.debug_struct("PooledBuf")
+            .field("len", &self.len())
+            .finish()
     }
 }
 

@@ -20,9 +20,18 @@ pub const LOCAL_IO_SLOTS: usize = 32;
 /// An application request as the front end hands it over.
 pub enum IoOp {
     /// Read `buf.len()` bytes at `offset` into `buf`.
-    Read { offset: u64, buf: PooledBuf },
-    Write { offset: u64, data: PooledBuf },
-    Discard { offset: u64, len: u64 },
+    Read {
+        offset: u64,
+        buf: PooledBuf,
+    },
+    Write {
+        offset: u64,
+        data: PooledBuf,
+    },
+    Discard {
+        offset: u64,
+        len: u64,
+    },
     Flush,
 }
 
@@ -122,7 +131,8 @@ impl DeviceActor {
     }
 
     fn tick(&self, at: Instant) -> Tick {
-        u64::try_from(at.saturating_duration_since(self.clock_origin).as_nanos()).unwrap_or(u64::MAX)
+        u64::try_from(at.saturating_duration_since(self.clock_origin).as_nanos())
+            .unwrap_or(u64::MAX)
     }
 
     fn submit(&mut self, op: IoOp, reply: IoReply, issued: Instant, ctx: &mut Context<Self>) {
@@ -151,7 +161,11 @@ impl DeviceActor {
     }
 
     fn start_local(&mut self, id: RequestId, ctx: &mut Context<Self>) {
-        let Some(op) = self.pending.get_mut(&id).and_then(|pending| pending.op.take()) else {
+        let Some(op) = self
+            .pending
+            .get_mut(&id)
+            .and_then(|pending| pending.op.take())
+        else {
             tracing::error!(device = %self.name, id, "request to start has no data");
             return;
         };
@@ -168,14 +182,18 @@ impl DeviceActor {
                 }
             }
         };
-        ctx.spawn(local_io.into_actor(self).map(move |(op, result), actor, ctx| {
-            if let Some(pending) = actor.pending.get_mut(&id) {
-                pending.op = op;
-            }
-            let now = actor.tick(Instant::now());
-            let effects = actor.core.local_done(id, result, now);
-            actor.apply(effects, ctx);
-        }));
+        ctx.spawn(
+            local_io
+                .into_actor(self)
+                .map(move |(op, result), actor, ctx| {
+                    if let Some(pending) = actor.pending.get_mut(&id) {
+                        pending.op = op;
+                    }
+                    let now = actor.tick(Instant::now());
+                    let effects = actor.core.local_done(id, result, now);
+                    actor.apply(effects, ctx);
+                }),
+        );
     }
 
     fn complete(&mut self, id: RequestId, result: Result<(), IoFault>) {

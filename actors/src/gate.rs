@@ -19,7 +19,9 @@ pub enum OpenRefused {
 pub enum GateRefused {
     #[error("the image is held open for writing ({writers} open handle(s)); close it first (umount, losetup -d)")]
     HeldOpenForWriting { writers: u32 },
-    #[error("the image is held open ({handles} open handle(s)); close it first (umount, losetup -d)")]
+    #[error(
+        "the image is held open ({handles} open handle(s)); close it first (umount, losetup -d)"
+    )]
     HeldOpen { handles: u32 },
 }
 
@@ -141,7 +143,13 @@ mod tests {
         assert_eq!(gate.open(false), Ok(()));
         gate.set_primary();
         assert_eq!(gate.open(true), Ok(()));
-        assert_eq!(gate.open_counts(), OpenCounts { writers: 1, readers: 1 });
+        assert_eq!(
+            gate.open_counts(),
+            OpenCounts {
+                writers: 1,
+                readers: 1
+            }
+        );
     }
 
     #[test]

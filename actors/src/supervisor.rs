@@ -172,7 +172,9 @@ impl Actor for ResourceSupervisor {
                 .into_actor(self)
                 .map(move |result, actor, _| match result {
                     Ok(meta) => actor.meta = meta,
-                    Err(error) => tracing::error!(resource = %name, %error, "cannot mark metadata in use"),
+                    Err(error) => {
+                        tracing::error!(resource = %name, %error, "cannot mark metadata in use")
+                    }
                 }),
         );
     }
@@ -190,7 +192,10 @@ async fn save_meta(
     Ok(meta)
 }
 
-async fn send_to_device<M>(device: &Addr<DeviceActor>, msg: M) -> Result<M::Result, StateChangeError>
+async fn send_to_device<M>(
+    device: &Addr<DeviceActor>,
+    msg: M,
+) -> Result<M::Result, StateChangeError>
 where
     M: Message + Send + 'static,
     M::Result: Send,
@@ -222,7 +227,9 @@ impl Handler<Promote> for ResourceSupervisor {
             return Box::pin(fut::ready(Ok(())));
         }
         if self.disk != DiskState::UpToDate && !msg.force {
-            return Box::pin(fut::ready(Err(StateChangeError::DiskNotUpToDate(self.disk))));
+            return Box::pin(fut::ready(Err(StateChangeError::DiskNotUpToDate(
+                self.disk,
+            ))));
         }
         self.changing = true;
         let mut meta = self.meta.clone();

@@ -337,7 +337,9 @@ impl DeviceCore {
                 continue;
             };
             let span = request.range.block_span();
-            let blocked_by_waiter = still_waiting.iter().any(|(s, e)| *s < span.1 && span.0 < *e);
+            let blocked_by_waiter = still_waiting
+                .iter()
+                .any(|(s, e)| *s < span.1 && span.0 < *e);
             if blocked_by_waiter || self.overlaps_active(span) {
                 still_waiting.push(span);
                 self.conflict_waiters.push_back(id);
@@ -526,7 +528,10 @@ mod tests {
         assert_eq!(core.stage(held), Some(Stage::Held));
         assert_eq!(core.held(), 1);
         let effects = core.local_done(running, Ok(()), 5);
-        assert!(completed(&effects).is_empty(), "completion waits while suspended");
+        assert!(
+            completed(&effects).is_empty(),
+            "completion waits while suspended"
+        );
         assert_eq!(core.stage(running), Some(Stage::ReadyToComplete));
         assert!(!core.is_idle());
         let effects = core.resume(6);

@@ -5,6 +5,8 @@ pub mod device;
 mod protocol;
 mod states;
 
-pub use device::{ByteRange, DeviceCore, DeviceStats, Effect, IoFault, IoKind, RequestId, Stage, Tick};
+pub use device::{
+    ByteRange, DeviceCore, DeviceStats, Effect, IoFault, IoKind, RequestId, Stage, Tick,
+};
 pub use protocol::ReplicationProtocol;
 pub use states::{DiskState, Role};

@@ -1,0 +1,142 @@
+//! The admin socket: one JSON request per line from `qrbd <command>`, one JSON response line
+//! back. The daemon side runs on the actor system's runtime; the client side is plain blocking
+//! I/O for the CLI.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use qrbd_actors::status::ResourceStatus;
+use serde::{Deserialize, Serialize};
+
+/// A command for the daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "kebab-case")]
+pub enum AdminRequest {
+    Status { resource: Option<String> },
+    Up { resource: String },
+    Down { resource: String },
+    Primary { resource: String, force: bool },
+    Secondary { resource: String },
+    SuspendIo { resource: String },
+    ResumeIo { resource: String },
+}
+
+/// The daemon's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "kebab-case")]
+pub enum AdminResponse {
+    Done { message: String },
+    Status { resources: Vec<ResourceStatus> },
+    Failed { message: String },
+}
+
+impl AdminResponse {
+    pub fn done(message: impl Into<String>) -> Self {
+        AdminResponse::Done {
+            message: message.into(),
+        }
+    }
+
+    pub fn failed(message: impl Into<String>) -> Self {
+        AdminResponse::Failed {
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminClientError {
+    #[error("cannot reach the qrbd daemon at {path}: {source} (is `qrbd daemon` running with this configuration?)")]
+    Unreachable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("talking to the qrbd daemon at {path} failed: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the qrbd daemon at {path} sent an answer this client does not understand: {detail}")]
+    BadAnswer { path: PathBuf, detail: String },
+}
+
+/// How long the CLI waits for an answer. Role changes wait for in-flight I/O, so be generous.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Sends one request and waits for its answer.
+pub fn request(socket: &Path, req: &AdminRequest) -> Result<AdminResponse, AdminClientError> {
+    let io_error = |source| AdminClientError::Io {
+        path: socket.to_owned(),
+        source,
+    };
+    let stream = UnixStream::connect(socket).map_err(|source| AdminClientError::Unreachable {
+        path: socket.to_owned(),
+        source,
+    })?;
+    stream
+        .set_read_timeout(Some(CLIENT_TIMEOUT))
+        .map_err(io_error)?;
+    let mut line = serde_json::to_string(req).map_err(|error| AdminClientError::BadAnswer {
+        path: socket.to_owned(),
+        detail: error.to_string(),
+    })?;
+    line.push('\n');
+    (&stream).write_all(line.as_bytes()).map_err(io_error)?;
+    let mut answer = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut answer)
+        .map_err(io_error)?;
+    serde_json::from_str(answer.trim()).map_err(|error| AdminClientError::BadAnswer {
+        path: socket.to_owned(),
+        detail: format!("{error}: {:?}", answer.trim()),
+    })
+}
+
+/// Parses a request line from a client, with an error the client can show.
+pub fn parse_request(line: &str) -> Result<AdminRequest, String> {
+    serde_json::from_str(line.trim()).map_err(|error| format!("malformed admin request: {error}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_as_json_lines() {
+        let req = AdminRequest::Primary {
+            resource: "r0".into(),
+            force: true,
+        };
+        let line = serde_json::to_string(&req).unwrap_or_default();
+        assert_eq!(
+            line,
+            r#"{"command":"primary","resource":"r0","force":true}"#
+        );
+        assert_eq!(parse_request(&line), Ok(req));
+    }
+
+    #[test]
+    fn garbage_gets_a_clear_error() {
+        let error = parse_request("{\"command\":\"explode\"}")
+            .err()
+            .unwrap_or_default();
+        assert!(error.contains("malformed admin request"), "{error}");
+    }
+
+    #[test]
+    fn missing_daemon_is_reported_with_the_path() {
+        let error = request(
+            Path::new("/nonexistent/qrbd.sock"),
+            &AdminRequest::Status { resource: None },
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(error.contains("/nonexistent/qrbd.sock"), "{error}");
+        assert!(error.contains("qrbd daemon"), "{error}");
+    }
+}

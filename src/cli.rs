@@ -1,0 +1,75 @@
+//! The command line, as one clap definition (also the source of the man page and completions).
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::DEFAULT_CONFIG_PATH;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "qrbd",
+    version,
+    about = "Replicated virtual disks in userspace: FUSE disk images replicated over QUIC",
+    long_about = "qrbd exposes one disk image per resource under the node's mount directory \
+                  (<mount_dir>/<resource>.img). Loop-mount it (losetup --direct-io=on), put a \
+                  file system on it, and every write is replicated to the resource's peers."
+)]
+pub struct Cli {
+    /// Configuration file.
+    #[arg(long, global = true, value_name = "PATH", default_value = DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+
+    /// Log filter (error, warn, info, debug, trace, or a tracing directive such as
+    /// "qrbd=debug"); overrides RUST_LOG.
+    #[arg(long, global = true, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate the configuration file and print a summary.
+    CheckConfig,
+    /// Create the backing file and fresh metadata of a resource.
+    CreateMd {
+        resource: String,
+        /// Replace existing metadata (starts a new data generation; data is kept).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run the node in the foreground (systemd runs this).
+    Daemon,
+    /// Bring a resource up on the running daemon.
+    Up { resource: String },
+    /// Take a resource down (refused while its image is open).
+    Down { resource: String },
+    /// Make this node Primary for a resource.
+    Primary {
+        resource: String,
+        /// Promote even if the local data is not known to be up to date.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Make this node Secondary for a resource (waits for in-flight I/O).
+    Secondary { resource: String },
+    /// Show the state of one or all resources.
+    Status {
+        resource: Option<String>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Hold new application I/O of a resource until `resume-io`.
+    SuspendIo { resource: String },
+    /// Release application I/O held by `suspend-io`.
+    ResumeIo { resource: String },
+    /// Run the whole flow on a temporary node: FUSE image, loop device, ext4, a file, status.
+    Demo {
+        /// Size of the demo image.
+        #[arg(long, default_value = "256MiB")]
+        size: String,
+    },
+}

@@ -1,0 +1,198 @@
+//! `qrbd daemon`: the long-running node process.
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use actix::prelude::*;
+use anyhow::{bail, Context};
+use qrbd_actors::buffer::BufferPool;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::admin::{parse_request, AdminResponse};
+use crate::config::QrbdConfig;
+use crate::fuse_fs::{self, DiskFs, ImageTable};
+use crate::node::{Admin, DownAll, NodeActor, UpAll};
+
+const PR_SET_IO_FLUSHER: libc::c_int = 57;
+
+/// Loop-over-FUSE can deadlock under memory reclaim: writeback to the loop device waits for
+/// this daemon, and this daemon's allocations would wait for writeback. Marking the process as
+/// an I/O flusher lets the kernel keep reclaim from recursing into filesystem I/O on our behalf.
+/// Must run before any thread starts, as threads inherit it.
+pub fn mark_as_io_flusher() {
+    // SAFETY: prctl with integer arguments has no memory-safety preconditions.
+    let rc = unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) };
+    if rc != 0 {
+        tracing::warn!(
+            error = %std::io::Error::last_os_error(),
+            "cannot mark the daemon as an I/O flusher (needs CAP_SYS_RESOURCE); \
+             loop devices on the images may deadlock under memory pressure"
+        );
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub fn run(config: QrbdConfig) -> anyhow::Result<()> {
+    mark_as_io_flusher();
+    let config = Arc::new(config);
+    prepare_mount_dir(&config.node.mount_dir)?;
+    let system = actix_rt::System::new();
+    let result = system.block_on(serve(config));
+    result
+}
+
+async fn serve(config: Arc<QrbdConfig>) -> anyhow::Result<()> {
+    let listener = bind_admin_socket(&config.node.admin_socket)?;
+    let images = ImageTable::shared();
+    let budget = usize::try_from(config.node.buffer_budget).unwrap_or(usize::MAX);
+    let pool = BufferPool::new(budget);
+    let mount_dir = config.node.mount_dir.clone();
+    let session =
+        fuse_fs::mount(DiskFs::new(images.clone(), pool), &mount_dir).with_context(|| {
+            format!(
+                "cannot mount the FUSE filesystem at {}",
+                mount_dir.display()
+            )
+        })?;
+    tracing::info!(mount = %mount_dir.display(), "images are served");
+
+    let node = NodeActor::new(config.clone(), images).start();
+    node.send(UpAll).await.context("node actor failed")?;
+
+    let admin = actix_rt::spawn(accept_admin(listener, node.clone()));
+    tracing::info!(socket = %config.node.admin_socket.display(), node = %config.node.name, "daemon ready");
+
+    wait_for_termination().await?;
+    tracing::info!("shutting down: finishing in-flight I/O");
+    admin.abort();
+    if let Err(error) = node.send(DownAll).await {
+        tracing::error!(%error, "taking resources down failed");
+    }
+    let _ = std::fs::remove_file(&config.node.admin_socket);
+    unmount(&mount_dir, session);
+    tracing::info!("daemon stopped");
+    Ok(())
+}
+
+async fn wait_for_termination() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    Ok(())
+}
+
+/// Creates the mount point, clearing a dead mount left by a daemon that was killed.
+fn prepare_mount_dir(mount_dir: &Path) -> anyhow::Result<()> {
+    // A killed daemon leaves a mount whose every access fails with ENOTCONN.
+    if let Err(error) = std::fs::metadata(mount_dir) {
+        if error.raw_os_error() == Some(libc::ENOTCONN) {
+            tracing::warn!(mount = %mount_dir.display(), "clearing a stale mount left by a previous daemon");
+            detach(mount_dir);
+        }
+    }
+    std::fs::create_dir_all(mount_dir)
+        .with_context(|| format!("cannot create the mount directory {}", mount_dir.display()))?;
+    Ok(())
+}
+
+fn path_cstring(path: &Path) -> Option<CString> {
+    CString::new(path.as_os_str().as_bytes()).ok()
+}
+
+fn detach(path: &Path) {
+    if let Some(cpath) = path_cstring(path) {
+        // SAFETY: cpath is a valid NUL-terminated string for the duration of the call.
+        unsafe { libc::umount2(cpath.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+/// Unmounts the images. If something (a loop device) still holds an image open, the mount is
+/// detached lazily instead and the session threads are left to end with the process.
+fn unmount(mount_dir: &Path, session: fuser::BackgroundSession) {
+    let Some(cpath) = path_cstring(mount_dir) else {
+        return;
+    };
+    // SAFETY: cpath is a valid NUL-terminated string for the duration of the call.
+    let rc = unsafe { libc::umount2(cpath.as_ptr(), 0) };
+    if rc == 0 {
+        if let Err(error) = session.join() {
+            tracing::warn!(%error, "FUSE session ended with an error");
+        }
+        return;
+    }
+    let error = std::io::Error::last_os_error();
+    tracing::warn!(%error, mount = %mount_dir.display(), "images still in use (a loop device?); detaching the mount lazily");
+    detach(mount_dir);
+    std::mem::forget(session);
+}
+
+fn bind_admin_socket(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).with_context(|| {
+            format!(
+                "cannot create the directory of the admin socket {}",
+                path.display()
+            )
+        })?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!(
+                "another qrbd daemon is already listening on {}; stop it first",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove the stale admin socket {}", path.display()))?;
+    }
+    UnixListener::bind(path)
+        .with_context(|| format!("cannot listen on the admin socket {}", path.display()))
+}
+
+async fn accept_admin(listener: UnixListener, node: Addr<NodeActor>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                actix_rt::spawn(serve_admin_connection(stream, node.clone()));
+            }
+            Err(error) => tracing::warn!(%error, "admin socket accept failed"),
+        }
+    }
+}
+
+async fn serve_admin_connection(stream: UnixStream, node: Addr<NodeActor>) {
+    let (reader, mut writer) = stream.into_split();
+    let mut lines = BufReader::new(reader).lines();
+    loop {
+        let line = match lines.next_line().await {
+            Ok(Some(line)) => line,
+            Ok(None) => return,
+            Err(error) => {
+                tracing::debug!(%error, "admin connection read failed");
+                return;
+            }
+        };
+        let response = match parse_request(&line) {
+            Ok(request) => {
+                tracing::debug!(?request, "admin request");
+                node.send(Admin(request)).await.unwrap_or_else(|error| {
+                    AdminResponse::failed(format!("node unavailable: {error}"))
+                })
+            }
+            Err(message) => AdminResponse::failed(message),
+        };
+        let mut answer = serde_json::to_string(&response)
+            .unwrap_or_else(|error| format!("{{\"outcome\":\"failed\",\"message\":\"{error}\"}}"));
+        answer.push('\n');
+        if writer.write_all(answer.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,262 @@
+//! The node: the resources that are up, the images the FUSE mount shows, and the admin
+//! commands. An actor, so that admin requests from many connections are handled in order.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use actix::prelude::*;
+use qrbd_actors::status::ResourceStatus;
+use qrbd_actors::supervisor::{
+    Demote, GetStatus, Promote, ResourceHandle, ResourceSupervisor, SetSuspended, Shutdown,
+};
+
+use crate::admin::{AdminRequest, AdminResponse};
+use crate::config::QrbdConfig;
+use crate::fuse_fs::SharedImageTable;
+use crate::resources::{has_metadata, open_resource};
+
+pub struct NodeActor {
+    config: Arc<QrbdConfig>,
+    images: SharedImageTable,
+    resources: BTreeMap<String, ResourceHandle>,
+}
+
+impl NodeActor {
+    pub fn new(config: Arc<QrbdConfig>, images: SharedImageTable) -> Self {
+        NodeActor {
+            config,
+            images,
+            resources: BTreeMap::new(),
+        }
+    }
+
+    fn up(&mut self, name: &str) -> Result<String, String> {
+        if self.resources.contains_key(name) {
+            return Ok(format!("{name}: already up"));
+        }
+        let resource = self.config.resource(name).map_err(|e| e.to_string())?;
+        let setup = open_resource(&self.config, resource).map_err(|e| format!("{e:#}"))?;
+        let handle = ResourceSupervisor::start(setup);
+        self.images
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                name,
+                handle.size_bytes,
+                handle.device.clone(),
+                handle.gate.clone(),
+            );
+        self.resources.insert(name.to_owned(), handle);
+        tracing::info!(resource = name, "resource is up (Secondary)");
+        Ok(format!("{name}: up"))
+    }
+
+    fn handle_of(&self, name: &str) -> Result<ResourceHandle, String> {
+        if let Some(handle) = self.resources.get(name) {
+            return Ok(handle.clone());
+        }
+        // Distinguish "not configured" from "configured but down" for the user.
+        self.config.resource(name).map_err(|e| e.to_string())?;
+        Err(format!("{name}: resource is not up (run `qrbd up {name}`)"))
+    }
+}
+
+impl Actor for NodeActor {
+    type Context = Context<Self>;
+}
+
+/// Brings up every configured resource that has metadata, as `drbdadm up all` at boot.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct UpAll;
+
+impl Handler<UpAll> for NodeActor {
+    type Result = ();
+    fn handle(&mut self, _: UpAll, _: &mut Context<Self>) {
+        let names: Vec<String> = self
+            .config
+            .resources
+            .iter()
+            .map(|r| r.name.clone())
+            .collect();
+        for name in names {
+            if !has_metadata(&self.config, &name) {
+                tracing::warn!(resource = %name, "not brought up: no metadata (run `qrbd create-md {name}`)");
+                continue;
+            }
+            if let Err(error) = self.up(&name) {
+                tracing::error!(resource = %name, %error, "cannot bring the resource up");
+            }
+        }
+    }
+}
+
+/// Takes every resource down, even if its image is open (daemon shutdown).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct DownAll;
+
+impl Handler<DownAll> for NodeActor {
+    type Result = ResponseFuture<()>;
+    fn handle(&mut self, _: DownAll, _: &mut Context<Self>) -> Self::Result {
+        let handles: Vec<ResourceHandle> =
+            std::mem::take(&mut self.resources).into_values().collect();
+        let images = self.images.clone();
+        Box::pin(async move {
+            for handle in handles {
+                match handle
+                    .supervisor
+                    .send(Shutdown { even_if_open: true })
+                    .await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => {
+                        tracing::error!(resource = %handle.name, %error, "shutdown failed")
+                    }
+                    Err(error) => {
+                        tracing::error!(resource = %handle.name, %error, "supervisor gone")
+                    }
+                }
+                images
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&handle.name);
+            }
+        })
+    }
+}
+
+/// An admin command from the socket.
+#[derive(Message)]
+#[rtype(result = "AdminResponse")]
+pub struct Admin(pub AdminRequest);
+
+fn state_change_answer(
+    name: String,
+    done: &'static str,
+    result: Result<Result<(), qrbd_actors::supervisor::StateChangeError>, MailboxError>,
+) -> AdminResponse {
+    match result {
+        Ok(Ok(())) => AdminResponse::done(format!("{name}: {done}")),
+        Ok(Err(error)) => AdminResponse::failed(format!("{name}: {error}")),
+        Err(error) => AdminResponse::failed(format!("{name}: resource actor unavailable: {error}")),
+    }
+}
+
+impl Handler<Admin> for NodeActor {
+    type Result = ResponseActFuture<Self, AdminResponse>;
+
+    fn handle(&mut self, Admin(request): Admin, _: &mut Context<Self>) -> Self::Result {
+        let ready = |response| -> Self::Result { Box::pin(fut::ready(response)) };
+        match request {
+            AdminRequest::Up { resource } => ready(match self.up(&resource) {
+                Ok(message) => AdminResponse::done(message),
+                Err(message) => AdminResponse::failed(message),
+            }),
+            AdminRequest::Down { resource } => {
+                let handle = match self.handle_of(&resource) {
+                    Ok(handle) => handle,
+                    Err(message) => return ready(AdminResponse::failed(message)),
+                };
+                let supervisor = handle.supervisor.clone();
+                Box::pin(
+                    async move {
+                        supervisor
+                            .send(Shutdown {
+                                even_if_open: false,
+                            })
+                            .await
+                    }
+                    .into_actor(self)
+                    .map(move |result, node, _| {
+                        if matches!(result, Ok(Ok(()))) {
+                            node.resources.remove(&resource);
+                            node.images
+                                .write()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .remove(&resource);
+                        }
+                        state_change_answer(resource, "down", result)
+                    }),
+                )
+            }
+            AdminRequest::Primary { resource, force } => {
+                self.forward(resource, "Primary", move |s| {
+                    Box::pin(s.send(Promote { force }))
+                })
+            }
+            AdminRequest::Secondary { resource } => {
+                self.forward(resource, "Secondary", |s| Box::pin(s.send(Demote)))
+            }
+            AdminRequest::SuspendIo { resource } | AdminRequest::ResumeIo { resource }
+                if !self.resources.contains_key(&resource) =>
+            {
+                ready(AdminResponse::failed(
+                    self.handle_of(&resource).err().unwrap_or_default(),
+                ))
+            }
+            AdminRequest::SuspendIo { resource } => {
+                if let Some(handle) = self.resources.get(&resource) {
+                    handle.supervisor.do_send(SetSuspended(true));
+                }
+                ready(AdminResponse::done(format!("{resource}: I/O suspended")))
+            }
+            AdminRequest::ResumeIo { resource } => {
+                if let Some(handle) = self.resources.get(&resource) {
+                    handle.supervisor.do_send(SetSuspended(false));
+                }
+                ready(AdminResponse::done(format!("{resource}: I/O resumed")))
+            }
+            AdminRequest::Status { resource } => {
+                let handles: Vec<ResourceHandle> = match resource {
+                    Some(name) => match self.handle_of(&name) {
+                        Ok(handle) => vec![handle],
+                        Err(message) => return ready(AdminResponse::failed(message)),
+                    },
+                    None => self.resources.values().cloned().collect(),
+                };
+                Box::pin(async move { collect_status(handles).await }.into_actor(self))
+            }
+        }
+    }
+}
+
+type StateChangeFuture = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+            Output = Result<Result<(), qrbd_actors::supervisor::StateChangeError>, MailboxError>,
+        >,
+    >,
+>;
+
+impl NodeActor {
+    fn forward(
+        &self,
+        resource: String,
+        done: &'static str,
+        send: impl FnOnce(&Addr<ResourceSupervisor>) -> StateChangeFuture,
+    ) -> ResponseActFuture<Self, AdminResponse> {
+        let handle = match self.handle_of(&resource) {
+            Ok(handle) => handle,
+            Err(message) => return Box::pin(fut::ready(AdminResponse::failed(message))),
+        };
+        let pending = send(&handle.supervisor);
+        Box::pin(async move { state_change_answer(resource, done, pending.await) }.into_actor(self))
+    }
+}
+
+async fn collect_status(handles: Vec<ResourceHandle>) -> AdminResponse {
+    let mut resources: Vec<ResourceStatus> = Vec::with_capacity(handles.len());
+    for handle in handles {
+        match handle.supervisor.send(GetStatus).await {
+            Ok(status) => resources.push(status),
+            Err(error) => {
+                return AdminResponse::failed(format!(
+                    "{}: status unavailable: {error}",
+                    handle.name
+                ))
+            }
+        }
+    }
+    AdminResponse::Status { resources }
+}

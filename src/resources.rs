@@ -1,0 +1,159 @@
+//! Opening a resource's real ports (backing file, sled metadata) and `create-md`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use qrbd_actors::meta::DeviceMeta;
+use qrbd_actors::ports::MetaStore;
+use qrbd_actors::supervisor::ResourceSetup;
+
+use crate::config::{QrbdConfig, ResourceConfig};
+use crate::meta_store::SledMetaStore;
+use crate::store::FileBlockStore;
+
+/// A fresh, non-zero generation identifier.
+pub fn new_generation_uuid() -> u64 {
+    loop {
+        let uuid: u64 = rand::random();
+        // Zero means "no generation"; the low bit is kept clear for flags, as DRBD does.
+        let uuid = uuid & !1;
+        if uuid != 0 {
+            return uuid;
+        }
+    }
+}
+
+/// `qrbd create-md RES`: creates the sparse backing file (if absent) and fresh metadata.
+/// Refuses to replace existing metadata unless `force`. Returns what it did, for the user.
+pub fn create_metadata(
+    config: &QrbdConfig,
+    resource: &ResourceConfig,
+    force: bool,
+) -> anyhow::Result<String> {
+    let state_dir = &config.node.state_dir;
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("cannot create the state directory {}", state_dir.display()))?;
+    let meta_dir = config.meta_path(&resource.name);
+    let backing = config.backing_path(&resource.name);
+    let had_meta = SledMetaStore::try_exists(&meta_dir).with_context(|| {
+        format!(
+            "cannot inspect the metadata at {} (is the daemon running with this resource up?)",
+            meta_dir.display()
+        )
+    })?;
+    if had_meta && !force {
+        bail!(
+            "resource {:?} already has metadata at {}; refusing to overwrite it (use --force to \
+             start a new data generation; the data in {} is kept)",
+            resource.name,
+            meta_dir.display(),
+            backing.display()
+        );
+    }
+    let mut report = Vec::new();
+    if backing.exists() {
+        // Opening checks the size against the configuration.
+        FileBlockStore::open(&backing, resource.size_bytes).with_context(|| {
+            format!(
+                "the existing backing file {} does not fit resource {:?}",
+                backing.display(),
+                resource.name
+            )
+        })?;
+        report.push(format!(
+            "kept the existing backing file {}",
+            backing.display()
+        ));
+    } else {
+        FileBlockStore::create(&backing, resource.size_bytes)
+            .with_context(|| format!("cannot create the backing file {}", backing.display()))?;
+        report.push(format!(
+            "created the sparse backing file {} ({} bytes)",
+            backing.display(),
+            resource.size_bytes
+        ));
+    }
+    let mut store = SledMetaStore::open(&meta_dir)
+        .with_context(|| format!("cannot open the metadata store {}", meta_dir.display()))?;
+    let meta = DeviceMeta::new(
+        &resource.name,
+        config.node.id,
+        resource.size_bytes,
+        new_generation_uuid(),
+    );
+    store
+        .save(&meta)
+        .with_context(|| format!("cannot write metadata to {}", meta_dir.display()))?;
+    report.push(format!(
+        "wrote metadata to {} (node id {}, generation {:016X})",
+        meta_dir.display(),
+        meta.node_id,
+        meta.current_uuid
+    ));
+    Ok(report.join("\n"))
+}
+
+/// Whether `create-md` has been run for a resource.
+pub fn has_metadata(config: &QrbdConfig, resource: &str) -> bool {
+    SledMetaStore::exists(&config.meta_path(resource))
+}
+
+/// Opens the backing file and metadata of a resource for `up`.
+pub fn open_resource(
+    config: &QrbdConfig,
+    resource: &ResourceConfig,
+) -> anyhow::Result<ResourceSetup> {
+    let meta_dir = config.meta_path(&resource.name);
+    let backing = config.backing_path(&resource.name);
+    if !Path::new(&meta_dir).exists() {
+        bail!(
+            "resource {:?} has no metadata at {}; run `qrbd create-md {}` first",
+            resource.name,
+            meta_dir.display(),
+            resource.name
+        );
+    }
+    let meta_store = SledMetaStore::open(&meta_dir)
+        .with_context(|| format!("cannot open the metadata store {}", meta_dir.display()))?;
+    let meta = meta_store
+        .load()
+        .with_context(|| format!("cannot read metadata from {}", meta_dir.display()))?
+        .with_context(|| {
+            format!(
+                "resource {:?} has no metadata in {}; run `qrbd create-md {}` first",
+                resource.name,
+                meta_dir.display(),
+                resource.name
+            )
+        })?;
+    if meta.size_bytes != resource.size_bytes {
+        bail!(
+            "resource {:?}: the configuration says {} bytes but the metadata says {} bytes; \
+             resizing is not supported",
+            resource.name,
+            resource.size_bytes,
+            meta.size_bytes
+        );
+    }
+    if meta.node_id != config.node.id {
+        bail!(
+            "resource {:?}: the metadata belongs to node id {} but this node is id {}",
+            resource.name,
+            meta.node_id,
+            config.node.id
+        );
+    }
+    let store = FileBlockStore::open(&backing, resource.size_bytes)
+        .with_context(|| format!("cannot open the backing file {}", backing.display()))?;
+    if !store.is_direct() {
+        tracing::warn!(resource = %resource.name, "backing file is not on an O_DIRECT-capable filesystem; using buffered I/O");
+    }
+    Ok(ResourceSetup {
+        name: resource.name.clone(),
+        protocol: resource.protocol,
+        store: Arc::new(store),
+        meta_store: Box::new(meta_store),
+        meta,
+    })
+}

@@ -1,0 +1,94 @@
+//! The text form of `qrbd status`, in the spirit of `drbdadm status`.
+
+use std::fmt::Write;
+
+use qrbd_actors::status::ResourceStatus;
+
+/// Bytes as a short human-readable amount.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+pub fn render(resources: &[ResourceStatus]) -> String {
+    if resources.is_empty() {
+        return "no resources are up\n".to_owned();
+    }
+    let mut out = String::new();
+    for status in resources {
+        let _ = writeln!(
+            out,
+            "{} role:{} suspended:{}",
+            status.name,
+            status.role,
+            if status.suspended { "user" } else { "no" }
+        );
+        let _ = writeln!(
+            out,
+            "  disk:{} size:{} protocol:{} generation:{}",
+            status.disk,
+            human_bytes(status.size_bytes),
+            status.protocol,
+            status.current_uuid
+        );
+        let _ = writeln!(
+            out,
+            "  read:{} ({} requests) written:{} ({} requests) discarded:{} flushes:{}",
+            human_bytes(status.read_bytes),
+            status.reads,
+            human_bytes(status.written_bytes),
+            status.writes,
+            human_bytes(status.discarded_bytes),
+            status.flushes
+        );
+        let _ = writeln!(
+            out,
+            "  in-flight:{} held:{} failed:{} open:{}w/{}r write-latency-avg:{}us",
+            status.app_in_flight,
+            status.app_held,
+            status.failed_requests,
+            status.open_writers,
+            status.open_readers,
+            status.write_latency_avg_us
+        );
+        for peer in &status.peers {
+            let _ = writeln!(
+                out,
+                "  {} connection:{} role:{} disk:{} replication:{} out-of-sync:{}",
+                peer.name,
+                peer.connection,
+                peer.role
+                    .map(|r| r.to_string())
+                    .unwrap_or_else(|| "Unknown".into()),
+                peer.disk
+                    .map(|d| d.to_string())
+                    .unwrap_or_else(|| "DUnknown".into()),
+                peer.replication,
+                human_bytes(peer.out_of_sync_bytes)
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_bytes_picks_a_unit() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(1 << 30), "1.0 GiB");
+    }
+}
