@@ -41,6 +41,8 @@ pub fn run(config: QrbdConfig) -> anyhow::Result<()> {
     prepare_mount_dir(&config.node.mount_dir)?;
     let system = actix_rt::System::new();
     let result = system.block_on(serve(config));
+    // Stop the arbiters (and the metadata threads) before returning to main.
+    drop(system);
     result
 }
 
