@@ -2,6 +2,7 @@
 //! Actors feed them events (with the time as a number) and carry out the effects they return.
 
 pub mod device;
+pub mod messages;
 mod protocol;
 mod states;
 

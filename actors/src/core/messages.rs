@@ -1,0 +1,70 @@
+//! The messages peers exchange, as plain values. `qrbd`'s transport encodes them on the wire;
+//! the core only ever sees decoded, validated values.
+
+use serde::{Deserialize, Serialize};
+
+use super::{DiskState, ReplicationProtocol, Role};
+
+/// Bumped on any incompatible change of the messages or their meaning.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Identifies a replicated request on the sending node (its DeviceCore request id).
+pub type PeerRequestId = u64;
+/// Epoch number; epochs are numbered from 1 per connection.
+pub type Epoch = u64;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerMessage {
+    /// First message on a new connection, from both sides.
+    Hello {
+        protocol_version: u32,
+        node_id: u8,
+        node_name: String,
+        resource: String,
+        size_bytes: u64,
+        protocol: ReplicationProtocol,
+    },
+    /// The other side cannot accept this peer; the connection is closed after it.
+    Refused { reason: String },
+    /// The sender's role, disk state and current data generation (sent after Hello and on
+    /// every change).
+    State {
+        role: Role,
+        disk: DiskState,
+        current_uuid: u64,
+    },
+    /// A replicated write. `seq` numbers every message on the data stream.
+    Data {
+        seq: u64,
+        epoch: Epoch,
+        request: PeerRequestId,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    /// A replicated discard (reads back as zeros afterwards).
+    Discard {
+        seq: u64,
+        epoch: Epoch,
+        request: PeerRequestId,
+        offset: u64,
+        len: u64,
+    },
+    /// Closes `epoch`, which held `writes` writes/discards. With `flush`, the receiver makes
+    /// them durable before acknowledging.
+    Barrier {
+        seq: u64,
+        epoch: Epoch,
+        writes: u32,
+        flush: bool,
+    },
+    /// Protocol B: the write was received.
+    RecvAck { request: PeerRequestId },
+    /// Protocol C: the write is on the peer's backing store.
+    WriteAck { request: PeerRequestId },
+    /// The peer failed to write it (its local I/O error, errno).
+    NegAck { request: PeerRequestId, errno: i32 },
+    /// Every write of `epoch` (there were `writes`) is written, and flushed if asked.
+    BarrierAck { epoch: Epoch, writes: u32 },
+    Ping { nonce: u64 },
+    PingAck { nonce: u64 },
+}
