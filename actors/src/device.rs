@@ -2,7 +2,7 @@
 //! out its effects: local I/O on a bounded blocking pool, replies to the application, and
 //! handing postponed requests to the [`RetryActor`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -10,7 +10,12 @@ use actix::prelude::*;
 use tokio::sync::{oneshot, Semaphore};
 
 use crate::buffer::PooledBuf;
-use crate::core::{ByteRange, DeviceCore, DeviceStats, Effect, IoFault, IoKind, RequestId, Tick};
+use crate::core::messages::{Epoch, PeerMessage};
+use crate::core::replication::{Outgoing, PeerId, PeerReceiver, ReceiverEffect};
+use crate::core::{
+    ByteRange, DeviceCore, DeviceStats, Effect, IoFault, IoKind, ReplicationProtocol, RequestId,
+    Tick,
+};
 use crate::ports::BlockStore;
 use crate::retry::{PostponedIo, RetryActor, RetryPostponed};
 
@@ -24,9 +29,10 @@ pub enum IoOp {
         offset: u64,
         buf: PooledBuf,
     },
+    /// Shared: the local write and every peer's send read the same bytes.
     Write {
         offset: u64,
-        data: PooledBuf,
+        data: SharedBuf,
     },
     Discard {
         offset: u64,
@@ -55,6 +61,9 @@ impl std::fmt::Debug for IoOp {
     }
 }
 
+/// Write data, shared between the local store and the peers' senders.
+pub type SharedBuf = Arc<PooledBuf>;
+
 /// What a completed request gives back.
 #[derive(Debug)]
 pub enum IoDone {
@@ -78,13 +87,80 @@ pub struct SubmitIo {
 }
 
 /// What status needs, readable without going through the actor's mailbox.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DeviceSnapshot {
     pub stats: DeviceStats,
     pub app_in_flight: u64,
     pub held: u64,
     pub suspended: bool,
     pub writable: bool,
+    pub peers: Vec<PeerSnapshot>,
+}
+
+/// Replication counters of one peer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PeerSnapshot {
+    pub peer: PeerId,
+    pub connected: bool,
+    pub out_of_sync_bytes: u64,
+    /// Writes sent and not yet covered by a barrier ack.
+    pub unacked: u64,
+    /// Writes received from the peer and not yet written here.
+    pub pending: u64,
+    pub sent_bytes: u64,
+    pub received_bytes: u64,
+}
+
+/// What the device asks a peer's link to send.
+pub enum PeerOutbound {
+    Data {
+        seq: u64,
+        epoch: Epoch,
+        request: RequestId,
+        offset: u64,
+        data: SharedBuf,
+    },
+    Discard {
+        seq: u64,
+        epoch: Epoch,
+        request: RequestId,
+        offset: u64,
+        len: u64,
+    },
+    Barrier {
+        seq: u64,
+        epoch: Epoch,
+        writes: u32,
+        flush: bool,
+    },
+    /// An acknowledgement of the peer's writes (ack stream).
+    Ack(PeerMessage),
+    /// The peer broke the protocol: close the connection with this reason.
+    Drop(String),
+}
+
+/// Delivered to a peer's link actor.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ToPeer(pub PeerOutbound);
+
+/// A write received from a peer, waiting to be applied.
+struct ReceivedWrite {
+    offset: u64,
+    kind: ReceivedKind,
+}
+
+enum ReceivedKind {
+    Data(Vec<u8>),
+    Discard(u64),
+}
+
+struct PeerPort {
+    link: Option<Recipient<ToPeer>>,
+    receiver: PeerReceiver,
+    received: HashMap<u64, ReceivedWrite>,
+    /// Bumped on every connection, so late completions of an old one are ignored.
+    generation: u64,
 }
 
 /// Shared, always-current view of a device for status readers.
@@ -99,6 +175,7 @@ pub struct DeviceActor {
     snapshot: SharedSnapshot,
     idle_waiters: Vec<oneshot::Sender<()>>,
     clock_origin: Instant,
+    peers: BTreeMap<PeerId, PeerPort>,
 }
 
 struct PendingIo {
@@ -123,6 +200,7 @@ impl DeviceActor {
             })),
             idle_waiters: Vec::new(),
             clock_origin: Instant::now(),
+            peers: BTreeMap::new(),
         }
     }
 
@@ -155,6 +233,7 @@ impl DeviceActor {
                 Effect::StartLocal(id) => self.start_local(id, ctx),
                 Effect::Complete(id, result) => self.complete(id, result),
                 Effect::Postponed(id) => self.hand_to_retry(id, ctx),
+                Effect::Send(peer, outgoing) => self.send_to_peer(peer, outgoing),
             }
         }
         self.publish();
@@ -231,6 +310,177 @@ impl DeviceActor {
         });
     }
 
+    fn send_to_peer(&mut self, peer: PeerId, outgoing: Outgoing) {
+        let Some(link) = self.peers.get(&peer).and_then(|port| port.link.clone()) else {
+            return;
+        };
+        let message = match outgoing {
+            Outgoing::Barrier {
+                seq,
+                epoch,
+                writes,
+                flush,
+            } => PeerOutbound::Barrier {
+                seq,
+                epoch,
+                writes,
+                flush,
+            },
+            Outgoing::Data {
+                request,
+                seq,
+                epoch,
+            } => match self.pending.get(&request).and_then(|p| p.op.as_ref()) {
+                Some(IoOp::Write { offset, data }) => PeerOutbound::Data {
+                    seq,
+                    epoch,
+                    request,
+                    offset: *offset,
+                    data: data.clone(),
+                },
+                _ => {
+                    tracing::error!(device = %self.name, request, "replicated write has no data");
+                    return;
+                }
+            },
+            Outgoing::Discard {
+                request,
+                seq,
+                epoch,
+            } => match self.pending.get(&request).and_then(|p| p.op.as_ref()) {
+                Some(IoOp::Discard { offset, len }) => PeerOutbound::Discard {
+                    seq,
+                    epoch,
+                    request,
+                    offset: *offset,
+                    len: *len,
+                },
+                _ => {
+                    tracing::error!(device = %self.name, request, "replicated discard has no range");
+                    return;
+                }
+            },
+        };
+        link.do_send(ToPeer(message));
+    }
+
+    fn peer_snapshots(&self) -> Vec<PeerSnapshot> {
+        self.peers
+            .iter()
+            .map(|(peer, port)| {
+                let sender = self.core.peer(*peer);
+                PeerSnapshot {
+                    peer: *peer,
+                    connected: port.link.is_some(),
+                    out_of_sync_bytes: sender.map_or(0, |s| s.out_of_sync.dirty_bytes()),
+                    unacked: sender.map_or(0, |s| s.unacked_writes()),
+                    pending: port.receiver.pending(),
+                    sent_bytes: sender.map_or(0, |s| s.sent_bytes),
+                    received_bytes: port.receiver.received_bytes,
+                }
+            })
+            .collect()
+    }
+
+    fn drop_peer(&mut self, peer: PeerId, reason: String, ctx: &mut Context<Self>) {
+        tracing::warn!(device = %self.name, peer, %reason, "dropping the peer connection");
+        if let Some(link) = self.peers.get(&peer).and_then(|port| port.link.clone()) {
+            link.do_send(ToPeer(PeerOutbound::Drop(reason)));
+        }
+        self.detach_peer(peer, ctx);
+    }
+
+    fn detach_peer(&mut self, peer: PeerId, ctx: &mut Context<Self>) {
+        if let Some(port) = self.peers.get_mut(&peer) {
+            port.link = None;
+            port.received.clear();
+            port.generation += 1;
+        }
+        let effects = self.core.peer_disconnected(peer, self.tick(Instant::now()));
+        self.apply(effects, ctx);
+    }
+
+    fn apply_received(&mut self, peer: PeerId, effects: Vec<ReceiverEffect>, ctx: &mut Context<Self>) {
+        for effect in effects {
+            match effect {
+                ReceiverEffect::Apply(local) => self.start_peer_write(peer, local, ctx),
+                ReceiverEffect::Flush(epoch) => self.start_peer_flush(peer, epoch, ctx),
+                ReceiverEffect::Ack(message) => {
+                    if let Some(link) = self.peers.get(&peer).and_then(|port| port.link.clone()) {
+                        link.do_send(ToPeer(PeerOutbound::Ack(message)));
+                    }
+                }
+            }
+        }
+        self.publish();
+    }
+
+    fn start_peer_write(&mut self, peer: PeerId, local: u64, ctx: &mut Context<Self>) {
+        let Some(port) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        let Some(write) = port.received.remove(&local) else {
+            return;
+        };
+        let generation = port.generation;
+        let store = self.store.clone();
+        let slots = self.local_slots.clone();
+        let size = self.core.size();
+        let local_io = async move {
+            let _slot = slots.acquire_owned().await.ok();
+            let result = tokio::task::spawn_blocking(move || {
+                let end = match &write.kind {
+                    ReceivedKind::Data(data) => write.offset.checked_add(data.len() as u64),
+                    ReceivedKind::Discard(len) => write.offset.checked_add(*len),
+                };
+                if end.is_none_or(|end| end > size) {
+                    return Err(libc_einval());
+                }
+                let result = match &write.kind {
+                    ReceivedKind::Data(data) => store.write_at(write.offset, data),
+                    ReceivedKind::Discard(len) => store.discard(write.offset, *len),
+                };
+                result.map_err(|error| error.raw_os_error().unwrap_or(libc_eio()))
+            })
+            .await;
+            result.unwrap_or(Err(libc_eio()))
+        };
+        ctx.spawn(local_io.into_actor(self).map(move |result, actor, ctx| {
+            let Some(port) = actor.peers.get_mut(&peer).filter(|p| p.generation == generation)
+            else {
+                return;
+            };
+            let effects = port.receiver.local_done(local, result);
+            actor.apply_received(peer, effects, ctx);
+        }));
+    }
+
+    fn start_peer_flush(&mut self, peer: PeerId, epoch: Epoch, ctx: &mut Context<Self>) {
+        let Some(generation) = self.peers.get(&peer).map(|port| port.generation) else {
+            return;
+        };
+        let store = self.store.clone();
+        let flush = async move {
+            tokio::task::spawn_blocking(move || store.flush())
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|result| result)
+        };
+        ctx.spawn(flush.into_actor(self).map(move |result, actor, ctx| {
+            if let Err(error) = result {
+                tracing::error!(device = %actor.name, %error, "flush for a peer barrier failed");
+            }
+            let Some(port) = actor.peers.get_mut(&peer).filter(|p| p.generation == generation)
+            else {
+                return;
+            };
+            match port.receiver.flush_done(epoch) {
+                Ok(effects) => actor.apply_received(peer, effects, ctx),
+                Err(error) => actor.drop_peer(peer, error.to_string(), ctx),
+            }
+        }));
+    }
+
     fn publish(&mut self) {
         let snapshot = DeviceSnapshot {
             stats: self.core.stats(),
@@ -238,6 +488,7 @@ impl DeviceActor {
             held: self.core.held() as u64,
             suspended: self.core.is_suspended(),
             writable: self.core.is_writable(),
+            peers: self.peer_snapshots(),
         };
         *self.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = snapshot;
         if self.core.is_idle() {
@@ -252,10 +503,14 @@ fn libc_eio() -> i32 {
     5
 }
 
+fn libc_einval() -> i32 {
+    22
+}
+
 fn run_local(store: &dyn BlockStore, mut op: IoOp) -> (IoOp, Result<(), IoFault>) {
     let result = match &mut op {
         IoOp::Read { offset, buf } => store.read_at(*offset, buf),
-        IoOp::Write { offset, data } => store.write_at(*offset, data),
+        IoOp::Write { offset, data } => store.write_at(*offset, &data[..]),
         IoOp::Discard { offset, len } => store.discard(*offset, *len),
         IoOp::Flush => store.flush(),
     };
@@ -397,5 +652,169 @@ impl Handler<FlushStore> for DeviceActor {
                 Err(_) => Err(IoFault::LocalIo(libc_eio())),
             }
         })
+    }
+}
+
+/// Declares a configured peer (disconnected until `AttachPeer`).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AddPeer {
+    pub peer: PeerId,
+    pub protocol: ReplicationProtocol,
+}
+
+impl Handler<AddPeer> for DeviceActor {
+    type Result = ();
+    fn handle(&mut self, msg: AddPeer, _: &mut Context<Self>) {
+        self.core.add_peer(msg.peer, msg.protocol);
+        self.peers.entry(msg.peer).or_insert_with(|| PeerPort {
+            link: None,
+            receiver: PeerReceiver::new(msg.protocol),
+            received: HashMap::new(),
+            generation: 0,
+        });
+        self.publish();
+    }
+}
+
+/// A connection to the peer is established: replicate to `link` from now on.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AttachPeer {
+    pub peer: PeerId,
+    pub protocol: ReplicationProtocol,
+    pub link: Recipient<ToPeer>,
+}
+
+impl Handler<AttachPeer> for DeviceActor {
+    type Result = ();
+    fn handle(&mut self, msg: AttachPeer, ctx: &mut Context<Self>) {
+        if self.peers.get(&msg.peer).is_some_and(|port| port.link.is_some()) {
+            self.detach_peer(msg.peer, ctx);
+        }
+        self.core.add_peer(msg.peer, msg.protocol);
+        self.core.peer_connected(msg.peer);
+        let port = self.peers.entry(msg.peer).or_insert_with(|| PeerPort {
+            link: None,
+            receiver: PeerReceiver::new(msg.protocol),
+            received: HashMap::new(),
+            generation: 0,
+        });
+        port.link = Some(msg.link);
+        port.receiver = PeerReceiver::new(msg.protocol);
+        port.received.clear();
+        port.generation += 1;
+        tracing::info!(device = %self.name, peer = msg.peer, "replicating to peer");
+        self.publish();
+    }
+}
+
+/// The connection to the peer is gone.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct DetachPeer {
+    pub peer: PeerId,
+}
+
+impl Handler<DetachPeer> for DeviceActor {
+    type Result = ();
+    fn handle(&mut self, msg: DetachPeer, ctx: &mut Context<Self>) {
+        if self.peers.get(&msg.peer).is_some_and(|port| port.link.is_some()) {
+            tracing::info!(device = %self.name, peer = msg.peer, "peer detached; going on without it");
+            self.detach_peer(msg.peer, ctx);
+        }
+    }
+}
+
+/// A message from the peer for this volume: a replicated write or barrier (data stream), or an
+/// acknowledgement of ours (ack stream).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct FromPeer {
+    pub peer: PeerId,
+    pub message: PeerMessage,
+}
+
+impl Handler<FromPeer> for DeviceActor {
+    type Result = ();
+    fn handle(&mut self, FromPeer { peer, message }: FromPeer, ctx: &mut Context<Self>) {
+        let attached = self.peers.get(&peer).is_some_and(|port| port.link.is_some());
+        if !attached {
+            return;
+        }
+        let now = self.tick(Instant::now());
+        let outcome = match message {
+            PeerMessage::Data {
+                seq,
+                epoch,
+                request,
+                offset,
+                data,
+            } => self.receive_write(peer, seq, epoch, request, offset, ReceivedKind::Data(data)),
+            PeerMessage::Discard {
+                seq,
+                epoch,
+                request,
+                offset,
+                len,
+            } => self.receive_write(peer, seq, epoch, request, offset, ReceivedKind::Discard(len)),
+            PeerMessage::Barrier {
+                seq, epoch, writes, ..
+            } => match self.peers.get_mut(&peer) {
+                Some(port) => port.receiver.on_barrier(seq, epoch, writes).map(Some),
+                None => Ok(None),
+            },
+            ack => match self.core.peer_ack(peer, &ack, now) {
+                Ok(effects) => {
+                    self.apply(effects, ctx);
+                    Ok(None)
+                }
+                Err(error) => Err(error),
+            },
+        };
+        match outcome {
+            Ok(Some(effects)) => self.apply_received(peer, effects, ctx),
+            Ok(None) => {}
+            Err(error) => self.drop_peer(peer, error.to_string(), ctx),
+        }
+    }
+}
+
+impl DeviceActor {
+    fn receive_write(
+        &mut self,
+        peer: PeerId,
+        seq: u64,
+        epoch: Epoch,
+        request: u64,
+        offset: u64,
+        kind: ReceivedKind,
+    ) -> Result<Option<Vec<ReceiverEffect>>, crate::core::replication::ProtocolError> {
+        let Some(port) = self.peers.get_mut(&peer) else {
+            return Ok(None);
+        };
+        let len = match &kind {
+            ReceivedKind::Data(data) => data.len() as u64,
+            ReceivedKind::Discard(_) => 0,
+        };
+        let (local, effects) = port.receiver.on_write(seq, epoch, request, len)?;
+        port.received.insert(local, ReceivedWrite { offset, kind });
+        Ok(Some(effects))
+    }
+}
+
+/// The peer's link handed a write to the transport (protocol A's completion condition).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PeerSent {
+    pub peer: PeerId,
+    pub request: RequestId,
+}
+
+impl Handler<PeerSent> for DeviceActor {
+    type Result = ();
+    fn handle(&mut self, msg: PeerSent, ctx: &mut Context<Self>) {
+        let effects = self.core.peer_sent(msg.peer, msg.request, self.tick(Instant::now()));
+        self.apply(effects, ctx);
     }
 }

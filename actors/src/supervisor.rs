@@ -124,10 +124,11 @@ impl ResourceSupervisor {
     }
 
     fn status(&self) -> ResourceStatus {
-        let device = *self
+        let device = self
             .device_snapshot
             .lock()
-            .unwrap_or_else(|e| e.into_inner());
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let open = self.gate.open_counts();
         let stats = device.stats;
         ResourceStatus {

@@ -8,6 +8,9 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
+use super::messages::PeerMessage;
+use super::replication::{Outgoing, PeerId, PeerNeed, PeerSender, ProtocolError};
+use super::ReplicationProtocol;
 use crate::buffer::IO_ALIGN;
 
 /// Identifies a request for as long as the core tracks it. Never reused.
@@ -79,7 +82,7 @@ pub enum Stage {
     WaitingForConflict,
     /// Submitted to the local store.
     Local,
-    /// Local part finished; completion waits for the rest of the rule (I/O suspended).
+    /// Local part finished; completion waits for the rest of the rule (peers, suspension).
     ReadyToComplete,
 }
 
@@ -93,6 +96,8 @@ pub enum Effect {
     /// The request was postponed and forgotten: hand it to the retry actor, which re-submits it
     /// (as a new request with the original start time).
     Postponed(RequestId),
+    /// Send this on the peer's data stream (data and discards carry the request's bytes).
+    Send(PeerId, Outgoing),
 }
 
 #[derive(Debug)]
@@ -103,6 +108,8 @@ struct Request {
     start: Tick,
     local_result: Option<Result<(), IoFault>>,
     postponed: bool,
+    /// What connected peers still owe before the request may complete.
+    waiting: Vec<(PeerId, PeerNeed)>,
 }
 
 /// Counters the status command shows.
@@ -140,6 +147,7 @@ pub struct DeviceCore {
     /// Admitted and not yet completed (the "application I/O" count).
     app_in_flight: u64,
     stats: DeviceStats,
+    peers: BTreeMap<PeerId, PeerSender>,
 }
 
 impl DeviceCore {
@@ -156,6 +164,166 @@ impl DeviceCore {
             conflict_waiters: VecDeque::new(),
             app_in_flight: 0,
             stats: DeviceStats::default(),
+            peers: BTreeMap::new(),
+        }
+    }
+
+    /// Declares a configured peer (initially disconnected: writes are counted out of sync).
+    pub fn add_peer(&mut self, peer: PeerId, protocol: ReplicationProtocol) {
+        self.peers
+            .entry(peer)
+            .or_insert_with(|| PeerSender::new(protocol, self.size));
+    }
+
+    pub fn peer(&self, peer: PeerId) -> Option<&PeerSender> {
+        self.peers.get(&peer)
+    }
+
+    /// The peer's connection is established: from now on writes replicate to it.
+    pub fn peer_connected(&mut self, peer: PeerId) {
+        if let Some(sender) = self.peers.get_mut(&peer) {
+            sender.connect();
+        }
+    }
+
+    /// The peer's connection is gone: requests stop waiting for it, and everything it did not
+    /// acknowledge is out of sync for it.
+    pub fn peer_disconnected(&mut self, peer: PeerId, now: Tick) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        let Some(sender) = self.peers.get_mut(&peer) else {
+            return effects;
+        };
+        if !sender.is_connected() {
+            return effects;
+        }
+        sender.disconnect();
+        let mut released = Vec::new();
+        for (id, request) in self.requests.iter_mut() {
+            let before = request.waiting.len();
+            request.waiting.retain(|(p, _)| *p != peer);
+            if request.waiting.len() != before {
+                if request.kind.modifies_data() {
+                    sender.out_of_sync.mark(request.range);
+                }
+                released.push(*id);
+            }
+        }
+        released.sort_unstable();
+        for id in released {
+            self.try_finish(id, now, &mut effects);
+        }
+        effects
+    }
+
+    /// The shell handed a protocol-A write to the transport.
+    pub fn peer_sent(&mut self, peer: PeerId, id: RequestId, now: Tick) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        self.satisfy(id, peer, |need| need == PeerNeed::Sent);
+        self.try_finish(id, now, &mut effects);
+        effects
+    }
+
+    /// An acknowledgement from a peer.
+    pub fn peer_ack(
+        &mut self,
+        peer: PeerId,
+        message: &PeerMessage,
+        now: Tick,
+    ) -> Result<Vec<Effect>, ProtocolError> {
+        let mut effects = Vec::new();
+        match *message {
+            PeerMessage::RecvAck { request } => {
+                self.satisfy(request, peer, |need| need == PeerNeed::RecvAck);
+                self.try_finish(request, now, &mut effects);
+            }
+            PeerMessage::WriteAck { request } => {
+                self.satisfy(request, peer, |need| need == PeerNeed::WriteAck);
+                self.try_finish(request, now, &mut effects);
+            }
+            PeerMessage::NegAck { request, errno } => {
+                // The peer could not write it: it is out of sync there; the write itself
+                // succeeded here, so the application is not told.
+                let range = self.requests.get(&request).map(|r| r.range);
+                if let (Some(range), Some(sender)) = (range, self.peers.get_mut(&peer)) {
+                    sender.out_of_sync.mark(range);
+                }
+                let _ = errno;
+                self.satisfy(request, peer, |need| {
+                    matches!(need, PeerNeed::RecvAck | PeerNeed::WriteAck | PeerNeed::Sent)
+                });
+                self.try_finish(request, now, &mut effects);
+            }
+            PeerMessage::BarrierAck { epoch, writes } => {
+                let Some(sender) = self.peers.get_mut(&peer) else {
+                    return Err(ProtocolError(format!("barrier ack from unknown peer {peer}")));
+                };
+                sender.barrier_acked(epoch, writes)?;
+                let flushes: Vec<RequestId> = self
+                    .requests
+                    .iter()
+                    .filter(|(_, r)| r.waiting.iter().any(|w| *w == (peer, PeerNeed::BarrierAck(epoch))))
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in flushes {
+                    self.satisfy(id, peer, |need| need == PeerNeed::BarrierAck(epoch));
+                    self.try_finish(id, now, &mut effects);
+                }
+            }
+            ref other => {
+                return Err(ProtocolError(format!("unexpected message on the ack stream: {other:?}")));
+            }
+        }
+        Ok(effects)
+    }
+
+    fn satisfy(&mut self, id: RequestId, peer: PeerId, matches: impl Fn(PeerNeed) -> bool) {
+        if let Some(request) = self.requests.get_mut(&id) {
+            if let Some(index) = request
+                .waiting
+                .iter()
+                .position(|(p, need)| *p == peer && matches(*need))
+            {
+                request.waiting.swap_remove(index);
+            }
+        }
+    }
+
+    fn try_finish(&mut self, id: RequestId, now: Tick, effects: &mut Vec<Effect>) {
+        let ready = self.requests.get(&id).is_some_and(|request| {
+            request.stage == Stage::ReadyToComplete && request.waiting.is_empty()
+        });
+        if ready && !self.suspended {
+            self.finish(id, now, effects);
+        }
+    }
+
+    /// Sends a write, discard or flush to every peer (or counts it out of sync for the
+    /// disconnected ones), and records what each connected peer owes.
+    fn replicate(&mut self, id: RequestId, effects: &mut Vec<Effect>) {
+        let Some(request) = self.requests.get(&id) else {
+            return;
+        };
+        let (kind, range) = (request.kind, request.range);
+        let mut waiting = Vec::new();
+        for (peer, sender) in self.peers.iter_mut() {
+            let mut out = Vec::new();
+            match kind {
+                IoKind::Write | IoKind::Discard if sender.is_connected() => {
+                    let need = sender.replicate(id, range, kind == IoKind::Discard, &mut out);
+                    waiting.push((*peer, need));
+                }
+                IoKind::Write | IoKind::Discard => sender.out_of_sync.mark(range),
+                IoKind::Flush
+                    if sender.is_connected() && sender.protocol == ReplicationProtocol::C =>
+                {
+                    waiting.push((*peer, sender.flush(&mut out)));
+                }
+                IoKind::Flush | IoKind::Read => {}
+            }
+            effects.extend(out.into_iter().map(|outgoing| Effect::Send(*peer, outgoing)));
+        }
+        if let Some(request) = self.requests.get_mut(&id) {
+            request.waiting = waiting;
         }
     }
 
@@ -232,6 +400,7 @@ impl DeviceCore {
                 start,
                 local_result: None,
                 postponed: false,
+                waiting: Vec::new(),
             },
         );
         let mut effects = Vec::new();
@@ -273,7 +442,12 @@ impl DeviceCore {
             }
             self.active_spans.insert(span.0, (span.1, id));
         }
+        self.start(id, effects);
+    }
+
+    fn start(&mut self, id: RequestId, effects: &mut Vec<Effect>) {
         self.set_stage(id, Stage::Local);
+        self.replicate(id, effects);
         effects.push(Effect::StartLocal(id));
     }
 
@@ -315,15 +489,7 @@ impl DeviceCore {
         }
         request.local_result = Some(result);
         request.stage = Stage::ReadyToComplete;
-        let kind = request.kind;
-        let span = request.range.block_span();
-        if kind.modifies_data() {
-            self.active_spans.remove(&span.0);
-            self.start_unblocked_waiters(&mut effects);
-        }
-        if !self.suspended {
-            self.finish(id, now, &mut effects);
-        }
+        self.try_finish(id, now, &mut effects);
         effects
     }
 
@@ -345,8 +511,7 @@ impl DeviceCore {
                 self.conflict_waiters.push_back(id);
             } else {
                 self.active_spans.insert(span.0, (span.1, id));
-                self.set_stage(id, Stage::Local);
-                effects.push(Effect::StartLocal(id));
+                self.start(id, effects);
             }
         }
     }
@@ -357,6 +522,22 @@ impl DeviceCore {
             return;
         };
         self.app_in_flight = self.app_in_flight.saturating_sub(1);
+        if request.kind.modifies_data() {
+            // Overlapping writes wait for full completion, not just the local write: the next
+            // one then falls into a later epoch, which every peer applies after this one.
+            let span = request.range.block_span();
+            if self
+                .active_spans
+                .get(&span.0)
+                .is_some_and(|(_, active)| *active == id)
+            {
+                self.active_spans.remove(&span.0);
+            }
+            for sender in self.peers.values_mut() {
+                sender.note_completion();
+            }
+            self.start_unblocked_waiters(effects);
+        }
         if request.postponed {
             self.stats.postponed += 1;
             effects.push(Effect::Postponed(id));
@@ -400,9 +581,7 @@ impl DeviceCore {
             return effects;
         };
         request.postponed = true;
-        if request.stage == Stage::ReadyToComplete {
-            self.finish(id, now, &mut effects);
-        }
+        self.try_finish(id, now, &mut effects);
         effects
     }
 
@@ -421,7 +600,9 @@ impl DeviceCore {
         let mut ready: Vec<(Tick, RequestId)> = self
             .requests
             .iter()
-            .filter(|(_, request)| request.stage == Stage::ReadyToComplete)
+            .filter(|(_, request)| {
+                request.stage == Stage::ReadyToComplete && request.waiting.is_empty()
+            })
             .map(|(id, request)| (request.start, *id))
             .collect();
         ready.sort_unstable();

@@ -3,6 +3,7 @@
 
 pub mod device;
 pub mod messages;
+pub mod replication;
 mod protocol;
 mod states;
 

@@ -1,0 +1,567 @@
+//! Replication bookkeeping, deterministic like the rest of the core: the sending side per peer
+//! (sequence numbers, epochs and barriers, what each peer has yet to acknowledge, the
+//! out-of-sync blocks) and the receiving side per connection (applying writes in epoch order
+//! and acknowledging as the protocol says). Rules: replication-semantics.md sections 1-3.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use super::device::{ByteRange, RequestId};
+use super::messages::{Epoch, PeerMessage, PeerRequestId};
+use super::ReplicationProtocol;
+use crate::buffer::IO_ALIGN;
+
+/// Peers are named by node id.
+pub type PeerId = u8;
+
+/// An epoch is closed after this many writes even if none completed.
+pub const MAX_WRITES_PER_EPOCH: u32 = 256;
+
+const BLOCK: u64 = IO_ALIGN as u64;
+
+/// A violation of the replication protocol by the peer: the connection must be dropped.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("protocol error from peer: {0}")]
+pub struct ProtocolError(pub String);
+
+/// The out-of-sync blocks (4 KiB each) of one peer: blocks written here that the peer may lack.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutOfSync {
+    words: Vec<u64>,
+    blocks: u64,
+    dirty: u64,
+}
+
+impl OutOfSync {
+    pub fn new(size_bytes: u64) -> Self {
+        let blocks = size_bytes.div_ceil(BLOCK);
+        OutOfSync {
+            words: vec![0; blocks.div_ceil(64) as usize],
+            blocks,
+            dirty: 0,
+        }
+    }
+
+    pub fn mark(&mut self, range: ByteRange) {
+        if range.len == 0 {
+            return;
+        }
+        let first = range.offset / BLOCK;
+        let last = (range.offset.saturating_add(range.len) - 1) / BLOCK;
+        for block in first..=last.min(self.blocks.saturating_sub(1)) {
+            let (word, bit) = ((block / 64) as usize, block % 64);
+            if self.words[word] & (1 << bit) == 0 {
+                self.words[word] |= 1 << bit;
+                self.dirty += 1;
+            }
+        }
+    }
+
+    pub fn dirty_blocks(&self) -> u64 {
+        self.dirty
+    }
+
+    pub fn dirty_bytes(&self) -> u64 {
+        self.dirty * BLOCK
+    }
+
+    pub fn is_dirty(&self, block: u64) -> bool {
+        self.words
+            .get((block / 64) as usize)
+            .is_some_and(|word| word & (1 << (block % 64)) != 0)
+    }
+}
+
+/// What a replicated request still needs from one peer before it may complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerNeed {
+    /// Protocol A: handed to the transport.
+    Sent,
+    /// Protocol B.
+    RecvAck,
+    /// Protocol C.
+    WriteAck,
+    /// A flush: the barrier ack of this epoch (the peer flushed everything before it).
+    BarrierAck(Epoch),
+}
+
+/// A message the shell must send on the peer's data stream. Data and discards carry the
+/// request's bytes, which the shell holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outgoing {
+    Data {
+        request: RequestId,
+        seq: u64,
+        epoch: Epoch,
+    },
+    Discard {
+        request: RequestId,
+        seq: u64,
+        epoch: Epoch,
+    },
+    Barrier {
+        seq: u64,
+        epoch: Epoch,
+        writes: u32,
+        flush: bool,
+    },
+}
+
+/// The sending side for one peer.
+#[derive(Debug)]
+pub struct PeerSender {
+    pub protocol: ReplicationProtocol,
+    connected: bool,
+    epoch: Epoch,
+    writes_in_epoch: u32,
+    close_before_next_write: bool,
+    seq: u64,
+    /// Writes sent and not yet covered by a barrier ack, by epoch.
+    unacked: BTreeMap<Epoch, Vec<ByteRange>>,
+    pub out_of_sync: OutOfSync,
+    pub sent_bytes: u64,
+}
+
+impl PeerSender {
+    pub fn new(protocol: ReplicationProtocol, size_bytes: u64) -> Self {
+        PeerSender {
+            protocol,
+            connected: false,
+            epoch: 1,
+            writes_in_epoch: 0,
+            close_before_next_write: false,
+            seq: 0,
+            unacked: BTreeMap::new(),
+            out_of_sync: OutOfSync::new(size_bytes),
+            sent_bytes: 0,
+        }
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected
+    }
+
+    /// A fresh connection: numbering starts over.
+    pub fn connect(&mut self) {
+        self.connected = true;
+        self.epoch = 1;
+        self.writes_in_epoch = 0;
+        self.close_before_next_write = false;
+        self.seq = 0;
+        self.unacked.clear();
+    }
+
+    /// The connection is gone: whatever the peer did not barrier-ack may be missing there.
+    pub fn disconnect(&mut self) {
+        self.connected = false;
+        for ranges in std::mem::take(&mut self.unacked).into_values() {
+            for range in ranges {
+                self.out_of_sync.mark(range);
+            }
+        }
+    }
+
+    /// Pending writes not yet barrier-acked.
+    pub fn unacked_writes(&self) -> u64 {
+        self.unacked.values().map(|ranges| ranges.len() as u64).sum()
+    }
+
+    fn next_seq(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
+    }
+
+    fn close_epoch(&mut self, flush: bool, out: &mut Vec<Outgoing>) -> Epoch {
+        let closed = self.epoch;
+        out.push(Outgoing::Barrier {
+            seq: self.next_seq(),
+            epoch: closed,
+            writes: self.writes_in_epoch,
+            flush,
+        });
+        // An epoch with no writes still gets its (empty) ack; keep an entry to check the count.
+        self.unacked.entry(closed).or_default();
+        self.epoch += 1;
+        self.writes_in_epoch = 0;
+        self.close_before_next_write = false;
+        closed
+    }
+
+    /// Replicates a write or discard: returns the messages to send and what to wait for.
+    pub fn replicate(
+        &mut self,
+        request: RequestId,
+        range: ByteRange,
+        is_discard: bool,
+        out: &mut Vec<Outgoing>,
+    ) -> PeerNeed {
+        if self.close_before_next_write && self.writes_in_epoch > 0 {
+            self.close_epoch(false, out);
+        }
+        let seq = self.next_seq();
+        let epoch = self.epoch;
+        out.push(if is_discard {
+            Outgoing::Discard { request, seq, epoch }
+        } else {
+            Outgoing::Data { request, seq, epoch }
+        });
+        self.writes_in_epoch += 1;
+        self.unacked.entry(epoch).or_default().push(range);
+        self.sent_bytes += if is_discard { 0 } else { range.len };
+        if self.writes_in_epoch >= MAX_WRITES_PER_EPOCH {
+            self.close_before_next_write = true;
+        }
+        match self.protocol {
+            ReplicationProtocol::A => PeerNeed::Sent,
+            ReplicationProtocol::B => PeerNeed::RecvAck,
+            ReplicationProtocol::C => PeerNeed::WriteAck,
+        }
+    }
+
+    /// A flush: closes the current epoch with a flushing barrier.
+    pub fn flush(&mut self, out: &mut Vec<Outgoing>) -> PeerNeed {
+        PeerNeed::BarrierAck(self.close_epoch(true, out))
+    }
+
+    /// A write completed upward: the next write goes into a new epoch.
+    pub fn note_completion(&mut self) {
+        self.close_before_next_write = true;
+    }
+
+    /// Checks and applies a barrier ack; epochs are acked in order.
+    pub fn barrier_acked(&mut self, epoch: Epoch, writes: u32) -> Result<(), ProtocolError> {
+        let Some(ranges) = self.unacked.get(&epoch) else {
+            return Err(ProtocolError(format!("barrier ack for unknown epoch {epoch}")));
+        };
+        if ranges.len() as u64 != u64::from(writes) {
+            return Err(ProtocolError(format!(
+                "barrier ack for epoch {epoch} counts {writes} writes, {} were sent",
+                ranges.len()
+            )));
+        }
+        self.unacked.retain(|e, _| *e > epoch);
+        Ok(())
+    }
+}
+
+/// What the receiving side asks the shell to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReceiverEffect {
+    /// Write (or discard) the received request `local` to the local store, then report
+    /// `local_done`.
+    Apply(u64),
+    /// Make every applied write durable, then report `flush_done(epoch)`.
+    Flush(Epoch),
+    /// Send this acknowledgement on the ack stream.
+    Ack(PeerMessage),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Received {
+    request: PeerRequestId,
+    epoch: Epoch,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Closing {
+    writes: u32,
+}
+
+/// The receiving side of one connection: writes of one epoch may be applied in any order, but
+/// epoch N+1 starts only once epoch N is written and flushed, and then BarrierAck(N) goes out.
+#[derive(Debug)]
+pub struct PeerReceiver {
+    protocol: ReplicationProtocol,
+    expected_seq: u64,
+    epoch: Epoch,
+    started_in_epoch: u32,
+    done_in_epoch: u32,
+    closing: Option<Closing>,
+    flushing: bool,
+    /// Received for a later epoch, waiting for the current one to finish: local id, or a
+    /// barrier (epoch, writes).
+    queued: VecDeque<Queued>,
+    next_local: u64,
+    active: HashMap<u64, Received>,
+    pub received_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Queued {
+    Write(u64),
+    Barrier { epoch: Epoch, writes: u32 },
+}
+
+impl PeerReceiver {
+    pub fn new(protocol: ReplicationProtocol) -> Self {
+        PeerReceiver {
+            protocol,
+            expected_seq: 1,
+            epoch: 1,
+            started_in_epoch: 0,
+            done_in_epoch: 0,
+            closing: None,
+            flushing: false,
+            queued: VecDeque::new(),
+            next_local: 1,
+            active: HashMap::new(),
+            received_bytes: 0,
+        }
+    }
+
+    /// Requests received and not yet written.
+    pub fn pending(&self) -> u64 {
+        self.active.len() as u64
+    }
+
+    fn check_seq(&mut self, seq: u64) -> Result<(), ProtocolError> {
+        if seq != self.expected_seq {
+            return Err(ProtocolError(format!(
+                "sequence number {seq}, expected {}",
+                self.expected_seq
+            )));
+        }
+        self.expected_seq += 1;
+        Ok(())
+    }
+
+    /// A data or discard message arrived. Returns the local id under which the shell keeps
+    /// its payload.
+    pub fn on_write(
+        &mut self,
+        seq: u64,
+        epoch: Epoch,
+        request: PeerRequestId,
+        len: u64,
+    ) -> Result<(u64, Vec<ReceiverEffect>), ProtocolError> {
+        self.check_seq(seq)?;
+        // While the current epoch is closing, only the next one may arrive (it must wait).
+        let expected = if self.closing.is_some() || !self.queued.is_empty() {
+            self.last_queued_epoch() + 1
+        } else {
+            self.epoch
+        };
+        if epoch != expected {
+            return Err(ProtocolError(format!("write in epoch {epoch}, expected epoch {expected}")));
+        }
+        let local = self.next_local;
+        self.next_local += 1;
+        self.received_bytes += len;
+        self.active.insert(local, Received { request, epoch });
+        let mut effects = Vec::new();
+        if self.protocol == ReplicationProtocol::B {
+            effects.push(ReceiverEffect::Ack(PeerMessage::RecvAck { request }));
+        }
+        if epoch == self.epoch && self.closing.is_none() {
+            self.started_in_epoch += 1;
+            effects.push(ReceiverEffect::Apply(local));
+        } else {
+            self.queued.push_back(Queued::Write(local));
+        }
+        Ok((local, effects))
+    }
+
+    fn last_queued_epoch(&self) -> Epoch {
+        self.queued
+            .iter()
+            .rev()
+            .find_map(|queued| match queued {
+                Queued::Barrier { epoch, .. } => Some(*epoch),
+                Queued::Write(_) => None,
+            })
+            .unwrap_or(self.epoch)
+    }
+
+    /// A barrier arrived.
+    pub fn on_barrier(
+        &mut self,
+        seq: u64,
+        epoch: Epoch,
+        writes: u32,
+    ) -> Result<Vec<ReceiverEffect>, ProtocolError> {
+        self.check_seq(seq)?;
+        let mut effects = Vec::new();
+        if self.closing.is_some() || !self.queued.is_empty() {
+            let expected = self.last_queued_epoch() + 1;
+            if epoch != expected {
+                return Err(ProtocolError(format!("barrier for epoch {epoch}, expected {expected}")));
+            }
+            self.queued.push_back(Queued::Barrier { epoch, writes });
+            return Ok(effects);
+        }
+        if epoch != self.epoch {
+            return Err(ProtocolError(format!(
+                "barrier for epoch {epoch}, expected {}",
+                self.epoch
+            )));
+        }
+        self.close(writes, &mut effects)?;
+        Ok(effects)
+    }
+
+    fn close(&mut self, writes: u32, effects: &mut Vec<ReceiverEffect>) -> Result<(), ProtocolError> {
+        if writes != self.started_in_epoch {
+            return Err(ProtocolError(format!(
+                "barrier for epoch {} counts {writes} writes, {} arrived",
+                self.epoch, self.started_in_epoch
+            )));
+        }
+        self.closing = Some(Closing { writes });
+        self.maybe_flush(effects);
+        Ok(())
+    }
+
+    fn maybe_flush(&mut self, effects: &mut Vec<ReceiverEffect>) {
+        if self.closing.is_some() && !self.flushing && self.done_in_epoch == self.started_in_epoch {
+            self.flushing = true;
+            effects.push(ReceiverEffect::Flush(self.epoch));
+        }
+    }
+
+    /// The local write of `local` finished.
+    pub fn local_done(&mut self, local: u64, result: Result<(), i32>) -> Vec<ReceiverEffect> {
+        let mut effects = Vec::new();
+        let Some(received) = self.active.remove(&local) else {
+            return effects;
+        };
+        if received.epoch == self.epoch {
+            self.done_in_epoch += 1;
+        }
+        match (result, self.protocol) {
+            (Err(errno), _) => effects.push(ReceiverEffect::Ack(PeerMessage::NegAck {
+                request: received.request,
+                errno,
+            })),
+            (Ok(()), ReplicationProtocol::C) => effects.push(ReceiverEffect::Ack(
+                PeerMessage::WriteAck {
+                    request: received.request,
+                },
+            )),
+            (Ok(()), _) => {}
+        }
+        self.maybe_flush(&mut effects);
+        effects
+    }
+
+    /// The flush for `epoch` finished: ack it and start the next epoch's queued work.
+    pub fn flush_done(&mut self, epoch: Epoch) -> Result<Vec<ReceiverEffect>, ProtocolError> {
+        let mut effects = Vec::new();
+        let Some(closing) = self.closing.take().filter(|_| self.flushing && epoch == self.epoch)
+        else {
+            return Ok(effects);
+        };
+        self.flushing = false;
+        effects.push(ReceiverEffect::Ack(PeerMessage::BarrierAck {
+            epoch,
+            writes: closing.writes,
+        }));
+        self.epoch += 1;
+        self.started_in_epoch = 0;
+        self.done_in_epoch = 0;
+        while let Some(queued) = self.queued.pop_front() {
+            match queued {
+                Queued::Write(local) => {
+                    self.started_in_epoch += 1;
+                    effects.push(ReceiverEffect::Apply(local));
+                }
+                Queued::Barrier { epoch, writes } => {
+                    if epoch != self.epoch {
+                        return Err(ProtocolError(format!("barrier for epoch {epoch} out of order")));
+                    }
+                    self.close(writes, &mut effects)?;
+                    break;
+                }
+            }
+        }
+        Ok(effects)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_of_sync_counts_each_block_once() {
+        let mut oos = OutOfSync::new(1 << 20);
+        oos.mark(ByteRange::new(100, 10));
+        oos.mark(ByteRange::new(4000, 200));
+        assert_eq!(oos.dirty_blocks(), 2);
+        assert!(oos.is_dirty(0) && oos.is_dirty(1) && !oos.is_dirty(2));
+        assert_eq!(oos.dirty_bytes(), 8192);
+    }
+
+    #[test]
+    fn sender_closes_epochs_after_completion_and_checks_barrier_counts() {
+        let mut sender = PeerSender::new(ReplicationProtocol::C, 1 << 20);
+        sender.connect();
+        let mut out = Vec::new();
+        assert_eq!(sender.replicate(1, ByteRange::new(0, 4096), false, &mut out), PeerNeed::WriteAck);
+        sender.replicate(2, ByteRange::new(4096, 4096), false, &mut out);
+        sender.note_completion();
+        sender.replicate(3, ByteRange::new(8192, 4096), true, &mut out);
+        assert_eq!(
+            out,
+            vec![
+                Outgoing::Data { request: 1, seq: 1, epoch: 1 },
+                Outgoing::Data { request: 2, seq: 2, epoch: 1 },
+                Outgoing::Barrier { seq: 3, epoch: 1, writes: 2, flush: false },
+                Outgoing::Discard { request: 3, seq: 4, epoch: 2 },
+            ]
+        );
+        assert!(sender.barrier_acked(1, 1).is_err());
+        assert!(sender.barrier_acked(1, 2).is_ok());
+        assert_eq!(sender.unacked_writes(), 1);
+        sender.disconnect();
+        assert_eq!(sender.out_of_sync.dirty_blocks(), 1, "the unacked discard is out of sync");
+    }
+
+    #[test]
+    fn receiver_applies_epochs_in_order_and_acks_after_flush() {
+        let mut receiver = PeerReceiver::new(ReplicationProtocol::C);
+        let (a, effects) = receiver.on_write(1, 1, 10, 4096).unwrap_or_default();
+        assert_eq!(effects, vec![ReceiverEffect::Apply(a)]);
+        assert!(receiver.on_barrier(2, 1, 1).unwrap_or_default().is_empty());
+        // Epoch 2 arrives while epoch 1 is still being written: it must wait.
+        let (b, effects) = receiver.on_write(3, 2, 11, 4096).unwrap_or_default();
+        assert!(effects.is_empty());
+        let effects = receiver.local_done(a, Ok(()));
+        assert_eq!(
+            effects,
+            vec![
+                ReceiverEffect::Ack(PeerMessage::WriteAck { request: 10 }),
+                ReceiverEffect::Flush(1)
+            ]
+        );
+        let effects = receiver.flush_done(1).unwrap_or_default();
+        assert_eq!(
+            effects,
+            vec![
+                ReceiverEffect::Ack(PeerMessage::BarrierAck { epoch: 1, writes: 1 }),
+                ReceiverEffect::Apply(b)
+            ]
+        );
+    }
+
+    #[test]
+    fn receiver_rejects_count_mismatch_and_bad_sequence() {
+        let mut receiver = PeerReceiver::new(ReplicationProtocol::A);
+        assert!(receiver.on_write(1, 1, 1, 10).is_ok());
+        assert!(receiver.on_barrier(2, 1, 2).is_err());
+        let mut receiver = PeerReceiver::new(ReplicationProtocol::A);
+        assert!(receiver.on_write(2, 1, 1, 10).is_err());
+    }
+
+    #[test]
+    fn protocol_b_acks_on_receipt() {
+        let mut receiver = PeerReceiver::new(ReplicationProtocol::B);
+        let (local, effects) = receiver.on_write(1, 1, 7, 10).unwrap_or_default();
+        assert_eq!(
+            effects,
+            vec![
+                ReceiverEffect::Ack(PeerMessage::RecvAck { request: 7 }),
+                ReceiverEffect::Apply(local)
+            ]
+        );
+        assert!(receiver.local_done(local, Ok(())).is_empty());
+    }
+}
