@@ -14,13 +14,36 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "kebab-case")]
 pub enum AdminRequest {
-    Status { resource: Option<String> },
-    Up { resource: String },
-    Down { resource: String },
-    Primary { resource: String, force: bool },
-    Secondary { resource: String },
-    SuspendIo { resource: String },
-    ResumeIo { resource: String },
+    Status {
+        resource: Option<String>,
+    },
+    Up {
+        resource: String,
+    },
+    Down {
+        resource: String,
+    },
+    Primary {
+        resource: String,
+        force: bool,
+    },
+    Secondary {
+        resource: String,
+    },
+    SuspendIo {
+        resource: String,
+    },
+    ResumeIo {
+        resource: String,
+    },
+    Connect {
+        resource: String,
+    },
+    Disconnect {
+        resource: String,
+    },
+    /// Stream state changes, one line each, until the client goes away.
+    Events,
 }
 
 /// The daemon's answer.
@@ -94,6 +117,72 @@ pub fn request(socket: &Path, req: &AdminRequest) -> Result<AdminResponse, Admin
         path: socket.to_owned(),
         detail: format!("{error}: {:?}", answer.trim()),
     })
+}
+
+/// Set by SIGINT/SIGTERM while `events` streams, so that Ctrl-C ends it cleanly.
+static STOP_EVENTS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn request_stop(_: libc::c_int) {
+    STOP_EVENTS.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// `qrbd events`: prints every line the daemon streams until the daemon goes away or the user
+/// presses Ctrl-C (a clean end, exit status 0).
+pub fn stream_events(socket: &Path, out: &mut impl Write) -> Result<(), AdminClientError> {
+    let io_error = |source| AdminClientError::Io {
+        path: socket.to_owned(),
+        source,
+    };
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(
+            libc::SIGINT,
+            request_stop as *const () as libc::sighandler_t,
+        );
+        libc::signal(
+            libc::SIGTERM,
+            request_stop as *const () as libc::sighandler_t,
+        );
+    }
+    let stream = UnixStream::connect(socket).map_err(|source| AdminClientError::Unreachable {
+        path: socket.to_owned(),
+        source,
+    })?;
+    // Wake up now and then to notice Ctrl-C.
+    stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .map_err(io_error)?;
+    let mut line = serde_json::to_string(&AdminRequest::Events).unwrap_or_default();
+    line.push('\n');
+    (&stream).write_all(line.as_bytes()).map_err(io_error)?;
+    let mut reader = BufReader::new(&stream);
+    let mut pending = Vec::new();
+    loop {
+        if STOP_EVENTS.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
+        let mut chunk = [0u8; 4096];
+        match std::io::Read::read(&mut reader, &mut chunk) {
+            Ok(0) => return Ok(()),
+            Ok(n) => {
+                pending.extend_from_slice(&chunk[..n]);
+                while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                    let rest = pending.split_off(end + 1);
+                    out.write_all(&pending).map_err(io_error)?;
+                    out.flush().map_err(io_error)?;
+                    pending = rest;
+                }
+            }
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(error) => return Err(io_error(error)),
+        }
+    }
 }
 
 /// Parses a request line from a client, with an error the client can show.

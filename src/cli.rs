@@ -66,6 +66,20 @@ pub enum Command {
     SuspendIo { resource: String },
     /// Release application I/O held by `suspend-io`.
     ResumeIo { resource: String },
+    /// Drop the resource's peer connections and stay StandAlone.
+    Disconnect { resource: String },
+    /// Connect the resource to its peers again.
+    Connect { resource: String },
+    /// Stream every state change as one line (like `drbdsetup events2`); Ctrl-C ends it.
+    Events,
+    /// Create a CA (DIR/ca.crt, DIR/ca.key) if absent and, with --node, a node certificate
+    /// signed by it (DIR/NAME.crt, DIR/NAME.key).
+    GenCert {
+        #[arg(long, value_name = "DIR")]
+        ca_dir: PathBuf,
+        #[arg(long, value_name = "NAME")]
+        node: Option<String>,
+    },
     /// Run the whole flow on a temporary node: FUSE image, loop device, ext4, a file, status.
     Demo {
         /// Size of the demo image.

@@ -11,10 +11,11 @@ use qrbd_actors::buffer::BufferPool;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::admin::{parse_request, AdminResponse};
+use crate::admin::{parse_request, AdminRequest, AdminResponse};
 use crate::config::QrbdConfig;
 use crate::fuse_fs::{self, DiskFs, ImageTable};
-use crate::node::{Admin, DownAll, NodeActor, UpAll};
+use crate::node::{Admin, DownAll, NodeActor, SubscribeEvents, UpAll};
+use crate::transport;
 
 const PR_SET_IO_FLUSHER: libc::c_int = 57;
 
@@ -61,8 +62,18 @@ async fn serve(config: Arc<QrbdConfig>) -> anyhow::Result<()> {
         })?;
     tracing::info!(mount = %mount_dir.display(), "images are served");
 
-    let node = NodeActor::new(config.clone(), images).start();
+    let endpoint = replication_endpoint(&config)?;
+    let (events, _) = tokio::sync::broadcast::channel(1024);
+    let node = NodeActor::new(config.clone(), images, endpoint.clone(), events).start();
     node.send(UpAll).await.context("node actor failed")?;
+    if let Some(endpoint) = &endpoint {
+        actix_rt::spawn(crate::peer::accept_loop(
+            endpoint.clone(),
+            config.clone(),
+            node.clone().recipient(),
+        ));
+        tracing::info!(listen = %config.node.listen, "accepting peer connections (QUIC, mutual TLS)");
+    }
 
     let admin = actix_rt::spawn(accept_admin(listener, node.clone()));
     tracing::info!(socket = %config.node.admin_socket.display(), node = %config.node.name, "daemon ready");
@@ -74,9 +85,40 @@ async fn serve(config: Arc<QrbdConfig>) -> anyhow::Result<()> {
         tracing::error!(%error, "taking resources down failed");
     }
     let _ = std::fs::remove_file(&config.node.admin_socket);
+    if let Some(endpoint) = endpoint {
+        endpoint.close(0u32.into(), b"node shutting down");
+        // Let the close frames leave before the process ends.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), endpoint.wait_idle()).await;
+    }
     unmount(&mount_dir, session);
     tracing::info!("daemon stopped");
     Ok(())
+}
+
+/// The QUIC endpoint, if any resource has peers. Replication is always encrypted: peers
+/// without a `[tls]` section are a configuration error.
+fn replication_endpoint(config: &QrbdConfig) -> anyhow::Result<Option<quinn::Endpoint>> {
+    let with_peers: Vec<&str> = config
+        .resources
+        .iter()
+        .filter(|r| !r.peers.is_empty())
+        .map(|r| r.name.as_str())
+        .collect();
+    if with_peers.is_empty() {
+        return Ok(None);
+    }
+    let Some(tls) = &config.tls else {
+        bail!(
+            "{}: resource(s) {} have peers but there is no [tls] section; replication is always \
+             encrypted (create certificates with `qrbd gen-cert`)",
+            config.source.display(),
+            with_peers.join(", ")
+        );
+    };
+    let identity = transport::load_identity(tls).context("cannot load the TLS identity")?;
+    let endpoint = transport::make_endpoint(config.node.listen, &identity)
+        .with_context(|| format!("cannot listen for peers on {}", config.node.listen))?;
+    Ok(Some(endpoint))
 }
 
 async fn wait_for_termination() -> anyhow::Result<()> {
@@ -182,6 +224,7 @@ async fn serve_admin_connection(stream: UnixStream, node: Addr<NodeActor>) {
             }
         };
         let response = match parse_request(&line) {
+            Ok(AdminRequest::Events) => return stream_events(writer, &node).await,
             Ok(request) => {
                 tracing::debug!(?request, "admin request");
                 node.send(Admin(request)).await.unwrap_or_else(|error| {
@@ -195,6 +238,42 @@ async fn serve_admin_connection(stream: UnixStream, node: Addr<NodeActor>) {
         answer.push('\n');
         if writer.write_all(answer.as_bytes()).await.is_err() {
             return;
+        }
+    }
+}
+
+/// Streams state changes to an `events` client until it goes away.
+async fn stream_events(mut writer: tokio::net::unix::OwnedWriteHalf, node: &Addr<NodeActor>) {
+    let Ok((current, mut changes)) = node.send(SubscribeEvents).await else {
+        return;
+    };
+    for line in current {
+        if writer
+            .write_all(format!("{line}\n").as_bytes())
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+    loop {
+        match changes.recv().await {
+            Ok(line) => {
+                if writer
+                    .write_all(format!("{line}\n").as_bytes())
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                let note = format!("lagged {missed} events were dropped\n");
+                if writer.write_all(note.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
         }
     }
 }

@@ -374,7 +374,14 @@ impl Filesystem for DiskFs {
             Ok(_) => reply.error(unexpected_outcome("write")),
             Err(fault) => reply.error(fault_errno(fault)),
         });
-        DiskFs::submit(&entry, IoOp::Write { offset, data: Arc::new(buf) }, reply_fn);
+        DiskFs::submit(
+            &entry,
+            IoOp::Write {
+                offset,
+                data: Arc::new(buf),
+            },
+            reply_fn,
+        );
     }
 
     fn flush(

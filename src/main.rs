@@ -25,7 +25,7 @@ fn main() -> ExitCode {
 
 fn init_logging(cli: &Cli) -> anyhow::Result<()> {
     let default_level = match cli.command {
-        Command::Daemon => "info",
+        Command::Daemon | Command::Demo { .. } => "info",
         _ => "warn",
     };
     let filter = match &cli.log_level {
@@ -75,6 +75,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Daemon => daemon::run(load_config(&cli)?),
         Command::Demo { size } => demo::run_demo(size),
+        Command::GenCert { ca_dir, node } => {
+            for path in qrbd::transport::generate_certificates(ca_dir, node.as_deref())? {
+                println!("wrote {}", path.display());
+            }
+            Ok(())
+        }
+        Command::Events => {
+            let config = load_config(&cli)?;
+            admin::stream_events(&config.node.admin_socket, &mut std::io::stdout())?;
+            Ok(())
+        }
         Command::Status { resource, json } => {
             let config = load_config(&cli)?;
             let request = AdminRequest::Status {
@@ -114,6 +125,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Command::ResumeIo { resource } => AdminRequest::ResumeIo {
                     resource: resource.clone(),
                 },
+                Command::Connect { resource } => AdminRequest::Connect {
+                    resource: resource.clone(),
+                },
+                Command::Disconnect { resource } => AdminRequest::Disconnect {
+                    resource: resource.clone(),
+                },
+
                 other => bail!("unhandled command {other:?}"),
             };
             answer(admin::request(&config.node.admin_socket, &request)?)

@@ -7,27 +7,91 @@ use std::sync::Arc;
 use actix::prelude::*;
 use qrbd_actors::status::ResourceStatus;
 use qrbd_actors::supervisor::{
-    Demote, GetStatus, Promote, ResourceHandle, ResourceSupervisor, SetSuspended, Shutdown,
+    Demote, DescribeState, GetStatus, Promote, ResourceHandle, ResourceSupervisor, SetConnected,
+    SetSuspended, Shutdown,
 };
+use tokio::sync::broadcast;
 
 use crate::admin::{AdminRequest, AdminResponse};
 use crate::config::QrbdConfig;
 use crate::fuse_fs::SharedImageTable;
+use crate::peer::{FindPeerLink, HelloInfo, PeerActor, PeerLinkSetup, StopLink};
 use crate::resources::{has_metadata, open_resource};
 
 pub struct NodeActor {
     config: Arc<QrbdConfig>,
     images: SharedImageTable,
     resources: BTreeMap<String, ResourceHandle>,
+    /// The QUIC endpoint, when replication is configured.
+    endpoint: Option<quinn::Endpoint>,
+    links: BTreeMap<(String, u8), (HelloInfo, Addr<PeerActor>)>,
+    events: broadcast::Sender<String>,
 }
 
 impl NodeActor {
-    pub fn new(config: Arc<QrbdConfig>, images: SharedImageTable) -> Self {
+    pub fn new(
+        config: Arc<QrbdConfig>,
+        images: SharedImageTable,
+        endpoint: Option<quinn::Endpoint>,
+        events: broadcast::Sender<String>,
+    ) -> Self {
         NodeActor {
             config,
             images,
             resources: BTreeMap::new(),
+            endpoint,
+            links: BTreeMap::new(),
+            events,
         }
+    }
+
+    fn start_links(&mut self, handle: &ResourceHandle) {
+        let Some(endpoint) = &self.endpoint else {
+            return;
+        };
+        let Ok(resource) = self.config.resource(&handle.name) else {
+            return;
+        };
+        for peer in &resource.peers {
+            let local = HelloInfo {
+                node_id: self.config.node.id,
+                node_name: self.config.node.name.clone(),
+                resource: resource.name.clone(),
+                size_bytes: resource.size_bytes,
+                protocol: resource.protocol,
+            };
+            let link = PeerActor::new(PeerLinkSetup {
+                local: local.clone(),
+                peer_id: peer.id,
+                peer_name: peer.name.clone(),
+                peer_address: peer.address,
+                endpoint: endpoint.clone(),
+                device: handle.device.clone(),
+                supervisor: handle.supervisor.clone(),
+            })
+            .start();
+            self.links
+                .insert((resource.name.clone(), peer.id), (local, link));
+        }
+    }
+
+    fn stop_links(&mut self, resource: &str) {
+        let keys: Vec<(String, u8)> = self
+            .links
+            .keys()
+            .filter(|(name, _)| name == resource)
+            .cloned()
+            .collect();
+        for key in keys {
+            if let Some((_, link)) = self.links.remove(&key) {
+                link.do_send(StopLink);
+            }
+        }
+    }
+
+    /// A receiver of every state change line, for `qrbd events`.
+    pub fn subscribe(&self) -> broadcast::Receiver<String> {
+        self.events.subscribe()
     }
 
     fn up(&mut self, name: &str) -> Result<String, String> {
@@ -35,8 +99,10 @@ impl NodeActor {
             return Ok(format!("{name}: already up"));
         }
         let resource = self.config.resource(name).map_err(|e| e.to_string())?;
-        let setup = open_resource(&self.config, resource).map_err(|e| format!("{e:#}"))?;
+        let setup = open_resource(&self.config, resource, Some(self.events.clone()))
+            .map_err(|e| format!("{e:#}"))?;
         let handle = ResourceSupervisor::start(setup);
+        self.start_links(&handle);
         self.images
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -101,6 +167,9 @@ impl Handler<DownAll> for NodeActor {
     fn handle(&mut self, _: DownAll, _: &mut Context<Self>) -> Self::Result {
         let handles: Vec<ResourceHandle> =
             std::mem::take(&mut self.resources).into_values().collect();
+        for handle in &handles {
+            self.stop_links(&handle.name);
+        }
         let images = self.images.clone();
         Box::pin(async move {
             for handle in handles {
@@ -170,6 +239,7 @@ impl Handler<Admin> for NodeActor {
                     .into_actor(self)
                     .map(move |result, node, _| {
                         if matches!(result, Ok(Ok(()))) {
+                            node.stop_links(&resource);
                             node.resources.remove(&resource);
                             node.images
                                 .write()
@@ -188,6 +258,30 @@ impl Handler<Admin> for NodeActor {
             AdminRequest::Secondary { resource } => {
                 self.forward(resource, "Secondary", |s| Box::pin(s.send(Demote)))
             }
+            AdminRequest::Connect { resource } | AdminRequest::Disconnect { resource }
+                if !self.resources.contains_key(&resource) =>
+            {
+                ready(AdminResponse::failed(
+                    self.handle_of(&resource).err().unwrap_or_default(),
+                ))
+            }
+            AdminRequest::Connect { resource } => {
+                if let Some(handle) = self.resources.get(&resource) {
+                    handle.supervisor.do_send(SetConnected(true));
+                }
+                ready(AdminResponse::done(format!("{resource}: connecting")))
+            }
+            AdminRequest::Disconnect { resource } => {
+                if let Some(handle) = self.resources.get(&resource) {
+                    handle.supervisor.do_send(SetConnected(false));
+                }
+                ready(AdminResponse::done(format!(
+                    "{resource}: disconnected (StandAlone)"
+                )))
+            }
+            AdminRequest::Events => ready(AdminResponse::failed(
+                "events are streamed by the admin connection, not answered",
+            )),
             AdminRequest::SuspendIo { resource } | AdminRequest::ResumeIo { resource }
                 if !self.resources.contains_key(&resource) =>
             {
@@ -259,4 +353,39 @@ async fn collect_status(handles: Vec<ResourceHandle>) -> AdminResponse {
         }
     }
     AdminResponse::Status { resources }
+}
+
+impl Handler<FindPeerLink> for NodeActor {
+    type Result = Option<(HelloInfo, Addr<PeerActor>)>;
+    fn handle(&mut self, msg: FindPeerLink, _: &mut Context<Self>) -> Self::Result {
+        self.links.get(&(msg.resource, msg.peer_id)).cloned()
+    }
+}
+
+/// Subscribes to state changes: the current state as `exists` lines, and a receiver of every
+/// change from now on.
+#[derive(Message)]
+#[rtype(result = "(Vec<String>, broadcast::Receiver<String>)")]
+pub struct SubscribeEvents;
+
+impl Handler<SubscribeEvents> for NodeActor {
+    type Result = ResponseFuture<(Vec<String>, broadcast::Receiver<String>)>;
+    fn handle(&mut self, _: SubscribeEvents, _: &mut Context<Self>) -> Self::Result {
+        let receiver = self.subscribe();
+        let supervisors: Vec<Addr<ResourceSupervisor>> = self
+            .resources
+            .values()
+            .map(|h| h.supervisor.clone())
+            .collect();
+        Box::pin(async move {
+            let mut lines = Vec::new();
+            for supervisor in supervisors {
+                if let Ok(described) = supervisor.send(DescribeState).await {
+                    lines.extend(described);
+                }
+            }
+            lines.push("exists -".to_owned());
+            (lines, receiver)
+        })
+    }
 }

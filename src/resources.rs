@@ -6,7 +6,8 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use qrbd_actors::meta::DeviceMeta;
 use qrbd_actors::ports::MetaStore;
-use qrbd_actors::supervisor::ResourceSetup;
+use qrbd_actors::supervisor::{PeerSetup, ResourceSetup};
+use tokio::sync::broadcast;
 
 use crate::config::{QrbdConfig, ResourceConfig};
 use crate::meta_store::SledMetaStore;
@@ -103,6 +104,7 @@ pub fn has_metadata(config: &QrbdConfig, resource: &str) -> bool {
 pub fn open_resource(
     config: &QrbdConfig,
     resource: &ResourceConfig,
+    events: Option<broadcast::Sender<String>>,
 ) -> anyhow::Result<ResourceSetup> {
     let meta_dir = config.meta_path(&resource.name);
     let backing = config.backing_path(&resource.name);
@@ -155,5 +157,14 @@ pub fn open_resource(
         store: Arc::new(store),
         meta_store: Box::new(meta_store),
         meta,
+        peers: resource
+            .peers
+            .iter()
+            .map(|peer| PeerSetup {
+                id: peer.id,
+                name: peer.name.clone(),
+            })
+            .collect(),
+        events,
     })
 }

@@ -128,6 +128,25 @@ impl TestNode {
         })
     }
 
+    /// A node with a configuration written by the caller (`config_text`), e.g. by
+    /// [`pair_configs`].
+    pub fn from_config(binary: &Path, dir: &Path, config_text: &str) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let config_path = dir.join("qrbd.toml");
+        std::fs::write(&config_path, config_text)
+            .with_context(|| format!("cannot write {}", config_path.display()))?;
+        Ok(TestNode {
+            binary: binary.to_owned(),
+            dir: dir.to_owned(),
+            config_path,
+            mount_dir: dir.join("disks"),
+            socket: dir.join("qrbd.sock"),
+            state_dir: dir.join("state"),
+            daemon: None,
+            log_path: dir.join("daemon.log"),
+        })
+    }
+
     /// Runs `qrbd --config <this node> ARGS`.
     pub fn qrbd(&self, args: &[&str]) -> anyhow::Result<Output> {
         Command::new(&self.binary)
@@ -334,4 +353,113 @@ impl Drop for Mounted {
             }
         }
     }
+}
+
+/// A free UDP port on 127.0.0.1 (QUIC listens on UDP).
+pub fn free_udp_port() -> anyhow::Result<u16> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").context("cannot bind a UDP port")?;
+    Ok(socket.local_addr()?.port())
+}
+
+/// How to build a two-node test pair.
+#[derive(Debug, Clone)]
+pub struct PairSpec {
+    pub resource: String,
+    pub size: String,
+    pub protocol: String,
+    /// Where alpha (id 0, the side that dials) reaches beta; defaults to beta's listen address.
+    /// Point it at a fault proxy to put one between them.
+    pub beta_address_for_alpha: Option<std::net::SocketAddr>,
+}
+
+impl PairSpec {
+    pub fn new(resource: &str, size: &str, protocol: &str) -> Self {
+        PairSpec {
+            resource: resource.to_owned(),
+            size: size.to_owned(),
+            protocol: protocol.to_owned(),
+            beta_address_for_alpha: None,
+        }
+    }
+}
+
+/// Two nodes, alpha (id 0) and beta (id 1), on 127.0.0.1 with certificates from one CA made by
+/// `qrbd gen-cert`, under `dir/alpha`, `dir/beta` and `dir/tls`. Returns them and beta's
+/// listen address.
+pub fn make_pair(
+    binary: &Path,
+    dir: &Path,
+    spec: &PairSpec,
+) -> anyhow::Result<(TestNode, TestNode, std::net::SocketAddr)> {
+    let tls = dir.join("tls");
+    for name in ["alpha", "beta"] {
+        let output = Command::new(binary)
+            .args(["gen-cert", "--ca-dir"])
+            .arg(&tls)
+            .args(["--node", name])
+            .output()
+            .context("cannot run qrbd gen-cert")?;
+        if !output.status.success() {
+            bail!(
+                "gen-cert failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+    }
+    let alpha_port = free_udp_port()?;
+    let beta_port = free_udp_port()?;
+    let beta_listen: std::net::SocketAddr = ([127, 0, 0, 1], beta_port).into();
+    let alpha_listen: std::net::SocketAddr = ([127, 0, 0, 1], alpha_port).into();
+    let beta_for_alpha = spec.beta_address_for_alpha.unwrap_or(beta_listen);
+    let alpha = TestNode::from_config(
+        binary,
+        &dir.join("alpha"),
+        &pair_config(
+            dir,
+            "alpha",
+            0,
+            alpha_listen,
+            "beta",
+            1,
+            beta_for_alpha,
+            spec,
+        ),
+    )?;
+    let beta = TestNode::from_config(
+        binary,
+        &dir.join("beta"),
+        &pair_config(dir, "beta", 1, beta_listen, "alpha", 0, alpha_listen, spec),
+    )?;
+    Ok((alpha, beta, beta_listen))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn pair_config(
+    dir: &Path,
+    name: &str,
+    id: u8,
+    listen: std::net::SocketAddr,
+    peer: &str,
+    peer_id: u8,
+    peer_address: std::net::SocketAddr,
+    spec: &PairSpec,
+) -> String {
+    let node_dir = dir.join(name);
+    let tls = dir.join("tls");
+    format!(
+        "[node]\nname = \"{name}\"\nid = {id}\nstate_dir = {:?}\nmount_dir = {:?}\n\
+         admin_socket = {:?}\nlisten = \"{listen}\"\n\n\
+         [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\n\
+         [[resource]]\nname = {:?}\nsize = {:?}\nprotocol = {:?}\n\n\
+         [[resource.peer]]\nname = \"{peer}\"\nid = {peer_id}\naddress = \"{peer_address}\"\n",
+        node_dir.join("state"),
+        node_dir.join("disks"),
+        node_dir.join("qrbd.sock"),
+        tls.join("ca.crt"),
+        tls.join(format!("{name}.crt")),
+        tls.join(format!("{name}.key")),
+        spec.resource,
+        spec.size,
+        spec.protocol,
+    )
 }

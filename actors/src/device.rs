@@ -400,7 +400,12 @@ impl DeviceActor {
         self.apply(effects, ctx);
     }
 
-    fn apply_received(&mut self, peer: PeerId, effects: Vec<ReceiverEffect>, ctx: &mut Context<Self>) {
+    fn apply_received(
+        &mut self,
+        peer: PeerId,
+        effects: Vec<ReceiverEffect>,
+        ctx: &mut Context<Self>,
+    ) {
         for effect in effects {
             match effect {
                 ReceiverEffect::Apply(local) => self.start_peer_write(peer, local, ctx),
@@ -446,7 +451,10 @@ impl DeviceActor {
             result.unwrap_or(Err(libc_eio()))
         };
         ctx.spawn(local_io.into_actor(self).map(move |result, actor, ctx| {
-            let Some(port) = actor.peers.get_mut(&peer).filter(|p| p.generation == generation)
+            let Some(port) = actor
+                .peers
+                .get_mut(&peer)
+                .filter(|p| p.generation == generation)
             else {
                 return;
             };
@@ -470,7 +478,10 @@ impl DeviceActor {
             if let Err(error) = result {
                 tracing::error!(device = %actor.name, %error, "flush for a peer barrier failed");
             }
-            let Some(port) = actor.peers.get_mut(&peer).filter(|p| p.generation == generation)
+            let Some(port) = actor
+                .peers
+                .get_mut(&peer)
+                .filter(|p| p.generation == generation)
             else {
                 return;
             };
@@ -689,7 +700,11 @@ pub struct AttachPeer {
 impl Handler<AttachPeer> for DeviceActor {
     type Result = ();
     fn handle(&mut self, msg: AttachPeer, ctx: &mut Context<Self>) {
-        if self.peers.get(&msg.peer).is_some_and(|port| port.link.is_some()) {
+        if self
+            .peers
+            .get(&msg.peer)
+            .is_some_and(|port| port.link.is_some())
+        {
             self.detach_peer(msg.peer, ctx);
         }
         self.core.add_peer(msg.peer, msg.protocol);
@@ -719,7 +734,11 @@ pub struct DetachPeer {
 impl Handler<DetachPeer> for DeviceActor {
     type Result = ();
     fn handle(&mut self, msg: DetachPeer, ctx: &mut Context<Self>) {
-        if self.peers.get(&msg.peer).is_some_and(|port| port.link.is_some()) {
+        if self
+            .peers
+            .get(&msg.peer)
+            .is_some_and(|port| port.link.is_some())
+        {
             tracing::info!(device = %self.name, peer = msg.peer, "peer detached; going on without it");
             self.detach_peer(msg.peer, ctx);
         }
@@ -738,7 +757,10 @@ pub struct FromPeer {
 impl Handler<FromPeer> for DeviceActor {
     type Result = ();
     fn handle(&mut self, FromPeer { peer, message }: FromPeer, ctx: &mut Context<Self>) {
-        let attached = self.peers.get(&peer).is_some_and(|port| port.link.is_some());
+        let attached = self
+            .peers
+            .get(&peer)
+            .is_some_and(|port| port.link.is_some());
         if !attached {
             return;
         }
@@ -757,7 +779,14 @@ impl Handler<FromPeer> for DeviceActor {
                 request,
                 offset,
                 len,
-            } => self.receive_write(peer, seq, epoch, request, offset, ReceivedKind::Discard(len)),
+            } => self.receive_write(
+                peer,
+                seq,
+                epoch,
+                request,
+                offset,
+                ReceivedKind::Discard(len),
+            ),
             PeerMessage::Barrier {
                 seq, epoch, writes, ..
             } => match self.peers.get_mut(&peer) {
@@ -814,7 +843,9 @@ pub struct PeerSent {
 impl Handler<PeerSent> for DeviceActor {
     type Result = ();
     fn handle(&mut self, msg: PeerSent, ctx: &mut Context<Self>) {
-        let effects = self.core.peer_sent(msg.peer, msg.request, self.tick(Instant::now()));
+        let effects = self
+            .core
+            .peer_sent(msg.peer, msg.request, self.tick(Instant::now()));
         self.apply(effects, ctx);
     }
 }

@@ -13,3 +13,4 @@ pub mod ports;
 pub mod retry;
 pub mod status;
 pub mod supervisor;
+pub mod testing;

@@ -3,20 +3,23 @@
 //! every step that needs another actor runs as a spawned future, so the supervisor's mailbox
 //! keeps answering (status, events) while a role change or a drain is under way.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use actix::prelude::*;
+use tokio::sync::broadcast;
 
-use crate::core::{DiskState, ReplicationProtocol, Role};
+use crate::core::replication::PeerId;
+use crate::core::{ConnectionState, DiskState, ReplicationProtocol, Role};
 use crate::device::{
-    CloseDevice, DeviceActor, FlushStore, ResumeIo, SetWritable, SharedSnapshot, SuspendIo,
-    WaitIdle,
+    AddPeer, CloseDevice, DeviceActor, FlushStore, ResumeIo, SetWritable, SharedSnapshot,
+    SuspendIo, WaitIdle,
 };
 use crate::gate::{GateRefused, ImageGate};
 use crate::meta::DeviceMeta;
 use crate::metadata::{MetaActor, SaveMeta};
 use crate::ports::{BlockStore, MetaStore};
-use crate::status::ResourceStatus;
+use crate::status::{PeerStatus, ResourceStatus};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StateChangeError {
@@ -32,6 +35,10 @@ pub enum StateChangeError {
     Device(String),
     #[error("the resource is going down")]
     GoingDown,
+    #[error("peer {0} is Primary; two primaries are not allowed (demote it first)")]
+    PeerIsPrimary(String),
+    #[error("no peer is connected, so a peer may hold newer data; use --force to promote anyway")]
+    NoPeerConnected,
 }
 
 /// Everything needed to bring a resource up.
@@ -41,6 +48,62 @@ pub struct ResourceSetup {
     pub store: Arc<dyn BlockStore>,
     pub meta_store: Box<dyn MetaStore>,
     pub meta: DeviceMeta,
+    pub peers: Vec<PeerSetup>,
+    /// Where state changes are announced, one `drbdsetup events2`-like line each.
+    pub events: Option<broadcast::Sender<String>>,
+}
+
+/// A configured peer of a resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerSetup {
+    pub id: PeerId,
+    pub name: String,
+}
+
+/// What the supervisor tells a peer's link.
+#[derive(Message, Debug, Clone, PartialEq, Eq)]
+#[rtype(result = "()")]
+pub enum PeerLinkCommand {
+    /// Our role, disk state or generation changed: tell the peer.
+    LocalState {
+        role: Role,
+        disk: DiskState,
+        current_uuid: u64,
+    },
+    /// Drop the connection and stay StandAlone (`qrbd disconnect`, `down`).
+    Disconnect,
+    /// Leave StandAlone and (re)connect (`qrbd connect`).
+    Connect,
+}
+
+/// What a peer's link reports to the supervisor.
+#[derive(Message, Debug, Clone, PartialEq, Eq)]
+#[rtype(result = "()")]
+pub enum PeerReport {
+    /// The link of `peer` exists; commands go to it.
+    Link {
+        peer: PeerId,
+        link: Recipient<PeerLinkCommand>,
+    },
+    Connection {
+        peer: PeerId,
+        state: ConnectionState,
+    },
+    /// The peer told us its state.
+    State {
+        peer: PeerId,
+        role: Role,
+        disk: DiskState,
+        current_uuid: u64,
+    },
+}
+
+struct PeerView {
+    name: String,
+    connection: ConnectionState,
+    role: Option<Role>,
+    disk: Option<DiskState>,
+    link: Option<Recipient<PeerLinkCommand>>,
 }
 
 /// The handles the rest of the node keeps for a running resource.
@@ -67,6 +130,8 @@ pub struct ResourceSupervisor {
     device_snapshot: SharedSnapshot,
     meta_actor: Addr<MetaActor>,
     gate: Arc<ImageGate>,
+    peers: BTreeMap<PeerId, PeerView>,
+    events: Option<broadcast::Sender<String>>,
 }
 
 impl ResourceSupervisor {
@@ -77,6 +142,12 @@ impl ResourceSupervisor {
         let device_actor = DeviceActor::new(&setup.name, setup.store, false);
         let device_snapshot = device_actor.snapshot_handle();
         let device = device_actor.start();
+        for peer in &setup.peers {
+            device.do_send(AddPeer {
+                peer: peer.id,
+                protocol: setup.protocol,
+            });
+        }
         let meta_actor = MetaActor::start_on_thread(setup.meta_store);
         let gate = Arc::new(ImageGate::new(false));
         let disk = if setup.meta.flags.consistent && setup.meta.flags.up_to_date {
@@ -102,6 +173,23 @@ impl ResourceSupervisor {
             device_snapshot,
             meta_actor,
             gate: gate.clone(),
+            peers: setup
+                .peers
+                .iter()
+                .map(|peer| {
+                    (
+                        peer.id,
+                        PeerView {
+                            name: peer.name.clone(),
+                            connection: ConnectionState::StandAlone,
+                            role: None,
+                            disk: None,
+                            link: None,
+                        },
+                    )
+                })
+                .collect(),
+            events: setup.events,
         }
         .start();
         ResourceHandle {
@@ -154,8 +242,90 @@ impl ResourceSupervisor {
                 .checked_div(stats.writes)
                 .unwrap_or(0),
             current_uuid: format!("{:016X}", self.meta.current_uuid),
-            peers: Vec::new(),
+            peers: self
+                .peers
+                .iter()
+                .map(|(id, view)| {
+                    let counters = device
+                        .peers
+                        .iter()
+                        .find(|p| p.peer == *id)
+                        .copied()
+                        .unwrap_or_default();
+                    PeerStatus {
+                        name: view.name.clone(),
+                        node_id: *id,
+                        connection: view.connection.to_string(),
+                        role: view.role,
+                        disk: view.disk,
+                        replication: if view.connection == ConnectionState::Connected {
+                            "Established".into()
+                        } else {
+                            "Off".into()
+                        },
+                        sent_bytes: counters.sent_bytes,
+                        received_bytes: counters.received_bytes,
+                        pending: counters.pending,
+                        unacked: counters.unacked,
+                        out_of_sync_bytes: counters.out_of_sync_bytes,
+                    }
+                })
+                .collect(),
         }
+    }
+
+    fn emit(&self, line: String) {
+        if let Some(events) = &self.events {
+            // No subscriber is not an error.
+            let _ = events.send(line);
+        }
+    }
+
+    fn announce_local_state(&self) {
+        let command = PeerLinkCommand::LocalState {
+            role: self.role,
+            disk: self.disk,
+            current_uuid: self.meta.current_uuid,
+        };
+        for view in self.peers.values() {
+            if let Some(link) = &view.link {
+                link.do_send(command.clone());
+            }
+        }
+        self.emit(format!(
+            "change resource name:{} role:{} disk:{}",
+            self.name, self.role, self.disk
+        ));
+    }
+
+    fn tell_links(&self, command: PeerLinkCommand) {
+        for view in self.peers.values() {
+            if let Some(link) = &view.link {
+                link.do_send(command.clone());
+            }
+        }
+    }
+
+    /// Lines describing the current state, for a new `events` subscriber.
+    pub fn describe(&self) -> Vec<String> {
+        let mut lines = vec![format!(
+            "exists resource name:{} role:{} disk:{} suspended:{}",
+            self.name,
+            self.role,
+            self.disk,
+            if self.suspended { "user" } else { "no" }
+        )];
+        for (id, view) in &self.peers {
+            lines.push(format!(
+                "exists connection name:{} peer-node-id:{id} conn-name:{} connection:{} role:{}",
+                self.name,
+                view.name,
+                view.connection,
+                view.role
+                    .map_or_else(|| "Unknown".to_owned(), |r| r.to_string())
+            ));
+        }
+        lines
     }
 }
 
@@ -227,11 +397,26 @@ impl Handler<Promote> for ResourceSupervisor {
         if self.role == Role::Primary {
             return Box::pin(fut::ready(Ok(())));
         }
+        if let Some(view) = self.peers.values().find(|view| {
+            view.connection == ConnectionState::Connected && view.role == Some(Role::Primary)
+        }) {
+            return Box::pin(fut::ready(Err(StateChangeError::PeerIsPrimary(
+                view.name.clone(),
+            ))));
+        }
         if self.disk != DiskState::UpToDate && !msg.force {
             return Box::pin(fut::ready(Err(StateChangeError::DiskNotUpToDate(
                 self.disk,
             ))));
         }
+        let any_connected = self
+            .peers
+            .values()
+            .any(|view| view.connection == ConnectionState::Connected);
+        if !self.peers.is_empty() && !any_connected && !msg.force {
+            return Box::pin(fut::ready(Err(StateChangeError::NoPeerConnected)));
+        }
+
         self.changing = true;
         let mut meta = self.meta.clone();
         meta.flags.was_primary = true;
@@ -253,6 +438,7 @@ impl Handler<Promote> for ResourceSupervisor {
             actor.role = Role::Primary;
             actor.gate.set_primary();
             tracing::info!(resource = %actor.name, "role changed to Primary");
+            actor.announce_local_state();
             Ok(())
         }))
     }
@@ -292,6 +478,7 @@ impl Handler<Demote> for ResourceSupervisor {
         };
         Box::pin(steps.into_actor(self).map(|result, actor, _| {
             actor.changing = false;
+            actor.announce_local_state();
             actor.meta = result?;
             tracing::info!(resource = %actor.name, "role changed to Secondary");
             Ok(())
@@ -308,6 +495,11 @@ impl Handler<SetSuspended> for ResourceSupervisor {
     type Result = ();
     fn handle(&mut self, SetSuspended(suspend): SetSuspended, _: &mut Context<Self>) {
         self.suspended = suspend;
+        self.emit(format!(
+            "change resource name:{} suspended:{}",
+            self.name,
+            if suspend { "user" } else { "no" }
+        ));
         // do_send: a control message must not wait behind a full queue of I/O.
         if suspend {
             self.device.do_send(SuspendIo);
@@ -354,6 +546,7 @@ impl Handler<Shutdown> for ResourceSupervisor {
         }
         self.going_down = true;
         self.changing = true;
+        self.tell_links(PeerLinkCommand::Disconnect);
         // Held requests are admitted and finished rather than failed: nothing is lost.
         self.device.do_send(ResumeIo);
         self.device.do_send(CloseDevice);
@@ -404,5 +597,95 @@ impl Handler<StopDevice> for DeviceActor {
     type Result = ();
     fn handle(&mut self, _: StopDevice, ctx: &mut Context<Self>) {
         ctx.stop();
+    }
+}
+
+impl Handler<PeerReport> for ResourceSupervisor {
+    type Result = ();
+    fn handle(&mut self, report: PeerReport, _: &mut Context<Self>) {
+        match report {
+            PeerReport::Link { peer, link } => {
+                if let Some(view) = self.peers.get_mut(&peer) {
+                    view.link = Some(link);
+                }
+            }
+            PeerReport::Connection { peer, state } => {
+                let Some(view) = self.peers.get_mut(&peer) else {
+                    return;
+                };
+                if view.connection == state {
+                    return;
+                }
+                view.connection = state;
+                if state != ConnectionState::Connected {
+                    view.role = None;
+                    view.disk = None;
+                }
+                let line = format!(
+                    "change connection name:{} peer-node-id:{peer} conn-name:{} connection:{state}",
+                    self.name, view.name
+                );
+                tracing::info!(resource = %self.name, peer = %view.name, connection = %state, "connection state");
+                let link = view.link.clone();
+                self.emit(line);
+                if state == ConnectionState::Connected {
+                    if let Some(link) = link {
+                        link.do_send(PeerLinkCommand::LocalState {
+                            role: self.role,
+                            disk: self.disk,
+                            current_uuid: self.meta.current_uuid,
+                        });
+                    }
+                }
+            }
+            PeerReport::State {
+                peer,
+                role,
+                disk,
+                current_uuid,
+            } => {
+                let Some(view) = self.peers.get_mut(&peer) else {
+                    return;
+                };
+                let changed = view.role != Some(role) || view.disk != Some(disk);
+                view.role = Some(role);
+                view.disk = Some(disk);
+                if changed {
+                    let line = format!(
+                        "change peer-device name:{} peer-node-id:{peer} conn-name:{} peer-role:{role} peer-disk:{disk} peer-generation:{current_uuid:016X}",
+                        self.name, view.name
+                    );
+                    self.emit(line);
+                }
+            }
+        }
+    }
+}
+
+/// `qrbd connect` (true) / `qrbd disconnect` (false).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetConnected(pub bool);
+
+impl Handler<SetConnected> for ResourceSupervisor {
+    type Result = ();
+    fn handle(&mut self, SetConnected(connect): SetConnected, _: &mut Context<Self>) {
+        self.tell_links(if connect {
+            PeerLinkCommand::Connect
+        } else {
+            PeerLinkCommand::Disconnect
+        });
+    }
+}
+
+/// The current state as `exists` lines, for a new `events` subscriber.
+#[derive(Message)]
+#[rtype(result = "Vec<String>")]
+pub struct DescribeState;
+
+impl Handler<DescribeState> for ResourceSupervisor {
+    type Result = MessageResult<DescribeState>;
+    fn handle(&mut self, _: DescribeState, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.describe())
     }
 }

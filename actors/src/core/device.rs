@@ -249,19 +249,24 @@ impl DeviceCore {
                 }
                 let _ = errno;
                 self.satisfy(request, peer, |need| {
-                    matches!(need, PeerNeed::RecvAck | PeerNeed::WriteAck | PeerNeed::Sent)
+                    matches!(
+                        need,
+                        PeerNeed::RecvAck | PeerNeed::WriteAck | PeerNeed::Sent
+                    )
                 });
                 self.try_finish(request, now, &mut effects);
             }
             PeerMessage::BarrierAck { epoch, writes } => {
                 let Some(sender) = self.peers.get_mut(&peer) else {
-                    return Err(ProtocolError(format!("barrier ack from unknown peer {peer}")));
+                    return Err(ProtocolError(format!(
+                        "barrier ack from unknown peer {peer}"
+                    )));
                 };
                 sender.barrier_acked(epoch, writes)?;
                 let flushes: Vec<RequestId> = self
                     .requests
                     .iter()
-                    .filter(|(_, r)| r.waiting.iter().any(|w| *w == (peer, PeerNeed::BarrierAck(epoch))))
+                    .filter(|(_, r)| r.waiting.contains(&(peer, PeerNeed::BarrierAck(epoch))))
                     .map(|(id, _)| *id)
                     .collect();
                 for id in flushes {
@@ -270,7 +275,9 @@ impl DeviceCore {
                 }
             }
             ref other => {
-                return Err(ProtocolError(format!("unexpected message on the ack stream: {other:?}")));
+                return Err(ProtocolError(format!(
+                    "unexpected message on the ack stream: {other:?}"
+                )));
             }
         }
         Ok(effects)
@@ -320,7 +327,10 @@ impl DeviceCore {
                 }
                 IoKind::Flush | IoKind::Read => {}
             }
-            effects.extend(out.into_iter().map(|outgoing| Effect::Send(*peer, outgoing)));
+            effects.extend(
+                out.into_iter()
+                    .map(|outgoing| Effect::Send(*peer, outgoing)),
+            );
         }
         if let Some(request) = self.requests.get_mut(&id) {
             request.waiting = waiting;
@@ -433,8 +443,10 @@ impl DeviceCore {
         let Some(request) = self.requests.get(&id) else {
             return;
         };
-        if request.kind.modifies_data() {
-            let span = request.range.block_span();
+        let span = request.range.block_span();
+        // An empty range touches no block: it conflicts with nothing, and must not enter
+        // `active_spans`, where it would replace the entry of a write starting at the same block.
+        if request.kind.modifies_data() && span.0 < span.1 {
             if self.overlaps_active(span) || self.overlaps_waiter(span) {
                 self.set_stage(id, Stage::WaitingForConflict);
                 self.conflict_waiters.push_back(id);

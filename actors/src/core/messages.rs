@@ -25,7 +25,9 @@ pub enum PeerMessage {
         protocol: ReplicationProtocol,
     },
     /// The other side cannot accept this peer; the connection is closed after it.
-    Refused { reason: String },
+    Refused {
+        reason: String,
+    },
     /// The sender's role, disk state and current data generation (sent after Hello and on
     /// every change).
     State {
@@ -58,13 +60,27 @@ pub enum PeerMessage {
         flush: bool,
     },
     /// Protocol B: the write was received.
-    RecvAck { request: PeerRequestId },
+    RecvAck {
+        request: PeerRequestId,
+    },
     /// Protocol C: the write is on the peer's backing store.
-    WriteAck { request: PeerRequestId },
+    WriteAck {
+        request: PeerRequestId,
+    },
     /// The peer failed to write it (its local I/O error, errno).
-    NegAck { request: PeerRequestId, errno: i32 },
+    NegAck {
+        request: PeerRequestId,
+        errno: i32,
+    },
     /// Every write of `epoch` (there were `writes`) is written, and flushed if asked.
-    BarrierAck { epoch: Epoch, writes: u32 },
-    Ping { nonce: u64 },
-    PingAck { nonce: u64 },
+    BarrierAck {
+        epoch: Epoch,
+        writes: u32,
+    },
+    Ping {
+        nonce: u64,
+    },
+    PingAck {
+        nonce: u64,
+    },
 }

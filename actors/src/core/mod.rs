@@ -3,12 +3,12 @@
 
 pub mod device;
 pub mod messages;
-pub mod replication;
 mod protocol;
+pub mod replication;
 mod states;
 
 pub use device::{
     ByteRange, DeviceCore, DeviceStats, Effect, IoFault, IoKind, RequestId, Stage, Tick,
 };
 pub use protocol::ReplicationProtocol;
-pub use states::{DiskState, Role};
+pub use states::{ConnectionState, DiskState, Role};

@@ -162,7 +162,10 @@ impl PeerSender {
 
     /// Pending writes not yet barrier-acked.
     pub fn unacked_writes(&self) -> u64 {
-        self.unacked.values().map(|ranges| ranges.len() as u64).sum()
+        self.unacked
+            .values()
+            .map(|ranges| ranges.len() as u64)
+            .sum()
     }
 
     fn next_seq(&mut self) -> u64 {
@@ -200,9 +203,17 @@ impl PeerSender {
         let seq = self.next_seq();
         let epoch = self.epoch;
         out.push(if is_discard {
-            Outgoing::Discard { request, seq, epoch }
+            Outgoing::Discard {
+                request,
+                seq,
+                epoch,
+            }
         } else {
-            Outgoing::Data { request, seq, epoch }
+            Outgoing::Data {
+                request,
+                seq,
+                epoch,
+            }
         });
         self.writes_in_epoch += 1;
         self.unacked.entry(epoch).or_default().push(range);
@@ -230,7 +241,9 @@ impl PeerSender {
     /// Checks and applies a barrier ack; epochs are acked in order.
     pub fn barrier_acked(&mut self, epoch: Epoch, writes: u32) -> Result<(), ProtocolError> {
         let Some(ranges) = self.unacked.get(&epoch) else {
-            return Err(ProtocolError(format!("barrier ack for unknown epoch {epoch}")));
+            return Err(ProtocolError(format!(
+                "barrier ack for unknown epoch {epoch}"
+            )));
         };
         if ranges.len() as u64 != u64::from(writes) {
             return Err(ProtocolError(format!(
@@ -341,7 +354,9 @@ impl PeerReceiver {
             self.epoch
         };
         if epoch != expected {
-            return Err(ProtocolError(format!("write in epoch {epoch}, expected epoch {expected}")));
+            return Err(ProtocolError(format!(
+                "write in epoch {epoch}, expected epoch {expected}"
+            )));
         }
         let local = self.next_local;
         self.next_local += 1;
@@ -383,7 +398,9 @@ impl PeerReceiver {
         if self.closing.is_some() || !self.queued.is_empty() {
             let expected = self.last_queued_epoch() + 1;
             if epoch != expected {
-                return Err(ProtocolError(format!("barrier for epoch {epoch}, expected {expected}")));
+                return Err(ProtocolError(format!(
+                    "barrier for epoch {epoch}, expected {expected}"
+                )));
             }
             self.queued.push_back(Queued::Barrier { epoch, writes });
             return Ok(effects);
@@ -398,7 +415,11 @@ impl PeerReceiver {
         Ok(effects)
     }
 
-    fn close(&mut self, writes: u32, effects: &mut Vec<ReceiverEffect>) -> Result<(), ProtocolError> {
+    fn close(
+        &mut self,
+        writes: u32,
+        effects: &mut Vec<ReceiverEffect>,
+    ) -> Result<(), ProtocolError> {
         if writes != self.started_in_epoch {
             return Err(ProtocolError(format!(
                 "barrier for epoch {} counts {writes} writes, {} arrived",
@@ -431,11 +452,11 @@ impl PeerReceiver {
                 request: received.request,
                 errno,
             })),
-            (Ok(()), ReplicationProtocol::C) => effects.push(ReceiverEffect::Ack(
-                PeerMessage::WriteAck {
+            (Ok(()), ReplicationProtocol::C) => {
+                effects.push(ReceiverEffect::Ack(PeerMessage::WriteAck {
                     request: received.request,
-                },
-            )),
+                }))
+            }
             (Ok(()), _) => {}
         }
         self.maybe_flush(&mut effects);
@@ -445,7 +466,10 @@ impl PeerReceiver {
     /// The flush for `epoch` finished: ack it and start the next epoch's queued work.
     pub fn flush_done(&mut self, epoch: Epoch) -> Result<Vec<ReceiverEffect>, ProtocolError> {
         let mut effects = Vec::new();
-        let Some(closing) = self.closing.take().filter(|_| self.flushing && epoch == self.epoch)
+        let Some(closing) = self
+            .closing
+            .take()
+            .filter(|_| self.flushing && epoch == self.epoch)
         else {
             return Ok(effects);
         };
@@ -465,7 +489,9 @@ impl PeerReceiver {
                 }
                 Queued::Barrier { epoch, writes } => {
                     if epoch != self.epoch {
-                        return Err(ProtocolError(format!("barrier for epoch {epoch} out of order")));
+                        return Err(ProtocolError(format!(
+                            "barrier for epoch {epoch} out of order"
+                        )));
                     }
                     self.close(writes, &mut effects)?;
                     break;
@@ -495,24 +521,48 @@ mod tests {
         let mut sender = PeerSender::new(ReplicationProtocol::C, 1 << 20);
         sender.connect();
         let mut out = Vec::new();
-        assert_eq!(sender.replicate(1, ByteRange::new(0, 4096), false, &mut out), PeerNeed::WriteAck);
+        assert_eq!(
+            sender.replicate(1, ByteRange::new(0, 4096), false, &mut out),
+            PeerNeed::WriteAck
+        );
         sender.replicate(2, ByteRange::new(4096, 4096), false, &mut out);
         sender.note_completion();
         sender.replicate(3, ByteRange::new(8192, 4096), true, &mut out);
         assert_eq!(
             out,
             vec![
-                Outgoing::Data { request: 1, seq: 1, epoch: 1 },
-                Outgoing::Data { request: 2, seq: 2, epoch: 1 },
-                Outgoing::Barrier { seq: 3, epoch: 1, writes: 2, flush: false },
-                Outgoing::Discard { request: 3, seq: 4, epoch: 2 },
+                Outgoing::Data {
+                    request: 1,
+                    seq: 1,
+                    epoch: 1
+                },
+                Outgoing::Data {
+                    request: 2,
+                    seq: 2,
+                    epoch: 1
+                },
+                Outgoing::Barrier {
+                    seq: 3,
+                    epoch: 1,
+                    writes: 2,
+                    flush: false
+                },
+                Outgoing::Discard {
+                    request: 3,
+                    seq: 4,
+                    epoch: 2
+                },
             ]
         );
         assert!(sender.barrier_acked(1, 1).is_err());
         assert!(sender.barrier_acked(1, 2).is_ok());
         assert_eq!(sender.unacked_writes(), 1);
         sender.disconnect();
-        assert_eq!(sender.out_of_sync.dirty_blocks(), 1, "the unacked discard is out of sync");
+        assert_eq!(
+            sender.out_of_sync.dirty_blocks(),
+            1,
+            "the unacked discard is out of sync"
+        );
     }
 
     #[test]
@@ -536,7 +586,10 @@ mod tests {
         assert_eq!(
             effects,
             vec![
-                ReceiverEffect::Ack(PeerMessage::BarrierAck { epoch: 1, writes: 1 }),
+                ReceiverEffect::Ack(PeerMessage::BarrierAck {
+                    epoch: 1,
+                    writes: 1
+                }),
                 ReceiverEffect::Apply(b)
             ]
         );

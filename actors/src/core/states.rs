@@ -32,3 +32,17 @@ macro_rules! display_as_debug {
 }
 
 display_as_debug!(Role, DiskState);
+
+/// The state of a connection to one peer (replication-semantics.md section 9).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ConnectionState {
+    StandAlone,
+    Connecting,
+    Connected,
+    Disconnecting,
+    Timeout,
+    NetworkFailure,
+    ProtocolError,
+}
+
+display_as_debug!(ConnectionState);

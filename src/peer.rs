@@ -1,0 +1,899 @@
+//! The PeerActor: one per (resource, peer). It owns the QUIC connection to that peer: the
+//! handshake, one control stream (state, acknowledgements, pings: small and never stuck behind
+//! bulk data) and one ordered data stream per direction (writes, discards, barriers), liveness,
+//! and reconnecting with backoff. It is a thin shell: what the messages mean is decided by the
+//! device's replication core and by the resource supervisor.
+//!
+//! The node with the lower id dials; the other accepts (see [`accept_loop`]). One connection
+//! per resource and peer.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use qrbd_actors::core::messages::{PeerMessage, PROTOCOL_VERSION};
+use qrbd_actors::core::replication::PeerId;
+use qrbd_actors::core::{ConnectionState, ReplicationProtocol};
+use qrbd_actors::device::{
+    AttachPeer, DetachPeer, DeviceActor, FromPeer, PeerOutbound, PeerSent, ToPeer,
+};
+use qrbd_actors::supervisor::{PeerLinkCommand, PeerReport, ResourceSupervisor};
+use tokio::sync::mpsc;
+
+use crate::config::QrbdConfig;
+use crate::transport::{self, read_message, write_data, write_message};
+
+/// Idle connections ping this often.
+pub const PING_INTERVAL: Duration = Duration::from_millis(1000);
+/// A connection whose pings go unanswered this long is dropped.
+pub const PING_TIMEOUT: Duration = Duration::from_millis(4000);
+/// The peer must answer the handshake within this time.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const MIN_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// QUIC application close codes.
+const CLOSE_NORMAL: u32 = 0;
+const CLOSE_PROTOCOL: u32 = 2;
+
+/// Who we are and what we replicate, as told in the handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HelloInfo {
+    pub node_id: u8,
+    pub node_name: String,
+    pub resource: String,
+    pub size_bytes: u64,
+    pub protocol: ReplicationProtocol,
+}
+
+impl HelloInfo {
+    pub fn message(&self) -> PeerMessage {
+        PeerMessage::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            node_id: self.node_id,
+            node_name: self.node_name.clone(),
+            resource: self.resource.clone(),
+            size_bytes: self.size_bytes,
+            protocol: self.protocol,
+        }
+    }
+
+    /// Checks the peer's Hello against what we expect of it; the error is for both logs.
+    pub fn check_peer(
+        &self,
+        hello: &PeerMessage,
+        peer_id: u8,
+        peer_name: &str,
+    ) -> Result<(), String> {
+        let PeerMessage::Hello {
+            protocol_version,
+            node_id,
+            node_name,
+            resource,
+            size_bytes,
+            protocol,
+        } = hello
+        else {
+            return Err(format!("expected a Hello, got {hello:?}"));
+        };
+        if *protocol_version != PROTOCOL_VERSION {
+            return Err(format!(
+                "incompatible qrbd protocol version {protocol_version} (this node speaks {PROTOCOL_VERSION})"
+            ));
+        }
+        if *resource != self.resource {
+            return Err(format!(
+                "peer offers resource {resource:?}, expected {:?}",
+                self.resource
+            ));
+        }
+        if *node_id != peer_id || node_name != peer_name {
+            return Err(format!(
+                "peer is node {node_name:?} (id {node_id}), expected {peer_name:?} (id {peer_id})"
+            ));
+        }
+        if *size_bytes != self.size_bytes {
+            return Err(format!(
+                "resource {:?}: peer size is {size_bytes} bytes, ours is {} bytes",
+                self.resource, self.size_bytes
+            ));
+        }
+        if *protocol != self.protocol {
+            return Err(format!(
+                "resource {:?}: peer uses protocol {protocol}, ours is {}",
+                self.resource, self.protocol
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Everything a PeerActor needs.
+pub struct PeerLinkSetup {
+    pub local: HelloInfo,
+    pub peer_id: PeerId,
+    pub peer_name: String,
+    pub peer_address: std::net::SocketAddr,
+    pub endpoint: quinn::Endpoint,
+    pub device: Addr<DeviceActor>,
+    pub supervisor: Addr<ResourceSupervisor>,
+}
+
+/// A connection that passed the handshake.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Established {
+    pub connection: quinn::Connection,
+    pub control_send: quinn::SendStream,
+    pub control_recv: quinn::RecvStream,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct ConnectionLost {
+    generation: u64,
+    state: ConnectionState,
+    reason: String,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Dial;
+
+pub struct PeerActor {
+    setup: PeerLinkSetup,
+    dials: bool,
+    standalone: bool,
+    state: ConnectionState,
+    generation: u64,
+    connection: Option<quinn::Connection>,
+    control_tx: Option<mpsc::UnboundedSender<PeerMessage>>,
+    data_tx: Option<mpsc::UnboundedSender<PeerOutbound>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    backoff: Duration,
+    dialing: bool,
+    local_state: Option<PeerMessage>,
+}
+
+impl PeerActor {
+    pub fn new(setup: PeerLinkSetup) -> Self {
+        let dials = setup.local.node_id < setup.peer_id;
+        PeerActor {
+            setup,
+            dials,
+            standalone: false,
+            state: ConnectionState::StandAlone,
+            generation: 0,
+            connection: None,
+            control_tx: None,
+            data_tx: None,
+            tasks: Vec::new(),
+            backoff: MIN_BACKOFF,
+            dialing: false,
+            local_state: None,
+        }
+    }
+
+    fn set_state(&mut self, state: ConnectionState) {
+        if self.state != state {
+            self.state = state;
+            self.setup.supervisor.do_send(PeerReport::Connection {
+                peer: self.setup.peer_id,
+                state,
+            });
+        }
+    }
+
+    fn schedule_dial(&mut self, ctx: &mut Context<Self>) {
+        if !self.dials || self.standalone || self.dialing {
+            return;
+        }
+        let delay = self.backoff;
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+        ctx.notify_later(Dial, delay);
+    }
+
+    fn teardown(&mut self, code: u32, reason: &str) {
+        for task in self.tasks.drain(..) {
+            task.abort();
+        }
+        self.control_tx = None;
+        self.data_tx = None;
+        if let Some(connection) = self.connection.take() {
+            connection.close(code.into(), reason.as_bytes());
+            self.setup.device.do_send(DetachPeer {
+                peer: self.setup.peer_id,
+            });
+        }
+    }
+
+    fn lose(&mut self, state: ConnectionState, reason: &str, ctx: &mut Context<Self>) {
+        let code = if state == ConnectionState::ProtocolError {
+            CLOSE_PROTOCOL
+        } else {
+            CLOSE_NORMAL
+        };
+        self.teardown(code, reason);
+        if self.standalone {
+            self.set_state(ConnectionState::StandAlone);
+            return;
+        }
+        self.set_state(state);
+        self.set_state(ConnectionState::Connecting);
+        self.schedule_dial(ctx);
+    }
+}
+
+impl Actor for PeerActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.setup.supervisor.do_send(PeerReport::Link {
+            peer: self.setup.peer_id,
+            link: ctx.address().recipient(),
+        });
+        self.set_state(ConnectionState::Connecting);
+        if self.dials {
+            ctx.notify(Dial);
+        }
+    }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        self.teardown(CLOSE_NORMAL, "shutting down");
+    }
+}
+
+impl Handler<Dial> for PeerActor {
+    type Result = ();
+    fn handle(&mut self, _: Dial, ctx: &mut Context<Self>) {
+        if self.standalone || self.connection.is_some() || self.dialing {
+            return;
+        }
+        self.dialing = true;
+        let endpoint = self.setup.endpoint.clone();
+        let address = self.setup.peer_address;
+        let peer_name = self.setup.peer_name.clone();
+        let peer_id = self.setup.peer_id;
+        let local = self.setup.local.clone();
+        let dial = async move {
+            let connection = transport::connect(&endpoint, address, &peer_name)
+                .await
+                .map_err(|error| (ConnectionState::NetworkFailure, format!("{error:#}")))?;
+            let handshake = async {
+                let (mut send, mut recv) = connection
+                    .open_bi()
+                    .await
+                    .map_err(|error| (ConnectionState::NetworkFailure, error.to_string()))?;
+                write_message(&mut send, &local.message())
+                    .await
+                    .map_err(|error| (ConnectionState::NetworkFailure, error.to_string()))?;
+                let reply = read_message(&mut recv)
+                    .await
+                    .map_err(|error| (ConnectionState::ProtocolError, error.to_string()))?;
+                match reply {
+                    Some(PeerMessage::Refused { reason }) => Err((
+                        ConnectionState::ProtocolError,
+                        format!("peer {peer_name} refused the connection: {reason}"),
+                    )),
+                    Some(hello) => match local.check_peer(&hello, peer_id, &peer_name) {
+                        Ok(()) => Ok((send, recv)),
+                        Err(reason) => {
+                            let _ = write_message(
+                                &mut send,
+                                &PeerMessage::Refused {
+                                    reason: reason.clone(),
+                                },
+                            )
+                            .await;
+                            Err((ConnectionState::ProtocolError, reason))
+                        }
+                    },
+                    None => Err((
+                        ConnectionState::NetworkFailure,
+                        "peer closed the connection during the handshake".to_owned(),
+                    )),
+                }
+            };
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+                Ok(Ok((send, recv))) => Ok(Established {
+                    connection,
+                    control_send: send,
+                    control_recv: recv,
+                }),
+                Ok(Err((state, reason))) => {
+                    connection.close(CLOSE_PROTOCOL.into(), reason.as_bytes());
+                    Err((state, reason))
+                }
+                Err(_) => {
+                    connection.close(CLOSE_NORMAL.into(), b"handshake timeout");
+                    Err((ConnectionState::Timeout, "handshake timed out".to_owned()))
+                }
+            }
+        };
+        ctx.spawn(dial.into_actor(self).map(|result, actor, ctx| {
+            actor.dialing = false;
+            match result {
+                Ok(established) => ctx.notify(established),
+                Err((state, reason)) => {
+                    tracing::warn!(resource = %actor.setup.local.resource, peer = %actor.setup.peer_name, %reason, "connecting failed");
+                    actor.lose(state, &reason, ctx);
+                }
+            }
+        }));
+    }
+}
+
+impl Handler<Established> for PeerActor {
+    type Result = ();
+    fn handle(&mut self, msg: Established, ctx: &mut Context<Self>) {
+        if self.standalone {
+            msg.connection.close(CLOSE_NORMAL.into(), b"StandAlone");
+            return;
+        }
+        self.teardown(CLOSE_NORMAL, "replaced by a new connection");
+        self.generation += 1;
+        self.backoff = MIN_BACKOFF;
+        let generation = self.generation;
+        let me = ctx.address();
+        let peer = self.setup.peer_id;
+        let device = self.setup.device.clone();
+        let supervisor = self.setup.supervisor.clone();
+        let connection = msg.connection.clone();
+        let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let (data_tx, data_rx) = mpsc::unbounded_channel();
+        let last_pong = Arc::new(AtomicU64::new(0));
+        let started = Instant::now();
+        let lost = {
+            let me = me.clone();
+            move |state: ConnectionState, reason: String| {
+                me.do_send(ConnectionLost {
+                    generation,
+                    state,
+                    reason,
+                })
+            }
+        };
+        self.tasks.push(tokio::spawn(control_writer(
+            msg.control_send,
+            control_rx,
+            lost.clone(),
+        )));
+        self.tasks.push(tokio::spawn(data_writer(
+            connection.clone(),
+            data_rx,
+            device.clone(),
+            peer,
+            lost.clone(),
+        )));
+        self.tasks.push(tokio::spawn(control_reader(
+            msg.control_recv,
+            ControlReaderContext {
+                device: device.clone(),
+                supervisor,
+                peer,
+                control_tx: control_tx.clone(),
+                last_pong: last_pong.clone(),
+                started,
+            },
+            lost.clone(),
+        )));
+        self.tasks.push(tokio::spawn(data_reader(
+            connection.clone(),
+            device.clone(),
+            peer,
+            lost.clone(),
+        )));
+        self.tasks.push(tokio::spawn(pinger(
+            control_tx.clone(),
+            last_pong,
+            started,
+            lost,
+        )));
+        self.connection = Some(msg.connection);
+        self.control_tx = Some(control_tx);
+        self.data_tx = Some(data_tx);
+        device.do_send(AttachPeer {
+            peer,
+            protocol: self.setup.local.protocol,
+            link: ctx.address().recipient(),
+        });
+        tracing::info!(resource = %self.setup.local.resource, peer = %self.setup.peer_name, "connected");
+        self.set_state(ConnectionState::Connected);
+        if let (Some(tx), Some(state)) = (&self.control_tx, &self.local_state) {
+            let _ = tx.send(state.clone());
+        }
+    }
+}
+
+impl Handler<ConnectionLost> for PeerActor {
+    type Result = ();
+    fn handle(&mut self, msg: ConnectionLost, ctx: &mut Context<Self>) {
+        if msg.generation != self.generation || self.connection.is_none() {
+            return;
+        }
+        tracing::warn!(resource = %self.setup.local.resource, peer = %self.setup.peer_name, state = %msg.state, reason = %msg.reason, "connection lost");
+        self.lose(msg.state, &msg.reason, ctx);
+    }
+}
+
+impl Handler<ToPeer> for PeerActor {
+    type Result = ();
+    fn handle(&mut self, ToPeer(outbound): ToPeer, ctx: &mut Context<Self>) {
+        match outbound {
+            PeerOutbound::Ack(message) => {
+                if let Some(tx) = &self.control_tx {
+                    let _ = tx.send(message);
+                }
+            }
+            PeerOutbound::Drop(reason) => {
+                tracing::error!(resource = %self.setup.local.resource, peer = %self.setup.peer_name, %reason, "protocol error; dropping the connection");
+                self.lose(ConnectionState::ProtocolError, &reason, ctx);
+            }
+            data => {
+                if let Some(tx) = &self.data_tx {
+                    let _ = tx.send(data);
+                }
+            }
+        }
+    }
+}
+
+impl Handler<PeerLinkCommand> for PeerActor {
+    type Result = ();
+    fn handle(&mut self, command: PeerLinkCommand, ctx: &mut Context<Self>) {
+        match command {
+            PeerLinkCommand::LocalState {
+                role,
+                disk,
+                current_uuid,
+            } => {
+                let state = PeerMessage::State {
+                    role,
+                    disk,
+                    current_uuid,
+                };
+                if let Some(tx) = &self.control_tx {
+                    let _ = tx.send(state.clone());
+                }
+                self.local_state = Some(state);
+            }
+            PeerLinkCommand::Disconnect => {
+                self.standalone = true;
+                self.set_state(ConnectionState::Disconnecting);
+                self.teardown(CLOSE_NORMAL, "disconnected by the administrator");
+                self.set_state(ConnectionState::StandAlone);
+            }
+            PeerLinkCommand::Connect => {
+                if self.standalone {
+                    self.standalone = false;
+                    self.set_state(ConnectionState::Connecting);
+                    self.backoff = MIN_BACKOFF;
+                    if self.dials {
+                        ctx.notify(Dial);
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn control_writer(
+    mut send: quinn::SendStream,
+    mut rx: mpsc::UnboundedReceiver<PeerMessage>,
+    lost: impl Fn(ConnectionState, String),
+) {
+    while let Some(message) = rx.recv().await {
+        if let Err(error) = write_message(&mut send, &message).await {
+            return lost(
+                ConnectionState::NetworkFailure,
+                format!("control stream: {error}"),
+            );
+        }
+    }
+}
+
+async fn data_writer(
+    connection: quinn::Connection,
+    mut rx: mpsc::UnboundedReceiver<PeerOutbound>,
+    device: Addr<DeviceActor>,
+    peer: PeerId,
+    lost: impl Fn(ConnectionState, String),
+) {
+    let mut send = match connection.open_uni().await {
+        Ok(send) => send,
+        Err(error) => {
+            return lost(
+                ConnectionState::NetworkFailure,
+                format!("data stream: {error}"),
+            )
+        }
+    };
+    while let Some(outbound) = rx.recv().await {
+        let (result, sent) = match outbound {
+            PeerOutbound::Data {
+                seq,
+                epoch,
+                request,
+                offset,
+                data,
+            } => (
+                write_data(&mut send, seq, epoch, request, offset, &data).await,
+                Some(request),
+            ),
+            PeerOutbound::Discard {
+                seq,
+                epoch,
+                request,
+                offset,
+                len,
+            } => (
+                write_message(
+                    &mut send,
+                    &PeerMessage::Discard {
+                        seq,
+                        epoch,
+                        request,
+                        offset,
+                        len,
+                    },
+                )
+                .await,
+                Some(request),
+            ),
+            PeerOutbound::Barrier {
+                seq,
+                epoch,
+                writes,
+                flush,
+            } => (
+                write_message(
+                    &mut send,
+                    &PeerMessage::Barrier {
+                        seq,
+                        epoch,
+                        writes,
+                        flush,
+                    },
+                )
+                .await,
+                None,
+            ),
+            PeerOutbound::Ack(_) | PeerOutbound::Drop(_) => (Ok(()), None),
+        };
+        if let Err(error) = result {
+            return lost(
+                ConnectionState::NetworkFailure,
+                format!("data stream: {error}"),
+            );
+        }
+        if let Some(request) = sent {
+            device.do_send(PeerSent { peer, request });
+        }
+    }
+}
+
+struct ControlReaderContext {
+    device: Addr<DeviceActor>,
+    supervisor: Addr<ResourceSupervisor>,
+    peer: PeerId,
+    control_tx: mpsc::UnboundedSender<PeerMessage>,
+    last_pong: Arc<AtomicU64>,
+    started: Instant,
+}
+
+async fn control_reader(
+    mut recv: quinn::RecvStream,
+    context: ControlReaderContext,
+    lost: impl Fn(ConnectionState, String),
+) {
+    loop {
+        let message = match read_message(&mut recv).await {
+            Ok(Some(message)) => message,
+            Ok(None) => {
+                return lost(
+                    ConnectionState::NetworkFailure,
+                    "peer closed the control stream".into(),
+                )
+            }
+            Err(error) => return lost(state_of(&error), format!("control stream: {error}")),
+        };
+        match message {
+            PeerMessage::State {
+                role,
+                disk,
+                current_uuid,
+            } => context.supervisor.do_send(PeerReport::State {
+                peer: context.peer,
+                role,
+                disk,
+                current_uuid,
+            }),
+            PeerMessage::Ping { nonce } => {
+                let _ = context.control_tx.send(PeerMessage::PingAck { nonce });
+            }
+            PeerMessage::PingAck { .. } => {
+                let elapsed =
+                    u64::try_from(context.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                context.last_pong.store(elapsed, Ordering::Relaxed);
+            }
+            ack @ (PeerMessage::RecvAck { .. }
+            | PeerMessage::WriteAck { .. }
+            | PeerMessage::NegAck { .. }
+            | PeerMessage::BarrierAck { .. }) => context.device.do_send(FromPeer {
+                peer: context.peer,
+                message: ack,
+            }),
+            PeerMessage::Refused { reason } => {
+                return lost(
+                    ConnectionState::ProtocolError,
+                    format!("peer refused: {reason}"),
+                )
+            }
+            other => {
+                return lost(
+                    ConnectionState::ProtocolError,
+                    format!(
+                        "unexpected message on the control stream: {}",
+                        message_name(&other)
+                    ),
+                )
+            }
+        }
+    }
+}
+
+async fn data_reader(
+    connection: quinn::Connection,
+    device: Addr<DeviceActor>,
+    peer: PeerId,
+    lost: impl Fn(ConnectionState, String),
+) {
+    let mut recv = match connection.accept_uni().await {
+        Ok(recv) => recv,
+        Err(error) => {
+            return lost(
+                ConnectionState::NetworkFailure,
+                format!("data stream: {error}"),
+            )
+        }
+    };
+    loop {
+        let message = match read_message(&mut recv).await {
+            Ok(Some(message)) => message,
+            Ok(None) => {
+                return lost(
+                    ConnectionState::NetworkFailure,
+                    "peer closed the data stream".into(),
+                )
+            }
+            Err(error) => return lost(state_of(&error), format!("data stream: {error}")),
+        };
+        match message {
+            data @ (PeerMessage::Data { .. }
+            | PeerMessage::Discard { .. }
+            | PeerMessage::Barrier { .. }) => device.do_send(FromPeer {
+                peer,
+                message: data,
+            }),
+            other => {
+                return lost(
+                    ConnectionState::ProtocolError,
+                    format!(
+                        "unexpected message on the data stream: {}",
+                        message_name(&other)
+                    ),
+                )
+            }
+        }
+    }
+}
+
+async fn pinger(
+    control_tx: mpsc::UnboundedSender<PeerMessage>,
+    last_pong: Arc<AtomicU64>,
+    started: Instant,
+    lost: impl Fn(ConnectionState, String),
+) {
+    let mut nonce = 0u64;
+    let mut interval = tokio::time::interval(PING_INTERVAL);
+    loop {
+        interval.tick().await;
+        nonce += 1;
+        if control_tx.send(PeerMessage::Ping { nonce }).is_err() {
+            return;
+        }
+        let now = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let pong = last_pong.load(Ordering::Relaxed);
+        let timeout = u64::try_from(PING_TIMEOUT.as_millis()).unwrap_or(u64::MAX);
+        if now.saturating_sub(pong) > timeout {
+            return lost(
+                ConnectionState::Timeout,
+                format!("no ping answer within {PING_TIMEOUT:?}"),
+            );
+        }
+    }
+}
+
+fn state_of(error: &transport::WireError) -> ConnectionState {
+    match error {
+        transport::WireError::Read(_) | transport::WireError::Write(_) => {
+            ConnectionState::NetworkFailure
+        }
+        _ => ConnectionState::ProtocolError,
+    }
+}
+
+fn message_name(message: &PeerMessage) -> &'static str {
+    match message {
+        PeerMessage::Hello { .. } => "Hello",
+        PeerMessage::Refused { .. } => "Refused",
+        PeerMessage::State { .. } => "State",
+        PeerMessage::Data { .. } => "Data",
+        PeerMessage::Discard { .. } => "Discard",
+        PeerMessage::Barrier { .. } => "Barrier",
+        PeerMessage::RecvAck { .. } => "RecvAck",
+        PeerMessage::WriteAck { .. } => "WriteAck",
+        PeerMessage::NegAck { .. } => "NegAck",
+        PeerMessage::BarrierAck { .. } => "BarrierAck",
+        PeerMessage::Ping { .. } => "Ping",
+        PeerMessage::PingAck { .. } => "PingAck",
+    }
+}
+
+/// Finds the running link for an incoming connection.
+#[derive(Message)]
+#[rtype(result = "Option<(HelloInfo, Addr<PeerActor>)>")]
+pub struct FindPeerLink {
+    pub resource: String,
+    pub peer_id: PeerId,
+}
+
+/// Accepts incoming peer connections: checks the certificate name and the handshake, and hands
+/// the connection to the resource's PeerActor (found through `find`).
+pub async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    config: Arc<QrbdConfig>,
+    find: Recipient<FindPeerLink>,
+) {
+    while let Some(incoming) = endpoint.accept().await {
+        let config = config.clone();
+        let find = find.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept_one(incoming, &config, &find))
+                .await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(reason)) => {
+                    tracing::warn!(%remote, %reason, "refused an incoming peer connection")
+                }
+                Err(_) => {
+                    tracing::warn!(%remote, "incoming peer connection timed out in the handshake")
+                }
+            }
+        });
+    }
+}
+
+async fn accept_one(
+    incoming: quinn::Incoming,
+    config: &QrbdConfig,
+    find: &Recipient<FindPeerLink>,
+) -> Result<(), String> {
+    let connection = incoming
+        .await
+        .map_err(|error| format!("TLS/QUIC handshake failed: {error}"))?;
+    let names =
+        transport::peer_certificate_names(&connection).map_err(|error| error.to_string())?;
+    let (send, mut recv) = connection
+        .accept_bi()
+        .await
+        .map_err(|error| format!("no control stream: {error}"))?;
+    let hello = read_message(&mut recv)
+        .await
+        .map_err(|error| format!("bad handshake: {error}"))?
+        .ok_or_else(|| "peer closed the connection during the handshake".to_owned())?;
+    let PeerMessage::Hello {
+        node_id,
+        ref resource,
+        ..
+    } = hello
+    else {
+        return refuse(
+            send,
+            &connection,
+            format!("expected a Hello, got {}", message_name(&hello)),
+        )
+        .await;
+    };
+    let Some(peer) = config
+        .resources
+        .iter()
+        .find(|r| r.name == *resource)
+        .and_then(|r| r.peers.iter().find(|p| p.id == node_id))
+    else {
+        return refuse(
+            send,
+            &connection,
+            format!(
+                "node {} has no resource {resource:?} with a peer of id {node_id}",
+                config.node.name
+            ),
+        )
+        .await;
+    };
+    if !names.contains(&peer.name) {
+        return refuse(
+            send,
+            &connection,
+            format!(
+                "peer presented a certificate for {names:?}, expected {:?}",
+                peer.name
+            ),
+        )
+        .await;
+    }
+    let link = find
+        .send(FindPeerLink {
+            resource: resource.clone(),
+            peer_id: node_id,
+        })
+        .await
+        .ok()
+        .flatten();
+    let Some((local, link)) = link else {
+        return refuse(
+            send,
+            &connection,
+            format!("resource {resource:?} is not up on {}", config.node.name),
+        )
+        .await;
+    };
+    if let Err(reason) = local.check_peer(&hello, peer.id, &peer.name) {
+        return refuse(send, &connection, reason).await;
+    }
+    let mut send = send;
+    write_message(&mut send, &local.message())
+        .await
+        .map_err(|error| format!("handshake reply failed: {error}"))?;
+    link.do_send(Established {
+        connection,
+        control_send: send,
+        control_recv: recv,
+    });
+    Ok(())
+}
+
+/// Stops the link (its resource went down).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct StopLink;
+
+impl Handler<StopLink> for PeerActor {
+    type Result = ();
+    fn handle(&mut self, _: StopLink, ctx: &mut Context<Self>) {
+        self.standalone = true;
+        self.teardown(CLOSE_NORMAL, "resource down");
+        ctx.stop();
+    }
+}
+
+/// Tells the peer why it is refused, then closes the connection.
+async fn refuse(
+    mut send: quinn::SendStream,
+    connection: &quinn::Connection,
+    reason: String,
+) -> Result<(), String> {
+    let _ = write_message(
+        &mut send,
+        &PeerMessage::Refused {
+            reason: reason.clone(),
+        },
+    )
+    .await;
+    let _ = send.finish();
+    // Give the refusal a moment to leave before the close discards it.
+    let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
+    connection.close(CLOSE_PROTOCOL.into(), reason.as_bytes());
+    Err(reason)
+}
