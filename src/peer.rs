@@ -28,6 +28,11 @@ use crate::transport::{self, read_message, write_data, write_message};
 pub const PING_INTERVAL: Duration = Duration::from_millis(1000);
 /// A connection whose pings go unanswered this long is dropped.
 pub const PING_TIMEOUT: Duration = Duration::from_millis(4000);
+/// A replicated request (or barrier) unanswered this long drops the connection: DRBD's
+/// ko-count (7) times timeout (6 s).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(42);
+/// Bytes received from a peer and not yet written locally, at most (in KiB permits).
+pub const RECEIVE_BUDGET_KIB: usize = 64 << 10;
 /// The peer must answer the handshake within this time.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const MIN_BACKOFF: Duration = Duration::from_millis(200);
@@ -342,6 +347,8 @@ impl Handler<Established> for PeerActor {
         let (control_tx, control_rx) = mpsc::unbounded_channel();
         let (data_tx, data_rx) = mpsc::unbounded_channel();
         let last_pong = Arc::new(AtomicU64::new(0));
+        let outstanding = Arc::new(std::sync::Mutex::new(Outstanding::default()));
+        let track_requests = self.setup.local.protocol != ReplicationProtocol::A;
         let started = Instant::now();
         let lost = {
             let me = me.clone();
@@ -359,10 +366,14 @@ impl Handler<Established> for PeerActor {
             lost.clone(),
         )));
         self.tasks.push(tokio::spawn(data_writer(
-            connection.clone(),
+            DataWriterContext {
+                connection: connection.clone(),
+                device: device.clone(),
+                peer,
+                outstanding: outstanding.clone(),
+                track_requests,
+            },
             data_rx,
-            device.clone(),
-            peer,
             lost.clone(),
         )));
         self.tasks.push(tokio::spawn(control_reader(
@@ -374,6 +385,7 @@ impl Handler<Established> for PeerActor {
                 control_tx: control_tx.clone(),
                 last_pong: last_pong.clone(),
                 started,
+                outstanding: outstanding.clone(),
             },
             lost.clone(),
         )));
@@ -387,6 +399,7 @@ impl Handler<Established> for PeerActor {
             control_tx.clone(),
             last_pong,
             started,
+            outstanding,
             lost,
         )));
         self.connection = Some(msg.connection);
@@ -492,13 +505,70 @@ async fn control_writer(
     }
 }
 
-async fn data_writer(
+/// Replicated requests and barriers the peer has yet to answer, with when they were sent.
+#[derive(Default)]
+struct Outstanding {
+    requests: std::collections::HashMap<u64, Instant>,
+    barriers: std::collections::BTreeMap<u64, Instant>,
+}
+
+impl Outstanding {
+    fn oldest(&self) -> Option<Instant> {
+        self.requests
+            .values()
+            .chain(self.barriers.values())
+            .min()
+            .copied()
+    }
+
+    fn sent(&mut self, outbound: &PeerOutbound, track_requests: bool) {
+        match outbound {
+            PeerOutbound::Data { request, .. } | PeerOutbound::Discard { request, .. }
+                if track_requests =>
+            {
+                self.requests.insert(*request, Instant::now());
+            }
+            PeerOutbound::Barrier { epoch, .. } => {
+                self.barriers.insert(*epoch, Instant::now());
+            }
+            _ => {}
+        }
+    }
+
+    fn answered(&mut self, ack: &PeerMessage) {
+        match ack {
+            PeerMessage::RecvAck { request }
+            | PeerMessage::WriteAck { request }
+            | PeerMessage::NegAck { request, .. } => {
+                self.requests.remove(request);
+            }
+            PeerMessage::BarrierAck { epoch, .. } => self.barriers.retain(|e, _| e > epoch),
+            _ => {}
+        }
+    }
+}
+
+struct DataWriterContext {
     connection: quinn::Connection,
-    mut rx: mpsc::UnboundedReceiver<PeerOutbound>,
     device: Addr<DeviceActor>,
     peer: PeerId,
+    outstanding: Arc<std::sync::Mutex<Outstanding>>,
+    /// Protocols B and C answer every request; A answers only barriers.
+    track_requests: bool,
+}
+
+async fn data_writer(
+    context: DataWriterContext,
+    mut rx: mpsc::UnboundedReceiver<PeerOutbound>,
     lost: impl Fn(ConnectionState, String),
 ) {
+    let DataWriterContext {
+        connection,
+        device,
+        peer,
+        outstanding,
+        track_requests,
+    } = context;
     let mut send = match connection.open_uni().await {
         Ok(send) => send,
         Err(error) => {
@@ -509,6 +579,9 @@ async fn data_writer(
         }
     };
     while let Some(outbound) = rx.recv().await {
+        if let Ok(mut pending) = outstanding.lock() {
+            pending.sent(&outbound, track_requests);
+        }
         let (result, sent) = match outbound {
             PeerOutbound::Data {
                 seq,
@@ -579,6 +652,7 @@ struct ControlReaderContext {
     control_tx: mpsc::UnboundedSender<PeerMessage>,
     last_pong: Arc<AtomicU64>,
     started: Instant,
+    outstanding: Arc<std::sync::Mutex<Outstanding>>,
 }
 
 async fn control_reader(
@@ -619,10 +693,16 @@ async fn control_reader(
             ack @ (PeerMessage::RecvAck { .. }
             | PeerMessage::WriteAck { .. }
             | PeerMessage::NegAck { .. }
-            | PeerMessage::BarrierAck { .. }) => context.device.do_send(FromPeer {
-                peer: context.peer,
-                message: ack,
-            }),
+            | PeerMessage::BarrierAck { .. }) => {
+                if let Ok(mut pending) = context.outstanding.lock() {
+                    pending.answered(&ack);
+                }
+                context.device.do_send(FromPeer {
+                    peer: context.peer,
+                    message: ack,
+                    budget: None,
+                })
+            }
             PeerMessage::Refused { reason } => {
                 return lost(
                     ConnectionState::ProtocolError,
@@ -648,6 +728,7 @@ async fn data_reader(
     peer: PeerId,
     lost: impl Fn(ConnectionState, String),
 ) {
+    let budget = Arc::new(tokio::sync::Semaphore::new(RECEIVE_BUDGET_KIB));
     let mut recv = match connection.accept_uni().await {
         Ok(recv) => recv,
         Err(error) => {
@@ -671,10 +752,23 @@ async fn data_reader(
         match message {
             data @ (PeerMessage::Data { .. }
             | PeerMessage::Discard { .. }
-            | PeerMessage::Barrier { .. }) => device.do_send(FromPeer {
-                peer,
-                message: data,
-            }),
+            | PeerMessage::Barrier { .. }) => {
+                let kib = match &data {
+                    PeerMessage::Data { data, .. } => data.len().div_ceil(1024).max(1),
+                    _ => 1,
+                };
+                let permits = u32::try_from(kib.min(RECEIVE_BUDGET_KIB)).unwrap_or(u32::MAX);
+                // Waits while the local disk is behind; the stream stops being read meanwhile.
+                let Ok(permit) = budget.clone().acquire_many_owned(permits).await else {
+                    return;
+                };
+                device.do_send(FromPeer {
+                    peer,
+                    message: data,
+                    budget: Some(permit),
+                })
+            }
+
             other => {
                 return lost(
                     ConnectionState::ProtocolError,
@@ -692,6 +786,7 @@ async fn pinger(
     control_tx: mpsc::UnboundedSender<PeerMessage>,
     last_pong: Arc<AtomicU64>,
     started: Instant,
+    outstanding: Arc<std::sync::Mutex<Outstanding>>,
     lost: impl Fn(ConnectionState, String),
 ) {
     let mut nonce = 0u64;
@@ -709,6 +804,13 @@ async fn pinger(
             return lost(
                 ConnectionState::Timeout,
                 format!("no ping answer within {PING_TIMEOUT:?}"),
+            );
+        }
+        let oldest = outstanding.lock().ok().and_then(|pending| pending.oldest());
+        if oldest.is_some_and(|sent| sent.elapsed() > REQUEST_TIMEOUT) {
+            return lost(
+                ConnectionState::Timeout,
+                format!("a replicated request went unanswered for {REQUEST_TIMEOUT:?}"),
             );
         }
     }

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use actix::prelude::*;
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::buffer::PooledBuf;
 use crate::core::messages::{Epoch, PeerMessage};
@@ -148,6 +148,8 @@ pub struct ToPeer(pub PeerOutbound);
 struct ReceivedWrite {
     offset: u64,
     kind: ReceivedKind,
+    /// Released when the write has been applied (dropped with this value).
+    _budget: Option<OwnedSemaphorePermit>,
 }
 
 enum ReceivedKind {
@@ -752,11 +754,22 @@ impl Handler<DetachPeer> for DeviceActor {
 pub struct FromPeer {
     pub peer: PeerId,
     pub message: PeerMessage,
+    /// A share of the link's receive budget, held until the write is applied here: a slow
+    /// local disk then stops the link reading, and QUIC flow control throttles the sender.
+    pub budget: Option<OwnedSemaphorePermit>,
 }
 
 impl Handler<FromPeer> for DeviceActor {
     type Result = ();
-    fn handle(&mut self, FromPeer { peer, message }: FromPeer, ctx: &mut Context<Self>) {
+    fn handle(
+        &mut self,
+        FromPeer {
+            peer,
+            message,
+            budget,
+        }: FromPeer,
+        ctx: &mut Context<Self>,
+    ) {
         let attached = self
             .peers
             .get(&peer)
@@ -772,7 +785,13 @@ impl Handler<FromPeer> for DeviceActor {
                 request,
                 offset,
                 data,
-            } => self.receive_write(peer, seq, epoch, request, offset, ReceivedKind::Data(data)),
+            } => self.receive_write(
+                peer,
+                (seq, epoch, request),
+                offset,
+                ReceivedKind::Data(data),
+                budget,
+            ),
             PeerMessage::Discard {
                 seq,
                 epoch,
@@ -781,11 +800,10 @@ impl Handler<FromPeer> for DeviceActor {
                 len,
             } => self.receive_write(
                 peer,
-                seq,
-                epoch,
-                request,
+                (seq, epoch, request),
                 offset,
                 ReceivedKind::Discard(len),
+                budget,
             ),
             PeerMessage::Barrier {
                 seq, epoch, writes, ..
@@ -813,11 +831,10 @@ impl DeviceActor {
     fn receive_write(
         &mut self,
         peer: PeerId,
-        seq: u64,
-        epoch: Epoch,
-        request: u64,
+        (seq, epoch, request): (u64, Epoch, u64),
         offset: u64,
         kind: ReceivedKind,
+        budget: Option<OwnedSemaphorePermit>,
     ) -> Result<Option<Vec<ReceiverEffect>>, crate::core::replication::ProtocolError> {
         let Some(port) = self.peers.get_mut(&peer) else {
             return Ok(None);
@@ -827,7 +844,14 @@ impl DeviceActor {
             ReceivedKind::Discard(_) => 0,
         };
         let (local, effects) = port.receiver.on_write(seq, epoch, request, len)?;
-        port.received.insert(local, ReceivedWrite { offset, kind });
+        port.received.insert(
+            local,
+            ReceivedWrite {
+                offset,
+                kind,
+                _budget: budget,
+            },
+        );
         Ok(Some(effects))
     }
 }
