@@ -999,3 +999,135 @@ async fn refuse(
     connection.close(CLOSE_PROTOCOL.into(), reason.as_bytes());
     Err(reason)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alpha() -> HelloInfo {
+        HelloInfo {
+            node_id: 0,
+            node_name: "alpha".into(),
+            resource: "r0".into(),
+            size_bytes: 1 << 30,
+            protocol: ReplicationProtocol::C,
+        }
+    }
+
+    fn beta_hello() -> HelloInfo {
+        HelloInfo {
+            node_id: 1,
+            node_name: "beta".into(),
+            ..alpha()
+        }
+    }
+
+    #[test]
+    fn compatible_peer_passes() {
+        assert_eq!(
+            alpha().check_peer(&beta_hello().message(), 1, "beta"),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn incompatible_peers_get_a_reason() {
+        let cases = [
+            (
+                HelloInfo {
+                    size_bytes: 1 << 20,
+                    ..beta_hello()
+                },
+                "size",
+            ),
+            (
+                HelloInfo {
+                    protocol: ReplicationProtocol::A,
+                    ..beta_hello()
+                },
+                "protocol",
+            ),
+            (
+                HelloInfo {
+                    resource: "r1".into(),
+                    ..beta_hello()
+                },
+                "resource",
+            ),
+            (
+                HelloInfo {
+                    node_id: 2,
+                    ..beta_hello()
+                },
+                "expected \"beta\"",
+            ),
+            (
+                HelloInfo {
+                    node_name: "mallory".into(),
+                    ..beta_hello()
+                },
+                "mallory",
+            ),
+        ];
+        for (hello, word) in cases {
+            let reason = alpha()
+                .check_peer(&hello.message(), 1, "beta")
+                .err()
+                .unwrap_or_default();
+            assert!(reason.contains(word), "{reason:?} should mention {word:?}");
+        }
+        let reason = alpha()
+            .check_peer(&PeerMessage::Ping { nonce: 1 }, 1, "beta")
+            .err()
+            .unwrap_or_default();
+        assert!(reason.contains("expected a Hello"), "{reason}");
+    }
+
+    #[test]
+    fn other_protocol_versions_are_refused() {
+        let mut hello = beta_hello().message();
+        if let PeerMessage::Hello {
+            protocol_version, ..
+        } = &mut hello
+        {
+            *protocol_version += 1;
+        }
+        let reason = alpha()
+            .check_peer(&hello, 1, "beta")
+            .err()
+            .unwrap_or_default();
+        assert!(reason.contains("version"), "{reason}");
+    }
+
+    #[test]
+    fn outstanding_requests_and_barriers_age_until_answered() {
+        let mut outstanding = Outstanding::default();
+        assert!(outstanding.oldest().is_none());
+        outstanding.sent(
+            &PeerOutbound::Barrier {
+                seq: 1,
+                epoch: 1,
+                writes: 0,
+                flush: false,
+            },
+            true,
+        );
+        outstanding.sent(
+            &PeerOutbound::Discard {
+                seq: 2,
+                epoch: 2,
+                request: 9,
+                offset: 0,
+                len: 1,
+            },
+            true,
+        );
+        assert!(outstanding.oldest().is_some());
+        outstanding.answered(&PeerMessage::BarrierAck {
+            epoch: 1,
+            writes: 0,
+        });
+        outstanding.answered(&PeerMessage::WriteAck { request: 9 });
+        assert!(outstanding.oldest().is_none());
+    }
+}

@@ -775,3 +775,192 @@ mod tests {
         assert_eq!(core.stats().failed, 1);
     }
 }
+
+#[cfg(test)]
+mod replication_tests {
+    use super::*;
+    use crate::core::replication::Outgoing;
+
+    const MIB: u64 = 1 << 20;
+    const PEER: PeerId = 1;
+
+    fn connected_core(protocol: ReplicationProtocol) -> DeviceCore {
+        let mut core = DeviceCore::new(MIB, true);
+        core.add_peer(PEER, protocol);
+        core.peer_connected(PEER);
+        core
+    }
+
+    fn completed(effects: &[Effect]) -> Vec<RequestId> {
+        effects
+            .iter()
+            .filter_map(|effect| match effect {
+                Effect::Complete(id, Ok(())) => Some(*id),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn sent(effects: &[Effect]) -> Vec<Outgoing> {
+        effects
+            .iter()
+            .filter_map(|effect| match effect {
+                Effect::Send(PEER, outgoing) => Some(*outgoing),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn protocol_c_completes_only_after_local_write_and_write_ack() {
+        let mut core = connected_core(ReplicationProtocol::C);
+        let (id, effects) = core.submit(IoKind::Write, ByteRange::new(0, 4096), 0);
+        assert_eq!(
+            sent(&effects),
+            vec![Outgoing::Data {
+                request: id,
+                seq: 1,
+                epoch: 1
+            }]
+        );
+        assert!(completed(&core.local_done(id, Ok(()), 1)).is_empty());
+        // Protocol B's ack is not enough for protocol C.
+        let effects = core.peer_ack(PEER, &PeerMessage::RecvAck { request: id }, 2);
+        assert!(completed(&effects.unwrap_or_default()).is_empty());
+        let effects = core.peer_ack(PEER, &PeerMessage::WriteAck { request: id }, 3);
+        assert_eq!(completed(&effects.unwrap_or_default()), vec![id]);
+    }
+
+    #[test]
+    fn ack_before_local_completion_waits_for_the_local_write() {
+        let mut core = connected_core(ReplicationProtocol::B);
+        let (id, _) = core.submit(IoKind::Write, ByteRange::new(0, 4096), 0);
+        let effects = core.peer_ack(PEER, &PeerMessage::RecvAck { request: id }, 1);
+        assert!(completed(&effects.unwrap_or_default()).is_empty());
+        assert_eq!(completed(&core.local_done(id, Ok(()), 2)), vec![id]);
+    }
+
+    #[test]
+    fn protocol_a_completes_once_handed_to_the_transport() {
+        let mut core = connected_core(ReplicationProtocol::A);
+        let (id, _) = core.submit(IoKind::Write, ByteRange::new(0, 4096), 0);
+        assert!(completed(&core.local_done(id, Ok(()), 1)).is_empty());
+        assert_eq!(completed(&core.peer_sent(PEER, id, 2)), vec![id]);
+    }
+
+    #[test]
+    fn flush_waits_for_the_barrier_ack_of_a_flushing_barrier() {
+        let mut core = connected_core(ReplicationProtocol::C);
+        let (write, _) = core.submit(IoKind::Write, ByteRange::new(0, 4096), 0);
+        core.local_done(write, Ok(()), 1);
+        let effects = core.peer_ack(PEER, &PeerMessage::WriteAck { request: write }, 2);
+        assert_eq!(completed(&effects.unwrap_or_default()), vec![write]);
+        let (flush, effects) = core.submit(IoKind::Flush, ByteRange::new(0, 0), 3);
+        assert_eq!(
+            sent(&effects),
+            vec![Outgoing::Barrier {
+                seq: 2,
+                epoch: 1,
+                writes: 1,
+                flush: true
+            }]
+        );
+        assert!(completed(&core.local_done(flush, Ok(()), 4)).is_empty());
+        // A wrong count is a protocol error.
+        assert!(core
+            .peer_ack(
+                PEER,
+                &PeerMessage::BarrierAck {
+                    epoch: 1,
+                    writes: 2
+                },
+                5
+            )
+            .is_err());
+        let effects = core.peer_ack(
+            PEER,
+            &PeerMessage::BarrierAck {
+                epoch: 1,
+                writes: 1,
+            },
+            5,
+        );
+        assert_eq!(completed(&effects.unwrap_or_default()), vec![flush]);
+    }
+
+    #[test]
+    fn a_write_after_a_completion_starts_a_new_epoch() {
+        let mut core = connected_core(ReplicationProtocol::C);
+        let (first, _) = core.submit(IoKind::Write, ByteRange::new(0, 4096), 0);
+        core.local_done(first, Ok(()), 1);
+        let _ = core.peer_ack(PEER, &PeerMessage::WriteAck { request: first }, 2);
+        let (second, effects) = core.submit(IoKind::Write, ByteRange::new(8192, 4096), 3);
+        assert_eq!(
+            sent(&effects),
+            vec![
+                Outgoing::Barrier {
+                    seq: 2,
+                    epoch: 1,
+                    writes: 1,
+                    flush: false
+                },
+                Outgoing::Data {
+                    request: second,
+                    seq: 3,
+                    epoch: 2
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn disconnect_releases_waiting_requests_and_counts_out_of_sync() {
+        let mut core = connected_core(ReplicationProtocol::C);
+        let (id, _) = core.submit(IoKind::Write, ByteRange::new(0, 8192), 0);
+        core.local_done(id, Ok(()), 1);
+        assert_eq!(completed(&core.peer_disconnected(PEER, 2)), vec![id]);
+        let oos = core.peer(PEER).map(|p| p.out_of_sync.dirty_blocks());
+        assert_eq!(oos, Some(2));
+        // While away, writes complete locally and are counted.
+        let (alone, effects) = core.submit(IoKind::Write, ByteRange::new(65536, 4096), 3);
+        assert!(sent(&effects).is_empty());
+        assert_eq!(completed(&core.local_done(alone, Ok(()), 4)), vec![alone]);
+        assert_eq!(
+            core.peer(PEER).map(|p| p.out_of_sync.dirty_blocks()),
+            Some(3)
+        );
+    }
+
+    #[test]
+    fn overlapping_write_waits_for_full_completion_including_the_peer() {
+        let mut core = connected_core(ReplicationProtocol::C);
+        let (first, _) = core.submit(IoKind::Write, ByteRange::new(0, 4096), 0);
+        let (second, effects) = core.submit(IoKind::Write, ByteRange::new(0, 512), 0);
+        assert!(
+            sent(&effects).is_empty(),
+            "the overlapping write must not be sent yet"
+        );
+        core.local_done(first, Ok(()), 1);
+        assert_eq!(core.stage(second), Some(Stage::WaitingForConflict));
+        let effects = core
+            .peer_ack(PEER, &PeerMessage::WriteAck { request: first }, 2)
+            .unwrap_or_default();
+        // The second write goes out in a later epoch than the first.
+        assert_eq!(
+            sent(&effects),
+            vec![
+                Outgoing::Barrier {
+                    seq: 2,
+                    epoch: 1,
+                    writes: 1,
+                    flush: false
+                },
+                Outgoing::Data {
+                    request: second,
+                    seq: 3,
+                    epoch: 2
+                },
+            ]
+        );
+    }
+}
