@@ -86,4 +86,10 @@ pub enum Command {
         #[arg(long, default_value = "256MiB")]
         size: String,
     },
+    /// Write the man pages and shell completions into DIR (used when building packages).
+    #[command(hide = true)]
+    GenerateDocs {
+        #[arg(long, value_name = "DIR")]
+        out_dir: PathBuf,
+    },
 }

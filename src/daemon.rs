@@ -49,6 +49,10 @@ pub fn run(config: QrbdConfig) -> anyhow::Result<()> {
 
 async fn serve(config: Arc<QrbdConfig>) -> anyhow::Result<()> {
     let listener = bind_admin_socket(&config.node.admin_socket)?;
+    let metrics_listener = match config.node.metrics {
+        Some(address) => Some(crate::metrics::bind(address).await?),
+        None => None,
+    };
     let images = ImageTable::shared();
     let budget = usize::try_from(config.node.buffer_budget).unwrap_or(usize::MAX);
     let pool = BufferPool::new(budget);
@@ -76,11 +80,20 @@ async fn serve(config: Arc<QrbdConfig>) -> anyhow::Result<()> {
     }
 
     let admin = actix_rt::spawn(accept_admin(listener, node.clone()));
+    let metrics = metrics_listener.map(|listener| {
+        tracing::info!(address = ?listener.local_addr().ok(), "serving metrics at /metrics");
+        actix_rt::spawn(crate::metrics::serve(listener, node.clone()))
+    });
     tracing::info!(socket = %config.node.admin_socket.display(), node = %config.node.name, "daemon ready");
+    notify_systemd("READY=1");
 
     wait_for_termination().await?;
     tracing::info!("shutting down: finishing in-flight I/O");
+    notify_systemd("STOPPING=1");
     admin.abort();
+    if let Some(metrics) = metrics {
+        metrics.abort();
+    }
     if let Err(error) = node.send(DownAll).await {
         tracing::error!(%error, "taking resources down failed");
     }
@@ -119,6 +132,27 @@ fn replication_endpoint(config: &QrbdConfig) -> anyhow::Result<Option<quinn::End
     let endpoint = transport::make_endpoint(config.node.listen, &identity)
         .with_context(|| format!("cannot listen for peers on {}", config.node.listen))?;
     Ok(Some(endpoint))
+}
+
+/// Tells systemd (`Type=notify` in qrbd.service) about the daemon's state: one datagram to the
+/// socket named by `$NOTIFY_SOCKET` (a path, or an abstract name starting with '@'). Does
+/// nothing when the variable is unset (not started by systemd).
+fn notify_systemd(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let bytes = target.as_bytes();
+    let address = match bytes.strip_prefix(b"@") {
+        Some(name) => SocketAddr::from_abstract_name(name),
+        None => SocketAddr::from_pathname(Path::new(&target)),
+    };
+    let sent = address
+        .and_then(|address| UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &address));
+    if let Err(error) = sent {
+        tracing::warn!(%error, socket = ?target, state, "cannot notify systemd");
+    }
 }
 
 async fn wait_for_termination() -> anyhow::Result<()> {

@@ -37,6 +37,7 @@ fn init_logging(cli: &Cli) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     Ok(())
 }
@@ -75,6 +76,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Daemon => daemon::run(load_config(&cli)?),
         Command::Demo { size } => demo::run_demo(size),
+        Command::GenerateDocs { out_dir } => {
+            for path in qrbd::gendocs::generate(out_dir)? {
+                println!("wrote {}", path.display());
+            }
+            Ok(())
+        }
         Command::GenCert { ca_dir, node } => {
             for path in qrbd::transport::generate_certificates(ca_dir, node.as_deref())? {
                 println!("wrote {}", path.display());

@@ -459,11 +459,13 @@ impl Handler<PeerLinkCommand> for PeerActor {
                 role,
                 disk,
                 current_uuid,
+                peer_missing_bytes,
             } => {
                 let state = PeerMessage::State {
                     role,
                     disk,
                     current_uuid,
+                    receiver_missing_bytes: peer_missing_bytes,
                 };
                 if let Some(tx) = &self.control_tx {
                     let _ = tx.send(state.clone());
@@ -676,8 +678,10 @@ async fn control_reader(
                 role,
                 disk,
                 current_uuid,
+                receiver_missing_bytes,
             } => context.supervisor.do_send(PeerReport::State {
                 peer: context.peer,
+                missing_bytes: receiver_missing_bytes,
                 role,
                 disk,
                 current_uuid,

@@ -246,7 +246,8 @@ impl TestNode {
         Ok(status)
     }
 
-    /// SIGKILL, as a crash would; clears the dead mount it leaves.
+    /// SIGKILL, as a crash would. The dead mount it leaves is cleared by the next daemon start
+    /// (or by dropping the node).
     pub fn kill_daemon(&mut self) -> anyhow::Result<()> {
         let Some(mut child) = self.daemon.take() else {
             bail!("daemon not running");

@@ -69,6 +69,8 @@ pub enum PeerLinkCommand {
         role: Role,
         disk: DiskState,
         current_uuid: u64,
+        /// Bytes we count as out of sync for this peer.
+        peer_missing_bytes: u64,
     },
     /// Drop the connection and stay StandAlone (`qrbd disconnect`, `down`).
     Disconnect,
@@ -95,6 +97,8 @@ pub enum PeerReport {
         role: Role,
         disk: DiskState,
         current_uuid: u64,
+        /// Bytes the peer counts as out of sync for this node.
+        missing_bytes: u64,
     },
 }
 
@@ -153,7 +157,8 @@ impl ResourceSupervisor {
         let disk = if setup.meta.flags.consistent && setup.meta.flags.up_to_date {
             DiskState::UpToDate
         } else if setup.meta.flags.consistent {
-            DiskState::Consistent
+            // Consistent but known to lack the peer's newer writes.
+            DiskState::Outdated
         } else {
             DiskState::Inconsistent
         };
@@ -281,15 +286,30 @@ impl ResourceSupervisor {
         }
     }
 
-    fn announce_local_state(&self) {
-        let command = PeerLinkCommand::LocalState {
+    fn local_state_for(&self, peer: PeerId) -> PeerLinkCommand {
+        let peer_missing_bytes = self
+            .device_snapshot
+            .lock()
+            .map(|snapshot| {
+                snapshot
+                    .peers
+                    .iter()
+                    .find(|p| p.peer == peer)
+                    .map_or(0, |p| p.out_of_sync_bytes)
+            })
+            .unwrap_or(0);
+        PeerLinkCommand::LocalState {
             role: self.role,
             disk: self.disk,
             current_uuid: self.meta.current_uuid,
-        };
-        for view in self.peers.values() {
+            peer_missing_bytes,
+        }
+    }
+
+    fn announce_local_state(&self) {
+        for (peer, view) in &self.peers {
             if let Some(link) = &view.link {
-                link.do_send(command.clone());
+                link.do_send(self.local_state_for(*peer));
             }
         }
         self.emit(format!(
@@ -600,9 +620,42 @@ impl Handler<StopDevice> for DeviceActor {
     }
 }
 
+impl ResourceSupervisor {
+    /// The peer wrote blocks this node lacks: the local data is no longer up to date, and
+    /// stays Outdated (persistently) until a resync or `primary --force`.
+    fn become_outdated(&mut self, peer: PeerId, missing_bytes: u64, ctx: &mut Context<Self>) {
+        let peer_name = self
+            .peers
+            .get(&peer)
+            .map_or_else(|| peer.to_string(), |view| view.name.clone());
+        tracing::warn!(
+            resource = %self.name,
+            peer = %peer_name,
+            missing_bytes,
+            "the peer wrote data this node lacks; the local disk is Outdated until resynced"
+        );
+        self.disk = DiskState::Outdated;
+        self.emit(format!("change device name:{} disk:Outdated", self.name));
+        let mut meta = self.meta.clone();
+        meta.flags.up_to_date = false;
+        let meta_actor = self.meta_actor.clone();
+        ctx.spawn(
+            async move { save_meta(&meta_actor, meta).await }
+                .into_actor(self)
+                .map(|result, actor, _| match result {
+                    Ok(meta) => actor.meta = meta,
+                    Err(error) => {
+                        tracing::error!(resource = %actor.name, %error, "cannot record the Outdated disk state")
+                    }
+                }),
+        );
+        self.announce_local_state();
+    }
+}
+
 impl Handler<PeerReport> for ResourceSupervisor {
     type Result = ();
-    fn handle(&mut self, report: PeerReport, _: &mut Context<Self>) {
+    fn handle(&mut self, report: PeerReport, ctx: &mut Context<Self>) {
         match report {
             PeerReport::Link { peer, link } => {
                 if let Some(view) = self.peers.get_mut(&peer) {
@@ -630,11 +683,7 @@ impl Handler<PeerReport> for ResourceSupervisor {
                 self.emit(line);
                 if state == ConnectionState::Connected {
                     if let Some(link) = link {
-                        link.do_send(PeerLinkCommand::LocalState {
-                            role: self.role,
-                            disk: self.disk,
-                            current_uuid: self.meta.current_uuid,
-                        });
+                        link.do_send(self.local_state_for(peer));
                     }
                 }
             }
@@ -643,7 +692,14 @@ impl Handler<PeerReport> for ResourceSupervisor {
                 role,
                 disk,
                 current_uuid,
+                missing_bytes,
             } => {
+                if missing_bytes > 0
+                    && self.disk == DiskState::UpToDate
+                    && self.role == Role::Secondary
+                {
+                    self.become_outdated(peer, missing_bytes, ctx);
+                }
                 let Some(view) = self.peers.get_mut(&peer) else {
                     return;
                 };

@@ -206,11 +206,13 @@ pub fn encode(msg: &PeerMessage) -> Vec<u8> {
             role,
             disk,
             current_uuid,
+            receiver_missing_bytes,
         } => {
             out.push(TAG_STATE);
             out.push(role_code(*role));
             out.push(disk_code(*disk));
             out.extend_from_slice(&current_uuid.to_be_bytes());
+            out.extend_from_slice(&receiver_missing_bytes.to_be_bytes());
         }
         PeerMessage::Data {
             seq,
@@ -505,6 +507,7 @@ pub fn decode_frame_body(body: &[u8]) -> Result<PeerMessage, WireError> {
             role: r.enum_u8("role", role_from)?,
             disk: r.enum_u8("disk", disk_from)?,
             current_uuid: r.u64("current_uuid")?,
+            receiver_missing_bytes: r.u64("receiver_missing_bytes")?,
         },
         TAG_DISCARD => PeerMessage::Discard {
             seq: r.u64("seq")?,
@@ -737,11 +740,13 @@ mod tests {
                 role: Role::Primary,
                 disk: DiskState::UpToDate,
                 current_uuid: u64::MAX,
+                receiver_missing_bytes: 7,
             },
             PeerMessage::State {
                 role: Role::Secondary,
                 disk: DiskState::Diskless,
                 current_uuid: 0,
+                receiver_missing_bytes: 0,
             },
             PeerMessage::Data {
                 seq: 1,
@@ -822,6 +827,7 @@ mod tests {
             role: Role::Secondary,
             disk,
             current_uuid: 42,
+            receiver_missing_bytes: u64::MAX,
         }));
         msgs.push(PeerMessage::Hello {
             protocol_version: PROTOCOL_VERSION,
@@ -917,6 +923,7 @@ mod tests {
             role: Role::Primary,
             disk: DiskState::UpToDate,
             current_uuid: 1,
+            receiver_missing_bytes: 0,
         })[4..]
             .to_vec();
         body[2] = 7;

@@ -148,6 +148,8 @@ pub struct DeviceCore {
     app_in_flight: u64,
     stats: DeviceStats,
     peers: BTreeMap<PeerId, PeerSender>,
+    /// Accepted writes and discards not yet finished (held ones included).
+    modifying_in_flight: u64,
 }
 
 impl DeviceCore {
@@ -165,6 +167,7 @@ impl DeviceCore {
             app_in_flight: 0,
             stats: DeviceStats::default(),
             peers: BTreeMap::new(),
+            modifying_in_flight: 0,
         }
     }
 
@@ -325,6 +328,12 @@ impl DeviceCore {
                 {
                     waiting.push((*peer, sender.flush(&mut out)));
                 }
+                // Protocols A and B do not wait for the peer's flush, but the barrier still
+                // closes the epoch, so that its writes get barrier-acked instead of staying
+                // unacked (and counted out of sync on a disconnect) while the device is idle.
+                IoKind::Flush if sender.is_connected() => {
+                    sender.flush(&mut out);
+                }
                 IoKind::Flush | IoKind::Read => {}
             }
             effects.extend(
@@ -413,6 +422,10 @@ impl DeviceCore {
                 waiting: Vec::new(),
             },
         );
+        if kind.modifies_data() {
+            self.modifying_in_flight += 1;
+        }
+
         let mut effects = Vec::new();
         if self.suspended {
             self.held.push_back(id);
@@ -549,6 +562,17 @@ impl DeviceCore {
                 sender.note_completion();
             }
             self.start_unblocked_waiters(effects);
+            self.modifying_in_flight = self.modifying_in_flight.saturating_sub(1);
+            if self.modifying_in_flight == 0 {
+                for (peer, sender) in self.peers.iter_mut() {
+                    let mut out = Vec::new();
+                    sender.close_idle_epoch(&mut out);
+                    effects.extend(
+                        out.into_iter()
+                            .map(|outgoing| Effect::Send(*peer, outgoing)),
+                    );
+                }
+            }
         }
         if request.postponed {
             self.stats.postponed += 1;
@@ -623,7 +647,11 @@ impl DeviceCore {
         }
         while let Some(id) = self.held.pop_front() {
             if self.closed {
-                self.requests.remove(&id);
+                if let Some(request) = self.requests.remove(&id) {
+                    if request.kind.modifies_data() {
+                        self.modifying_in_flight = self.modifying_in_flight.saturating_sub(1);
+                    }
+                }
                 self.stats.failed += 1;
                 effects.push(Effect::Complete(id, Err(IoFault::Closed)));
             } else {
@@ -852,10 +880,7 @@ mod replication_tests {
     fn flush_waits_for_the_barrier_ack_of_a_flushing_barrier() {
         let mut core = connected_core(ReplicationProtocol::C);
         let (write, _) = core.submit(IoKind::Write, ByteRange::new(0, 4096), 0);
-        core.local_done(write, Ok(()), 1);
-        let effects = core.peer_ack(PEER, &PeerMessage::WriteAck { request: write }, 2);
-        assert_eq!(completed(&effects.unwrap_or_default()), vec![write]);
-        let (flush, effects) = core.submit(IoKind::Flush, ByteRange::new(0, 0), 3);
+        let (flush, effects) = core.submit(IoKind::Flush, ByteRange::new(0, 0), 0);
         assert_eq!(
             sent(&effects),
             vec![Outgoing::Barrier {
@@ -865,6 +890,9 @@ mod replication_tests {
                 flush: true
             }]
         );
+        core.local_done(write, Ok(()), 1);
+        let effects = core.peer_ack(PEER, &PeerMessage::WriteAck { request: write }, 2);
+        assert_eq!(completed(&effects.unwrap_or_default()), vec![write]);
         assert!(completed(&core.local_done(flush, Ok(()), 4)).is_empty());
         // A wrong count is a protocol error.
         assert!(core
@@ -889,28 +917,70 @@ mod replication_tests {
     }
 
     #[test]
-    fn a_write_after_a_completion_starts_a_new_epoch() {
+    fn epochs_close_on_completion_and_when_idle() {
         let mut core = connected_core(ReplicationProtocol::C);
         let (first, _) = core.submit(IoKind::Write, ByteRange::new(0, 4096), 0);
+        let (second, _) = core.submit(IoKind::Write, ByteRange::new(8192, 4096), 0);
         core.local_done(first, Ok(()), 1);
-        let _ = core.peer_ack(PEER, &PeerMessage::WriteAck { request: first }, 2);
-        let (second, effects) = core.submit(IoKind::Write, ByteRange::new(8192, 4096), 3);
+        let effects = core
+            .peer_ack(PEER, &PeerMessage::WriteAck { request: first }, 2)
+            .unwrap_or_default();
+        // A write is still in flight: no barrier yet, but the epoch is marked for closing.
+        assert!(sent(&effects).is_empty());
+        let (third, effects) = core.submit(IoKind::Write, ByteRange::new(65536, 4096), 3);
         assert_eq!(
             sent(&effects),
             vec![
                 Outgoing::Barrier {
-                    seq: 2,
+                    seq: 3,
                     epoch: 1,
-                    writes: 1,
+                    writes: 2,
                     flush: false
                 },
                 Outgoing::Data {
-                    request: second,
-                    seq: 3,
+                    request: third,
+                    seq: 4,
                     epoch: 2
                 },
             ]
         );
+        core.local_done(second, Ok(()), 4);
+        let _ = core.peer_ack(PEER, &PeerMessage::WriteAck { request: second }, 5);
+        core.local_done(third, Ok(()), 6);
+        let effects = core
+            .peer_ack(PEER, &PeerMessage::WriteAck { request: third }, 7)
+            .unwrap_or_default();
+        // Idle now: the open epoch is closed at once so that the peer can acknowledge it.
+        assert_eq!(
+            sent(&effects),
+            vec![Outgoing::Barrier {
+                seq: 5,
+                epoch: 2,
+                writes: 1,
+                flush: false
+            }]
+        );
+        assert!(core
+            .peer_ack(
+                PEER,
+                &PeerMessage::BarrierAck {
+                    epoch: 1,
+                    writes: 2
+                },
+                8
+            )
+            .is_ok());
+        assert!(core
+            .peer_ack(
+                PEER,
+                &PeerMessage::BarrierAck {
+                    epoch: 2,
+                    writes: 1
+                },
+                8
+            )
+            .is_ok());
+        assert_eq!(core.peer(PEER).map(|p| p.unacked_writes()), Some(0));
     }
 
     #[test]

@@ -34,7 +34,11 @@ pub enum PeerMessage {
         role: Role,
         disk: DiskState,
         current_uuid: u64,
+        /// How many bytes the sender counts as out of sync for the receiver: blocks written
+        /// while the receiver was away, which it lacks until a resync.
+        receiver_missing_bytes: u64,
     },
+
     /// A replicated write. `seq` numbers every message on the data stream.
     Data {
         seq: u64,

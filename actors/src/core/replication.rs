@@ -233,6 +233,14 @@ impl PeerSender {
         PeerNeed::BarrierAck(self.close_epoch(true, out))
     }
 
+    /// Nothing is being written: close the open epoch now, so that the peer acknowledges (and
+    /// flushes) it without waiting for the next write.
+    pub fn close_idle_epoch(&mut self, out: &mut Vec<Outgoing>) {
+        if self.connected && self.writes_in_epoch > 0 {
+            self.close_epoch(false, out);
+        }
+    }
+
     /// A write completed upward: the next write goes into a new epoch.
     pub fn note_completion(&mut self) {
         self.close_before_next_write = true;
