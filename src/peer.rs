@@ -663,15 +663,9 @@ async fn control_reader(
     lost: impl Fn(ConnectionState, String),
 ) {
     loop {
-        let message = match read_message(&mut recv).await {
-            Ok(Some(message)) => message,
-            Ok(None) => {
-                return lost(
-                    ConnectionState::NetworkFailure,
-                    "peer closed the control stream".into(),
-                )
-            }
-            Err(error) => return lost(state_of(&error), format!("control stream: {error}")),
+        let message = match next_message(&mut recv, "control").await {
+            Ok(message) => message,
+            Err((state, reason)) => return lost(state, reason),
         };
         match message {
             PeerMessage::State {
@@ -743,15 +737,9 @@ async fn data_reader(
         }
     };
     loop {
-        let message = match read_message(&mut recv).await {
-            Ok(Some(message)) => message,
-            Ok(None) => {
-                return lost(
-                    ConnectionState::NetworkFailure,
-                    "peer closed the data stream".into(),
-                )
-            }
-            Err(error) => return lost(state_of(&error), format!("data stream: {error}")),
+        let message = match next_message(&mut recv, "data").await {
+            Ok(message) => message,
+            Err((state, reason)) => return lost(state, reason),
         };
         match message {
             data @ (PeerMessage::Data { .. }
@@ -817,6 +805,21 @@ async fn pinger(
                 format!("a replicated request went unanswered for {REQUEST_TIMEOUT:?}"),
             );
         }
+    }
+}
+
+/// The next message of a stream; its end or a bad frame is the end of the connection.
+async fn next_message(
+    recv: &mut quinn::RecvStream,
+    stream: &str,
+) -> Result<PeerMessage, (ConnectionState, String)> {
+    match read_message(recv).await {
+        Ok(Some(message)) => Ok(message),
+        Ok(None) => Err((
+            ConnectionState::NetworkFailure,
+            format!("peer closed the {stream} stream"),
+        )),
+        Err(error) => Err((state_of(&error), format!("{stream} stream: {error}"))),
     }
 }
 
