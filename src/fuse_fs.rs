@@ -310,7 +310,12 @@ impl Filesystem for DiskFs {
             .insert(fh, OpenHandle { entry, writable });
         reply.opened(
             FileHandle(fh),
-            FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
+            // No flush on close: with direct I/O nothing is cached to write back, and a close
+            // must not be held by suspend-io (the kernel waits for it uninterruptibly, and so
+            // does every exec of a process holding the image). fsync still flushes.
+            FopenFlags::FOPEN_DIRECT_IO
+                | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES
+                | FopenFlags::FOPEN_NOFLUSH,
         );
     }
 
