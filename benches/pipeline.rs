@@ -1,1 +1,151 @@
-fn main() {}
+//! Micro-benchmarks of the deterministic core and the buffer pool: the per-request CPU cost that
+//! the DeviceActor's thread pays on top of the actual I/O. See benches/README.md.
+//!
+//! `cargo bench --bench pipeline` (add `-- <filter>` to run a subset).
+
+use std::collections::VecDeque;
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use qrbd_actors::buffer::BufferPool;
+use qrbd_actors::core::{ByteRange, DeviceCore, Effect, IoKind, RequestId};
+
+const BLOCK: u64 = 4096;
+/// 1 GiB device: 262144 distinct 4 KiB blocks to cycle through.
+const DEVICE_SIZE: u64 = 1 << 30;
+const IN_FLIGHT: [usize; 3] = [1, 16, 128];
+
+/// Where write number `seq` of a run goes.
+type Placement = fn(u64) -> u64;
+
+/// Steady state of a core with `depth` writes in flight: each cycle submits one write and
+/// completes the oldest. `offset_of(seq)` says where write number `seq` goes.
+struct Pipeline {
+    core: DeviceCore,
+    in_flight: VecDeque<RequestId>,
+    seq: u64,
+    tick: u64,
+    offset_of: Placement,
+}
+
+impl Pipeline {
+    fn new(depth: usize, offset_of: Placement) -> Self {
+        let mut pipeline = Pipeline {
+            core: DeviceCore::new(DEVICE_SIZE, true),
+            in_flight: VecDeque::with_capacity(depth + 1),
+            seq: 0,
+            tick: 0,
+            offset_of,
+        };
+        for _ in 0..depth {
+            pipeline.submit();
+        }
+        pipeline
+    }
+
+    fn submit(&mut self) {
+        self.tick += 1;
+        let offset = (self.offset_of)(self.seq);
+        self.seq += 1;
+        let (id, effects) =
+            self.core
+                .submit(IoKind::Write, ByteRange::new(offset, BLOCK), self.tick);
+        debug_assert!(!matches!(effects.first(), Some(Effect::Complete(..))));
+        black_box(effects);
+        self.in_flight.push_back(id);
+    }
+
+    /// Completes the oldest request. With overlapping writes it is the one at the store (the
+    /// others wait behind it in arrival order), so its completion starts the next one.
+    fn complete_oldest(&mut self) {
+        self.tick += 1;
+        let Some(id) = self.in_flight.pop_front() else {
+            return;
+        };
+        let effects = self.core.local_done(id, Ok(()), self.tick);
+        debug_assert!(effects.contains(&Effect::Complete(id, Ok(()))));
+        black_box(effects);
+    }
+
+    fn cycle(&mut self) {
+        self.submit();
+        self.complete_oldest();
+    }
+}
+
+/// Every write to its own block, cycling through the whole device.
+fn disjoint(seq: u64) -> u64 {
+    seq * BLOCK % DEVICE_SIZE
+}
+
+/// Every write to block 0: each waits for all earlier ones.
+fn same_block(_seq: u64) -> u64 {
+    0
+}
+
+/// Sixteen hot blocks: a write waits for the one 16 submissions earlier.
+fn sixteen_blocks(seq: u64) -> u64 {
+    seq % 16 * BLOCK
+}
+
+fn device_core(c: &mut Criterion) {
+    let mut group = c.benchmark_group("core_submit_local_done");
+    group.throughput(Throughput::Elements(1));
+    let cases: [(&str, Placement); 3] = [
+        ("disjoint", disjoint),
+        ("overlap_same_block", same_block),
+        ("overlap_16_blocks", sixteen_blocks),
+    ];
+    for (name, offset_of) in cases {
+        for depth in IN_FLIGHT {
+            group.bench_with_input(BenchmarkId::new(name, depth), &depth, |b, &depth| {
+                let mut pipeline = Pipeline::new(depth, offset_of);
+                b.iter(|| pipeline.cycle());
+                assert_eq!(pipeline.core.app_in_flight(), depth as u64);
+            });
+        }
+    }
+    group.finish();
+}
+
+fn buffer_pool(c: &mut Criterion) {
+    let mut group = c.benchmark_group("buffer_pool_acquire_release");
+    group.throughput(Throughput::Elements(1));
+    let pool = BufferPool::new(64 << 20);
+    for (name, len) in [("4KiB", 4096usize), ("1MiB", 1 << 20)] {
+        // Warm the idle list, as a running daemon has it.
+        drop(pool.acquire(len));
+        group.bench_function(name, |b| b.iter(|| drop(black_box(pool.acquire(len)))));
+    }
+    // What a write costs in the FUSE thread before it reaches the actor: take a buffer and
+    // copy the kernel's data into it.
+    let data = vec![0xa5u8; 1 << 20];
+    for (name, len) in [("4KiB_with_copy", 4096usize), ("1MiB_with_copy", 1 << 20)] {
+        group.throughput(Throughput::Bytes(len as u64));
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let mut buf = pool.acquire(len);
+                buf.copy_from_slice(&data[..len]);
+                black_box(&buf);
+            })
+        });
+    }
+    group.finish();
+    assert_eq!(pool.usage().bytes_in_use, 0);
+}
+
+fn quick() -> Criterion {
+    Criterion::default()
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(1))
+        .sample_size(20)
+        .configure_from_args()
+}
+
+criterion_group! {
+    name = benches;
+    config = quick();
+    targets = device_core, buffer_pool
+}
+criterion_main!(benches);
