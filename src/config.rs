@@ -88,7 +88,7 @@ const NODE_KEYS: &[&str] = &[
     "buffer_budget",
 ];
 const TLS_KEYS: &[&str] = &["ca", "cert", "key"];
-const RESOURCE_KEYS: &[&str] = &["name", "size", "protocol", "peer"];
+const RESOURCE_KEYS: &[&str] = &["name", "size", "protocol", "disk_flushes", "peer"];
 const PEER_KEYS: &[&str] = &["name", "id", "address"];
 /// Sections whose keys may be overridden from the environment, with their keys.
 const ENV_SECTIONS: &[(&str, &[&str])] = &[("node", NODE_KEYS), ("tls", TLS_KEYS)];
@@ -140,6 +140,10 @@ pub struct ResourceConfig {
     /// Positive multiple of `SIZE_ALIGNMENT`.
     pub size_bytes: u64,
     pub protocol: ReplicationProtocol,
+    /// Like DRBD's `disk-flushes`: a peer flushes its disk at every epoch boundary before
+    /// acknowledging it (default). Turn off only for storage with a non-volatile write cache;
+    /// fsync on the image still flushes the peers.
+    pub disk_flushes: bool,
     pub peers: Vec<PeerConfig>,
 }
 
@@ -583,6 +587,7 @@ struct RawResource {
     name: Option<Text>,
     size: Option<SizeText>,
     protocol: Option<Text>,
+    disk_flushes: Option<bool>,
     #[serde(default)]
     peer: Vec<RawPeer>,
 }
@@ -1017,6 +1022,7 @@ fn validate_resource(
         name,
         size_bytes,
         protocol,
+        disk_flushes: raw.disk_flushes.unwrap_or(true),
         peers,
     })
 }
@@ -1344,6 +1350,7 @@ mod tests {
                     name: "r0".into(),
                     size_bytes: GIB,
                     protocol: ReplicationProtocol::A,
+                    disk_flushes: true,
                     peers: vec![
                         PeerConfig {
                             name: "beta".into(),
@@ -1361,6 +1368,7 @@ mod tests {
                     name: "r1".into(),
                     size_bytes: 8192,
                     protocol: ReplicationProtocol::C,
+                    disk_flushes: true,
                     peers: vec![],
                 },
             ],
@@ -1502,7 +1510,7 @@ mod tests {
             &[
                 "resource \"r0\"",
                 "unknown key \"sise\"",
-                "name, size, protocol, peer",
+                "name, size, protocol, disk_flushes, peer",
             ],
         );
         load_err(

@@ -426,6 +426,18 @@ type ResourceField = (
 
 const RESOURCE_FIELDS: &[ResourceField] = &[
     (
+        "qrbd_resource_conflicts_total",
+        "counter",
+        "Writes that waited for an overlapping earlier write.",
+        |r| r.conflicts,
+    ),
+    (
+        "qrbd_resource_retries_total",
+        "counter",
+        "Requests postponed (a peer asked for a retry) and re-submitted.",
+        |r| r.retries,
+    ),
+    (
         "qrbd_resource_size_bytes",
         "gauge",
         "Size of the resource's disk image in bytes.",
@@ -619,20 +631,32 @@ pub fn render(resources: &[ResourceStatus], retry: Option<&RetryStats>) -> Strin
         }
     }
 
-    // Only the mean is known per resource (ResourceStatus::write_latency_avg_us), so this
-    // histogram has the +Inf bucket alone: _sum / _count give the mean over any interval.
     let name = "qrbd_resource_write_latency_seconds";
     e.family(
         name,
         "histogram",
-        "Write latency, submission to completion (only the +Inf bucket for now: use _sum/_count).",
+        "Write latency, submission by the application to completion.",
     );
     for r in resources {
         let labels = [("resource", r.name.as_str())];
+        let mut cumulative = 0;
+        for (bound_us, count) in r
+            .write_latency_bounds_us
+            .iter()
+            .zip(&r.write_latency_buckets)
+        {
+            cumulative += count;
+            let le = format!("{}", *bound_us as f64 / 1e6);
+            let bucket = [("resource", r.name.as_str()), ("le", le.as_str())];
+            e.sample(&format!("{name}_bucket"), &bucket, cumulative);
+        }
         let bucket = [("resource", r.name.as_str()), ("le", "+Inf")];
         e.sample(&format!("{name}_bucket"), &bucket, r.writes);
-        let sum_us = r.write_latency_avg_us.saturating_mul(r.writes);
-        e.sample(&format!("{name}_sum"), &labels, sum_us as f64 / 1e6);
+        e.sample(
+            &format!("{name}_sum"),
+            &labels,
+            r.write_latency_total_us as f64 / 1e6,
+        );
         e.sample(&format!("{name}_count"), &labels, r.writes);
     }
 
@@ -784,6 +808,11 @@ mod tests {
             discarded_bytes: 9,
             failed_requests: 0,
             write_latency_avg_us: 250,
+            write_latency_total_us: 1000,
+            write_latency_buckets: vec![1, 2, 1],
+            write_latency_bounds_us: vec![100, 250, 1000],
+            conflicts: 3,
+            retries: 1,
             current_uuid: "0123456789ABCDEF".to_owned(),
             peers: vec![PeerStatus {
                 name: "beta".to_owned(),
@@ -815,6 +844,9 @@ mod tests {
             "qrbd_resource_role{resource=\"r0\",role=\"Secondary\"} 0",
             "qrbd_resource_disk_state{resource=\"r0\",state=\"UpToDate\"} 1",
             "qrbd_resource_disk_state{resource=\"r0\",state=\"Inconsistent\"} 0",
+            "qrbd_resource_write_latency_seconds_bucket{resource=\"r0\",le=\"0.00025\"} 3",
+            "qrbd_resource_write_latency_seconds_bucket{resource=\"r0\",le=\"0.001\"} 4",
+            "qrbd_resource_conflicts_total{resource=\"r0\"} 3",
             "qrbd_resource_write_latency_seconds_bucket{resource=\"r0\",le=\"+Inf\"} 4",
             "qrbd_resource_write_latency_seconds_sum{resource=\"r0\"} 0.001",
             "qrbd_resource_write_latency_seconds_count{resource=\"r0\"} 4",

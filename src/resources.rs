@@ -166,5 +166,6 @@ pub fn open_resource(
             })
             .collect(),
         events,
+        disk_flushes: resource.disk_flushes,
     })
 }

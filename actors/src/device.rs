@@ -178,6 +178,7 @@ pub struct DeviceActor {
     idle_waiters: Vec<oneshot::Sender<()>>,
     clock_origin: Instant,
     peers: BTreeMap<PeerId, PeerPort>,
+    disk_flushes: bool,
 }
 
 struct PendingIo {
@@ -203,6 +204,22 @@ impl DeviceActor {
             idle_waiters: Vec::new(),
             clock_origin: Instant::now(),
             peers: BTreeMap::new(),
+            disk_flushes: true,
+        }
+    }
+
+    /// See [`PeerReceiver::without_disk_flushes`]; on by default.
+    pub fn with_disk_flushes(mut self, disk_flushes: bool) -> Self {
+        self.disk_flushes = disk_flushes;
+        self
+    }
+
+    fn new_receiver(&self, protocol: ReplicationProtocol) -> PeerReceiver {
+        let receiver = PeerReceiver::new(protocol);
+        if self.disk_flushes {
+            receiver
+        } else {
+            receiver.without_disk_flushes()
         }
     }
 
@@ -412,6 +429,15 @@ impl DeviceActor {
             match effect {
                 ReceiverEffect::Apply(local) => self.start_peer_write(peer, local, ctx),
                 ReceiverEffect::Flush(epoch) => self.start_peer_flush(peer, epoch, ctx),
+                ReceiverEffect::EpochWritten(epoch) => {
+                    let Some(port) = self.peers.get_mut(&peer) else {
+                        continue;
+                    };
+                    match port.receiver.flush_done(epoch) {
+                        Ok(more) => self.apply_received(peer, more, ctx),
+                        Err(error) => self.drop_peer(peer, error.to_string(), ctx),
+                    }
+                }
                 ReceiverEffect::Ack(message) => {
                     if let Some(link) = self.peers.get(&peer).and_then(|port| port.link.clone()) {
                         link.do_send(ToPeer(PeerOutbound::Ack(message)));
@@ -680,9 +706,10 @@ impl Handler<AddPeer> for DeviceActor {
     type Result = ();
     fn handle(&mut self, msg: AddPeer, _: &mut Context<Self>) {
         self.core.add_peer(msg.peer, msg.protocol);
+        let receiver = self.new_receiver(msg.protocol);
         self.peers.entry(msg.peer).or_insert_with(|| PeerPort {
             link: None,
-            receiver: PeerReceiver::new(msg.protocol),
+            receiver,
             received: HashMap::new(),
             generation: 0,
         });
@@ -711,14 +738,16 @@ impl Handler<AttachPeer> for DeviceActor {
         }
         self.core.add_peer(msg.peer, msg.protocol);
         self.core.peer_connected(msg.peer);
+        let receiver = self.new_receiver(msg.protocol);
+        let fresh = self.new_receiver(msg.protocol);
         let port = self.peers.entry(msg.peer).or_insert_with(|| PeerPort {
             link: None,
-            receiver: PeerReceiver::new(msg.protocol),
+            receiver,
             received: HashMap::new(),
             generation: 0,
         });
         port.link = Some(msg.link);
-        port.receiver = PeerReceiver::new(msg.protocol);
+        port.receiver = fresh;
         port.received.clear();
         port.generation += 1;
         tracing::info!(device = %self.name, peer = msg.peer, "replicating to peer");
@@ -806,9 +835,15 @@ impl Handler<FromPeer> for DeviceActor {
                 budget,
             ),
             PeerMessage::Barrier {
-                seq, epoch, writes, ..
+                seq,
+                epoch,
+                writes,
+                flush,
             } => match self.peers.get_mut(&peer) {
-                Some(port) => port.receiver.on_barrier(seq, epoch, writes).map(Some),
+                Some(port) => port
+                    .receiver
+                    .on_barrier(seq, epoch, writes, flush)
+                    .map(Some),
                 None => Ok(None),
             },
             ack => match self.core.peer_ack(peer, &ack, now) {

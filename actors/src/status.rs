@@ -30,6 +30,21 @@ pub struct ResourceStatus {
     pub failed_requests: u64,
     /// Mean write latency in microseconds since the resource came up.
     pub write_latency_avg_us: u64,
+    /// Sum of all write latencies in microseconds (with `writes`, the exact mean).
+    #[serde(default)]
+    pub write_latency_total_us: u64,
+    /// Completed writes per latency bucket, not cumulative; the bounds are
+    /// `write_latency_bounds_us`, and writes slower than the last bound are not in any bucket.
+    #[serde(default)]
+    pub write_latency_buckets: Vec<u64>,
+    #[serde(default)]
+    pub write_latency_bounds_us: Vec<u64>,
+    /// Writes that waited for an overlapping earlier write.
+    #[serde(default)]
+    pub conflicts: u64,
+    /// Requests postponed and re-submitted through the retry actor.
+    #[serde(default)]
+    pub retries: u64,
     /// Current data generation, as 16 hex digits.
     pub current_uuid: String,
     pub peers: Vec<PeerStatus>,

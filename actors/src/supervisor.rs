@@ -51,6 +51,8 @@ pub struct ResourceSetup {
     pub peers: Vec<PeerSetup>,
     /// Where state changes are announced, one `drbdsetup events2`-like line each.
     pub events: Option<broadcast::Sender<String>>,
+    /// Flush at every epoch boundary when applying a peer's writes (DRBD's `disk-flushes`).
+    pub disk_flushes: bool,
 }
 
 /// A configured peer of a resource.
@@ -143,7 +145,8 @@ impl ResourceSupervisor {
     /// thread). The resource comes up Secondary, as DRBD's do.
     pub fn start(setup: ResourceSetup) -> ResourceHandle {
         let size_bytes = setup.store.size();
-        let device_actor = DeviceActor::new(&setup.name, setup.store, false);
+        let device_actor =
+            DeviceActor::new(&setup.name, setup.store, false).with_disk_flushes(setup.disk_flushes);
         let device_snapshot = device_actor.snapshot_handle();
         let device = device_actor.start();
         for peer in &setup.peers {
@@ -246,6 +249,11 @@ impl ResourceSupervisor {
             write_latency_avg_us: (stats.write_latency_total / 1000)
                 .checked_div(stats.writes)
                 .unwrap_or(0),
+            write_latency_total_us: stats.write_latency_total / 1000,
+            write_latency_buckets: stats.write_latency_buckets.to_vec(),
+            write_latency_bounds_us: crate::core::WRITE_LATENCY_BOUNDS_US.to_vec(),
+            conflicts: stats.conflicts,
+            retries: stats.postponed,
             current_uuid: format!("{:016X}", self.meta.current_uuid),
             peers: self
                 .peers

@@ -669,6 +669,7 @@ async fn supervisor_role_changes_drain_and_shutdown() {
         meta: DeviceMeta::new("r0", 1, SIZE, 0xC0FFEE),
         peers: Vec::new(),
         events: None,
+        disk_flushes: true,
     });
     let supervisor = handle.supervisor.clone();
     let device = handle.device.clone();

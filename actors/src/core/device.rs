@@ -112,6 +112,12 @@ struct Request {
     waiting: Vec<(PeerId, PeerNeed)>,
 }
 
+/// Upper bounds (microseconds) of the write latency histogram's buckets; a last, unbounded
+/// bucket holds the rest.
+pub const WRITE_LATENCY_BOUNDS_US: [u64; 12] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
+];
+
 /// Counters the status command shows.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceStats {
@@ -126,6 +132,10 @@ pub struct DeviceStats {
     pub postponed: u64,
     /// Sum of the latencies (submit to completion) of completed writes, in ticks.
     pub write_latency_total: u64,
+    /// Completed writes per latency bucket ([`WRITE_LATENCY_BOUNDS_US`]; not cumulative).
+    pub write_latency_buckets: [u64; WRITE_LATENCY_BOUNDS_US.len()],
+    /// Writes that had to wait for an overlapping earlier write.
+    pub conflicts: u64,
 }
 
 /// The deterministic request pipeline of one volume.
@@ -463,6 +473,7 @@ impl DeviceCore {
             if self.overlaps_active(span) || self.overlaps_waiter(span) {
                 self.set_stage(id, Stage::WaitingForConflict);
                 self.conflict_waiters.push_back(id);
+                self.stats.conflicts += 1;
                 return;
             }
             self.active_spans.insert(span.0, (span.1, id));
@@ -598,7 +609,15 @@ impl DeviceCore {
             IoKind::Write => {
                 stats.writes += 1;
                 stats.written_bytes += request.range.len;
-                stats.write_latency_total += now.saturating_sub(request.start);
+                let latency = now.saturating_sub(request.start);
+                stats.write_latency_total += latency;
+                let latency_us = latency / 1_000;
+                if let Some(bucket) = WRITE_LATENCY_BOUNDS_US
+                    .iter()
+                    .position(|bound| latency_us <= *bound)
+                {
+                    stats.write_latency_buckets[bucket] += 1;
+                }
             }
             IoKind::Discard => {
                 stats.discards += 1;

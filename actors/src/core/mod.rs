@@ -9,6 +9,7 @@ mod states;
 
 pub use device::{
     ByteRange, DeviceCore, DeviceStats, Effect, IoFault, IoKind, RequestId, Stage, Tick,
+    WRITE_LATENCY_BOUNDS_US,
 };
 pub use protocol::ReplicationProtocol;
 pub use states::{ConnectionState, DiskState, Role};

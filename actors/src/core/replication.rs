@@ -272,6 +272,9 @@ pub enum ReceiverEffect {
     Apply(u64),
     /// Make every applied write durable, then report `flush_done(epoch)`.
     Flush(Epoch),
+    /// The epoch is written and needs no flush (disk flushes are off and the barrier did not
+    /// ask for one): report `flush_done(epoch)` right away.
+    EpochWritten(Epoch),
     /// Send this acknowledgement on the ack stream.
     Ack(PeerMessage),
 }
@@ -285,6 +288,7 @@ struct Received {
 #[derive(Debug, Clone, Copy)]
 struct Closing {
     writes: u32,
+    flush: bool,
 }
 
 /// The receiving side of one connection: writes of one epoch may be applied in any order, but
@@ -298,6 +302,9 @@ pub struct PeerReceiver {
     done_in_epoch: u32,
     closing: Option<Closing>,
     flushing: bool,
+    /// Flush the disk at every epoch boundary (DRBD's `disk-flushes`), not only when the
+    /// sender's barrier asks for it.
+    disk_flushes: bool,
     /// Received for a later epoch, waiting for the current one to finish: local id, or a
     /// barrier (epoch, writes).
     queued: VecDeque<Queued>,
@@ -309,7 +316,11 @@ pub struct PeerReceiver {
 #[derive(Debug, Clone, Copy)]
 enum Queued {
     Write(u64),
-    Barrier { epoch: Epoch, writes: u32 },
+    Barrier {
+        epoch: Epoch,
+        writes: u32,
+        flush: bool,
+    },
 }
 
 impl PeerReceiver {
@@ -322,11 +333,19 @@ impl PeerReceiver {
             done_in_epoch: 0,
             closing: None,
             flushing: false,
+            disk_flushes: true,
             queued: VecDeque::new(),
             next_local: 1,
             active: HashMap::new(),
             received_bytes: 0,
         }
+    }
+
+    /// Flush only for barriers that ask for it (an fsync on the sender), for storage whose
+    /// write cache survives power loss.
+    pub fn without_disk_flushes(mut self) -> Self {
+        self.disk_flushes = false;
+        self
     }
 
     /// Requests received and not yet written.
@@ -400,6 +419,7 @@ impl PeerReceiver {
         seq: u64,
         epoch: Epoch,
         writes: u32,
+        flush: bool,
     ) -> Result<Vec<ReceiverEffect>, ProtocolError> {
         self.check_seq(seq)?;
         let mut effects = Vec::new();
@@ -410,7 +430,11 @@ impl PeerReceiver {
                     "barrier for epoch {epoch}, expected {expected}"
                 )));
             }
-            self.queued.push_back(Queued::Barrier { epoch, writes });
+            self.queued.push_back(Queued::Barrier {
+                epoch,
+                writes,
+                flush,
+            });
             return Ok(effects);
         }
         if epoch != self.epoch {
@@ -419,13 +443,14 @@ impl PeerReceiver {
                 self.epoch
             )));
         }
-        self.close(writes, &mut effects)?;
+        self.close(writes, flush, &mut effects)?;
         Ok(effects)
     }
 
     fn close(
         &mut self,
         writes: u32,
+        flush: bool,
         effects: &mut Vec<ReceiverEffect>,
     ) -> Result<(), ProtocolError> {
         if writes != self.started_in_epoch {
@@ -434,15 +459,22 @@ impl PeerReceiver {
                 self.epoch, self.started_in_epoch
             )));
         }
-        self.closing = Some(Closing { writes });
+        self.closing = Some(Closing { writes, flush });
         self.maybe_flush(effects);
         Ok(())
     }
 
     fn maybe_flush(&mut self, effects: &mut Vec<ReceiverEffect>) {
-        if self.closing.is_some() && !self.flushing && self.done_in_epoch == self.started_in_epoch {
+        let Some(closing) = self.closing else {
+            return;
+        };
+        if !self.flushing && self.done_in_epoch == self.started_in_epoch {
             self.flushing = true;
-            effects.push(ReceiverEffect::Flush(self.epoch));
+            effects.push(if self.disk_flushes || closing.flush {
+                ReceiverEffect::Flush(self.epoch)
+            } else {
+                ReceiverEffect::EpochWritten(self.epoch)
+            });
         }
     }
 
@@ -495,13 +527,17 @@ impl PeerReceiver {
                     self.started_in_epoch += 1;
                     effects.push(ReceiverEffect::Apply(local));
                 }
-                Queued::Barrier { epoch, writes } => {
+                Queued::Barrier {
+                    epoch,
+                    writes,
+                    flush,
+                } => {
                     if epoch != self.epoch {
                         return Err(ProtocolError(format!(
                             "barrier for epoch {epoch} out of order"
                         )));
                     }
-                    self.close(writes, &mut effects)?;
+                    self.close(writes, flush, &mut effects)?;
                     break;
                 }
             }
@@ -578,7 +614,10 @@ mod tests {
         let mut receiver = PeerReceiver::new(ReplicationProtocol::C);
         let (a, effects) = receiver.on_write(1, 1, 10, 4096).unwrap_or_default();
         assert_eq!(effects, vec![ReceiverEffect::Apply(a)]);
-        assert!(receiver.on_barrier(2, 1, 1).unwrap_or_default().is_empty());
+        assert!(receiver
+            .on_barrier(2, 1, 1, false)
+            .unwrap_or_default()
+            .is_empty());
         // Epoch 2 arrives while epoch 1 is still being written: it must wait.
         let (b, effects) = receiver.on_write(3, 2, 11, 4096).unwrap_or_default();
         assert!(effects.is_empty());
@@ -607,7 +646,7 @@ mod tests {
     fn receiver_rejects_count_mismatch_and_bad_sequence() {
         let mut receiver = PeerReceiver::new(ReplicationProtocol::A);
         assert!(receiver.on_write(1, 1, 1, 10).is_ok());
-        assert!(receiver.on_barrier(2, 1, 2).is_err());
+        assert!(receiver.on_barrier(2, 1, 2, false).is_err());
         let mut receiver = PeerReceiver::new(ReplicationProtocol::A);
         assert!(receiver.on_write(2, 1, 1, 10).is_err());
     }
@@ -624,5 +663,30 @@ mod tests {
             ]
         );
         assert!(receiver.local_done(local, Ok(())).is_empty());
+    }
+
+    #[test]
+    fn without_disk_flushes_only_flushing_barriers_flush() {
+        let mut receiver = PeerReceiver::new(ReplicationProtocol::C).without_disk_flushes();
+        let (a, _) = receiver.on_write(1, 1, 10, 4096).unwrap_or_default();
+        assert!(receiver
+            .on_barrier(2, 1, 1, false)
+            .unwrap_or_default()
+            .is_empty());
+        let effects = receiver.local_done(a, Ok(()));
+        assert_eq!(effects.last(), Some(&ReceiverEffect::EpochWritten(1)));
+        let effects = receiver.flush_done(1).unwrap_or_default();
+        assert_eq!(
+            effects,
+            vec![ReceiverEffect::Ack(PeerMessage::BarrierAck {
+                epoch: 1,
+                writes: 1
+            })]
+        );
+        // An fsync on the sender still makes the peer flush.
+        assert_eq!(
+            receiver.on_barrier(3, 2, 0, true).unwrap_or_default(),
+            vec![ReceiverEffect::Flush(2)]
+        );
     }
 }
