@@ -1,0 +1,613 @@
+#!/usr/bin/env bash
+# End-to-end fio benchmark: ext4 on a loop device over a plain sparse file ("plain") versus
+# ext4 on a loop device over a qrbd FUSE image: single node ("qrbd"), or the primary of a
+# two-node pair on loopback with protocol C ("qrbd-c") or A ("qrbd-a"). Same disk, same fio jobs.
+#
+#   benches/fio-e2e.sh [--quick] [--rounds N] [--image-size SIZE] [--seq-size SIZE]
+#                      [--rand-size SIZE] [--runtime SECONDS] [--iodepth N] [--workloads LIST]
+#                      [--cases LIST] [--binary PATH] [--no-build] [--base-dir DIR] [--keep]
+#
+# Needs root (losetup, mount), fio, python3, mkfs.ext4 and FUSE. See benches/README.md.
+#
+# Layout, for adding cases: a case NAME is a function `setup_NAME` (a "-" in NAME becomes "_":
+# case qrbd-c is setup_qrbd_c) that mounts an ext4 and sets CASE_DIR to a directory on it,
+# registering what it creates in the cleanup arrays (MOUNTS, LOOPS, DAEMON_PIDS) as soon as it
+# exists; an optional `finish_NAME` runs at the end while the case is still up (the qrbd ones
+# record the daemons' peak RSS; the replicated ones also unmount, wait for unacked == 0 and
+# compare the two backing files). All cases are set up first and stay mounted; then, for every
+# round and workload, `run_suite NAME DIR ROUND WORKLOAD` runs for each case in turn, so that
+# the cases of one row are measured close together in time (the disk's speed drifts on a shared
+# VM). The report has one column per case, in order, and the ratio of each case to the first.
+set -euo pipefail
+
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_DIR=$(cd "$SCRIPT_DIR/.." && pwd)
+
+# ---- options (env vars, overridden by flags) -------------------------------------------------
+IMAGE_SIZE=${QRBD_FIO_IMAGE_SIZE:-4GiB}     # size of each image (qrbd syntax: MiB, GiB, ...)
+SEQ_SIZE=${QRBD_FIO_SEQ_SIZE:-1g}           # fio size of the sequential-write file
+RAND_SIZE=${QRBD_FIO_RAND_SIZE:-1g}         # fio size of the random read/write file
+RUNTIME=${QRBD_FIO_RUNTIME:-20}             # seconds of each time-based job
+IODEPTH=${QRBD_FIO_IODEPTH:-16}
+ROUNDS=${QRBD_FIO_ROUNDS:-1}
+WORKLOADS=${QRBD_FIO_WORKLOADS:-seqwrite,randwrite,randread}
+CASES=${QRBD_FIO_CASES:-plain,qrbd}
+BINARY=${QRBD_FIO_BINARY:-}
+BUILD=${QRBD_FIO_BUILD:-1}
+BASE_DIR=${QRBD_FIO_BASE_DIR:-${TMPDIR:-/tmp}}
+KEEP=${QRBD_FIO_KEEP:-0}
+
+usage() {
+    sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    cat <<'EOF'
+
+Options (each also as an environment variable):
+  --quick              smoke test: 1GiB images, 256m sequential, 128m random file, 5 s jobs
+  --rounds N           run every workload N times, cases interleaved; the table shows the
+                       median and each round (QRBD_FIO_ROUNDS, default 1)
+  --image-size SIZE    size of each image, qrbd syntax (QRBD_FIO_IMAGE_SIZE, default 4GiB)
+  --seq-size SIZE      fio size of the sequential write (QRBD_FIO_SEQ_SIZE, default 1g)
+  --rand-size SIZE     fio size of the random I/O file (QRBD_FIO_RAND_SIZE, default 1g)
+  --runtime SECONDS    length of the random jobs (QRBD_FIO_RUNTIME, default 20)
+  --iodepth N          queue depth of the random jobs (QRBD_FIO_IODEPTH, default 16)
+  --workloads LIST     comma list of seqwrite,randwrite,randread (QRBD_FIO_WORKLOADS)
+  --cases LIST         comma list of plain,qrbd,qrbd-c,qrbd-a (QRBD_FIO_CASES); the first is
+                       the baseline. qrbd-c/qrbd-a: protocol C/A, one peer on loopback
+  --binary PATH        qrbd binary to use (QRBD_FIO_BINARY); default target/release/qrbd
+  --no-build           do not run `cargo build --release` first (QRBD_FIO_BUILD=0)
+  --base-dir DIR       where the temporary directory goes (QRBD_FIO_BASE_DIR, default $TMPDIR
+                       or /tmp); every image lives there, so all cases use the same disk
+  --keep               keep the temporary directory: fio JSON, summary.json, daemon logs and
+                       daemon.pid files (QRBD_FIO_KEEP=1)
+EOF
+}
+
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --quick)
+            IMAGE_SIZE=1GiB SEQ_SIZE=256m RAND_SIZE=128m RUNTIME=5
+            shift ;;
+        --rounds) ROUNDS=$2; shift 2 ;;
+        --image-size) IMAGE_SIZE=$2; shift 2 ;;
+        --seq-size) SEQ_SIZE=$2; shift 2 ;;
+        --rand-size) RAND_SIZE=$2; shift 2 ;;
+        --runtime) RUNTIME=$2; shift 2 ;;
+        --iodepth) IODEPTH=$2; shift 2 ;;
+        --workloads) WORKLOADS=$2; shift 2 ;;
+        --cases) CASES=$2; shift 2 ;;
+        --binary) BINARY=$2; shift 2 ;;
+        --no-build) BUILD=0; shift ;;
+        --base-dir) BASE_DIR=$2; shift 2 ;;
+        --keep) KEEP=1; shift ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+
+log() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# ---- cleanup ---------------------------------------------------------------------------------
+# Everything created is registered here as soon as it exists; cleanup undoes it in reverse
+# order, tolerates half-done setups, and runs once (on EXIT, after INT and TERM too).
+WORK_DIR=""
+QRBD=""
+MOUNTS=()        # ext4 mount points
+LOOPS=()         # loop devices
+DAEMON_PIDS=()   # qrbd daemons, as "pid:config:mount_dir"
+CLEANING=0
+
+unmount_path() {
+    local target=$1
+    mountpoint -q "$target" 2>/dev/null || return 0
+    umount "$target" 2>/dev/null || umount -l "$target" 2>/dev/null || true
+}
+
+stop_daemon() {
+    # stop_daemon "pid:config:mount_dir": secondary, SIGTERM, wait up to 30 s, then SIGKILL.
+    local pid config mount_dir deadline
+    IFS=: read -r pid config mount_dir <<<"$1"
+    if kill -0 "$pid" 2>/dev/null; then
+        timeout 30 "$QRBD" --config "$config" secondary r0 >/dev/null 2>&1 || true
+        kill -TERM "$pid" 2>/dev/null || true
+        deadline=$((SECONDS + 30))
+        while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done
+        if kill -0 "$pid" 2>/dev/null; then
+            echo "warning: daemon $pid did not exit in 30 s; killing it" >&2
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+        wait "$pid" 2>/dev/null || true
+    fi
+    # A killed daemon leaves its FUSE mount behind.
+    if mountpoint -q "$mount_dir" 2>/dev/null; then
+        fusermount3 -u "$mount_dir" 2>/dev/null || umount -l "$mount_dir" 2>/dev/null || true
+    fi
+}
+
+stop_fio() {
+    local deadline
+    [[ -n $FIO_PID ]] || return 0
+    kill -INT "$FIO_PID" 2>/dev/null || true
+    deadline=$((SECONDS + 15))
+    while kill -0 "$FIO_PID" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done
+    kill -KILL "$FIO_PID" 2>/dev/null || true
+    wait "$FIO_PID" 2>/dev/null || true
+    FIO_PID=""
+}
+
+teardown() {
+    local i
+    stop_fio
+    for ((i = ${#MOUNTS[@]} - 1; i >= 0; i--)); do unmount_path "${MOUNTS[i]}"; done
+    MOUNTS=()
+    for ((i = ${#LOOPS[@]} - 1; i >= 0; i--)); do
+        losetup -d "${LOOPS[i]}" 2>/dev/null || true
+    done
+    LOOPS=()
+    for ((i = ${#DAEMON_PIDS[@]} - 1; i >= 0; i--)); do stop_daemon "${DAEMON_PIDS[i]}"; done
+    DAEMON_PIDS=()
+}
+
+cleanup() {
+    local status=$?
+    ((CLEANING)) && return
+    CLEANING=1
+    trap '' INT TERM
+    teardown
+    if [[ -n $WORK_DIR && -d $WORK_DIR ]]; then
+        if ((KEEP)) || ((status != 0)); then
+            echo "kept $WORK_DIR (fio JSON, daemon logs)" >&2
+        else
+            rm -rf "$WORK_DIR"
+        fi
+    fi
+    return "$status"
+}
+trap cleanup EXIT
+trap 'echo "interrupted" >&2; exit 130' INT
+trap 'exit 143' TERM
+
+# ---- helpers ---------------------------------------------------------------------------------
+need() { command -v "$1" >/dev/null 2>&1 || die "$1 is needed but not installed"; }
+
+LOOP_DEV=""
+attach_loop() {
+    # attach_loop FILE: sets LOOP_DEV. Not a $(...) function: the registration for cleanup
+    # would be lost in the subshell.
+    LOOP_DEV=$(losetup --direct-io=on --find --show "$1")
+    LOOPS+=("$LOOP_DEV")
+}
+
+mkfs_and_mount() {
+    # mkfs_and_mount DEVICE MOUNTPOINT. Inode tables and journal are initialised now, not by a
+    # background thread during the measurements.
+    mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 "$1"
+    mkdir -p "$2"
+    mount "$1" "$2"
+    MOUNTS+=("$2")
+}
+
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+free_udp_port() {
+    python3 -c 'import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+size_bytes() {
+    # The qrbd size syntax (4GiB, 512MiB, 1G, 4096) in bytes.
+    python3 - "$1" <<'EOF'
+import re, sys
+m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(i?B)?\s*", sys.argv[1], re.I)
+if not m:
+    sys.exit(f"bad size {sys.argv[1]!r}")
+print(int(m.group(1)) << (10 * " KMGT".index((m.group(2) or " ").upper())))
+EOF
+}
+
+# ---- cases -----------------------------------------------------------------------------------
+# setup_NAME: mount an ext4 and set CASE_DIR to a directory on it.
+
+setup_plain() {
+    local dir=$WORK_DIR/plain image
+    mkdir -p "$dir"
+    image=$dir/plain.img
+    truncate -s "$(size_bytes "$IMAGE_SIZE")" "$image"
+    attach_loop "$image"
+    log "plain: sparse $image on $LOOP_DEV"
+    mkfs_and_mount "$LOOP_DEV" "$dir/mnt"
+    CASE_DIR=$dir/mnt
+}
+
+wait_for_image() {
+    # wait_for_image IMAGE PID LOG: until the daemon's FUSE image exists (20 s at most).
+    local image=$1 pid=$2 logfile=$3 deadline=$((SECONDS + 20))
+    until [[ -e $image ]]; do
+        kill -0 "$pid" 2>/dev/null || { cat "$logfile" >&2; die "the daemon exited early"; }
+        ((SECONDS < deadline)) ||
+            { cat "$logfile" >&2; die "timed out after 20 s waiting for $image"; }
+        sleep 0.1
+    done
+}
+
+START_PID=""
+start_daemon() {
+    # start_daemon LABEL CONFIG DIR: create-md r0 and start the daemon of CONFIG (state in DIR),
+    # registered for cleanup; sets START_PID. In a session of its own: Ctrl-C must not reach
+    # the daemon (it shuts down on SIGINT) while the loop device and the ext4 on its image are
+    # still up; cleanup stops it in order.
+    local label=$1 config=$2 dir=$3
+    log "$label: create-md r0 ($IMAGE_SIZE)"
+    "$QRBD" --config "$config" create-md r0 >"$dir/create-md.out"
+    log "$label: daemon (log: $dir/daemon.log)"
+    setsid "$QRBD" --config "$config" --log-level info daemon </dev/null >"$dir/daemon.log" 2>&1 &
+    START_PID=$!
+    DAEMON_PIDS+=("$START_PID:$config:$dir/disks")
+    echo "$START_PID" >"$dir/daemon.pid"
+}
+
+declare -A CASE_PIDS=()     # case -> "label:pid label:pid", for the RSS report
+declare -A CASE_PAIR=()     # replicated case -> "alpha_config:alpha_dir:beta_dir:mount:loop"
+
+setup_qrbd() {
+    local dir=$WORK_DIR/qrbd config image
+    mkdir -p "$dir"
+    config=$dir/qrbd.toml
+    cat >"$config" <<EOF
+[node]
+name = "bench"
+id = 0
+state_dir = "$dir/state"
+mount_dir = "$dir/disks"
+admin_socket = "$dir/qrbd.sock"
+listen = "127.0.0.1:$(free_port)"
+
+[[resource]]
+name = "r0"
+size = "$IMAGE_SIZE"
+protocol = "C"
+EOF
+    start_daemon qrbd "$config" "$dir"
+    CASE_PIDS[qrbd]="qrbd:$START_PID"
+    image=$dir/disks/r0.img
+    wait_for_image "$image" "$START_PID" "$dir/daemon.log"
+    "$QRBD" --config "$config" primary r0 >/dev/null
+    attach_loop "$image"
+    log "qrbd: $image on $LOOP_DEV"
+    mkfs_and_mount "$LOOP_DEV" "$dir/mnt"
+    CASE_DIR=$dir/mnt
+}
+
+pair_config() {
+    # pair_config DIR NAME ID LISTEN_PORT PEER PEER_ID PEER_PORT PROTOCOL: the config of one
+    # node of a two-node pair on 127.0.0.1 (certificates in DIR/tls), on stdout.
+    local dir=$1 name=$2 id=$3 port=$4 peer=$5 peer_id=$6 peer_port=$7 protocol=$8
+    local disk_flushes=${9:-true}
+    cat <<EOF
+[node]
+name = "$name"
+id = $id
+state_dir = "$dir/$name/state"
+mount_dir = "$dir/$name/disks"
+admin_socket = "$dir/$name/qrbd.sock"
+listen = "127.0.0.1:$port"
+
+[tls]
+ca = "$dir/tls/ca.crt"
+cert = "$dir/tls/$name.crt"
+key = "$dir/tls/$name.key"
+
+[[resource]]
+name = "r0"
+size = "$IMAGE_SIZE"
+protocol = "$protocol"
+disk_flushes = $disk_flushes
+
+[[resource.peer]]
+name = "$peer"
+id = $peer_id
+address = "127.0.0.1:$peer_port"
+EOF
+}
+
+peer_field() {
+    # peer_field CONFIG FIELD: r0's first peer's FIELD from `qrbd status --json` ("" on error).
+    timeout 10 "$QRBD" --config "$1" status --json 2>/dev/null | python3 -c '
+import json, sys
+try:
+    r = [r for r in json.load(sys.stdin) if r["name"] == "r0"][0]
+    print(r["peers"][0][sys.argv[1]])
+except Exception:
+    pass' "$2" || true
+}
+
+setup_pair() {
+    # setup_pair CASE PROTOCOL: alpha (id 0, primary, the one measured) dials beta (id 1), both
+    # on 127.0.0.1 with free UDP ports and certificates from `qrbd gen-cert` in the case dir.
+    local name=$1 protocol=$2 dir=$WORK_DIR/$1 alpha_port beta_port node image deadline
+    local alpha_pid beta_pid
+    mkdir -p "$dir/alpha" "$dir/beta"
+    for node in alpha beta; do
+        "$QRBD" gen-cert --ca-dir "$dir/tls" --node "$node" >>"$dir/gen-cert.out"
+    done
+    alpha_port=$(free_udp_port)
+    beta_port=$(free_udp_port)
+    while [[ $beta_port == "$alpha_port" ]]; do beta_port=$(free_udp_port); done
+    pair_config "$dir" alpha 0 "$alpha_port" beta 1 "$beta_port" "$protocol" "${DISK_FLUSHES:-true}" >"$dir/alpha.toml"
+    pair_config "$dir" beta 1 "$beta_port" alpha 0 "$alpha_port" "$protocol" "${DISK_FLUSHES:-true}" >"$dir/beta.toml"
+    # beta first, so that the reverse-order teardown stops the primary (alpha) first.
+    start_daemon "$name/beta" "$dir/beta.toml" "$dir/beta"
+    beta_pid=$START_PID
+    start_daemon "$name/alpha" "$dir/alpha.toml" "$dir/alpha"
+    alpha_pid=$START_PID
+    CASE_PIDS[$name]="alpha:$alpha_pid beta:$beta_pid"
+    image=$dir/alpha/disks/r0.img
+    wait_for_image "$image" "$alpha_pid" "$dir/alpha/daemon.log"
+    log "$name: waiting for alpha and beta to connect (protocol $protocol)"
+    deadline=$((SECONDS + 30))
+    until [[ $(peer_field "$dir/alpha.toml" connection) == Connected ]]; do
+        kill -0 "$alpha_pid" 2>/dev/null ||
+            { cat "$dir/alpha/daemon.log" >&2; die "$name: alpha exited early"; }
+        kill -0 "$beta_pid" 2>/dev/null ||
+            { cat "$dir/beta/daemon.log" >&2; die "$name: beta exited early"; }
+        if ((SECONDS >= deadline)); then
+            "$QRBD" --config "$dir/alpha.toml" status >&2 || true
+            tail -20 "$dir/alpha/daemon.log" "$dir/beta/daemon.log" >&2
+            die "$name: alpha and beta did not connect within 30 s"
+        fi
+        sleep 0.2
+    done
+    "$QRBD" --config "$dir/alpha.toml" primary r0 >/dev/null
+    attach_loop "$image"
+    log "$name: $image on $LOOP_DEV (alpha primary, beta connected)"
+    mkfs_and_mount "$LOOP_DEV" "$dir/mnt"
+    CASE_PAIR[$name]="$dir/alpha.toml:$dir/alpha:$dir/beta:$dir/mnt:$LOOP_DEV"
+    CASE_DIR=$dir/mnt
+}
+
+setup_qrbd_c() { setup_pair qrbd-c C; }
+setup_qrbd_a() { setup_pair qrbd-a A; }
+# Protocol C with disk_flushes = false (DRBD's disk-flushes no): fsync still flushes the peer.
+setup_qrbd_c_nf() { DISK_FLUSHES=false setup_pair qrbd-c-nf C; }
+
+record_rss() {
+    # record_rss CASE: peak RSS (VmHWM) of the case's daemons over the whole run, read while
+    # they are still up.
+    local case=$1 entry label pid
+    for entry in ${CASE_PIDS[$case]:-}; do
+        label=${entry%%:*} pid=${entry##*:}
+        [[ -r /proc/$pid/status ]] || continue
+        awk -v who="$case $label" '/^VmHWM|^VmRSS|^Threads/ { print who ": " $0 }' \
+            "/proc/$pid/status" >>"$RESULTS/rss"
+    done
+}
+
+forget() {
+    # forget ARRAY VALUE: drop VALUE from the cleanup array ARRAY.
+    local -n arr=$1
+    local kept=() v
+    for v in "${arr[@]}"; do [[ $v == "$2" ]] || kept+=("$v"); done
+    arr=("${kept[@]}")
+}
+
+verify_pair() {
+    # verify_pair CASE: unmount the case's ext4, detach its loop device, wait until alpha has
+    # nothing unacked or pending towards beta, then compare the two backing files byte for byte.
+    local case=$1 config alpha_dir beta_dir mnt loop deadline unacked pending result
+    IFS=: read -r config alpha_dir beta_dir mnt loop <<<"${CASE_PAIR[$case]}"
+    unmount_path "$mnt"
+    forget MOUNTS "$mnt"
+    losetup -d "$loop" 2>/dev/null || true
+    forget LOOPS "$loop"
+    deadline=$((SECONDS + 60))
+    while :; do
+        unacked=$(peer_field "$config" unacked)
+        pending=$(peer_field "$config" pending)
+        [[ $unacked == 0 && $pending == 0 ]] && break
+        if ((SECONDS >= deadline)); then
+            echo "$case: FAIL: after 60 s alpha still has unacked=$unacked pending=$pending" \
+                >>"$RESULTS/verify"
+            return 0
+        fi
+        sleep 0.2
+    done
+    log "$case: comparing the backing files of alpha and beta"
+    if cmp -s "$alpha_dir/state/r0.img" "$beta_dir/state/r0.img"; then
+        result="identical"
+    else
+        result="DIFFERENT ($(cmp "$alpha_dir/state/r0.img" "$beta_dir/state/r0.img" 2>&1 | head -1))"
+    fi
+    echo "$case: alpha and beta backing files $result ($(peer_field "$config" connection)," \
+        "unacked 0, pending 0)" >>"$RESULTS/verify"
+}
+
+finish_qrbd() { record_rss qrbd; }
+finish_qrbd_c() { record_rss qrbd-c; verify_pair qrbd-c; }
+finish_qrbd_a() { record_rss qrbd-a; verify_pair qrbd-a; }
+
+# ---- fio -------------------------------------------------------------------------------------
+FIO_PID=""
+run_fio() {
+    # fio in the background and `wait` for it: fio catches SIGINT and exits 0, and bash does
+    # not run the INT trap for a foreground child that handled the signal itself, so Ctrl-C
+    # would only cut the current job short. `wait` is interrupted by the trap at once.
+    fio "$@" >/dev/null &
+    FIO_PID=$!
+    wait "$FIO_PID"
+    FIO_PID=""
+}
+
+fio_job() {
+    # fio_job LABEL WORKLOAD ROUND DIR [fio args...]
+    local label=$1 workload=$2 round=$3 dir=$4
+    shift 4
+    log "$label: $workload (round $round)"
+    run_fio --name="$workload" --directory="$dir" --output-format=json \
+        --output="$RESULTS/$label.$workload.$round.json" "$@"
+}
+
+run_suite() {
+    # run_suite LABEL DIR [ROUND [WORKLOADS]]: the workloads (default: all selected) against
+    # files in DIR.
+    local label=$1 dir=$2 round=${3:-1} list=${4:-$WORKLOADS} workload
+    local rand=(--filename=rand.dat --size="$RAND_SIZE" --bs=4k --direct=1 --ioengine=libaio
+        --iodepth="$IODEPTH" --time_based=1 --runtime="$RUNTIME" --randrepeat=0
+        --norandommap=1)
+    IFS=, read -r -a selected <<<"$list"
+    for workload in "${selected[@]}"; do
+        case $workload in
+            seqwrite)
+                # Buffered 1 MiB writes; fio's runtime includes the final fsync.
+                fio_job "$label" seqwrite "$round" "$dir" --filename=seq.dat --rw=write \
+                    --bs=1m --size="$SEQ_SIZE" --ioengine=psync --end_fsync=1
+                rm -f "$dir/seq.dat"
+                ;;
+            randwrite|randread)
+                # Both run on a file written in full first: overwrites of allocated blocks in
+                # the guest ext4 and in the sparse image/backing file (left to itself, fio would
+                # only fallocate the file for randwrite, and every write would then also
+                # convert an unwritten extent and allocate a block on the host: first-write
+                # cost, which drifts as the file fills).
+                if [[ ! -e $dir/rand.dat ]]; then
+                    log "$label: laying out rand.dat ($RAND_SIZE)"
+                    run_fio --name=layout --directory="$dir" --filename=rand.dat \
+                        --size="$RAND_SIZE" --rw=write --bs=1m --end_fsync=1
+                fi
+                fio_job "$label" "$workload" "$round" "$dir" --rw="$workload" "${rand[@]}"
+                ;;
+            *) die "unknown workload $workload (seqwrite, randwrite, randread)" ;;
+        esac
+        sync
+    done
+}
+
+# ---- report ----------------------------------------------------------------------------------
+report() {
+    python3 - "$RESULTS" "$CASES" "$WORKLOADS" "$ROUNDS" <<'EOF'
+import json, os, statistics, sys
+
+results, cases, workloads = sys.argv[1], sys.argv[2].split(","), sys.argv[3].split(",")
+rounds = range(1, int(sys.argv[4]) + 1)
+UNITS = {"seqwrite": "MiB/s", "randwrite": "IOPS", "randread": "IOPS"}
+NAMES = {"seqwrite": "seq write 1M, end_fsync", "randwrite": "4K rand write",
+         "randread": "4K rand read"}
+
+def load(case, workload, r):
+    try:
+        text = open(os.path.join(results, f"{case}.{workload}.{r}.json")).read()
+    except OSError:
+        return None
+    data = json.loads(text[text.index("{"):])  # fio may print warnings before the JSON
+    job = data["jobs"][0]
+    side = job["read"] if workload == "randread" else job["write"]
+    if workload == "seqwrite":
+        # Bytes over the job's runtime, which includes the final fsync.
+        return side["io_bytes"] / 2**20 / (job["job_runtime"] / 1000)
+    return side["iops"]
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+base = cases[0]
+summary, rows, per_round = {}, [], []
+for w in workloads:
+    vals = {c: [load(c, w, r) for r in rounds] for c in cases}
+    ratios = {c: [v / b if v is not None and b else None for v, b in zip(vals[c], vals[base])]
+              for c in cases[1:]}
+    summary[w] = {"unit": UNITS.get(w, ""), "values": vals, "ratios": ratios}
+    row = [NAMES.get(w, w), UNITS.get(w, "")]
+    row += ["-" if median(vals[c]) is None else f"{median(vals[c]):,.0f}" for c in cases]
+    row += ["-" if median(ratios[c]) is None else f"{median(ratios[c]):.2f}x" for c in cases[1:]]
+    rows.append(row)
+    if len(rounds) > 1:
+        parts = [c + " " + " ".join("-" if v is None else f"{v:,.0f}" for v in vals[c])
+                 for c in cases]
+        parts += [f"{c}/{base} " + " ".join("-" if v is None else f"{v:.2f}" for v in ratios[c])
+                  for c in cases[1:]]
+        per_round.append(f"  {NAMES.get(w, w)}: " + "; ".join(parts))
+json.dump(summary, open(os.path.join(results, "summary.json"), "w"), indent=1)
+
+header = ["workload", "unit"] + cases + [f"{c}/{base}" for c in cases[1:]]
+widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+def line(r):
+    return "| " + " | ".join(c.ljust(widths[i]) if i < 2 else c.rjust(widths[i])
+                             for i, c in enumerate(r)) + " |"
+print(line(header))
+print("|" + "|".join(("-" * (w + 1) + ":") if i >= 2 else "-" * (w + 2)
+                     for i, w in enumerate(widths)) + "|")
+for r in rows:
+    print(line(r))
+if per_round:
+    print(f"\n{len(rounds)} rounds (table: medians; ratios paired per round):")
+    print("\n".join(per_round))
+EOF
+}
+
+# ---- main ------------------------------------------------------------------------------------
+main() {
+    [[ $(id -u) -eq 0 ]] || die "run as root (losetup, mount)"
+    need fio
+    need python3
+    need losetup
+    need mkfs.ext4
+    need mountpoint
+    [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "--rounds wants a positive number"
+    if [[ -z $BINARY ]]; then
+        BINARY=$REPO_DIR/target/release/qrbd
+        if ((BUILD)); then
+            log "cargo build --release"
+            (cd "$REPO_DIR" && cargo build --release --quiet)
+        fi
+    fi
+    [[ -x $BINARY ]] || die "no qrbd binary at $BINARY (build it or pass --binary)"
+    QRBD=$BINARY
+
+    mkdir -p "$BASE_DIR"
+    WORK_DIR=$(mktemp -d "$BASE_DIR/qrbd-fio.XXXXXX")
+    RESULTS=$WORK_DIR/results
+    mkdir -p "$RESULTS"
+    log "work dir $WORK_DIR (on $(df --output=source "$WORK_DIR" | tail -1))"
+
+    local case round workload
+    declare -A case_dir=()
+    IFS=, read -r -a case_list <<<"$CASES"
+    IFS=, read -r -a workload_list <<<"$WORKLOADS"
+    for case in "${case_list[@]}"; do
+        declare -F "setup_${case//-/_}" >/dev/null || die "unknown case $case"
+    done
+    for case in "${case_list[@]}"; do
+        CASE_DIR=""
+        "setup_${case//-/_}"
+        case_dir[$case]=$CASE_DIR
+    done
+    for ((round = 1; round <= ROUNDS; round++)); do
+        for workload in "${workload_list[@]}"; do
+            for case in "${case_list[@]}"; do
+                run_suite "$case" "${case_dir[$case]}" "$round" "$workload"
+            done
+        done
+    done
+    for case in "${case_list[@]}"; do
+        if declare -F "finish_${case//-/_}" >/dev/null; then "finish_${case//-/_}"; fi
+    done
+    teardown
+
+    echo
+    echo "fio e2e: image $IMAGE_SIZE, seq $SEQ_SIZE, random file $RAND_SIZE, ${RUNTIME}s," \
+        "iodepth $IODEPTH, $(nproc) CPUs, kernel $(uname -r), $(date -u +%Y-%m-%dT%H:%MZ)"
+    report
+    if [[ -s $RESULTS/verify ]]; then
+        echo
+        echo "replicated cases, after unmounting and waiting for unacked == 0:"
+        sed 's/^/  /' "$RESULTS/verify"
+    fi
+    if [[ -s $RESULTS/rss ]]; then
+        echo
+        echo "qrbd daemons at the end of the run:"
+        sed 's/^/  /' "$RESULTS/rss"
+    fi
+}
+
+main
