@@ -194,21 +194,15 @@ fn detach(path: &Path) {
 /// Unmounts the images. If something (a loop device) still holds an image open, the mount is
 /// detached lazily instead and the session threads are left to end with the process.
 fn unmount(mount_dir: &Path, session: fuser::BackgroundSession) {
-    let Some(cpath) = path_cstring(mount_dir) else {
-        return;
-    };
-    // SAFETY: cpath is a valid NUL-terminated string for the duration of the call.
-    let rc = unsafe { libc::umount2(cpath.as_ptr(), 0) };
-    if rc == 0 {
-        if let Err(error) = session.join() {
-            tracing::warn!(%error, "FUSE session ended with an error");
+    // The session unmounts through its own handle (unmounting behind its back made it try
+    // again and log a spurious EINVAL); once unmounted, its threads end and are joined.
+    match session.umount_and_join() {
+        Ok(()) => {}
+        Err(error) => {
+            tracing::warn!(%error, mount = %mount_dir.display(), "images still in use (a loop device?); detaching the mount lazily");
+            detach(mount_dir);
         }
-        return;
     }
-    let error = std::io::Error::last_os_error();
-    tracing::warn!(%error, mount = %mount_dir.display(), "images still in use (a loop device?); detaching the mount lazily");
-    detach(mount_dir);
-    std::mem::forget(session);
 }
 
 fn bind_admin_socket(path: &Path) -> anyhow::Result<UnixListener> {
