@@ -261,8 +261,13 @@ impl Handler<Dial> for PeerActor {
         let peer_id = self.setup.peer_id;
         let local = self.setup.local.clone();
         let dial = async move {
-            let connection = transport::connect(&endpoint, address, &peer_name)
+            let dial = {
+                let (endpoint, peer_name) = (endpoint.clone(), peer_name.clone());
+                async move { transport::connect(&endpoint, address, &peer_name).await }
+            };
+            let connection = transport::on_transport(dial)
                 .await
+                .map_err(|error| (ConnectionState::NetworkFailure, format!("{error:#}")))?
                 .map_err(|error| (ConnectionState::NetworkFailure, format!("{error:#}")))?;
             let handshake = async {
                 let (mut send, mut recv) = connection
@@ -889,8 +894,9 @@ async fn accept_one(
     config: &QrbdConfig,
     find: &Recipient<FindPeerLink>,
 ) -> Result<(), String> {
-    let connection = incoming
+    let connection = transport::on_transport(async move { incoming.await })
         .await
+        .map_err(|error| format!("{error:#}"))?
         .map_err(|error| format!("TLS/QUIC handshake failed: {error}"))?;
     let names =
         transport::peer_certificate_names(&connection).map_err(|error| error.to_string())?;
