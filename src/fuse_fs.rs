@@ -137,6 +137,14 @@ impl DiskFs {
         images.by_ino.get(&ino.0).cloned()
     }
 
+    /// The image of a handle opened for writing; EBADF for unknown or read-only handles.
+    fn writable_handle(&self, fh: FileHandle) -> Result<Arc<ImageEntry>, Errno> {
+        match self.handle(fh) {
+            Some((entry, true)) => Ok(entry),
+            _ => Err(Errno::EBADF),
+        }
+    }
+
     fn handle(&self, fh: FileHandle) -> Option<(Arc<ImageEntry>, bool)> {
         let handles = self.handles.lock().unwrap_or_else(|e| e.into_inner());
         handles
@@ -359,12 +367,10 @@ impl Filesystem for DiskFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let Some((entry, writable)) = self.handle(fh) else {
-            return reply.error(Errno::EBADF);
+        let entry = match self.writable_handle(fh) {
+            Ok(entry) => entry,
+            Err(errno) => return reply.error(errno),
         };
-        if !writable {
-            return reply.error(Errno::EBADF);
-        }
         let fits = offset
             .checked_add(data.len() as u64)
             .is_some_and(|end| end <= entry.size);
@@ -442,12 +448,10 @@ impl Filesystem for DiskFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let Some((entry, writable)) = self.handle(fh) else {
-            return reply.error(Errno::EBADF);
+        let entry = match self.writable_handle(fh) {
+            Ok(entry) => entry,
+            Err(errno) => return reply.error(errno),
         };
-        if !writable {
-            return reply.error(Errno::EBADF);
-        }
         let Some(end) = offset.checked_add(length) else {
             return reply.error(Errno::EINVAL);
         };
