@@ -276,7 +276,7 @@ impl DeviceActor {
                 Ok((op, result)) => (Some(op), result),
                 Err(join_error) => {
                     tracing::error!(%join_error, "local I/O task failed");
-                    (None, Err(IoFault::LocalIo(libc_eio())))
+                    (None, Err(IoFault::LocalIo(EIO)))
                 }
             }
         };
@@ -303,7 +303,7 @@ impl DeviceActor {
             Some(IoOp::Write { data, .. }) => Ok(IoDone::Written(data.len() as u32)),
             Some(IoOp::Discard { .. }) => Ok(IoDone::Discarded),
             Some(IoOp::Flush) => Ok(IoDone::Flushed),
-            None => Err(IoFault::LocalIo(libc_eio())),
+            None => Err(IoFault::LocalIo(EIO)),
         });
         if let Err(fault) = &outcome {
             tracing::debug!(device = %self.name, id, %fault, "request failed");
@@ -316,7 +316,7 @@ impl DeviceActor {
             return;
         };
         let Some(op) = pending.op else {
-            (pending.reply)(Err(IoFault::LocalIo(libc_eio())));
+            (pending.reply)(Err(IoFault::LocalIo(EIO)));
             return;
         };
         RetryActor::from_registry().do_send(RetryPostponed {
@@ -383,22 +383,19 @@ impl DeviceActor {
         link.do_send(ToPeer(message));
     }
 
-    fn peer_snapshots(&self) -> Vec<PeerSnapshot> {
-        self.peers
-            .iter()
-            .map(|(peer, port)| {
-                let sender = self.core.peer(*peer);
-                PeerSnapshot {
-                    peer: *peer,
-                    connected: port.link.is_some(),
-                    out_of_sync_bytes: sender.map_or(0, |s| s.out_of_sync.dirty_bytes()),
-                    unacked: sender.map_or(0, |s| s.unacked_writes()),
-                    pending: port.receiver.pending(),
-                    sent_bytes: sender.map_or(0, |s| s.sent_bytes),
-                    received_bytes: port.receiver.received_bytes,
-                }
-            })
-            .collect()
+    fn peer_snapshots(&self) -> impl Iterator<Item = PeerSnapshot> + '_ {
+        self.peers.iter().map(|(peer, port)| {
+            let sender = self.core.peer(*peer);
+            PeerSnapshot {
+                peer: *peer,
+                connected: port.link.is_some(),
+                out_of_sync_bytes: sender.map_or(0, |s| s.out_of_sync.dirty_bytes()),
+                unacked: sender.map_or(0, |s| s.unacked_writes()),
+                pending: port.receiver.pending(),
+                sent_bytes: sender.map_or(0, |s| s.sent_bytes),
+                received_bytes: port.receiver.received_bytes,
+            }
+        })
     }
 
     fn drop_peer(&mut self, peer: PeerId, reason: String, ctx: &mut Context<Self>) {
@@ -467,16 +464,16 @@ impl DeviceActor {
                     ReceivedKind::Discard(len) => write.offset.checked_add(*len),
                 };
                 if end.is_none_or(|end| end > size) {
-                    return Err(libc_einval());
+                    return Err(EINVAL);
                 }
                 let result = match &write.kind {
                     ReceivedKind::Data(data) => store.write_at(write.offset, data),
                     ReceivedKind::Discard(len) => store.discard(write.offset, *len),
                 };
-                result.map_err(|error| error.raw_os_error().unwrap_or(libc_eio()))
+                result.map_err(|error| error.raw_os_error().unwrap_or(EIO))
             })
             .await;
-            result.unwrap_or(Err(libc_eio()))
+            result.unwrap_or(Err(EIO))
         };
         ctx.spawn(local_io.into_actor(self).map(move |result, actor, ctx| {
             let Some(port) = actor
@@ -520,16 +517,19 @@ impl DeviceActor {
         }));
     }
 
+    /// Runs after every batch of effects, so it updates the shared snapshot in place: no
+    /// allocation per request.
     fn publish(&mut self) {
-        let snapshot = DeviceSnapshot {
-            stats: self.core.stats(),
-            app_in_flight: self.core.app_in_flight(),
-            held: self.core.held() as u64,
-            suspended: self.core.is_suspended(),
-            writable: self.core.is_writable(),
-            peers: self.peer_snapshots(),
-        };
-        *self.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = snapshot;
+        {
+            let mut snapshot = self.snapshot.lock().unwrap_or_else(|e| e.into_inner());
+            snapshot.stats = self.core.stats();
+            snapshot.app_in_flight = self.core.app_in_flight();
+            snapshot.held = self.core.held() as u64;
+            snapshot.suspended = self.core.is_suspended();
+            snapshot.writable = self.core.is_writable();
+            snapshot.peers.clear();
+            snapshot.peers.extend(self.peer_snapshots());
+        }
         if self.core.is_idle() {
             for waiter in self.idle_waiters.drain(..) {
                 let _ = waiter.send(());
@@ -538,13 +538,9 @@ impl DeviceActor {
     }
 }
 
-fn libc_eio() -> i32 {
-    5
-}
-
-fn libc_einval() -> i32 {
-    22
-}
+/// errno values (this crate does not link libc).
+const EIO: i32 = 5;
+const EINVAL: i32 = 22;
 
 fn run_local(store: &dyn BlockStore, mut op: IoOp) -> (IoOp, Result<(), IoFault>) {
     let result = match &mut op {
@@ -555,7 +551,7 @@ fn run_local(store: &dyn BlockStore, mut op: IoOp) -> (IoOp, Result<(), IoFault>
     };
     let result = result.map_err(|error| {
         tracing::error!(%error, op = ?op, "local I/O failed");
-        IoFault::LocalIo(error.raw_os_error().unwrap_or(libc_eio()))
+        IoFault::LocalIo(error.raw_os_error().unwrap_or(EIO))
     });
     (op, result)
 }
@@ -687,8 +683,8 @@ impl Handler<FlushStore> for DeviceActor {
         Box::pin(async move {
             match tokio::task::spawn_blocking(move || store.flush()).await {
                 Ok(Ok(())) => Ok(()),
-                Ok(Err(error)) => Err(IoFault::LocalIo(error.raw_os_error().unwrap_or(libc_eio()))),
-                Err(_) => Err(IoFault::LocalIo(libc_eio())),
+                Ok(Err(error)) => Err(IoFault::LocalIo(error.raw_os_error().unwrap_or(EIO))),
+                Err(_) => Err(IoFault::LocalIo(EIO)),
             }
         })
     }
