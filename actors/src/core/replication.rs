@@ -117,6 +117,8 @@ pub struct PeerSender {
     seq: u64,
     /// Writes sent and not yet covered by a barrier ack, by epoch.
     unacked: BTreeMap<Epoch, Vec<ByteRange>>,
+    /// The number of ranges in `unacked`, kept so status need not count them per request.
+    unacked_count: u64,
     pub out_of_sync: OutOfSync,
     pub sent_bytes: u64,
 }
@@ -131,6 +133,7 @@ impl PeerSender {
             close_before_next_write: false,
             seq: 0,
             unacked: BTreeMap::new(),
+            unacked_count: 0,
             out_of_sync: OutOfSync::new(size_bytes),
             sent_bytes: 0,
         }
@@ -148,11 +151,13 @@ impl PeerSender {
         self.close_before_next_write = false;
         self.seq = 0;
         self.unacked.clear();
+        self.unacked_count = 0;
     }
 
     /// The connection is gone: whatever the peer did not barrier-ack may be missing there.
     pub fn disconnect(&mut self) {
         self.connected = false;
+        self.unacked_count = 0;
         for ranges in std::mem::take(&mut self.unacked).into_values() {
             for range in ranges {
                 self.out_of_sync.mark(range);
@@ -162,10 +167,7 @@ impl PeerSender {
 
     /// Pending writes not yet barrier-acked.
     pub fn unacked_writes(&self) -> u64 {
-        self.unacked
-            .values()
-            .map(|ranges| ranges.len() as u64)
-            .sum()
+        self.unacked_count
     }
 
     fn next_seq(&mut self) -> u64 {
@@ -217,6 +219,7 @@ impl PeerSender {
         });
         self.writes_in_epoch += 1;
         self.unacked.entry(epoch).or_default().push(range);
+        self.unacked_count += 1;
         self.sent_bytes += if is_discard { 0 } else { range.len };
         if self.writes_in_epoch >= MAX_WRITES_PER_EPOCH {
             self.close_before_next_write = true;
@@ -260,6 +263,11 @@ impl PeerSender {
             )));
         }
         self.unacked.retain(|e, _| *e > epoch);
+        self.unacked_count = self
+            .unacked
+            .values()
+            .map(|ranges| ranges.len() as u64)
+            .sum();
         Ok(())
     }
 }
