@@ -11,7 +11,7 @@ use std::ptr::NonNull;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 /// Alignment (and size granularity) of every buffer: enough for O_DIRECT on any common device.
-pub const IO_ALIGN: usize = 4096;
+pub const IO_ALIGN: usize = crate::core::BLOCK_SIZE as usize;
 
 /// A heap buffer whose start and capacity are multiples of [`IO_ALIGN`].
 pub struct AlignedBuf {

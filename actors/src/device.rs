@@ -1,21 +1,30 @@
-//! The DeviceActor: one per volume. It runs the request pipeline of [`DeviceCore`] and carries
-//! out its effects: local I/O on a bounded blocking pool, replies to the application, and
-//! handing postponed requests to the [`RetryActor`].
+//! The DeviceActor: one per resource's volume. A thin shell around the resource's
+//! [`ResourceCore`]: it feeds the core every input (application requests, peer messages, I/O
+//! and metadata completions, timer ticks, administrator commands) and carries out the effects
+//! the core returns: local I/O on a bounded blocking pool, replies to the application, messages
+//! to the peers' links, metadata saves, and handing postponed requests to the [`RetryActor`].
+//! It keeps no protocol state of its own, only the payloads and reply paths the core refers to.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{broadcast, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::buffer::PooledBuf;
 use crate::core::messages::{Epoch, PeerMessage};
-use crate::core::replication::{Outgoing, PeerId, PeerReceiver, ReceiverEffect};
+use crate::core::replication::{Outgoing, PeerId};
+use crate::core::resource::{
+    Command, CommandError, CommandId, CoreConfig, Effect, Input, LinkStatus, PeerWrite,
+    ResourceCore, Timing,
+};
 use crate::core::{
-    ByteRange, DeviceCore, DeviceStats, Effect, IoFault, IoKind, ReplicationProtocol, RequestId,
+    ByteRange, DeviceStats, DiskState, IoFault, IoKind, ReplicationProtocol, RequestId, Role,
     Tick,
 };
+use crate::meta::DeviceMeta;
+use crate::metadata::{MetaActor, SaveMeta};
 use crate::ports::BlockStore;
 use crate::retry::{PostponedIo, RetryActor, RetryPostponed};
 
@@ -87,32 +96,49 @@ pub struct SubmitIo {
 }
 
 /// What status needs, readable without going through the actor's mailbox.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceSnapshot {
     pub stats: DeviceStats,
     pub app_in_flight: u64,
     pub held: u64,
     pub suspended: bool,
     pub writable: bool,
-    pub peers: Vec<PeerSnapshot>,
+    pub role: Role,
+    pub disk: DiskState,
+    pub current_uuid: u64,
+    pub bitmap_uuids: BTreeMap<u8, u64>,
+    pub history_uuids: Vec<u64>,
+    pub changing: bool,
+    pub down: bool,
+    pub peers: Vec<LinkStatus>,
+    /// The current state as `exists` lines, for a new `events` subscriber.
+    pub describe: Vec<String>,
 }
 
-/// Replication counters of one peer.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PeerSnapshot {
-    pub peer: PeerId,
-    pub connected: bool,
-    pub out_of_sync_bytes: u64,
-    /// Writes sent and not yet covered by a barrier ack.
-    pub unacked: u64,
-    /// Writes received from the peer and not yet written here.
-    pub pending: u64,
-    pub sent_bytes: u64,
-    pub received_bytes: u64,
+impl Default for DeviceSnapshot {
+    fn default() -> Self {
+        DeviceSnapshot {
+            stats: DeviceStats::default(),
+            app_in_flight: 0,
+            held: 0,
+            suspended: false,
+            writable: false,
+            role: Role::Secondary,
+            disk: DiskState::DUnknown,
+            current_uuid: 0,
+            bitmap_uuids: BTreeMap::new(),
+            history_uuids: Vec::new(),
+            changing: false,
+            down: false,
+            peers: Vec::new(),
+            describe: Vec::new(),
+        }
+    }
 }
 
-/// What the device asks a peer's link to send.
+/// What the device asks a peer's link to do.
 pub enum PeerOutbound {
+    /// A replicated write, with the application's bytes (shared, not copied).
     Data {
         seq: u64,
         epoch: Epoch,
@@ -120,23 +146,12 @@ pub enum PeerOutbound {
         offset: u64,
         data: SharedBuf,
     },
-    Discard {
-        seq: u64,
-        epoch: Epoch,
-        request: RequestId,
-        offset: u64,
-        len: u64,
-    },
-    Barrier {
-        seq: u64,
-        epoch: Epoch,
-        writes: u32,
-        flush: bool,
-    },
-    /// An acknowledgement of the peer's writes (ack stream).
-    Ack(PeerMessage),
-    /// The peer broke the protocol: close the connection with this reason.
-    Drop(String),
+    /// Any other message (the link picks the stream by [`PeerMessage::on_data_stream`]).
+    Message(PeerMessage),
+    /// Open a connection to the peer.
+    Dial,
+    /// Close connection `conn` after sending what is queued.
+    Close { conn: u64, reason: String },
 }
 
 /// Delivered to a peer's link actor.
@@ -144,41 +159,86 @@ pub enum PeerOutbound {
 #[rtype(result = "()")]
 pub struct ToPeer(pub PeerOutbound);
 
-/// A write received from a peer, waiting to be applied.
-struct ReceivedWrite {
-    offset: u64,
-    kind: ReceivedKind,
-    /// Released when the write has been applied (dropped with this value).
+/// What a peer's link reports.
+pub enum LinkEvent {
+    TransportUp {
+        conn: u64,
+    },
+    TransportDown {
+        conn: u64,
+        reason: String,
+    },
+    DialFailed {
+        reason: String,
+    },
+    Message {
+        conn: u64,
+        message: PeerMessage,
+        /// A share of the link's receive budget, held until the write is applied here: a
+        /// slow local disk then stops the link reading, and QUIC flow control throttles the
+        /// sender.
+        budget: Option<OwnedSemaphorePermit>,
+    },
+    /// A protocol-A write was handed to the transport.
+    Sent {
+        request: RequestId,
+    },
+}
+
+/// A report from the link of `peer`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct FromPeer {
+    pub peer: PeerId,
+    pub event: LinkEvent,
+}
+
+/// Registers the link actor of a peer.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AttachLink {
+    pub peer: PeerId,
+    pub link: Recipient<ToPeer>,
+}
+
+/// A received write waiting to be applied.
+struct Payload {
+    data: Option<Vec<u8>>,
     _budget: Option<OwnedSemaphorePermit>,
-}
-
-enum ReceivedKind {
-    Data(Vec<u8>),
-    Discard(u64),
-}
-
-struct PeerPort {
-    link: Option<Recipient<ToPeer>>,
-    receiver: PeerReceiver,
-    received: HashMap<u64, ReceivedWrite>,
-    /// Bumped on every connection, so late completions of an old one are ignored.
-    generation: u64,
 }
 
 /// Shared, always-current view of a device for status readers.
 pub type SharedSnapshot = Arc<Mutex<DeviceSnapshot>>;
 
+/// How often the core's timers are driven.
+pub const TICK_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Everything a device needs besides its store.
+pub struct DeviceSetup {
+    pub config: CoreConfig,
+    pub meta: DeviceMeta,
+    /// Where metadata is made durable; None keeps it in memory (tests of the pipeline alone).
+    pub meta_actor: Option<Addr<MetaActor>>,
+    pub events: Option<broadcast::Sender<String>>,
+}
+
 pub struct DeviceActor {
     name: String,
-    core: DeviceCore,
+    core: ResourceCore,
     store: Arc<dyn BlockStore>,
-    pending: HashMap<RequestId, PendingIo>,
+    pending: BTreeMap<RequestId, PendingIo>,
+    next_request: RequestId,
     local_slots: Arc<Semaphore>,
     snapshot: SharedSnapshot,
-    idle_waiters: Vec<oneshot::Sender<()>>,
     clock_origin: Instant,
-    peers: BTreeMap<PeerId, PeerPort>,
-    disk_flushes: bool,
+    links: BTreeMap<PeerId, Recipient<ToPeer>>,
+    payloads: BTreeMap<(PeerId, u64, u64), Payload>,
+    meta_actor: Option<Addr<MetaActor>>,
+    commands: BTreeMap<CommandId, oneshot::Sender<Result<String, CommandError>>>,
+    next_command: CommandId,
+    events: Option<broadcast::Sender<String>>,
+    /// Inputs produced while carrying out effects (in-memory metadata), fed next.
+    follow_ups: VecDeque<Input>,
 }
 
 struct PendingIo {
@@ -189,42 +249,73 @@ struct PendingIo {
 }
 
 impl DeviceActor {
-    pub fn new(name: &str, store: Arc<dyn BlockStore>, writable: bool) -> Self {
-        let core = DeviceCore::new(store.size(), writable);
+    pub fn with_setup(store: Arc<dyn BlockStore>, setup: DeviceSetup) -> Self {
+        let clock_origin = Instant::now();
+        let name = setup.config.resource.clone();
+        let core = ResourceCore::new(setup.config, setup.meta, 0);
         DeviceActor {
-            name: name.to_owned(),
+            name,
             core,
             store,
-            pending: HashMap::new(),
+            pending: BTreeMap::new(),
+            next_request: 1,
             local_slots: Arc::new(Semaphore::new(LOCAL_IO_SLOTS)),
-            snapshot: Arc::new(Mutex::new(DeviceSnapshot {
-                writable,
-                ..DeviceSnapshot::default()
-            })),
-            idle_waiters: Vec::new(),
-            clock_origin: Instant::now(),
-            peers: BTreeMap::new(),
+            snapshot: Arc::new(Mutex::new(DeviceSnapshot::default())),
+            clock_origin,
+            links: BTreeMap::new(),
+            payloads: BTreeMap::new(),
+            meta_actor: setup.meta_actor,
+            commands: BTreeMap::new(),
+            next_command: 1,
+            events: setup.events,
+            follow_ups: VecDeque::new(),
+        }
+    }
+
+    /// A device of its own, without peers and with in-memory metadata: the pipeline alone.
+    /// `writable` promotes it at once.
+    pub fn new(name: &str, store: Arc<dyn BlockStore>, writable: bool) -> Self {
+        let size = store.size();
+        let config = CoreConfig {
+            resource: name.to_owned(),
+            node_id: 0,
+            node_name: "local".into(),
+            size_bytes: size,
+            protocol: ReplicationProtocol::C,
             disk_flushes: true,
+            peers: Vec::new(),
+            timing: Timing::default(),
+            seed: 1,
+        };
+        let meta = DeviceMeta::new(name, 0, size, crate::core::generation::JUST_CREATED_UUID);
+        let mut actor = DeviceActor::with_setup(
+            store,
+            DeviceSetup {
+                config,
+                meta,
+                meta_actor: None,
+                events: None,
+            },
+        );
+        actor.drain_follow_ups_now();
+        if writable {
+            actor.feed(
+                Input::Command {
+                    id: 0,
+                    command: Command::Promote { force: true },
+                },
+                None,
+            );
         }
-    }
-
-    /// See [`PeerReceiver::without_disk_flushes`]; on by default.
-    pub fn with_disk_flushes(mut self, disk_flushes: bool) -> Self {
-        self.disk_flushes = disk_flushes;
-        self
-    }
-
-    fn new_receiver(&self, protocol: ReplicationProtocol) -> PeerReceiver {
-        let receiver = PeerReceiver::new(protocol);
-        if self.disk_flushes {
-            receiver
-        } else {
-            receiver.without_disk_flushes()
-        }
+        actor
     }
 
     pub fn snapshot_handle(&self) -> SharedSnapshot {
         self.snapshot.clone()
+    }
+
+    fn now(&self) -> Tick {
+        self.tick(Instant::now())
     }
 
     fn tick(&self, at: Instant) -> Tick {
@@ -232,9 +323,53 @@ impl DeviceActor {
             .unwrap_or(u64::MAX)
     }
 
+    /// Effects that need no context (construction time): only in-memory metadata can occur.
+    fn drain_follow_ups_now(&mut self) {
+        let effects: Vec<Effect> = self.core.drain_effects().collect();
+        for effect in effects {
+            if let Effect::Persist { version, .. } = effect {
+                self.follow_ups.push_back(Input::Persisted {
+                    version,
+                    result: Ok(()),
+                });
+            }
+        }
+        while let Some(input) = self.follow_ups.pop_front() {
+            let now = self.now();
+            self.core.handle(now, input);
+            let effects: Vec<Effect> = self.core.drain_effects().collect();
+            for effect in effects {
+                if let Effect::Persist { version, .. } = effect {
+                    self.follow_ups.push_back(Input::Persisted {
+                        version,
+                        result: Ok(()),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Feeds one input to the core and carries out everything it asks for.
+    fn feed(&mut self, input: Input, mut ctx: Option<&mut Context<Self>>) {
+        let now = self.now();
+        self.core.handle(now, input);
+        loop {
+            while let Some(effect) = self.core.poll_effect() {
+                self.carry_out(effect, ctx.as_deref_mut());
+            }
+            let Some(next) = self.follow_ups.pop_front() else {
+                break;
+            };
+            let now = self.now();
+            self.core.handle(now, next);
+        }
+        self.publish();
+    }
+
     fn submit(&mut self, op: IoOp, reply: IoReply, issued: Instant, ctx: &mut Context<Self>) {
         let (kind, range) = op.kind_and_range();
-        let (id, effects) = self.core.submit(kind, range, self.tick(issued));
+        let id = self.next_request;
+        self.next_request += 1;
         self.pending.insert(
             id,
             PendingIo {
@@ -243,19 +378,129 @@ impl DeviceActor {
                 issued,
             },
         );
-        self.apply(effects, ctx);
+        let start = self.tick(issued);
+        self.feed(
+            Input::Submit {
+                id,
+                kind,
+                range,
+                start,
+            },
+            Some(ctx),
+        );
     }
 
-    fn apply(&mut self, effects: Vec<Effect>, ctx: &mut Context<Self>) {
-        for effect in effects {
-            match effect {
-                Effect::StartLocal(id) => self.start_local(id, ctx),
-                Effect::Complete(id, result) => self.complete(id, result),
-                Effect::Postponed(id) => self.hand_to_retry(id, ctx),
-                Effect::Send(peer, outgoing) => self.send_to_peer(peer, outgoing),
+    fn carry_out(&mut self, effect: Effect, ctx: Option<&mut Context<Self>>) {
+        match effect {
+            Effect::StartLocal(id) => {
+                if let Some(ctx) = ctx {
+                    self.start_local(id, ctx)
+                }
+            }
+            Effect::Complete(id, result) => self.complete(id, result),
+            Effect::Postponed(id) => {
+                if let Some(ctx) = ctx {
+                    self.hand_to_retry(id, ctx)
+                }
+            }
+            Effect::SendData { peer, outgoing } => self.send_data(peer, outgoing),
+            Effect::Send { peer, message } => self.to_link(peer, PeerOutbound::Message(message)),
+            Effect::ApplyPeerWrite {
+                peer,
+                conn,
+                seq,
+                offset,
+                len,
+                discard,
+            } => {
+                if let Some(ctx) = ctx {
+                    self.apply_peer_write(peer, conn, seq, offset, len, discard, ctx)
+                }
+            }
+            Effect::ForgetPayload { peer, conn, seq } => {
+                self.payloads.remove(&(peer, conn, seq));
+            }
+            Effect::FlushForPeer { peer, conn, epoch } => {
+                if let Some(ctx) = ctx {
+                    self.flush_then(ctx, move |_| Input::PeerFlushed { peer, conn, epoch });
+                }
+            }
+            Effect::FlushLocal { token } => {
+                if let Some(ctx) = ctx {
+                    self.flush_then(ctx, move |result| Input::LocalFlushed {
+                        token,
+                        result: result.map_err(|errno| IoFault::LocalIo(errno)),
+                    });
+                }
+            }
+            Effect::Persist { version, meta } => self.persist(version, meta, ctx),
+            Effect::Dial { peer } => self.to_link(peer, PeerOutbound::Dial),
+            Effect::CloseConnection { peer, conn, reason } => {
+                self.payloads
+                    .retain(|(p, c, _), _| !(*p == peer && *c == conn));
+                self.to_link(peer, PeerOutbound::Close { conn, reason });
+            }
+            Effect::CommandDone { id, result } => {
+                if let Some(reply) = self.commands.remove(&id) {
+                    // The asker may have given up; the outcome is in the log and status.
+                    let _ = reply.send(result);
+                }
+            }
+            Effect::Event(line) => {
+                tracing::debug!(device = %self.name, event = %line);
+                if let Some(events) = &self.events {
+                    // No subscriber is not an error.
+                    let _ = events.send(line);
+                }
             }
         }
-        self.publish();
+    }
+
+    fn to_link(&self, peer: PeerId, outbound: PeerOutbound) {
+        if let Some(link) = self.links.get(&peer) {
+            link.do_send(ToPeer(outbound));
+        }
+    }
+
+    fn persist(&mut self, version: u64, meta: DeviceMeta, ctx: Option<&mut Context<Self>>) {
+        let (Some(meta_actor), Some(ctx)) = (self.meta_actor.clone(), ctx) else {
+            self.follow_ups.push_back(Input::Persisted {
+                version,
+                result: Ok(()),
+            });
+            return;
+        };
+        let save = async move {
+            match meta_actor.send(SaveMeta(meta)).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(error)) => Err(error.to_string()),
+                Err(error) => Err(format!("metadata actor unavailable: {error}")),
+            }
+        };
+        ctx.spawn(save.into_actor(self).map(move |result, actor, ctx| {
+            actor.feed(Input::Persisted { version, result }, Some(ctx));
+        }));
+    }
+
+    fn flush_then(
+        &mut self,
+        ctx: &mut Context<Self>,
+        input: impl FnOnce(Result<(), i32>) -> Input + 'static,
+    ) {
+        let store = self.store.clone();
+        let flush = async move {
+            match tokio::task::spawn_blocking(move || store.flush()).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(error)) => Err(error.raw_os_error().unwrap_or(EIO)),
+                Err(_) => Err(EIO),
+            }
+        };
+        ctx.spawn(flush.into_actor(self).map(move |result, actor, ctx| {
+            if let Err(errno) = result {
+                tracing::error!(device = %actor.name, errno, "flush failed");
+            }
+            actor.feed(input(result), Some(ctx));
+        }));
     }
 
     fn start_local(&mut self, id: RequestId, ctx: &mut Context<Self>) {
@@ -287,11 +532,53 @@ impl DeviceActor {
                     if let Some(pending) = actor.pending.get_mut(&id) {
                         pending.op = op;
                     }
-                    let now = actor.tick(Instant::now());
-                    let effects = actor.core.local_done(id, result, now);
-                    actor.apply(effects, ctx);
+                    actor.feed(Input::LocalDone { id, result }, Some(ctx));
                 }),
         );
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn apply_peer_write(
+        &mut self,
+        peer: PeerId,
+        conn: u64,
+        seq: u64,
+        offset: u64,
+        len: u64,
+        discard: bool,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(payload) = self.payloads.remove(&(peer, conn, seq)) else {
+            tracing::error!(device = %self.name, peer, seq, "received write has no payload");
+            return;
+        };
+        let store = self.store.clone();
+        let slots = self.local_slots.clone();
+        let local_io = async move {
+            let _slot = slots.acquire_owned().await.ok();
+            let result = tokio::task::spawn_blocking(move || {
+                let result = match (&payload.data, discard) {
+                    (_, true) => store.discard(offset, len),
+                    (Some(data), false) => store.write_at(offset, data),
+                    (None, false) => return Err(EINVAL),
+                };
+                drop(payload);
+                result.map_err(|error| error.raw_os_error().unwrap_or(EIO))
+            })
+            .await;
+            result.unwrap_or(Err(EIO))
+        };
+        ctx.spawn(local_io.into_actor(self).map(move |result, actor, ctx| {
+            actor.feed(
+                Input::PeerWriteApplied {
+                    peer,
+                    conn,
+                    seq,
+                    result,
+                },
+                Some(ctx),
+            );
+        }));
     }
 
     fn complete(&mut self, id: RequestId, result: Result<(), IoFault>) {
@@ -329,22 +616,19 @@ impl DeviceActor {
         });
     }
 
-    fn send_to_peer(&mut self, peer: PeerId, outgoing: Outgoing) {
-        let Some(link) = self.peers.get(&peer).and_then(|port| port.link.clone()) else {
-            return;
-        };
+    fn send_data(&mut self, peer: PeerId, outgoing: Outgoing) {
         let message = match outgoing {
             Outgoing::Barrier {
                 seq,
                 epoch,
                 writes,
                 flush,
-            } => PeerOutbound::Barrier {
+            } => PeerOutbound::Message(PeerMessage::Barrier {
                 seq,
                 epoch,
                 writes,
                 flush,
-            },
+            }),
             Outgoing::Data {
                 request,
                 seq,
@@ -367,174 +651,140 @@ impl DeviceActor {
                 seq,
                 epoch,
             } => match self.pending.get(&request).and_then(|p| p.op.as_ref()) {
-                Some(IoOp::Discard { offset, len }) => PeerOutbound::Discard {
+                Some(IoOp::Discard { offset, len }) => PeerOutbound::Message(PeerMessage::Discard {
                     seq,
                     epoch,
                     request,
                     offset: *offset,
                     len: *len,
-                },
+                }),
                 _ => {
                     tracing::error!(device = %self.name, request, "replicated discard has no range");
                     return;
                 }
             },
         };
-        link.do_send(ToPeer(message));
+        self.to_link(peer, message);
     }
 
-    fn peer_snapshots(&self) -> impl Iterator<Item = PeerSnapshot> + '_ {
-        self.peers.iter().map(|(peer, port)| {
-            let sender = self.core.peer(*peer);
-            PeerSnapshot {
-                peer: *peer,
-                connected: port.link.is_some(),
-                out_of_sync_bytes: sender.map_or(0, |s| s.out_of_sync.dirty_bytes()),
-                unacked: sender.map_or(0, |s| s.unacked_writes()),
-                pending: port.receiver.pending(),
-                sent_bytes: sender.map_or(0, |s| s.sent_bytes),
-                received_bytes: port.receiver.received_bytes,
+    /// Runs after every batch of effects, so it updates the shared snapshot in place.
+    fn publish(&mut self) {
+        let core = &self.core;
+        let device = core.device();
+        let mut snapshot = self.snapshot.lock().unwrap_or_else(|e| e.into_inner());
+        snapshot.stats = device.stats();
+        snapshot.app_in_flight = device.app_in_flight();
+        snapshot.held = device.held() as u64;
+        snapshot.suspended = device.is_suspended();
+        snapshot.writable = device.is_writable();
+        snapshot.role = core.role();
+        snapshot.disk = core.disk();
+        let meta = core.meta();
+        snapshot.current_uuid = meta.current_uuid;
+        if snapshot.bitmap_uuids != meta.bitmap_uuids {
+            snapshot.bitmap_uuids = meta.bitmap_uuids.clone();
+        }
+        if snapshot.history_uuids != meta.history_uuids {
+            snapshot.history_uuids = meta.history_uuids.clone();
+        }
+        snapshot.changing = core.is_changing();
+        snapshot.down = core.is_down();
+        snapshot.peers.clear();
+        snapshot.peers.extend(core.links());
+        snapshot.describe = core.describe();
+    }
+
+    fn from_peer(&mut self, peer: PeerId, event: LinkEvent, ctx: &mut Context<Self>) {
+        let input = match event {
+            LinkEvent::TransportUp { conn } => {
+                // Payloads of older connections will never be applied.
+                self.payloads.retain(|(p, c, _), _| *p != peer || *c == conn);
+                Input::TransportUp { peer, conn }
             }
-        })
+            LinkEvent::TransportDown { conn, reason } => Input::TransportDown { peer, conn, reason },
+            LinkEvent::DialFailed { reason } => Input::DialFailed { peer, reason },
+            LinkEvent::Sent { request } => Input::PeerSent { peer, request },
+            LinkEvent::Message {
+                conn,
+                message,
+                budget,
+            } => match message {
+                PeerMessage::Data {
+                    seq,
+                    epoch,
+                    request,
+                    offset,
+                    data,
+                } => {
+                    let len = data.len() as u64;
+                    self.payloads.insert(
+                        (peer, conn, seq),
+                        Payload {
+                            data: Some(data),
+                            _budget: budget,
+                        },
+                    );
+                    Input::PeerWrite {
+                        peer,
+                        conn,
+                        write: PeerWrite {
+                            seq,
+                            epoch,
+                            request,
+                            offset,
+                            len,
+                            discard: false,
+                        },
+                    }
+                }
+                PeerMessage::Discard {
+                    seq,
+                    epoch,
+                    request,
+                    offset,
+                    len,
+                } => {
+                    self.payloads.insert(
+                        (peer, conn, seq),
+                        Payload {
+                            data: None,
+                            _budget: budget,
+                        },
+                    );
+                    Input::PeerWrite {
+                        peer,
+                        conn,
+                        write: PeerWrite {
+                            seq,
+                            epoch,
+                            request,
+                            offset,
+                            len,
+                            discard: true,
+                        },
+                    }
+                }
+                message => Input::PeerMessage {
+                    peer,
+                    conn,
+                    message,
+                },
+            },
+        };
+        self.feed(input, Some(ctx));
     }
 
-    fn drop_peer(&mut self, peer: PeerId, reason: String, ctx: &mut Context<Self>) {
-        tracing::warn!(device = %self.name, peer, %reason, "dropping the peer connection");
-        if let Some(link) = self.peers.get(&peer).and_then(|port| port.link.clone()) {
-            link.do_send(ToPeer(PeerOutbound::Drop(reason)));
-        }
-        self.detach_peer(peer, ctx);
-    }
-
-    fn detach_peer(&mut self, peer: PeerId, ctx: &mut Context<Self>) {
-        if let Some(port) = self.peers.get_mut(&peer) {
-            port.link = None;
-            port.received.clear();
-            port.generation += 1;
-        }
-        let effects = self.core.peer_disconnected(peer, self.tick(Instant::now()));
-        self.apply(effects, ctx);
-    }
-
-    fn apply_received(
+    /// Runs an administrator's command; the answer comes on `reply`.
+    fn command(
         &mut self,
-        peer: PeerId,
-        effects: Vec<ReceiverEffect>,
+        command: Command,
+        reply: oneshot::Sender<Result<String, CommandError>>,
         ctx: &mut Context<Self>,
     ) {
-        for effect in effects {
-            match effect {
-                ReceiverEffect::Apply(local) => self.start_peer_write(peer, local, ctx),
-                ReceiverEffect::Flush(epoch) => self.start_peer_flush(peer, epoch, ctx),
-                ReceiverEffect::EpochWritten(epoch) => {
-                    let Some(port) = self.peers.get_mut(&peer) else {
-                        continue;
-                    };
-                    match port.receiver.flush_done(epoch) {
-                        Ok(more) => self.apply_received(peer, more, ctx),
-                        Err(error) => self.drop_peer(peer, error.to_string(), ctx),
-                    }
-                }
-                ReceiverEffect::Ack(message) => {
-                    if let Some(link) = self.peers.get(&peer).and_then(|port| port.link.clone()) {
-                        link.do_send(ToPeer(PeerOutbound::Ack(message)));
-                    }
-                }
-            }
-        }
-        self.publish();
-    }
-
-    fn start_peer_write(&mut self, peer: PeerId, local: u64, ctx: &mut Context<Self>) {
-        let Some(port) = self.peers.get_mut(&peer) else {
-            return;
-        };
-        let Some(write) = port.received.remove(&local) else {
-            return;
-        };
-        let generation = port.generation;
-        let store = self.store.clone();
-        let slots = self.local_slots.clone();
-        let size = self.core.size();
-        let local_io = async move {
-            let _slot = slots.acquire_owned().await.ok();
-            let result = tokio::task::spawn_blocking(move || {
-                let end = match &write.kind {
-                    ReceivedKind::Data(data) => write.offset.checked_add(data.len() as u64),
-                    ReceivedKind::Discard(len) => write.offset.checked_add(*len),
-                };
-                if end.is_none_or(|end| end > size) {
-                    return Err(EINVAL);
-                }
-                let result = match &write.kind {
-                    ReceivedKind::Data(data) => store.write_at(write.offset, data),
-                    ReceivedKind::Discard(len) => store.discard(write.offset, *len),
-                };
-                result.map_err(|error| error.raw_os_error().unwrap_or(EIO))
-            })
-            .await;
-            result.unwrap_or(Err(EIO))
-        };
-        ctx.spawn(local_io.into_actor(self).map(move |result, actor, ctx| {
-            let Some(port) = actor
-                .peers
-                .get_mut(&peer)
-                .filter(|p| p.generation == generation)
-            else {
-                return;
-            };
-            let effects = port.receiver.local_done(local, result);
-            actor.apply_received(peer, effects, ctx);
-        }));
-    }
-
-    fn start_peer_flush(&mut self, peer: PeerId, epoch: Epoch, ctx: &mut Context<Self>) {
-        let Some(generation) = self.peers.get(&peer).map(|port| port.generation) else {
-            return;
-        };
-        let store = self.store.clone();
-        let flush = async move {
-            tokio::task::spawn_blocking(move || store.flush())
-                .await
-                .map_err(std::io::Error::other)
-                .and_then(|result| result)
-        };
-        ctx.spawn(flush.into_actor(self).map(move |result, actor, ctx| {
-            if let Err(error) = result {
-                tracing::error!(device = %actor.name, %error, "flush for a peer barrier failed");
-            }
-            let Some(port) = actor
-                .peers
-                .get_mut(&peer)
-                .filter(|p| p.generation == generation)
-            else {
-                return;
-            };
-            match port.receiver.flush_done(epoch) {
-                Ok(effects) => actor.apply_received(peer, effects, ctx),
-                Err(error) => actor.drop_peer(peer, error.to_string(), ctx),
-            }
-        }));
-    }
-
-    /// Runs after every batch of effects, so it updates the shared snapshot in place: no
-    /// allocation per request.
-    fn publish(&mut self) {
-        {
-            let mut snapshot = self.snapshot.lock().unwrap_or_else(|e| e.into_inner());
-            snapshot.stats = self.core.stats();
-            snapshot.app_in_flight = self.core.app_in_flight();
-            snapshot.held = self.core.held() as u64;
-            snapshot.suspended = self.core.is_suspended();
-            snapshot.writable = self.core.is_writable();
-            snapshot.peers.clear();
-            snapshot.peers.extend(self.peer_snapshots());
-        }
-        if self.core.is_idle() {
-            for waiter in self.idle_waiters.drain(..) {
-                let _ = waiter.send(());
-            }
-        }
+        let id = self.next_command;
+        self.next_command += 1;
+        self.commands.insert(id, reply);
+        self.feed(Input::Command { id, command }, Some(ctx));
     }
 }
 
@@ -556,6 +806,7 @@ fn run_local(store: &dyn BlockStore, mut op: IoOp) -> (IoOp, Result<(), IoFault>
     (op, result)
 }
 
+
 impl Actor for DeviceActor {
     type Context = Context<Self>;
 
@@ -563,8 +814,15 @@ impl Actor for DeviceActor {
         // Bounded: senders that use `send` wait for room; the front end bounds its own
         // `do_send`s through the buffer pool.
         ctx.set_mailbox_capacity(1024);
-        tracing::debug!(device = %self.name, size = self.core.size(), "device actor started");
+        ctx.run_interval(TICK_INTERVAL, |actor, ctx| actor.feed(Input::Tick, Some(ctx)));
+        // Effects queued by the core when it was created (mark in use, first dials).
+        actor_start(self, ctx);
+        tracing::debug!(device = %self.name, size = self.core.config().size_bytes, "device actor started");
     }
+}
+
+fn actor_start(actor: &mut DeviceActor, ctx: &mut Context<DeviceActor>) {
+    actor.feed(Input::Tick, Some(ctx));
 }
 
 impl Handler<SubmitIo> for DeviceActor {
@@ -594,21 +852,40 @@ pub struct PostponeRequest(pub RequestId);
 impl Handler<PostponeRequest> for DeviceActor {
     type Result = ();
     fn handle(&mut self, PostponeRequest(id): PostponeRequest, ctx: &mut Context<Self>) {
-        let now = self.tick(Instant::now());
-        let effects = self.core.postpone(id, now);
-        self.apply(effects, ctx);
+        self.feed(Input::Postpone { id }, Some(ctx));
     }
 }
 
+/// An administrator's command for the resource's core.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RunCommand {
+    pub command: Command,
+    pub reply: oneshot::Sender<Result<String, CommandError>>,
+}
+
+impl Handler<RunCommand> for DeviceActor {
+    type Result = ();
+    fn handle(&mut self, msg: RunCommand, ctx: &mut Context<Self>) {
+        self.command(msg.command, msg.reply, ctx);
+    }
+}
+
+/// Promotes (true) or demotes (false) a device of its own (tests of the pipeline).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct SetWritable(pub bool);
 
 impl Handler<SetWritable> for DeviceActor {
     type Result = ();
-    fn handle(&mut self, SetWritable(writable): SetWritable, _: &mut Context<Self>) {
-        self.core.set_writable(writable);
-        self.publish();
+    fn handle(&mut self, SetWritable(writable): SetWritable, ctx: &mut Context<Self>) {
+        let command = if writable {
+            Command::Promote { force: true }
+        } else {
+            Command::Demote
+        };
+        let (reply, _) = oneshot::channel();
+        self.command(command, reply, ctx);
     }
 }
 
@@ -618,10 +895,9 @@ pub struct SuspendIo;
 
 impl Handler<SuspendIo> for DeviceActor {
     type Result = ();
-    fn handle(&mut self, _: SuspendIo, _: &mut Context<Self>) {
-        self.core.suspend();
-        tracing::info!(device = %self.name, "I/O suspended");
-        self.publish();
+    fn handle(&mut self, _: SuspendIo, ctx: &mut Context<Self>) {
+        let (reply, _) = oneshot::channel();
+        self.command(Command::SuspendIo, reply, ctx);
     }
 }
 
@@ -632,275 +908,35 @@ pub struct ResumeIo;
 impl Handler<ResumeIo> for DeviceActor {
     type Result = ();
     fn handle(&mut self, _: ResumeIo, ctx: &mut Context<Self>) {
-        let effects = self.core.resume(self.tick(Instant::now()));
-        tracing::info!(device = %self.name, "I/O resumed");
-        self.apply(effects, ctx);
+        let (reply, _) = oneshot::channel();
+        self.command(Command::ResumeIo, reply, ctx);
     }
 }
 
-/// Refuse new requests from now on (shutdown).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct CloseDevice;
-
-impl Handler<CloseDevice> for DeviceActor {
+impl Handler<AttachLink> for DeviceActor {
     type Result = ();
-    fn handle(&mut self, _: CloseDevice, _: &mut Context<Self>) {
-        self.core.close();
-        self.publish();
+    fn handle(&mut self, msg: AttachLink, ctx: &mut Context<Self>) {
+        self.links.insert(msg.peer, msg.link);
+        // A dial asked for before the link existed is asked for again by the next tick.
+        self.feed(Input::Tick, Some(ctx));
     }
-}
-
-/// Resolves once nothing is admitted or held.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct WaitIdle;
-
-impl Handler<WaitIdle> for DeviceActor {
-    type Result = ResponseFuture<()>;
-    fn handle(&mut self, _: WaitIdle, _: &mut Context<Self>) -> Self::Result {
-        let (done, idle) = oneshot::channel();
-        if self.core.is_idle() {
-            let _ = done.send(());
-        } else {
-            self.idle_waiters.push(done);
-        }
-        Box::pin(async move {
-            let _ = idle.await;
-        })
-    }
-}
-
-/// Makes every completed write durable in the local store (shutdown, role changes).
-#[derive(Message)]
-#[rtype(result = "Result<(), IoFault>")]
-pub struct FlushStore;
-
-impl Handler<FlushStore> for DeviceActor {
-    type Result = ResponseFuture<Result<(), IoFault>>;
-    fn handle(&mut self, _: FlushStore, _: &mut Context<Self>) -> Self::Result {
-        let store = self.store.clone();
-        Box::pin(async move {
-            match tokio::task::spawn_blocking(move || store.flush()).await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(error)) => Err(IoFault::LocalIo(error.raw_os_error().unwrap_or(EIO))),
-                Err(_) => Err(IoFault::LocalIo(EIO)),
-            }
-        })
-    }
-}
-
-/// Declares a configured peer (disconnected until `AttachPeer`).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct AddPeer {
-    pub peer: PeerId,
-    pub protocol: ReplicationProtocol,
-}
-
-impl Handler<AddPeer> for DeviceActor {
-    type Result = ();
-    fn handle(&mut self, msg: AddPeer, _: &mut Context<Self>) {
-        self.core.add_peer(msg.peer, msg.protocol);
-        let receiver = self.new_receiver(msg.protocol);
-        self.peers.entry(msg.peer).or_insert_with(|| PeerPort {
-            link: None,
-            receiver,
-            received: HashMap::new(),
-            generation: 0,
-        });
-        self.publish();
-    }
-}
-
-/// A connection to the peer is established: replicate to `link` from now on.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct AttachPeer {
-    pub peer: PeerId,
-    pub protocol: ReplicationProtocol,
-    pub link: Recipient<ToPeer>,
-}
-
-impl Handler<AttachPeer> for DeviceActor {
-    type Result = ();
-    fn handle(&mut self, msg: AttachPeer, ctx: &mut Context<Self>) {
-        if self
-            .peers
-            .get(&msg.peer)
-            .is_some_and(|port| port.link.is_some())
-        {
-            self.detach_peer(msg.peer, ctx);
-        }
-        self.core.add_peer(msg.peer, msg.protocol);
-        self.core.peer_connected(msg.peer);
-        let receiver = self.new_receiver(msg.protocol);
-        let fresh = self.new_receiver(msg.protocol);
-        let port = self.peers.entry(msg.peer).or_insert_with(|| PeerPort {
-            link: None,
-            receiver,
-            received: HashMap::new(),
-            generation: 0,
-        });
-        port.link = Some(msg.link);
-        port.receiver = fresh;
-        port.received.clear();
-        port.generation += 1;
-        tracing::info!(device = %self.name, peer = msg.peer, "replicating to peer");
-        self.publish();
-    }
-}
-
-/// The connection to the peer is gone.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct DetachPeer {
-    pub peer: PeerId,
-}
-
-impl Handler<DetachPeer> for DeviceActor {
-    type Result = ();
-    fn handle(&mut self, msg: DetachPeer, ctx: &mut Context<Self>) {
-        if self
-            .peers
-            .get(&msg.peer)
-            .is_some_and(|port| port.link.is_some())
-        {
-            tracing::info!(device = %self.name, peer = msg.peer, "peer detached; going on without it");
-            self.detach_peer(msg.peer, ctx);
-        }
-    }
-}
-
-/// A message from the peer for this volume: a replicated write or barrier (data stream), or an
-/// acknowledgement of ours (ack stream).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct FromPeer {
-    pub peer: PeerId,
-    pub message: PeerMessage,
-    /// A share of the link's receive budget, held until the write is applied here: a slow
-    /// local disk then stops the link reading, and QUIC flow control throttles the sender.
-    pub budget: Option<OwnedSemaphorePermit>,
 }
 
 impl Handler<FromPeer> for DeviceActor {
     type Result = ();
-    fn handle(
-        &mut self,
-        FromPeer {
-            peer,
-            message,
-            budget,
-        }: FromPeer,
-        ctx: &mut Context<Self>,
-    ) {
-        let attached = self
-            .peers
-            .get(&peer)
-            .is_some_and(|port| port.link.is_some());
-        if !attached {
-            return;
-        }
-        let now = self.tick(Instant::now());
-        let outcome = match message {
-            PeerMessage::Data {
-                seq,
-                epoch,
-                request,
-                offset,
-                data,
-            } => self.receive_write(
-                peer,
-                (seq, epoch, request),
-                offset,
-                ReceivedKind::Data(data),
-                budget,
-            ),
-            PeerMessage::Discard {
-                seq,
-                epoch,
-                request,
-                offset,
-                len,
-            } => self.receive_write(
-                peer,
-                (seq, epoch, request),
-                offset,
-                ReceivedKind::Discard(len),
-                budget,
-            ),
-            PeerMessage::Barrier {
-                seq,
-                epoch,
-                writes,
-                flush,
-            } => match self.peers.get_mut(&peer) {
-                Some(port) => port
-                    .receiver
-                    .on_barrier(seq, epoch, writes, flush)
-                    .map(Some),
-                None => Ok(None),
-            },
-            ack => match self.core.peer_ack(peer, &ack, now) {
-                Ok(effects) => {
-                    self.apply(effects, ctx);
-                    Ok(None)
-                }
-                Err(error) => Err(error),
-            },
-        };
-        match outcome {
-            Ok(Some(effects)) => self.apply_received(peer, effects, ctx),
-            Ok(None) => {}
-            Err(error) => self.drop_peer(peer, error.to_string(), ctx),
-        }
+    fn handle(&mut self, msg: FromPeer, ctx: &mut Context<Self>) {
+        self.from_peer(msg.peer, msg.event, ctx);
     }
 }
 
-impl DeviceActor {
-    fn receive_write(
-        &mut self,
-        peer: PeerId,
-        (seq, epoch, request): (u64, Epoch, u64),
-        offset: u64,
-        kind: ReceivedKind,
-        budget: Option<OwnedSemaphorePermit>,
-    ) -> Result<Option<Vec<ReceiverEffect>>, crate::core::replication::ProtocolError> {
-        let Some(port) = self.peers.get_mut(&peer) else {
-            return Ok(None);
-        };
-        let len = match &kind {
-            ReceivedKind::Data(data) => data.len() as u64,
-            ReceivedKind::Discard(_) => 0,
-        };
-        let (local, effects) = port.receiver.on_write(seq, epoch, request, len)?;
-        port.received.insert(
-            local,
-            ReceivedWrite {
-                offset,
-                kind,
-                _budget: budget,
-            },
-        );
-        Ok(Some(effects))
-    }
-}
-
-/// The peer's link handed a write to the transport (protocol A's completion condition).
+/// Stops a device actor once its resource is gone.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct PeerSent {
-    pub peer: PeerId,
-    pub request: RequestId,
-}
+pub struct StopDevice;
 
-impl Handler<PeerSent> for DeviceActor {
+impl Handler<StopDevice> for DeviceActor {
     type Result = ();
-    fn handle(&mut self, msg: PeerSent, ctx: &mut Context<Self>) {
-        let effects = self
-            .core
-            .peer_sent(msg.peer, msg.request, self.tick(Instant::now()));
-        self.apply(effects, ctx);
+    fn handle(&mut self, _: StopDevice, ctx: &mut Context<Self>) {
+        ctx.stop();
     }
 }

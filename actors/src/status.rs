@@ -47,6 +47,13 @@ pub struct ResourceStatus {
     pub retries: u64,
     /// Current data generation, as 16 hex digits.
     pub current_uuid: String,
+    /// Per peer node id: the generation at which this node started writing without that
+    /// peer (16 hex digits).
+    #[serde(default)]
+    pub bitmap_uuids: std::collections::BTreeMap<String, String>,
+    /// Earlier generations, newest first.
+    #[serde(default)]
+    pub history_uuids: Vec<String>,
     pub peers: Vec<PeerStatus>,
 }
 
@@ -64,4 +71,7 @@ pub struct PeerStatus {
     pub pending: u64,
     pub unacked: u64,
     pub out_of_sync_bytes: u64,
+    /// Why the last handshake or connection failed (a refusal's reason, a timeout, ...).
+    #[serde(default)]
+    pub last_error: Option<String>,
 }

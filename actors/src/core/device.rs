@@ -2,16 +2,22 @@
 //! count and suspension), conflicts between overlapping writes, and the completion rule.
 //!
 //! The [`crate::device::DeviceActor`] owns the data and reply of each request; this core only
-//! knows each request's kind, range and stage, and answers every event with [`Effect`]s.
+//! knows each request's kind, range and stage, and answers every event with [`VolumeEffect`]s.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
 use super::messages::PeerMessage;
 use super::replication::{Outgoing, PeerId, PeerNeed, PeerSender, ProtocolError};
 use super::ReplicationProtocol;
-use crate::buffer::IO_ALIGN;
+use super::BLOCK_SIZE;
+
+/// Why I/O is held: the administrator's `suspend-io`.
+pub const HOLD_USER: u8 = 1;
+/// Why I/O is held: metadata the next completions rely on (a new data generation) is being
+/// made durable.
+pub const HOLD_METADATA: u8 = 2;
 
 /// Identifies a request for as long as the core tracks it. Never reused.
 pub type RequestId = u64;
@@ -53,7 +59,7 @@ impl ByteRange {
     /// The range widened to whole 4 KiB blocks: two writes that touch the same block conflict,
     /// because an unaligned write is a read-modify-write of its edge blocks.
     fn block_span(&self) -> (u64, u64) {
-        let align = IO_ALIGN as u64;
+        let align = BLOCK_SIZE;
         let start = self.offset / align * align;
         let end = self.offset.saturating_add(self.len).div_ceil(align) * align;
         (start, end)
@@ -88,7 +94,7 @@ pub enum Stage {
 
 /// What the shell must do after an event.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Effect {
+pub enum VolumeEffect {
     /// Submit the request to the local store, then report `local_done`.
     StartLocal(RequestId),
     /// Reply to the application; the core has forgotten the request.
@@ -143,10 +149,11 @@ pub struct DeviceStats {
 pub struct DeviceCore {
     size: u64,
     writable: bool,
-    suspended: bool,
+    /// Why I/O is held: [`HOLD_USER`] (`suspend-io`) and/or [`HOLD_METADATA`].
+    holds: u8,
     closed: bool,
     next_id: RequestId,
-    requests: HashMap<RequestId, Request>,
+    requests: BTreeMap<RequestId, Request>,
     /// Requests waiting for admission while I/O is suspended, in arrival order.
     held: VecDeque<RequestId>,
     /// Block spans of the writes and discards at the local store: start -> (end, id).
@@ -167,10 +174,10 @@ impl DeviceCore {
         DeviceCore {
             size,
             writable,
-            suspended: false,
+            holds: 0,
             closed: false,
             next_id: 1,
-            requests: HashMap::new(),
+            requests: BTreeMap::new(),
             held: VecDeque::new(),
             active_spans: BTreeMap::new(),
             conflict_waiters: VecDeque::new(),
@@ -192,6 +199,13 @@ impl DeviceCore {
         self.peers.get(&peer)
     }
 
+    /// Counts `range` out of sync for the peer (it lacks that data).
+    pub fn mark_out_of_sync(&mut self, peer: PeerId, range: ByteRange) {
+        if let Some(sender) = self.peers.get_mut(&peer) {
+            sender.out_of_sync.mark(range);
+        }
+    }
+
     /// The peer's connection is established: from now on writes replicate to it.
     pub fn peer_connected(&mut self, peer: PeerId) {
         if let Some(sender) = self.peers.get_mut(&peer) {
@@ -201,7 +215,7 @@ impl DeviceCore {
 
     /// The peer's connection is gone: requests stop waiting for it, and everything it did not
     /// acknowledge is out of sync for it.
-    pub fn peer_disconnected(&mut self, peer: PeerId, now: Tick) -> Vec<Effect> {
+    pub fn peer_disconnected(&mut self, peer: PeerId, now: Tick) -> Vec<VolumeEffect> {
         let mut effects = Vec::new();
         let Some(sender) = self.peers.get_mut(&peer) else {
             return effects;
@@ -229,7 +243,7 @@ impl DeviceCore {
     }
 
     /// The shell handed a protocol-A write to the transport.
-    pub fn peer_sent(&mut self, peer: PeerId, id: RequestId, now: Tick) -> Vec<Effect> {
+    pub fn peer_sent(&mut self, peer: PeerId, id: RequestId, now: Tick) -> Vec<VolumeEffect> {
         let mut effects = Vec::new();
         self.satisfy(id, peer, |need| need == PeerNeed::Sent);
         self.try_finish(id, now, &mut effects);
@@ -242,7 +256,7 @@ impl DeviceCore {
         peer: PeerId,
         message: &PeerMessage,
         now: Tick,
-    ) -> Result<Vec<Effect>, ProtocolError> {
+    ) -> Result<Vec<VolumeEffect>, ProtocolError> {
         let mut effects = Vec::new();
         match *message {
             PeerMessage::RecvAck { request } => {
@@ -308,18 +322,18 @@ impl DeviceCore {
         }
     }
 
-    fn try_finish(&mut self, id: RequestId, now: Tick, effects: &mut Vec<Effect>) {
+    fn try_finish(&mut self, id: RequestId, now: Tick, effects: &mut Vec<VolumeEffect>) {
         let ready = self.requests.get(&id).is_some_and(|request| {
             request.stage == Stage::ReadyToComplete && request.waiting.is_empty()
         });
-        if ready && !self.suspended {
+        if ready && self.holds == 0 {
             self.finish(id, now, effects);
         }
     }
 
     /// Sends a write, discard or flush to every peer (or counts it out of sync for the
     /// disconnected ones), and records what each connected peer owes.
-    fn replicate(&mut self, id: RequestId, effects: &mut Vec<Effect>) {
+    fn replicate(&mut self, id: RequestId, effects: &mut Vec<VolumeEffect>) {
         let Some(request) = self.requests.get(&id) else {
             return;
         };
@@ -348,7 +362,7 @@ impl DeviceCore {
             }
             effects.extend(
                 out.into_iter()
-                    .map(|outgoing| Effect::Send(*peer, outgoing)),
+                    .map(|outgoing| VolumeEffect::Send(*peer, outgoing)),
             );
         }
         if let Some(request) = self.requests.get_mut(&id) {
@@ -368,8 +382,19 @@ impl DeviceCore {
         self.held.len()
     }
 
+    /// Suspended by the administrator (`suspend-io`).
     pub fn is_suspended(&self) -> bool {
-        self.suspended
+        self.holds & HOLD_USER != 0
+    }
+
+    /// Held for any reason (the administrator, or metadata that must be durable first).
+    pub fn is_holding(&self) -> bool {
+        self.holds != 0
+    }
+
+    /// Admitted and not completed (held requests not included).
+    pub fn admitted(&self) -> u64 {
+        self.app_in_flight
     }
 
     pub fn is_writable(&self) -> bool {
@@ -397,8 +422,32 @@ impl DeviceCore {
         self.requests.get(&id).map(|request| request.start)
     }
 
-    pub fn set_writable(&mut self, writable: bool) {
+    /// Turning read-only fails the held (never admitted) writes and discards at once: they
+    /// must not reach the store of a Secondary when I/O resumes.
+    pub fn set_writable(&mut self, writable: bool) -> Vec<VolumeEffect> {
         self.writable = writable;
+        let mut effects = Vec::new();
+        if writable {
+            return effects;
+        }
+        let requests = &self.requests;
+        let (refused, kept): (Vec<RequestId>, Vec<RequestId>) = self
+            .held
+            .iter()
+            .partition(|id| requests.get(id).is_some_and(|r| r.kind.modifies_data()));
+        self.held = kept.into();
+        for id in refused {
+            self.requests.remove(&id);
+            self.modifying_in_flight = self.modifying_in_flight.saturating_sub(1);
+            self.stats.failed += 1;
+            effects.push(VolumeEffect::Complete(id, Err(IoFault::ReadOnly)));
+        }
+        effects
+    }
+
+    /// Requests the core tracks that change data (admitted or held).
+    pub fn modifying_in_flight(&self) -> u64 {
+        self.modifying_in_flight
     }
 
     /// Refuse every new request from now on; admitted ones run to completion.
@@ -413,12 +462,27 @@ impl DeviceCore {
         kind: IoKind,
         range: ByteRange,
         start: Tick,
-    ) -> (RequestId, Vec<Effect>) {
+    ) -> (RequestId, Vec<VolumeEffect>) {
         let id = self.next_id;
         self.next_id += 1;
+        (id, self.submit_as(id, kind, range, start))
+    }
+
+    /// Like [`Self::submit`], under an id the caller chose (unique among tracked requests).
+    pub fn submit_as(
+        &mut self,
+        id: RequestId,
+        kind: IoKind,
+        range: ByteRange,
+        start: Tick,
+    ) -> Vec<VolumeEffect> {
+        if self.requests.contains_key(&id) {
+            self.stats.failed += 1;
+            return vec![VolumeEffect::Complete(id, Err(IoFault::Closed))];
+        }
         if let Err(fault) = self.check_acceptable(kind, range) {
             self.stats.failed += 1;
-            return (id, vec![Effect::Complete(id, Err(fault))]);
+            return vec![VolumeEffect::Complete(id, Err(fault))];
         }
         self.requests.insert(
             id,
@@ -437,12 +501,12 @@ impl DeviceCore {
         }
 
         let mut effects = Vec::new();
-        if self.suspended {
+        if self.holds != 0 {
             self.held.push_back(id);
         } else {
             self.admit(id, &mut effects);
         }
-        (id, effects)
+        effects
     }
 
     fn check_acceptable(&self, kind: IoKind, range: ByteRange) -> Result<(), IoFault> {
@@ -461,7 +525,7 @@ impl DeviceCore {
         Ok(())
     }
 
-    fn admit(&mut self, id: RequestId, effects: &mut Vec<Effect>) {
+    fn admit(&mut self, id: RequestId, effects: &mut Vec<VolumeEffect>) {
         self.app_in_flight += 1;
         let Some(request) = self.requests.get(&id) else {
             return;
@@ -481,10 +545,10 @@ impl DeviceCore {
         self.start(id, effects);
     }
 
-    fn start(&mut self, id: RequestId, effects: &mut Vec<Effect>) {
+    fn start(&mut self, id: RequestId, effects: &mut Vec<VolumeEffect>) {
         self.set_stage(id, Stage::Local);
         self.replicate(id, effects);
-        effects.push(Effect::StartLocal(id));
+        effects.push(VolumeEffect::StartLocal(id));
     }
 
     fn set_stage(&mut self, id: RequestId, stage: Stage) {
@@ -515,7 +579,7 @@ impl DeviceCore {
         id: RequestId,
         result: Result<(), IoFault>,
         now: Tick,
-    ) -> Vec<Effect> {
+    ) -> Vec<VolumeEffect> {
         let mut effects = Vec::new();
         let Some(request) = self.requests.get_mut(&id) else {
             return effects;
@@ -531,7 +595,7 @@ impl DeviceCore {
 
     /// Starts, in arrival order, every waiting write that no longer overlaps an active write or
     /// an earlier waiter.
-    fn start_unblocked_waiters(&mut self, effects: &mut Vec<Effect>) {
+    fn start_unblocked_waiters(&mut self, effects: &mut Vec<VolumeEffect>) {
         let waiters: Vec<RequestId> = self.conflict_waiters.drain(..).collect();
         let mut still_waiting: Vec<(u64, u64)> = Vec::new();
         for id in waiters {
@@ -553,7 +617,7 @@ impl DeviceCore {
     }
 
     /// Completes (or, if postponed, hands back) a request whose local part is done.
-    fn finish(&mut self, id: RequestId, now: Tick, effects: &mut Vec<Effect>) {
+    fn finish(&mut self, id: RequestId, now: Tick, effects: &mut Vec<VolumeEffect>) {
         let Some(request) = self.requests.remove(&id) else {
             return;
         };
@@ -580,19 +644,19 @@ impl DeviceCore {
                     sender.close_idle_epoch(&mut out);
                     effects.extend(
                         out.into_iter()
-                            .map(|outgoing| Effect::Send(*peer, outgoing)),
+                            .map(|outgoing| VolumeEffect::Send(*peer, outgoing)),
                     );
                 }
             }
         }
         if request.postponed {
             self.stats.postponed += 1;
-            effects.push(Effect::Postponed(id));
+            effects.push(VolumeEffect::Postponed(id));
             return;
         }
         let result = request.local_result.unwrap_or(Err(IoFault::Closed));
         self.account(&request, result, now);
-        effects.push(Effect::Complete(id, result));
+        effects.push(VolumeEffect::Complete(id, result));
     }
 
     fn account(&mut self, request: &Request, result: Result<(), IoFault>, now: Tick) {
@@ -628,9 +692,9 @@ impl DeviceCore {
     }
 
     /// Marks a request as postponed (a peer answered RetryWrite): it will not complete upward;
-    /// once its local part is done it is handed back as [`Effect::Postponed`] and its
+    /// once its local part is done it is handed back as [`VolumeEffect::Postponed`] and its
     /// application-I/O count is released, to be taken again when it is re-submitted.
-    pub fn postpone(&mut self, id: RequestId, now: Tick) -> Vec<Effect> {
+    pub fn postpone(&mut self, id: RequestId, now: Tick) -> Vec<VolumeEffect> {
         let mut effects = Vec::new();
         let Some(request) = self.requests.get_mut(&id) else {
             return effects;
@@ -642,16 +706,30 @@ impl DeviceCore {
 
     /// Suspend I/O: new requests are held before admission and completions are held back.
     pub fn suspend(&mut self) {
-        self.suspended = true;
+        self.hold(HOLD_USER);
     }
 
     /// Resume I/O: complete what was held back, then admit the held requests in order.
-    pub fn resume(&mut self, now: Tick) -> Vec<Effect> {
+    pub fn resume(&mut self, now: Tick) -> Vec<VolumeEffect> {
+        self.release(HOLD_USER, now)
+    }
+
+    /// Holds I/O for `reason` (one of the `HOLD_*` bits).
+    pub fn hold(&mut self, reason: u8) {
+        self.holds |= reason;
+    }
+
+    /// Ends the hold for `reason`; once no reason is left, completes what was held back and
+    /// admits the held requests in order.
+    pub fn release(&mut self, reason: u8, now: Tick) -> Vec<VolumeEffect> {
         let mut effects = Vec::new();
-        if !self.suspended {
+        if self.holds & reason == 0 {
             return effects;
         }
-        self.suspended = false;
+        self.holds &= !reason;
+        if self.holds != 0 {
+            return effects;
+        }
         let mut ready: Vec<(Tick, RequestId)> = self
             .requests
             .iter()
@@ -672,7 +750,7 @@ impl DeviceCore {
                     }
                 }
                 self.stats.failed += 1;
-                effects.push(Effect::Complete(id, Err(IoFault::Closed)));
+                effects.push(VolumeEffect::Complete(id, Err(IoFault::Closed)));
             } else {
                 self.admit(id, &mut effects);
             }
@@ -687,21 +765,21 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
 
-    fn started(effects: &[Effect]) -> Vec<RequestId> {
+    fn started(effects: &[VolumeEffect]) -> Vec<RequestId> {
         effects
             .iter()
             .filter_map(|effect| match effect {
-                Effect::StartLocal(id) => Some(*id),
+                VolumeEffect::StartLocal(id) => Some(*id),
                 _ => None,
             })
             .collect()
     }
 
-    fn completed(effects: &[Effect]) -> Vec<(RequestId, Result<(), IoFault>)> {
+    fn completed(effects: &[VolumeEffect]) -> Vec<(RequestId, Result<(), IoFault>)> {
         effects
             .iter()
             .filter_map(|effect| match effect {
-                Effect::Complete(id, result) => Some((*id, *result)),
+                VolumeEffect::Complete(id, result) => Some((*id, *result)),
                 _ => None,
             })
             .collect()
@@ -711,7 +789,7 @@ mod tests {
     fn write_starts_and_completes_with_counting() {
         let mut core = DeviceCore::new(MIB, true);
         let (id, effects) = core.submit(IoKind::Write, ByteRange::new(0, 4096), 10);
-        assert_eq!(effects, vec![Effect::StartLocal(id)]);
+        assert_eq!(effects, vec![VolumeEffect::StartLocal(id)]);
         assert_eq!(core.app_in_flight(), 1);
         assert_eq!(core.stage(id), Some(Stage::Local));
         let effects = core.local_done(id, Ok(()), 30);
@@ -800,7 +878,7 @@ mod tests {
         assert!(core.postpone(id, 1).is_empty(), "local part still running");
         assert_eq!(core.app_in_flight(), 1);
         let effects = core.local_done(id, Ok(()), 2);
-        assert_eq!(effects, vec![Effect::Postponed(id)]);
+        assert_eq!(effects, vec![VolumeEffect::Postponed(id)]);
         assert_eq!(core.app_in_flight(), 0);
         // Re-submission is a new request with the original start tick.
         let (again, effects) = core.submit(IoKind::Write, ByteRange::new(0, 4096), 7);
@@ -838,21 +916,21 @@ mod replication_tests {
         core
     }
 
-    fn completed(effects: &[Effect]) -> Vec<RequestId> {
+    fn completed(effects: &[VolumeEffect]) -> Vec<RequestId> {
         effects
             .iter()
             .filter_map(|effect| match effect {
-                Effect::Complete(id, Ok(())) => Some(*id),
+                VolumeEffect::Complete(id, Ok(())) => Some(*id),
                 _ => None,
             })
             .collect()
     }
 
-    fn sent(effects: &[Effect]) -> Vec<Outgoing> {
+    fn sent(effects: &[VolumeEffect]) -> Vec<Outgoing> {
         effects
             .iter()
             .filter_map(|effect| match effect {
-                Effect::Send(PEER, outgoing) => Some(*outgoing),
+                VolumeEffect::Send(PEER, outgoing) => Some(*outgoing),
                 _ => None,
             })
             .collect()

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use super::{DiskState, ReplicationProtocol, Role};
 
 /// Bumped on any incompatible change of the messages or their meaning.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Identifies a replicated request on the sending node (its DeviceCore request id).
 pub type PeerRequestId = u64;
@@ -23,10 +23,21 @@ pub enum PeerMessage {
         resource: String,
         size_bytes: u64,
         protocol: ReplicationProtocol,
+        /// The sender's state when it said hello: the handshake decides on it.
+        role: Role,
+        disk: DiskState,
+        current_uuid: u64,
+        /// The sender's bitmap identifier for the receiver (0: none).
+        bitmap_uuid: u64,
+        history_uuids: Vec<u64>,
+        /// Bytes the sender counts as out of sync for the receiver.
+        receiver_missing_bytes: u64,
     },
-    /// The other side cannot accept this peer; the connection is closed after it.
+    /// The other side cannot accept this peer; the connection is closed after it. With
+    /// `standalone`, neither side retries until the administrator says `connect`.
     Refused {
         reason: String,
+        standalone: bool,
     },
     /// The sender's role, disk state and current data generation (sent after Hello and on
     /// every change).
@@ -84,7 +95,68 @@ pub enum PeerMessage {
     Ping {
         nonce: u64,
     },
+    /// Phase one of a cluster-wide role change: may `node` become Primary?
+    StatePrepare {
+        transaction: u64,
+        node: u8,
+        /// Promoted with `--force` from data that was not UpToDate: the receiver's data is
+        /// no longer current and it becomes Outdated on commit.
+        outdate_peers: bool,
+    },
+    /// The answer to a prepare: `refusal` is None when the receiver agrees.
+    StateReply {
+        transaction: u64,
+        refusal: Option<String>,
+    },
+    /// Phase two: the change happened.
+    StateCommit {
+        transaction: u64,
+    },
+    /// Phase two: the change was abandoned.
+    StateAbort {
+        transaction: u64,
+    },
     PingAck {
         nonce: u64,
     },
+}
+
+impl PeerMessage {
+    /// The message's name, for logs and protocol errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            PeerMessage::Hello { .. } => "Hello",
+            PeerMessage::Refused { .. } => "Refused",
+            PeerMessage::State { .. } => "State",
+            PeerMessage::Data { .. } => "Data",
+            PeerMessage::Discard { .. } => "Discard",
+            PeerMessage::Barrier { .. } => "Barrier",
+            PeerMessage::RecvAck { .. } => "RecvAck",
+            PeerMessage::WriteAck { .. } => "WriteAck",
+            PeerMessage::NegAck { .. } => "NegAck",
+            PeerMessage::BarrierAck { .. } => "BarrierAck",
+            PeerMessage::Ping { .. } => "Ping",
+            PeerMessage::PingAck { .. } => "PingAck",
+            PeerMessage::StatePrepare { .. } => "StatePrepare",
+            PeerMessage::StateReply { .. } => "StateReply",
+            PeerMessage::StateCommit { .. } => "StateCommit",
+            PeerMessage::StateAbort { .. } => "StateAbort",
+        }
+    }
+
+    /// Whether the message travels on the ordered data stream. Role and state announcements
+    /// travel there too, so that a peer learns that this node became Primary before it sees
+    /// the first write of that Primary (docs/protocol.md, "Streams").
+    pub fn on_data_stream(&self) -> bool {
+        matches!(
+            self,
+            PeerMessage::Data { .. }
+                | PeerMessage::Discard { .. }
+                | PeerMessage::Barrier { .. }
+                | PeerMessage::State { .. }
+                | PeerMessage::StatePrepare { .. }
+                | PeerMessage::StateCommit { .. }
+                | PeerMessage::StateAbort { .. }
+        )
+    }
 }

@@ -3,12 +3,12 @@
 //! out-of-sync blocks) and the receiving side per connection (applying writes in epoch order
 //! and acknowledging as the protocol says). Rules: replication-semantics.md sections 1-3.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 use super::device::{ByteRange, RequestId};
 use super::messages::{Epoch, PeerMessage, PeerRequestId};
 use super::ReplicationProtocol;
-use crate::buffer::IO_ALIGN;
+use super::BLOCK_SIZE;
 
 /// Peers are named by node id.
 pub type PeerId = u8;
@@ -16,7 +16,7 @@ pub type PeerId = u8;
 /// An epoch is closed after this many writes even if none completed.
 pub const MAX_WRITES_PER_EPOCH: u32 = 256;
 
-const BLOCK: u64 = IO_ALIGN as u64;
+const BLOCK: u64 = BLOCK_SIZE;
 
 /// A violation of the replication protocol by the peer: the connection must be dropped.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -316,8 +316,7 @@ pub struct PeerReceiver {
     /// Received for a later epoch, waiting for the current one to finish: local id, or a
     /// barrier (epoch, writes).
     queued: VecDeque<Queued>,
-    next_local: u64,
-    active: HashMap<u64, Received>,
+    active: BTreeMap<u64, Received>,
     pub received_bytes: u64,
 }
 
@@ -343,8 +342,7 @@ impl PeerReceiver {
             flushing: false,
             disk_flushes: true,
             queued: VecDeque::new(),
-            next_local: 1,
-            active: HashMap::new(),
+            active: BTreeMap::new(),
             received_bytes: 0,
         }
     }
@@ -373,7 +371,7 @@ impl PeerReceiver {
     }
 
     /// A data or discard message arrived. Returns the local id under which the shell keeps
-    /// its payload.
+    /// its payload: the message's sequence number, unique on a connection.
     pub fn on_write(
         &mut self,
         seq: u64,
@@ -393,8 +391,7 @@ impl PeerReceiver {
                 "write in epoch {epoch}, expected epoch {expected}"
             )));
         }
-        let local = self.next_local;
-        self.next_local += 1;
+        let local = seq;
         self.received_bytes += len;
         self.active.insert(local, Received { request, epoch });
         let mut effects = Vec::new();

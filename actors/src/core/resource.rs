@@ -1,0 +1,2038 @@
+//! The protocol of one resource as one deterministic state machine (docs/protocol.md).
+//!
+//! [`ResourceCore`] owns the volume pipeline ([`DeviceCore`]), one [`Link`] per configured peer
+//! (handshake, sending and receiving sides, liveness timers, backoff), the role and disk state,
+//! the data generations, and the cluster-wide role changes. It reads no clock (the shell passes
+//! the time with every input), does no I/O (it returns [`Effect`]s) and draws its random
+//! identifiers from a generator the shell seeds, so a simulation of many nodes replays exactly.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use super::device::{DeviceCore, VolumeEffect, HOLD_METADATA};
+use super::generation::{compare_generations, Generations, SyncDecision, UuidSource};
+use super::messages::{Epoch, PeerMessage, PROTOCOL_VERSION};
+use super::replication::{Outgoing, PeerId, PeerReceiver, ReceiverEffect};
+use super::{
+    ByteRange, ConnectionState, DiskState, IoFault, IoKind, ReplicationProtocol, RequestId, Role,
+    Tick, BLOCK_SIZE,
+};
+use crate::meta::DeviceMeta;
+
+/// One second in ticks (nanoseconds).
+pub const SECOND: Tick = 1_000_000_000;
+const MILLISECOND: Tick = 1_000_000;
+
+/// Identifies an administrator's command until its [`Effect::CommandDone`].
+pub type CommandId = u64;
+
+/// The timers of the protocol, in ticks (nanoseconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    /// Idle connections ping this often.
+    pub ping_interval: Tick,
+    /// A ping unanswered this long drops the connection.
+    pub ping_timeout: Tick,
+    /// A replicated request or barrier unanswered for `timeout` x `ko_count` drops the
+    /// connection (DRBD's `timeout` and `ko-count`).
+    pub timeout: Tick,
+    pub ko_count: u32,
+    /// The peer must complete the handshake within this time.
+    pub handshake_timeout: Tick,
+    /// Peers must answer a cluster-wide state change within this time.
+    pub state_change_timeout: Tick,
+    /// Redial delays after a failed connection attempt: doubling from min to max.
+    pub min_backoff: Tick,
+    pub max_backoff: Tick,
+    /// Redial delay after the peer refused the handshake (it will likely refuse again).
+    pub refused_backoff: Tick,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            ping_interval: SECOND,
+            ping_timeout: 4 * SECOND,
+            timeout: 6 * SECOND,
+            ko_count: 7,
+            handshake_timeout: 10 * SECOND,
+            state_change_timeout: 10 * SECOND,
+            min_backoff: 200 * MILLISECOND,
+            max_backoff: 5 * SECOND,
+            refused_backoff: 10 * SECOND,
+        }
+    }
+}
+
+impl Timing {
+    pub fn request_timeout(&self) -> Tick {
+        self.timeout.saturating_mul(Tick::from(self.ko_count))
+    }
+}
+
+/// A configured peer of the resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerConfig {
+    pub id: PeerId,
+    pub name: String,
+}
+
+/// What the core needs to know about its resource and node.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    pub resource: String,
+    pub node_id: u8,
+    pub node_name: String,
+    pub size_bytes: u64,
+    pub protocol: ReplicationProtocol,
+    /// Flush at every epoch boundary when applying a peer's writes (DRBD's `disk-flushes`).
+    pub disk_flushes: bool,
+    pub peers: Vec<PeerConfig>,
+    pub timing: Timing,
+    /// Seeds the generator of new generation identifiers.
+    pub seed: u64,
+}
+
+/// An administrator's command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    Promote { force: bool },
+    Demote,
+    SuspendIo,
+    ResumeIo,
+    Connect,
+    Disconnect,
+    /// Refuse new I/O, finish in-flight I/O, flush, record a clean shutdown.
+    Shutdown,
+}
+
+/// Why a command failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommandError {
+    #[error("another state change of this resource is in progress; try again")]
+    Busy,
+    #[error("local disk is {0}, not UpToDate; use --force to promote anyway")]
+    DiskNotUpToDate(DiskState),
+    #[error("peer {0} is Primary; two primaries are not allowed (demote it first)")]
+    PeerIsPrimary(String),
+    #[error("peer {0} is becoming Primary; two primaries are not allowed")]
+    LostRace(String),
+    #[error("peer {peer} refused the state change: {reason}")]
+    PeerRefused { peer: String, reason: String },
+    #[error("peer {0} did not answer the state change in time")]
+    PeerTimeout(String),
+    #[error(
+        "no peer is connected, so a peer may hold newer data; use --force to promote anyway"
+    )]
+    NoPeerConnected,
+    #[error("metadata update failed: {0}")]
+    Meta(String),
+    #[error("local I/O failed: {0}")]
+    LocalIo(IoFault),
+    #[error("the resource is going down")]
+    GoingDown,
+}
+
+/// A write or discard received from a peer (its payload stays with the shell, under
+/// `(peer, conn, seq)`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerWrite {
+    pub seq: u64,
+    pub epoch: Epoch,
+    pub request: u64,
+    pub offset: u64,
+    pub len: u64,
+    pub discard: bool,
+}
+
+/// Everything that can happen to a resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// An application request; `id` is chosen by the shell, unique among tracked requests.
+    Submit {
+        id: RequestId,
+        kind: IoKind,
+        range: ByteRange,
+        start: Tick,
+    },
+    /// The local store finished request `id`.
+    LocalDone {
+        id: RequestId,
+        result: Result<(), IoFault>,
+    },
+    /// A peer asked to retry request `id` (two primaries, a later issue).
+    Postpone { id: RequestId },
+    /// A transport connection to `peer` is up; `conn` names it from now on.
+    TransportUp { peer: PeerId, conn: u64 },
+    /// Connection `conn` to `peer` is gone.
+    TransportDown {
+        peer: PeerId,
+        conn: u64,
+        reason: String,
+    },
+    /// A dial the core asked for failed before a connection existed.
+    DialFailed { peer: PeerId, reason: String },
+    /// A write or discard arrived on connection `conn`.
+    PeerWrite {
+        peer: PeerId,
+        conn: u64,
+        write: PeerWrite,
+    },
+    /// Any other message arrived on connection `conn`.
+    PeerMessage {
+        peer: PeerId,
+        conn: u64,
+        message: PeerMessage,
+    },
+    /// The transport took a protocol-A write.
+    PeerSent { peer: PeerId, request: RequestId },
+    /// A received write (see [`Effect::ApplyPeerWrite`]) is on the local store.
+    PeerWriteApplied {
+        peer: PeerId,
+        conn: u64,
+        seq: u64,
+        result: Result<(), i32>,
+    },
+    /// The flush for a peer's epoch (see [`Effect::FlushForPeer`]) finished.
+    PeerFlushed {
+        peer: PeerId,
+        conn: u64,
+        epoch: Epoch,
+    },
+    /// A [`Effect::FlushLocal`] finished.
+    LocalFlushed {
+        token: u64,
+        result: Result<(), IoFault>,
+    },
+    /// A [`Effect::Persist`] finished.
+    Persisted {
+        version: u64,
+        result: Result<(), String>,
+    },
+    /// Time passed (timers fire).
+    Tick,
+    /// An administrator's command.
+    Command { id: CommandId, command: Command },
+}
+
+/// What the shell must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Submit request `id` to the local store, then report [`Input::LocalDone`].
+    StartLocal(RequestId),
+    /// Reply to the application; the core has forgotten the request.
+    Complete(RequestId, Result<(), IoFault>),
+    /// The request was postponed and forgotten: hand it to the retry actor.
+    Postponed(RequestId),
+    /// Send a replicated write, discard or barrier (data and discards carry the request's
+    /// bytes, which the shell holds) on the peer's data stream.
+    SendData { peer: PeerId, outgoing: Outgoing },
+    /// Send a message to the peer (on the stream [`PeerMessage::on_data_stream`] names).
+    Send { peer: PeerId, message: PeerMessage },
+    /// Write the received payload `(peer, conn, seq)` to the local store, then report
+    /// [`Input::PeerWriteApplied`].
+    ApplyPeerWrite {
+        peer: PeerId,
+        conn: u64,
+        seq: u64,
+        offset: u64,
+        len: u64,
+        discard: bool,
+    },
+    /// The received payload `(peer, conn, seq)` will never be applied: drop it.
+    ForgetPayload { peer: PeerId, conn: u64, seq: u64 },
+    /// Make every applied write durable, then report [`Input::PeerFlushed`].
+    FlushForPeer {
+        peer: PeerId,
+        conn: u64,
+        epoch: Epoch,
+    },
+    /// Make every completed local write durable, then report [`Input::LocalFlushed`].
+    FlushLocal { token: u64 },
+    /// Make this metadata durable, then report [`Input::Persisted`] with `version`.
+    Persist { version: u64, meta: DeviceMeta },
+    /// Open a transport connection to the peer (report [`Input::TransportUp`] or
+    /// [`Input::DialFailed`]).
+    Dial { peer: PeerId },
+    /// Close connection `conn` to the peer (and drop every payload received on it).
+    CloseConnection {
+        peer: PeerId,
+        conn: u64,
+        reason: String,
+    },
+    /// An administrator's command finished.
+    CommandDone {
+        id: CommandId,
+        result: Result<String, CommandError>,
+    },
+    /// A state change, as one `events` line.
+    Event(String),
+}
+
+/// The observable state of a link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkStatus {
+    pub peer: PeerId,
+    pub name: String,
+    pub connection: ConnectionState,
+    pub role: Option<Role>,
+    pub disk: Option<DiskState>,
+    pub peer_current_uuid: u64,
+    /// Why the last handshake or connection failed.
+    pub last_error: Option<String>,
+    pub out_of_sync_bytes: u64,
+    pub unacked: u64,
+    pub pending: u64,
+    pub sent_bytes: u64,
+    pub received_bytes: u64,
+}
+
+#[derive(Debug)]
+struct Link {
+    id: PeerId,
+    name: String,
+    dials: bool,
+    state: ConnectionState,
+    /// StandAlone by the administrator's `disconnect` or by a refusal that retrying cannot
+    /// fix (two primaries, split brain, unrelated data): no redial until `connect`.
+    standalone: bool,
+    conn: Option<u64>,
+    handshake_since: Option<Tick>,
+    dialing: bool,
+    next_dial: Tick,
+    backoff: Tick,
+    last_error: Option<String>,
+    role: Option<Role>,
+    disk: Option<DiskState>,
+    current_uuid: u64,
+    receiver: PeerReceiver,
+    // Liveness.
+    last_ping: Tick,
+    ping_nonce: u64,
+    ping_outstanding: Option<Tick>,
+    /// Replicated requests (protocols B and C) and barriers not yet answered, with when
+    /// they were sent. Ids and epochs grow with time, so the first entry is the oldest.
+    awaiting_requests: BTreeMap<RequestId, Tick>,
+    awaiting_barriers: BTreeMap<Epoch, Tick>,
+}
+
+impl Link {
+    fn is_connected(&self) -> bool {
+        self.state == ConnectionState::Connected
+    }
+}
+
+/// A cluster-wide promotion this node started.
+#[derive(Debug)]
+struct Promotion {
+    command: CommandId,
+    transaction: u64,
+    force: bool,
+    outdate_peers: bool,
+    /// Peers asked and not yet answered.
+    awaiting: BTreeSet<PeerId>,
+    /// Peers asked (they get the commit or the abort).
+    asked: BTreeSet<PeerId>,
+    deadline: Tick,
+    /// Set once every peer agreed: the metadata version that must be durable first.
+    persisting: Option<u64>,
+}
+
+/// A peer's promotion this node agreed to, until its commit or abort.
+#[derive(Debug, Clone, Copy)]
+struct Prepared {
+    peer: PeerId,
+    transaction: u64,
+    outdate_peers: bool,
+    deadline: Tick,
+}
+
+#[derive(Debug)]
+enum Change {
+    None,
+    Promoting(Promotion),
+    /// Waiting for in-flight requests to drain, then the local flush, then the metadata.
+    Demoting {
+        command: CommandId,
+        step: DrainStep,
+    },
+    ShuttingDown {
+        command: CommandId,
+        step: DrainStep,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DrainStep {
+    Draining,
+    Flushing(u64),
+    Persisting(u64),
+}
+
+/// What waits for a metadata version to become durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MetaWaiter {
+    /// I/O held until a new generation (or the in-use mark) is durable.
+    ReleaseIo,
+}
+
+/// The protocol of one resource.
+#[derive(Debug)]
+pub struct ResourceCore {
+    config: CoreConfig,
+    device: DeviceCore,
+    links: BTreeMap<PeerId, Link>,
+    role: Role,
+    disk: DiskState,
+    meta: DeviceMeta,
+    uuids: UuidSource,
+    /// The last version handed out for persisting, and the newest one known durable.
+    meta_version: u64,
+    durable_version: u64,
+    meta_waiters: Vec<(u64, MetaWaiter)>,
+    change: Change,
+    prepared: Option<Prepared>,
+    next_transaction: u64,
+    next_token: u64,
+    going_down: bool,
+    down: bool,
+    /// The previous run stopped without recording a clean shutdown.
+    crashed: bool,
+    /// ... and this node was Primary then.
+    was_primary_at_start: bool,
+    /// Offset, length and kind of the received writes not yet applied, by (peer, seq).
+    received_ranges: BTreeMap<(PeerId, u64), (u64, u64, bool)>,
+    effects: VecDeque<Effect>,
+}
+
+impl ResourceCore {
+    /// A resource coming up with its stored metadata. It comes up Secondary; the first
+    /// effects mark the metadata in use (I/O waits until that is durable) and dial the peers.
+    pub fn new(config: CoreConfig, meta: DeviceMeta, now: Tick) -> Self {
+        let mut device = DeviceCore::new(config.size_bytes, false);
+        for peer in &config.peers {
+            device.add_peer(peer.id, config.protocol);
+        }
+        let crashed = !meta.flags.clean_shutdown;
+        let meta_was_primary = meta.flags.was_primary;
+        let disk = if !meta.flags.consistent {
+            DiskState::Inconsistent
+        } else if !meta.flags.up_to_date {
+            DiskState::Outdated
+        } else if crashed && !config.peers.is_empty() {
+            // A peer may have gone on without us: only a connected UpToDate peer or --force
+            // makes this data current again (docs/protocol.md, "Disk states").
+            DiskState::Consistent
+        } else {
+            DiskState::UpToDate
+        };
+        let links = config
+            .peers
+            .iter()
+            .map(|peer| {
+                let link = Link {
+                    id: peer.id,
+                    name: peer.name.clone(),
+                    dials: config.node_id < peer.id,
+                    state: ConnectionState::Connecting,
+                    standalone: false,
+                    conn: None,
+                    handshake_since: None,
+                    dialing: false,
+                    next_dial: now,
+                    backoff: config.timing.min_backoff,
+                    last_error: None,
+                    role: None,
+                    disk: None,
+                    current_uuid: 0,
+                    receiver: new_receiver(&config),
+                    last_ping: now,
+                    ping_nonce: 0,
+                    ping_outstanding: None,
+                    awaiting_requests: BTreeMap::new(),
+                    awaiting_barriers: BTreeMap::new(),
+                };
+                (peer.id, link)
+            })
+            .collect();
+        let uuids = UuidSource::new(config.seed);
+        let mut core = ResourceCore {
+            config,
+            device,
+            links,
+            role: Role::Secondary,
+            disk,
+            meta,
+            uuids,
+            meta_version: 0,
+            durable_version: 0,
+            meta_waiters: Vec::new(),
+            change: Change::None,
+            prepared: None,
+            next_transaction: 1,
+            next_token: 1,
+            going_down: false,
+            down: false,
+            crashed,
+            was_primary_at_start: meta_was_primary,
+            received_ranges: BTreeMap::new(),
+            effects: VecDeque::new(),
+        };
+        if crashed {
+            tracing::warn!(resource = %core.config.resource, "the previous run did not shut down cleanly");
+        }
+        core.meta.flags.clean_shutdown = false;
+        core.meta.flags.was_primary = false;
+        core.device.hold(HOLD_METADATA);
+        core.persist(Some(MetaWaiter::ReleaseIo));
+        core.dial_due(now);
+        core
+    }
+
+    /// The next effect to carry out, in order.
+    pub fn poll_effect(&mut self) -> Option<Effect> {
+        self.effects.pop_front()
+    }
+
+    /// Every pending effect, in order.
+    pub fn drain_effects(&mut self) -> impl Iterator<Item = Effect> + '_ {
+        self.effects.drain(..)
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    pub fn disk(&self) -> DiskState {
+        self.disk
+    }
+
+    pub fn meta(&self) -> &DeviceMeta {
+        &self.meta
+    }
+
+    pub fn device(&self) -> &DeviceCore {
+        &self.device
+    }
+
+    pub fn config(&self) -> &CoreConfig {
+        &self.config
+    }
+
+    /// The resource went down (a shutdown finished); it takes no more inputs.
+    pub fn is_down(&self) -> bool {
+        self.down
+    }
+
+    /// The current generation identifiers.
+    pub fn generations(&self) -> Generations {
+        generations_of(&self.meta)
+    }
+
+    pub fn links(&self) -> impl Iterator<Item = LinkStatus> + '_ {
+        self.links.values().map(|link| {
+            let sender = self.device.peer(link.id);
+            LinkStatus {
+                peer: link.id,
+                name: link.name.clone(),
+                connection: link.state,
+                role: link.role,
+                disk: link.disk,
+                peer_current_uuid: link.current_uuid,
+                last_error: link.last_error.clone(),
+                out_of_sync_bytes: sender.map_or(0, |s| s.out_of_sync.dirty_bytes()),
+                unacked: sender.map_or(0, |s| s.unacked_writes()),
+                pending: link.receiver.pending(),
+                sent_bytes: sender.map_or(0, |s| s.sent_bytes),
+                received_bytes: link.receiver.received_bytes,
+            }
+        })
+    }
+
+    pub fn link(&self, peer: PeerId) -> Option<LinkStatus> {
+        self.links().find(|link| link.peer == peer)
+    }
+
+    /// Whether a cluster-wide or local state change is under way.
+    pub fn is_changing(&self) -> bool {
+        !matches!(self.change, Change::None)
+    }
+
+    /// Carries out one input at time `now`; the effects queue up for [`Self::poll_effect`].
+    pub fn handle(&mut self, now: Tick, input: Input) {
+        if self.down {
+            if let Input::Command { id, .. } = input {
+                self.done(id, Err(CommandError::GoingDown));
+            }
+            return;
+        }
+        match input {
+            Input::Submit {
+                id,
+                kind,
+                range,
+                start,
+            } => self.submit(id, kind, range, start),
+            Input::LocalDone { id, result } => {
+                let effects = self.device.local_done(id, result, now);
+                self.volume_effects(effects, now);
+            }
+            Input::Postpone { id } => {
+                let effects = self.device.postpone(id, now);
+                self.volume_effects(effects, now);
+            }
+            Input::TransportUp { peer, conn } => self.transport_up(peer, conn, now),
+            Input::TransportDown { peer, conn, reason } => {
+                if self.current_conn(peer) == Some(conn) {
+                    tracing::warn!(resource = %self.config.resource, peer = %self.peer_name(peer), %reason, "connection lost");
+                    self.lose_link(peer, ConnectionState::NetworkFailure, reason, now);
+                }
+            }
+            Input::DialFailed { peer, reason } => self.dial_failed(peer, reason, now),
+            Input::PeerWrite { peer, conn, write } => self.peer_write(peer, conn, write, now),
+            Input::PeerMessage {
+                peer,
+                conn,
+                message,
+            } => {
+                if self.current_conn(peer) == Some(conn) {
+                    self.peer_message(peer, message, now);
+                }
+            }
+            Input::PeerSent { peer, request } => {
+                if self.links.get(&peer).is_some_and(Link::is_connected) {
+                    let effects = self.device.peer_sent(peer, request, now);
+                    self.volume_effects(effects, now);
+                }
+            }
+            Input::PeerWriteApplied {
+                peer,
+                conn,
+                seq,
+                result,
+            } => {
+                if self.current_conn(peer) == Some(conn) {
+                    if let Some(link) = self.links.get_mut(&peer) {
+                        let effects = link.receiver.local_done(seq, result);
+                        self.receiver_effects(peer, effects, now);
+                    }
+                }
+            }
+            Input::PeerFlushed { peer, conn, epoch } => {
+                if self.current_conn(peer) == Some(conn) {
+                    if let Some(link) = self.links.get_mut(&peer) {
+                        match link.receiver.flush_done(epoch) {
+                            Ok(effects) => self.receiver_effects(peer, effects, now),
+                            Err(error) => self.protocol_error(peer, error.0, now),
+                        }
+                    }
+                }
+            }
+            Input::LocalFlushed { token, result } => self.local_flushed(token, result, now),
+            Input::Persisted { version, result } => self.persisted(version, result, now),
+            Input::Tick => self.tick(now),
+            Input::Command { id, command } => self.command(id, command, now),
+        }
+        self.progress_drain(now);
+    }
+
+    // ----- application I/O -----
+
+    fn submit(&mut self, id: RequestId, kind: IoKind, range: ByteRange, start: Tick) {
+        if kind.modifies_data() && self.role == Role::Primary {
+            self.start_generation_if_needed(false);
+        }
+        let effects = self.device.submit_as(id, kind, range, start);
+        self.volume_effects(effects, start);
+    }
+
+    /// A Primary that writes without some peer starts a new data generation first; the old
+    /// one becomes that peer's bitmap identifier (docs/protocol.md, "Data generations").
+    /// I/O waits until the new identifiers are durable.
+    fn start_generation_if_needed(&mut self, force: bool) {
+        let absent: Vec<PeerId> = self
+            .links
+            .values()
+            .filter(|link| !link.is_connected() && self.meta.bitmap_uuids.get(&link.id).is_none_or(|u| *u == 0))
+            .map(|link| link.id)
+            .collect();
+        if absent.is_empty() && !force {
+            return;
+        }
+        let mut generations = generations_of(&self.meta);
+        let new = self.uuids.next_uuid();
+        generations.start_new(new, absent);
+        set_generations(&mut self.meta, &generations);
+        tracing::info!(resource = %self.config.resource, generation = %format!("{new:016X}"), "new data generation");
+        self.emit(format!(
+            "change resource name:{} current-uuid:{new:016X}",
+            self.config.resource
+        ));
+        self.device.hold(HOLD_METADATA);
+        self.persist(Some(MetaWaiter::ReleaseIo));
+        self.announce_state();
+    }
+
+    fn volume_effects(&mut self, effects: Vec<VolumeEffect>, now: Tick) {
+        for effect in effects {
+            match effect {
+                VolumeEffect::StartLocal(id) => self.effects.push_back(Effect::StartLocal(id)),
+                VolumeEffect::Complete(id, result) => {
+                    self.effects.push_back(Effect::Complete(id, result))
+                }
+                VolumeEffect::Postponed(id) => self.effects.push_back(Effect::Postponed(id)),
+                VolumeEffect::Send(peer, outgoing) => {
+                    if let Some(link) = self.links.get_mut(&peer) {
+                        match outgoing {
+                            Outgoing::Data { request, .. } | Outgoing::Discard { request, .. }
+                                if self.config.protocol != ReplicationProtocol::A =>
+                            {
+                                link.awaiting_requests.insert(request, now);
+                            }
+                            Outgoing::Barrier { epoch, .. } => {
+                                link.awaiting_barriers.insert(epoch, now);
+                            }
+                            _ => {}
+                        }
+                    }
+                    self.effects
+                        .push_back(Effect::SendData { peer, outgoing });
+                }
+            }
+        }
+    }
+
+    // ----- receiving -----
+
+    fn peer_write(&mut self, peer: PeerId, conn: u64, write: PeerWrite, now: Tick) {
+        if self.current_conn(peer) != Some(conn) {
+            self.effects.push_back(Effect::ForgetPayload {
+                peer,
+                conn,
+                seq: write.seq,
+            });
+            return;
+        }
+        let Some(link) = self.links.get(&peer) else {
+            return;
+        };
+        // A Secondary is written only by its Primary peer (docs/protocol.md, "Who may write").
+        let refusal = if !link.is_connected() {
+            Some("a write arrived before the handshake completed".to_owned())
+        } else if link.role != Some(Role::Primary) {
+            Some(format!(
+                "peer {} sent a write while it is not Primary",
+                link.name
+            ))
+        } else if self.role == Role::Primary {
+            Some(format!(
+                "peer {} sent a write to this node, which is Primary",
+                link.name
+            ))
+        } else if write
+            .offset
+            .checked_add(write.len)
+            .is_none_or(|end| end > self.config.size_bytes)
+        {
+            Some(format!(
+                "peer {} sent a write at {}+{} beyond the end of the volume ({} bytes)",
+                link.name, write.offset, write.len, self.config.size_bytes
+            ))
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
+            self.effects.push_back(Effect::ForgetPayload {
+                peer,
+                conn,
+                seq: write.seq,
+            });
+            self.protocol_error(peer, reason, now);
+            return;
+        }
+        let Some(link) = self.links.get_mut(&peer) else {
+            return;
+        };
+        let counted = if write.discard { 0 } else { write.len };
+        match link
+            .receiver
+            .on_write(write.seq, write.epoch, write.request, counted)
+        {
+            Ok((_, effects)) => {
+                // The receiver names the write by its sequence number; the shell finds the
+                // payload under it.
+                self.pending_writes_insert(peer, write);
+                self.receiver_effects(peer, effects, now);
+            }
+            Err(error) => {
+                self.effects.push_back(Effect::ForgetPayload {
+                    peer,
+                    conn,
+                    seq: write.seq,
+                });
+                self.protocol_error(peer, error.0, now);
+            }
+        }
+    }
+
+    fn pending_writes_insert(&mut self, peer: PeerId, write: PeerWrite) {
+        self.received_ranges
+            .insert((peer, write.seq), (write.offset, write.len, write.discard));
+    }
+
+    fn receiver_effects(&mut self, peer: PeerId, effects: Vec<ReceiverEffect>, now: Tick) {
+        let Some(conn) = self.current_conn(peer) else {
+            return;
+        };
+        for effect in effects {
+            match effect {
+                ReceiverEffect::Apply(seq) => {
+                    if let Some((offset, len, discard)) = self.received_ranges.remove(&(peer, seq))
+                    {
+                        self.effects.push_back(Effect::ApplyPeerWrite {
+                            peer,
+                            conn,
+                            seq,
+                            offset,
+                            len,
+                            discard,
+                        });
+                    }
+                }
+                ReceiverEffect::Flush(epoch) => {
+                    self.effects
+                        .push_back(Effect::FlushForPeer { peer, conn, epoch })
+                }
+                ReceiverEffect::EpochWritten(epoch) => {
+                    let Some(link) = self.links.get_mut(&peer) else {
+                        continue;
+                    };
+                    match link.receiver.flush_done(epoch) {
+                        Ok(more) => self.receiver_effects(peer, more, now),
+                        Err(error) => {
+                            self.protocol_error(peer, error.0, now);
+                            return;
+                        }
+                    }
+                }
+                ReceiverEffect::Ack(message) => {
+                    self.effects.push_back(Effect::Send { peer, message })
+                }
+            }
+        }
+    }
+
+    fn peer_message(&mut self, peer: PeerId, message: PeerMessage, now: Tick) {
+        let connected = self.links.get(&peer).is_some_and(Link::is_connected);
+        match message {
+            PeerMessage::Hello { .. } => self.hello(peer, &message, now),
+            PeerMessage::Refused { reason, standalone } => {
+                let reason = format!("peer {} refused the connection: {reason}", self.peer_name(peer));
+                tracing::warn!(resource = %self.config.resource, %reason, "handshake refused");
+                self.refused(peer, reason, standalone, now);
+            }
+            _ if !connected => {
+                self.protocol_error(
+                    peer,
+                    format!("{} before the handshake completed", message.name()),
+                    now,
+                );
+            }
+            PeerMessage::Ping { nonce } => self.effects.push_back(Effect::Send {
+                peer,
+                message: PeerMessage::PingAck { nonce },
+            }),
+            PeerMessage::PingAck { nonce } => {
+                if let Some(link) = self.links.get_mut(&peer) {
+                    if nonce == link.ping_nonce {
+                        link.ping_outstanding = None;
+                    }
+                }
+            }
+            PeerMessage::State {
+                role,
+                disk,
+                current_uuid,
+                receiver_missing_bytes,
+            } => self.peer_state(peer, role, disk, current_uuid, receiver_missing_bytes, now),
+            ack @ (PeerMessage::RecvAck { .. }
+            | PeerMessage::WriteAck { .. }
+            | PeerMessage::NegAck { .. }
+            | PeerMessage::BarrierAck { .. }) => {
+                if let Some(link) = self.links.get_mut(&peer) {
+                    match ack {
+                        PeerMessage::RecvAck { request }
+                        | PeerMessage::WriteAck { request }
+                        | PeerMessage::NegAck { request, .. } => {
+                            link.awaiting_requests.remove(&request);
+                        }
+                        PeerMessage::BarrierAck { epoch, .. } => {
+                            link.awaiting_barriers.retain(|e, _| *e > epoch);
+                        }
+                        _ => {}
+                    }
+                }
+                match self.device.peer_ack(peer, &ack, now) {
+                    Ok(effects) => self.volume_effects(effects, now),
+                    Err(error) => self.protocol_error(peer, error.0, now),
+                }
+            }
+            PeerMessage::StatePrepare {
+                transaction,
+                node,
+                outdate_peers,
+            } => self.prepare_received(peer, transaction, node, outdate_peers, now),
+            PeerMessage::StateReply {
+                transaction,
+                refusal,
+            } => self.reply_received(peer, transaction, refusal, now),
+            PeerMessage::StateCommit { transaction } => {
+                self.commit_received(peer, transaction, now)
+            }
+            PeerMessage::StateAbort { transaction } => {
+                if self
+                    .prepared
+                    .is_some_and(|p| p.peer == peer && p.transaction == transaction)
+                {
+                    self.prepared = None;
+                }
+            }
+            other @ (PeerMessage::Data { .. }
+            | PeerMessage::Discard { .. }
+            | PeerMessage::Barrier { .. }) => self.data_stream_message(peer, other, now),
+        }
+    }
+
+    /// Barriers (writes come through [`Input::PeerWrite`]).
+    fn data_stream_message(&mut self, peer: PeerId, message: PeerMessage, now: Tick) {
+        match message {
+            PeerMessage::Barrier {
+                seq,
+                epoch,
+                writes,
+                flush,
+            } => {
+                let Some(link) = self.links.get_mut(&peer) else {
+                    return;
+                };
+                match link.receiver.on_barrier(seq, epoch, writes, flush) {
+                    Ok(effects) => self.receiver_effects(peer, effects, now),
+                    Err(error) => self.protocol_error(peer, error.0, now),
+                }
+            }
+            other => self.protocol_error(
+                peer,
+                format!("{} must arrive with its payload", other.name()),
+                now,
+            ),
+        }
+    }
+
+    fn peer_state(
+        &mut self,
+        peer: PeerId,
+        role: Role,
+        disk: DiskState,
+        current_uuid: u64,
+        missing: u64,
+        now: Tick,
+    ) {
+        if role == Role::Primary && self.role == Role::Primary {
+            let reason = format!(
+                "both this node and peer {} are Primary; two primaries are not allowed",
+                self.peer_name(peer)
+            );
+            self.refuse(peer, reason, true, now);
+            return;
+        }
+        let resource = self.config.resource.clone();
+        let Some(link) = self.links.get_mut(&peer) else {
+            return;
+        };
+        let changed = link.role != Some(role) || link.disk != Some(disk);
+        link.role = Some(role);
+        link.disk = Some(disk);
+        link.current_uuid = current_uuid;
+        if changed {
+            let line = format!(
+                "change peer-device name:{resource} peer-node-id:{peer} conn-name:{} peer-role:{role} peer-disk:{disk} peer-generation:{current_uuid:016X}",
+                link.name
+            );
+            self.emit(line);
+        }
+        if missing > 0 && self.role == Role::Secondary {
+            self.become_outdated(peer, missing);
+        } else if role == Role::Primary
+            && self.role == Role::Secondary
+            && self.disk == DiskState::UpToDate
+            && current_uuid != self.meta.current_uuid
+        {
+            // Our Primary started a new generation (some other peer is away) while we have
+            // every write of the old one: we follow it.
+            let mut generations = generations_of(&self.meta);
+            generations.start_new(current_uuid, []);
+            set_generations(&mut self.meta, &generations);
+            self.persist(None);
+        }
+    }
+
+    // ----- handshake -----
+
+    fn hello_message(&self, peer: PeerId) -> PeerMessage {
+        PeerMessage::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            node_id: self.config.node_id,
+            node_name: self.config.node_name.clone(),
+            resource: self.config.resource.clone(),
+            size_bytes: self.config.size_bytes,
+            protocol: self.config.protocol,
+            role: self.role,
+            disk: self.disk,
+            current_uuid: self.meta.current_uuid,
+            bitmap_uuid: self.meta.bitmap_uuids.get(&peer).copied().unwrap_or(0),
+            history_uuids: self.meta.history_uuids.clone(),
+            receiver_missing_bytes: self.missing_for(peer),
+        }
+    }
+
+    fn missing_for(&self, peer: PeerId) -> u64 {
+        self.device
+            .peer(peer)
+            .map_or(0, |sender| sender.out_of_sync.dirty_bytes())
+    }
+
+    fn transport_up(&mut self, peer: PeerId, conn: u64, now: Tick) {
+        let Some(link) = self.links.get_mut(&peer) else {
+            self.effects.push_back(Effect::CloseConnection {
+                peer,
+                conn,
+                reason: "no such peer".into(),
+            });
+            return;
+        };
+        link.dialing = false;
+        if link.standalone || self.going_down {
+            self.effects.push_back(Effect::CloseConnection {
+                peer,
+                conn,
+                reason: "StandAlone".into(),
+            });
+            return;
+        }
+        if link.conn.is_some() {
+            self.lose_link(
+                peer,
+                ConnectionState::NetworkFailure,
+                "replaced by a new connection".into(),
+                now,
+            );
+        }
+        let Some(link) = self.links.get_mut(&peer) else {
+            return;
+        };
+        link.conn = Some(conn);
+        link.handshake_since = Some(now);
+        let hello = self.hello_message(peer);
+        self.effects.push_back(Effect::Send {
+            peer,
+            message: hello,
+        });
+    }
+
+    /// Checks a peer's Hello. Both sides run the same checks on the same facts, so both reach
+    /// the same verdict and both can say why (docs/protocol.md, "Handshake").
+    fn hello(&mut self, peer: PeerId, hello: &PeerMessage, now: Tick) {
+        let PeerMessage::Hello {
+            protocol_version,
+            node_id,
+            node_name,
+            resource,
+            size_bytes,
+            protocol,
+            role,
+            disk,
+            current_uuid,
+            bitmap_uuid,
+            history_uuids,
+            receiver_missing_bytes,
+        } = hello
+        else {
+            return;
+        };
+        let Some(link) = self.links.get(&peer) else {
+            return;
+        };
+        if link.handshake_since.is_none() {
+            self.protocol_error(peer, "a second Hello".into(), now);
+            return;
+        }
+        let name = link.name.clone();
+        let ours = &self.config;
+        let mismatch = if *protocol_version != PROTOCOL_VERSION {
+            Some(format!(
+                "incompatible qrbd protocol version {protocol_version} (this node speaks {PROTOCOL_VERSION})"
+            ))
+        } else if *resource != ours.resource {
+            Some(format!(
+                "peer offers resource {resource:?}, expected {:?}",
+                ours.resource
+            ))
+        } else if *node_id != peer || *node_name != name {
+            Some(format!(
+                "peer is node {node_name:?} (id {node_id}), expected {name:?} (id {peer})"
+            ))
+        } else if *size_bytes != ours.size_bytes {
+            Some(format!(
+                "resource {:?}: peer size is {size_bytes} bytes, ours is {} bytes",
+                ours.resource, ours.size_bytes
+            ))
+        } else if *protocol != ours.protocol {
+            Some(format!(
+                "resource {:?}: peer uses protocol {protocol}, ours is {}",
+                ours.resource, ours.protocol
+            ))
+        } else {
+            None
+        };
+        if let Some(reason) = mismatch {
+            self.refuse(peer, reason, false, now);
+            return;
+        }
+        if *role == Role::Primary && self.role == Role::Primary {
+            let reason = format!(
+                "both {} and {name} are Primary; two primaries are not allowed (demote one, then `qrbd connect`)",
+                ours.node_name
+            );
+            self.refuse(peer, reason, true, now);
+            return;
+        }
+        let local = generations_of(&self.meta);
+        let mut remote = Generations {
+            current: *current_uuid,
+            bitmap: BTreeMap::new(),
+            history: history_uuids.clone(),
+        };
+        if *bitmap_uuid != 0 {
+            remote.bitmap.insert(self.config.node_id, *bitmap_uuid);
+        }
+        let decision =
+            compare_generations(&local, self.disk, self.config.node_id, &remote, *disk, peer);
+        match decision {
+            SyncDecision::SplitBrain => {
+                let reason = format!(
+                    "split brain: {} and {name} both wrote data since generation {:016X}; \
+                     choose the victim and resolve by hand",
+                    self.config.node_name,
+                    local.bitmap_for(peer).max(*bitmap_uuid)
+                );
+                self.refuse(peer, reason, true, now);
+                return;
+            }
+            SyncDecision::Unrelated => {
+                let reason = format!(
+                    "unrelated data: generation {:016X} here and {current_uuid:016X} on {name} share no history",
+                    local.current
+                );
+                self.refuse(peer, reason, true, now);
+                return;
+            }
+            SyncDecision::LocalBehind { .. } if self.role == Role::Primary => {
+                let reason = format!(
+                    "this node is Primary but {name} has newer data (generation {current_uuid:016X}); \
+                     treating it as split brain"
+                );
+                self.refuse(peer, reason, true, now);
+                return;
+            }
+            _ => {}
+        }
+        self.establish(peer, *role, *disk, *current_uuid, now);
+        let peer_up_to_date = *disk == DiskState::UpToDate;
+        match decision {
+            SyncDecision::LocalBehind { .. } => self.become_outdated(peer, 0),
+            SyncDecision::Same if *receiver_missing_bytes > 0 && self.role == Role::Secondary => {
+                self.become_outdated(peer, *receiver_missing_bytes)
+            }
+            SyncDecision::Same if self.disk == DiskState::Consistent && peer_up_to_date => {
+                if self.crashed && self.meta_was_primary_before_crash() {
+                    // A Primary that crashed may hold in-flight writes its peer never got.
+                    self.become_outdated(peer, 0);
+                } else {
+                    self.set_disk(DiskState::UpToDate, true);
+                }
+            }
+            SyncDecision::PeerBehind { full: true } => {
+                // No bitmap tracks the difference: all of it is out of sync for the peer.
+                self.device
+                    .mark_out_of_sync(peer, ByteRange::new(0, self.config.size_bytes));
+            }
+            _ => {}
+        }
+        self.announce_state();
+    }
+
+    fn meta_was_primary_before_crash(&self) -> bool {
+        self.was_primary_at_start
+    }
+
+    fn establish(&mut self, peer: PeerId, role: Role, disk: DiskState, uuid: u64, now: Tick) {
+        let resource = self.config.resource.clone();
+        let receiver = new_receiver(&self.config);
+        let Some(link) = self.links.get_mut(&peer) else {
+            return;
+        };
+        link.handshake_since = None;
+        link.role = Some(role);
+        link.disk = Some(disk);
+        link.current_uuid = uuid;
+        link.receiver = receiver;
+        link.backoff = self.config.timing.min_backoff;
+        link.last_error = None;
+        link.last_ping = now;
+        link.ping_outstanding = None;
+        link.awaiting_requests.clear();
+        link.awaiting_barriers.clear();
+        let name = link.name.clone();
+        self.device.peer_connected(peer);
+        tracing::info!(resource = %resource, peer = %name, "connected");
+        self.set_link_state(peer, ConnectionState::Connected);
+        self.emit(format!(
+            "change peer-device name:{resource} peer-node-id:{peer} conn-name:{name} peer-role:{role} peer-disk:{disk} peer-generation:{uuid:016X}"
+        ));
+    }
+
+    /// Refuses the peer: tells it why and closes the connection. `standalone` refusals are
+    /// not retried (both sides wait for the administrator).
+    fn refuse(&mut self, peer: PeerId, reason: String, standalone: bool, now: Tick) {
+        tracing::warn!(resource = %self.config.resource, peer = %self.peer_name(peer), %reason, "refusing the peer");
+        self.effects.push_back(Effect::Send {
+            peer,
+            message: PeerMessage::Refused {
+                reason: reason.clone(),
+                standalone,
+            },
+        });
+        self.refused(peer, reason, standalone, now);
+    }
+
+    fn refused(&mut self, peer: PeerId, reason: String, standalone: bool, now: Tick) {
+        if let Some(link) = self.links.get_mut(&peer) {
+            if standalone {
+                link.standalone = true;
+            }
+            link.backoff = link.backoff.max(self.config.timing.refused_backoff);
+        }
+        self.lose_link(peer, ConnectionState::ProtocolError, reason.clone(), now);
+        if let Some(link) = self.links.get_mut(&peer) {
+            link.last_error = Some(reason);
+        }
+    }
+
+    fn protocol_error(&mut self, peer: PeerId, reason: String, now: Tick) {
+        tracing::error!(resource = %self.config.resource, peer = %self.peer_name(peer), %reason, "protocol error; dropping the connection");
+        self.lose_link(peer, ConnectionState::ProtocolError, reason, now);
+    }
+
+    /// Tears the link down: closes the connection, releases what waited for the peer (it is
+    /// out of sync for it from now on), and schedules a redial unless StandAlone.
+    fn lose_link(&mut self, peer: PeerId, state: ConnectionState, reason: String, now: Tick) {
+        let Some(link) = self.links.get_mut(&peer) else {
+            return;
+        };
+        let was_connected = link.is_connected();
+        if let Some(conn) = link.conn.take() {
+            self.effects.push_back(Effect::CloseConnection {
+                peer,
+                conn,
+                reason: reason.clone(),
+            });
+        }
+        link.handshake_since = None;
+        link.role = None;
+        link.disk = None;
+        link.ping_outstanding = None;
+        link.awaiting_requests.clear();
+        link.awaiting_barriers.clear();
+        link.last_error = Some(reason);
+        link.next_dial = now.saturating_add(link.backoff);
+        link.backoff = link
+            .backoff
+            .saturating_mul(2)
+            .min(self.config.timing.max_backoff.max(link.backoff));
+        let standalone = link.standalone;
+        self.received_ranges.retain(|(p, _), _| *p != peer);
+        if was_connected {
+            let before = self.missing_for(peer);
+            let effects = self.device.peer_disconnected(peer, now);
+            let marked = self.missing_for(peer) > before;
+            if marked && self.role == Role::Primary {
+                // Writes completed without the peer: they belong to a new generation, durable
+                // before they complete (the device holds completions meanwhile).
+                self.start_generation_if_needed(false);
+            }
+            self.volume_effects(effects, now);
+        }
+        if was_connected || state != ConnectionState::NetworkFailure {
+            self.set_link_state(peer, state);
+        }
+        self.set_link_state(
+            peer,
+            if standalone {
+                ConnectionState::StandAlone
+            } else {
+                ConnectionState::Connecting
+            },
+        );
+        // A promotion waiting for this peer no longer needs its answer; one this node agreed
+        // to for the peer is void.
+        if let Change::Promoting(promotion) = &mut self.change {
+            promotion.asked.remove(&peer);
+            if promotion.awaiting.remove(&peer) {
+                self.maybe_commit_promotion(now);
+            }
+        }
+        if self.prepared.is_some_and(|p| p.peer == peer) {
+            self.prepared = None;
+        }
+    }
+
+    fn dial_failed(&mut self, peer: PeerId, reason: String, now: Tick) {
+        let max = self.config.timing.max_backoff;
+        let Some(link) = self.links.get_mut(&peer) else {
+            return;
+        };
+        link.dialing = false;
+        link.next_dial = now.saturating_add(link.backoff);
+        link.backoff = link.backoff.saturating_mul(2).min(max.max(link.backoff));
+        if link.last_error.as_deref() != Some(reason.as_str()) {
+            tracing::debug!(resource = %self.config.resource, peer = %link.name, %reason, "connecting failed");
+        }
+        link.last_error = Some(reason);
+    }
+
+    fn dial_due(&mut self, now: Tick) {
+        for link in self.links.values_mut() {
+            if link.dials
+                && !link.standalone
+                && !link.dialing
+                && link.conn.is_none()
+                && now >= link.next_dial
+                && !self.going_down
+            {
+                link.dialing = true;
+                self.effects.push_back(Effect::Dial { peer: link.id });
+            }
+        }
+    }
+
+    // ----- timers -----
+
+    fn tick(&mut self, now: Tick) {
+        let timing = self.config.timing;
+        let mut drops = Vec::new();
+        for link in self.links.values_mut() {
+            if let Some(since) = link.handshake_since {
+                if now.saturating_sub(since) > timing.handshake_timeout {
+                    drops.push((link.id, "the handshake timed out".to_owned()));
+                }
+                continue;
+            }
+            if !link.is_connected() {
+                continue;
+            }
+            if let Some(sent) = link.ping_outstanding {
+                if now.saturating_sub(sent) > timing.ping_timeout {
+                    drops.push((
+                        link.id,
+                        format!("no ping answer within {} ms", timing.ping_timeout / MILLISECOND),
+                    ));
+                    continue;
+                }
+            } else if now.saturating_sub(link.last_ping) >= timing.ping_interval {
+                link.ping_nonce += 1;
+                link.last_ping = now;
+                link.ping_outstanding = Some(now);
+                self.effects.push_back(Effect::Send {
+                    peer: link.id,
+                    message: PeerMessage::Ping {
+                        nonce: link.ping_nonce,
+                    },
+                });
+            }
+            let oldest = link
+                .awaiting_requests
+                .values()
+                .next()
+                .into_iter()
+                .chain(link.awaiting_barriers.values().next())
+                .min()
+                .copied();
+            if oldest.is_some_and(|sent| now.saturating_sub(sent) > timing.request_timeout()) {
+                drops.push((
+                    link.id,
+                    format!(
+                        "a replicated request went unanswered for {} s (timeout x ko-count)",
+                        timing.request_timeout() / SECOND
+                    ),
+                ));
+            }
+        }
+        for (peer, reason) in drops {
+            tracing::warn!(resource = %self.config.resource, peer = %self.peer_name(peer), %reason, "connection timed out");
+            self.lose_link(peer, ConnectionState::Timeout, reason, now);
+        }
+        if let Change::Promoting(promotion) = &self.change {
+            if promotion.persisting.is_none() && now >= promotion.deadline {
+                let late = promotion
+                    .awaiting
+                    .iter()
+                    .next()
+                    .map(|peer| self.peer_name(*peer))
+                    .unwrap_or_default();
+                self.abort_promotion(CommandError::PeerTimeout(late));
+            }
+        }
+        if self.prepared.is_some_and(|p| now >= p.deadline) {
+            self.prepared = None;
+        }
+        self.dial_due(now);
+    }
+
+    // ----- commands -----
+
+    fn command(&mut self, id: CommandId, command: Command, now: Tick) {
+        match command {
+            Command::Promote { force } => self.promote(id, force, now),
+            Command::Demote => self.demote(id, now),
+            Command::SuspendIo => {
+                self.device.suspend();
+                self.emit(format!(
+                    "change resource name:{} suspended:user",
+                    self.config.resource
+                ));
+                self.done(id, Ok("I/O suspended".into()));
+            }
+            Command::ResumeIo => {
+                let effects = self.device.resume(now);
+                self.emit(format!(
+                    "change resource name:{} suspended:no",
+                    self.config.resource
+                ));
+                self.volume_effects(effects, now);
+                self.done(id, Ok("I/O resumed".into()));
+            }
+            Command::Connect => {
+                let peers: Vec<PeerId> = self.links.keys().copied().collect();
+                for peer in peers {
+                    let min = self.config.timing.min_backoff;
+                    if let Some(link) = self.links.get_mut(&peer) {
+                        if link.standalone {
+                            link.standalone = false;
+                            link.backoff = min;
+                            link.next_dial = now;
+                            link.last_error = None;
+                            self.set_link_state(peer, ConnectionState::Connecting);
+                        }
+                    }
+                }
+                self.dial_due(now);
+                self.done(id, Ok("connecting".into()));
+            }
+            Command::Disconnect => {
+                self.disconnect_all(now);
+                self.done(id, Ok("disconnected (StandAlone)".into()));
+            }
+            Command::Shutdown => self.shutdown(id, now),
+        }
+    }
+
+    fn disconnect_all(&mut self, now: Tick) {
+        let peers: Vec<PeerId> = self.links.keys().copied().collect();
+        for peer in peers {
+            if let Some(link) = self.links.get_mut(&peer) {
+                link.standalone = true;
+                link.dialing = false;
+            }
+            self.set_link_state(peer, ConnectionState::Disconnecting);
+            self.lose_link(
+                peer,
+                ConnectionState::StandAlone,
+                "disconnected by the administrator".into(),
+                now,
+            );
+            if let Some(link) = self.links.get_mut(&peer) {
+                link.last_error = None;
+            }
+        }
+    }
+
+    fn promote(&mut self, id: CommandId, force: bool, now: Tick) {
+        if self.going_down {
+            return self.done(id, Err(CommandError::GoingDown));
+        }
+        if self.is_changing() {
+            return self.done(id, Err(CommandError::Busy));
+        }
+        if self.role == Role::Primary {
+            return self.done(id, Ok("already Primary".into()));
+        }
+        if let Some(link) = self
+            .links
+            .values()
+            .find(|link| link.is_connected() && link.role == Some(Role::Primary))
+        {
+            let name = link.name.clone();
+            return self.done(id, Err(CommandError::PeerIsPrimary(name)));
+        }
+        if let Some(prepared) = self.prepared {
+            let name = self.peer_name(prepared.peer);
+            return self.done(id, Err(CommandError::LostRace(name)));
+        }
+        if self.disk != DiskState::UpToDate && !force {
+            return self.done(id, Err(CommandError::DiskNotUpToDate(self.disk)));
+        }
+        let connected: BTreeSet<PeerId> = self
+            .links
+            .values()
+            .filter(|link| link.is_connected())
+            .map(|link| link.id)
+            .collect();
+        if !self.links.is_empty() && connected.is_empty() && !force {
+            return self.done(id, Err(CommandError::NoPeerConnected));
+        }
+        let transaction = (u64::from(self.config.node_id) << 56) | self.next_transaction;
+        self.next_transaction += 1;
+        let outdate_peers = force && self.disk != DiskState::UpToDate;
+        for peer in &connected {
+            self.effects.push_back(Effect::Send {
+                peer: *peer,
+                message: PeerMessage::StatePrepare {
+                    transaction,
+                    node: self.config.node_id,
+                    outdate_peers,
+                },
+            });
+        }
+        self.change = Change::Promoting(Promotion {
+            command: id,
+            transaction,
+            force,
+            outdate_peers,
+            awaiting: connected.clone(),
+            asked: connected,
+            deadline: now.saturating_add(self.config.timing.state_change_timeout),
+            persisting: None,
+        });
+        self.maybe_commit_promotion(now);
+    }
+
+    /// Every asked peer agreed: make the new role's metadata durable, then commit.
+    fn maybe_commit_promotion(&mut self, _now: Tick) {
+        let Change::Promoting(promotion) = &self.change else {
+            return;
+        };
+        if !promotion.awaiting.is_empty() || promotion.persisting.is_some() {
+            return;
+        }
+        let (force, outdate_peers) = (promotion.force, promotion.outdate_peers);
+        if let Some(link) = self
+            .links
+            .values()
+            .find(|link| link.is_connected() && link.role == Some(Role::Primary))
+        {
+            let name = link.name.clone();
+            return self.abort_promotion(CommandError::PeerIsPrimary(name));
+        }
+        self.meta.flags.was_primary = true;
+        if force {
+            self.meta.flags.consistent = true;
+            self.meta.flags.up_to_date = true;
+        }
+        // A promotion without every peer, or over data that was not current, starts a new
+        // generation at once.
+        let everyone_here = self.links.values().all(Link::is_connected);
+        if outdate_peers || !everyone_here {
+            let absent_before = self.meta.current_uuid;
+            self.start_generation_if_needed(outdate_peers);
+            if outdate_peers && self.meta.current_uuid == absent_before {
+                self.start_generation_if_needed(true);
+            }
+        }
+        let version = self.persist(None);
+        if let Change::Promoting(promotion) = &mut self.change {
+            promotion.persisting = Some(version);
+        }
+    }
+
+    fn finish_promotion(&mut self, result: Result<(), String>) {
+        let Change::Promoting(promotion) = std::mem::replace(&mut self.change, Change::None)
+        else {
+            return;
+        };
+        if let Err(error) = result {
+            self.meta.flags.was_primary = false;
+            for peer in &promotion.asked {
+                self.effects.push_back(Effect::Send {
+                    peer: *peer,
+                    message: PeerMessage::StateAbort {
+                        transaction: promotion.transaction,
+                    },
+                });
+            }
+            return self.done(promotion.command, Err(CommandError::Meta(error)));
+        }
+        for peer in &promotion.asked {
+            self.effects.push_back(Effect::Send {
+                peer: *peer,
+                message: PeerMessage::StateCommit {
+                    transaction: promotion.transaction,
+                },
+            });
+        }
+        if promotion.outdate_peers {
+            let size = self.config.size_bytes;
+            for peer in &promotion.asked {
+                self.device.mark_out_of_sync(*peer, ByteRange::new(0, size));
+            }
+        }
+        self.role = Role::Primary;
+        self.crashed = false;
+        let effects = self.device.set_writable(true);
+        self.volume_effects(effects, 0);
+        self.set_disk(DiskState::UpToDate, false);
+        tracing::info!(resource = %self.config.resource, "role changed to Primary");
+        self.announce_state();
+        self.done(promotion.command, Ok("Primary".into()));
+    }
+
+    fn abort_promotion(&mut self, error: CommandError) {
+        let Change::Promoting(promotion) = std::mem::replace(&mut self.change, Change::None)
+        else {
+            return;
+        };
+        for peer in &promotion.asked {
+            self.effects.push_back(Effect::Send {
+                peer: *peer,
+                message: PeerMessage::StateAbort {
+                    transaction: promotion.transaction,
+                },
+            });
+        }
+        tracing::warn!(resource = %self.config.resource, %error, "promotion abandoned");
+        self.done(promotion.command, Err(error));
+    }
+
+    fn prepare_received(
+        &mut self,
+        peer: PeerId,
+        transaction: u64,
+        node: u8,
+        outdate_peers: bool,
+        now: Tick,
+    ) {
+        let me = self.config.node_name.clone();
+        let refusal = if node != peer {
+            Some(format!("node id {node} does not match the peer's id {peer}"))
+        } else if self.role == Role::Primary {
+            Some(format!("{me} is Primary"))
+        } else if self.going_down {
+            Some(format!("{me} is going down"))
+        } else if let Some(other) = self.prepared.filter(|p| p.peer != peer) {
+            Some(format!("{} is becoming Primary", self.peer_name(other.peer)))
+        } else if let Change::Promoting(own) = &self.change {
+            if peer < self.config.node_id && own.persisting.is_none() {
+                // Both want to become Primary at once: the lower node id wins.
+                let winner = self.peer_name(peer);
+                self.abort_promotion(CommandError::LostRace(winner));
+                None
+            } else {
+                Some(format!("{me} is becoming Primary"))
+            }
+        } else {
+            None
+        };
+        if refusal.is_none() {
+            self.prepared = Some(Prepared {
+                peer,
+                transaction,
+                outdate_peers,
+                deadline: now.saturating_add(self.config.timing.state_change_timeout),
+            });
+        }
+        self.effects.push_back(Effect::Send {
+            peer,
+            message: PeerMessage::StateReply {
+                transaction,
+                refusal,
+            },
+        });
+    }
+
+    fn reply_received(
+        &mut self,
+        peer: PeerId,
+        transaction: u64,
+        refusal: Option<String>,
+        now: Tick,
+    ) {
+        let Change::Promoting(promotion) = &mut self.change else {
+            return;
+        };
+        if promotion.transaction != transaction || !promotion.awaiting.remove(&peer) {
+            return;
+        }
+        match refusal {
+            Some(reason) => {
+                let peer = self.peer_name(peer);
+                self.abort_promotion(CommandError::PeerRefused { peer, reason });
+            }
+            None => self.maybe_commit_promotion(now),
+        }
+    }
+
+    fn commit_received(&mut self, peer: PeerId, transaction: u64, _now: Tick) {
+        let Some(prepared) = self
+            .prepared
+            .filter(|p| p.peer == peer && p.transaction == transaction)
+        else {
+            return;
+        };
+        self.prepared = None;
+        if let Some(link) = self.links.get_mut(&peer) {
+            link.role = Some(Role::Primary);
+        }
+        if prepared.outdate_peers && self.disk != DiskState::Outdated {
+            tracing::warn!(resource = %self.config.resource, peer = %self.peer_name(peer), "the peer was promoted with --force over this node's data; the local disk is Outdated");
+            self.become_outdated(peer, 0);
+        }
+    }
+
+    fn demote(&mut self, id: CommandId, now: Tick) {
+        if self.going_down {
+            return self.done(id, Err(CommandError::GoingDown));
+        }
+        if self.is_changing() {
+            return self.done(id, Err(CommandError::Busy));
+        }
+        if self.role == Role::Secondary {
+            return self.done(id, Ok("already Secondary".into()));
+        }
+        self.role = Role::Secondary;
+        let effects = self.device.set_writable(false);
+        self.volume_effects(effects, now);
+        self.change = Change::Demoting {
+            command: id,
+            step: DrainStep::Draining,
+        };
+        tracing::info!(resource = %self.config.resource, "role changed to Secondary");
+        self.announce_state();
+    }
+
+    fn shutdown(&mut self, id: CommandId, now: Tick) {
+        if self.going_down {
+            return self.done(id, Err(CommandError::GoingDown));
+        }
+        if let Change::Promoting(_) = self.change {
+            self.abort_promotion(CommandError::GoingDown);
+        }
+        if let Change::Demoting { command, .. } = self.change {
+            // The shutdown's own drain, flush and metadata update cover the demotion's.
+            self.done(command, Ok("Secondary".into()));
+        }
+        self.going_down = true;
+        self.disconnect_all(now);
+        self.device.close();
+        // Held requests are admitted and finished rather than failed: nothing is lost.
+        let effects = self.device.resume(now);
+        self.volume_effects(effects, now);
+        if self.role == Role::Primary {
+            self.role = Role::Secondary;
+            let effects = self.device.set_writable(false);
+            self.volume_effects(effects, now);
+        }
+        self.change = Change::ShuttingDown {
+            command: id,
+            step: DrainStep::Draining,
+        };
+    }
+
+    /// Moves a demotion or shutdown along: drained -> flushed -> metadata durable.
+    fn progress_drain(&mut self, _now: Tick) {
+        let step = match &self.change {
+            Change::Demoting { step, .. } | Change::ShuttingDown { step, .. } => *step,
+            _ => return,
+        };
+        let drained = match self.change {
+            Change::Demoting { .. } => self.device.admitted() == 0,
+            _ => self.device.is_idle(),
+        };
+        if step == DrainStep::Draining && drained {
+            let token = self.next_token;
+            self.next_token += 1;
+            self.effects.push_back(Effect::FlushLocal { token });
+            self.set_drain_step(DrainStep::Flushing(token));
+        }
+    }
+
+    fn set_drain_step(&mut self, new: DrainStep) {
+        if let Change::Demoting { step, .. } | Change::ShuttingDown { step, .. } = &mut self.change
+        {
+            *step = new;
+        }
+    }
+
+    fn local_flushed(&mut self, token: u64, result: Result<(), IoFault>, _now: Tick) {
+        let (command, step) = match &self.change {
+            Change::Demoting { command, step } | Change::ShuttingDown { command, step } => {
+                (*command, *step)
+            }
+            _ => return,
+        };
+        if step != DrainStep::Flushing(token) {
+            return;
+        }
+        if let Err(fault) = result {
+            self.change = Change::None;
+            return self.done(command, Err(CommandError::LocalIo(fault)));
+        }
+        self.meta.flags.was_primary = false;
+        if matches!(self.change, Change::ShuttingDown { .. }) {
+            self.meta.flags.clean_shutdown = true;
+        }
+        let version = self.persist(None);
+        self.set_drain_step(DrainStep::Persisting(version));
+    }
+
+    // ----- metadata -----
+
+    fn persist(&mut self, waiter: Option<MetaWaiter>) -> u64 {
+        self.meta_version += 1;
+        let version = self.meta_version;
+        if let Some(waiter) = waiter {
+            self.meta_waiters.push((version, waiter));
+        }
+        self.effects.push_back(Effect::Persist {
+            version,
+            meta: self.meta.clone(),
+        });
+        version
+    }
+
+    fn persisted(&mut self, version: u64, result: Result<(), String>, now: Tick) {
+        if let Err(error) = &result {
+            tracing::error!(resource = %self.config.resource, %error, "metadata update failed");
+            self.emit(format!(
+                "change resource name:{} metadata-error:{error:?}",
+                self.config.resource
+            ));
+        } else {
+            self.durable_version = self.durable_version.max(version);
+        }
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.meta_waiters)
+            .into_iter()
+            .partition(|(v, _)| *v <= version);
+        self.meta_waiters = waiting;
+        for (_, waiter) in ready {
+            match waiter {
+                MetaWaiter::ReleaseIo if result.is_ok() => {
+                    if !self
+                        .meta_waiters
+                        .iter()
+                        .any(|(_, w)| *w == MetaWaiter::ReleaseIo)
+                    {
+                        let effects = self.device.release(HOLD_METADATA, now);
+                        self.volume_effects(effects, now);
+                    }
+                }
+                MetaWaiter::ReleaseIo => {
+                    // The new generation is not durable: I/O stays held and the update is
+                    // tried again, so that no write completes on a generation a crash forgets.
+                    self.persist(Some(MetaWaiter::ReleaseIo));
+                }
+            }
+        }
+        if let Change::Promoting(promotion) = &self.change {
+            if promotion.persisting.is_some_and(|v| v <= version) {
+                self.finish_promotion(result.clone());
+            }
+        }
+        let step = match &self.change {
+            Change::Demoting { command, step } | Change::ShuttingDown { command, step } => {
+                Some((*command, *step))
+            }
+            _ => None,
+        };
+        if let Some((command, DrainStep::Persisting(wanted))) = step {
+            if wanted <= version {
+                let shutting_down = matches!(self.change, Change::ShuttingDown { .. });
+                self.change = Change::None;
+                match result {
+                    Err(error) => self.done(command, Err(CommandError::Meta(error))),
+                    Ok(()) if shutting_down => {
+                        self.down = true;
+                        tracing::info!(resource = %self.config.resource, "resource is down");
+                        self.done(command, Ok("down".into()));
+                    }
+                    Ok(()) => self.done(command, Ok("Secondary".into())),
+                }
+            }
+        }
+    }
+
+    // ----- disk state -----
+
+    fn become_outdated(&mut self, peer: PeerId, missing_bytes: u64) {
+        if matches!(self.disk, DiskState::Outdated | DiskState::Inconsistent) {
+            return;
+        }
+        tracing::warn!(
+            resource = %self.config.resource,
+            peer = %self.peer_name(peer),
+            missing_bytes,
+            "the peer has data this node lacks; the local disk is Outdated until resynced"
+        );
+        self.meta.flags.up_to_date = false;
+        self.set_disk(DiskState::Outdated, true);
+    }
+
+    fn set_disk(&mut self, disk: DiskState, persist: bool) {
+        if self.disk == disk {
+            return;
+        }
+        self.disk = disk;
+        if disk == DiskState::UpToDate {
+            self.meta.flags.consistent = true;
+            self.meta.flags.up_to_date = true;
+            self.crashed = false;
+        }
+        self.emit(format!(
+            "change device name:{} disk:{disk}",
+            self.config.resource
+        ));
+        if persist {
+            self.persist(None);
+        }
+        self.announce_state();
+    }
+
+    /// Tells every connected peer this node's role, disk and generation.
+    fn announce_state(&mut self) {
+        let peers: Vec<PeerId> = self
+            .links
+            .values()
+            .filter(|link| link.is_connected())
+            .map(|link| link.id)
+            .collect();
+        for peer in peers {
+            let message = PeerMessage::State {
+                role: self.role,
+                disk: self.disk,
+                current_uuid: self.meta.current_uuid,
+                receiver_missing_bytes: self.missing_for(peer),
+            };
+            self.effects.push_back(Effect::Send { peer, message });
+        }
+        self.emit(format!(
+            "change resource name:{} role:{} disk:{}",
+            self.config.resource, self.role, self.disk
+        ));
+    }
+
+    // ----- helpers -----
+
+    fn current_conn(&self, peer: PeerId) -> Option<u64> {
+        self.links.get(&peer).and_then(|link| link.conn)
+    }
+
+    fn peer_name(&self, peer: PeerId) -> String {
+        self.links
+            .get(&peer)
+            .map_or_else(|| format!("node {peer}"), |link| link.name.clone())
+    }
+
+    fn set_link_state(&mut self, peer: PeerId, state: ConnectionState) {
+        let resource = self.config.resource.clone();
+        let Some(link) = self.links.get_mut(&peer) else {
+            return;
+        };
+        if link.state == state {
+            return;
+        }
+        link.state = state;
+        let line = match (&link.last_error, state) {
+            (Some(reason), ConnectionState::ProtocolError | ConnectionState::StandAlone) => {
+                format!(
+                    "change connection name:{resource} peer-node-id:{peer} conn-name:{} connection:{state} reason:{reason:?}",
+                    link.name
+                )
+            }
+            _ => format!(
+                "change connection name:{resource} peer-node-id:{peer} conn-name:{} connection:{state}",
+                link.name
+            ),
+        };
+        self.emit(line);
+    }
+
+    fn emit(&mut self, line: String) {
+        self.effects.push_back(Effect::Event(line));
+    }
+
+    fn done(&mut self, id: CommandId, result: Result<String, CommandError>) {
+        self.effects.push_back(Effect::CommandDone { id, result });
+    }
+
+    /// The current state as `exists` lines, for a new `events` subscriber.
+    pub fn describe(&self) -> Vec<String> {
+        let resource = &self.config.resource;
+        let mut lines = vec![format!(
+            "exists resource name:{resource} role:{} disk:{} suspended:{}",
+            self.role,
+            self.disk,
+            if self.device.is_suspended() { "user" } else { "no" }
+        )];
+        for link in self.links.values() {
+            lines.push(format!(
+                "exists connection name:{resource} peer-node-id:{} conn-name:{} connection:{} role:{}",
+                link.id,
+                link.name,
+                link.state,
+                link.role
+                    .map_or_else(|| "Unknown".to_owned(), |r| r.to_string())
+            ));
+        }
+        lines
+    }
+}
+
+fn new_receiver(config: &CoreConfig) -> PeerReceiver {
+    let receiver = PeerReceiver::new(config.protocol);
+    if config.disk_flushes {
+        receiver
+    } else {
+        receiver.without_disk_flushes()
+    }
+}
+
+fn generations_of(meta: &DeviceMeta) -> Generations {
+    Generations {
+        current: meta.current_uuid,
+        bitmap: meta
+            .bitmap_uuids
+            .iter()
+            .filter(|(_, uuid)| **uuid != 0)
+            .map(|(peer, uuid)| (*peer, *uuid))
+            .collect(),
+        history: meta.history_uuids.clone(),
+    }
+}
+
+fn set_generations(meta: &mut DeviceMeta, generations: &Generations) {
+    meta.current_uuid = generations.current;
+    meta.bitmap_uuids = generations.bitmap.clone();
+    meta.history_uuids = generations.history.clone();
+}
+
+/// Blocks of the volume, for out-of-sync accounting.
+pub fn blocks(size_bytes: u64) -> u64 {
+    size_bytes.div_ceil(BLOCK_SIZE)
+}
