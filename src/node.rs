@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use actix::prelude::*;
+use qrbd_actors::device::AttachLink;
 use qrbd_actors::status::ResourceStatus;
 use qrbd_actors::supervisor::{
     Demote, DescribeState, GetStatus, Promote, ResourceHandle, ResourceSupervisor, SetConnected,
@@ -15,7 +16,7 @@ use tokio::sync::broadcast;
 use crate::admin::{AdminRequest, AdminResponse};
 use crate::config::QrbdConfig;
 use crate::fuse_fs::SharedImageTable;
-use crate::peer::{FindPeerLink, HelloInfo, PeerActor, PeerLinkSetup, StopLink};
+use crate::peer::{FindPeerLink, PeerActor, PeerLinkSetup, StopLink};
 use crate::resources::{has_metadata, open_resource};
 
 pub struct NodeActor {
@@ -24,7 +25,9 @@ pub struct NodeActor {
     resources: BTreeMap<String, ResourceHandle>,
     /// The QUIC endpoint, when replication is configured.
     endpoint: Option<quinn::Endpoint>,
-    links: BTreeMap<(String, u8), (HelloInfo, Addr<PeerActor>)>,
+    links: BTreeMap<(String, u8), Addr<PeerActor>>,
+    /// Resources whose `up` is opening their files.
+    opening: std::collections::BTreeSet<String>,
     events: broadcast::Sender<String>,
 }
 
@@ -41,6 +44,7 @@ impl NodeActor {
             resources: BTreeMap::new(),
             endpoint,
             links: BTreeMap::new(),
+            opening: std::collections::BTreeSet::new(),
             events,
         }
     }
@@ -53,25 +57,21 @@ impl NodeActor {
             return;
         };
         for peer in &resource.peers {
-            let local = HelloInfo {
-                node_id: self.config.node.id,
-                node_name: self.config.node.name.clone(),
-                resource: resource.name.clone(),
-                size_bytes: resource.size_bytes,
-                protocol: resource.protocol,
-            };
             let link = PeerActor::new(PeerLinkSetup {
-                local: local.clone(),
+                resource: resource.name.clone(),
+                protocol: resource.protocol,
                 peer_id: peer.id,
                 peer_name: peer.name.clone(),
                 peer_address: peer.address,
                 endpoint: endpoint.clone(),
                 device: handle.device.clone(),
-                supervisor: handle.supervisor.clone(),
             })
             .start();
-            self.links
-                .insert((resource.name.clone(), peer.id), (local, link));
+            handle.device.do_send(AttachLink {
+                peer: peer.id,
+                link: link.clone().recipient(),
+            });
+            self.links.insert((resource.name.clone(), peer.id), link);
         }
     }
 
@@ -83,7 +83,7 @@ impl NodeActor {
             .cloned()
             .collect();
         for key in keys {
-            if let Some((_, link)) = self.links.remove(&key) {
+            if let Some(link) = self.links.remove(&key) {
                 link.do_send(StopLink);
             }
         }
@@ -94,27 +94,45 @@ impl NodeActor {
         self.events.subscribe()
     }
 
-    fn up(&mut self, name: &str) -> Result<String, String> {
-        if self.resources.contains_key(name) {
-            return Ok(format!("{name}: already up"));
+    /// Brings a resource up. Opening the backing file and the sled database blocks, so it
+    /// runs on the blocking pool; the resource's actors start back on this actor's thread.
+    fn up(&mut self, name: &str) -> ResponseActFuture<Self, Result<String, String>> {
+        if self.resources.contains_key(name) || self.opening.contains(name) {
+            let message = format!("{name}: already up");
+            return Box::pin(fut::ready(Ok(message)));
         }
-        let resource = self.config.resource(name).map_err(|e| e.to_string())?;
-        let setup = open_resource(&self.config, resource, Some(self.events.clone()))
-            .map_err(|e| format!("{e:#}"))?;
-        let handle = ResourceSupervisor::start(setup);
-        self.start_links(&handle);
-        self.images
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(
-                name,
-                handle.size_bytes,
-                handle.device.clone(),
-                handle.gate.clone(),
-            );
-        self.resources.insert(name.to_owned(), handle);
-        tracing::info!(resource = name, "resource is up (Secondary)");
-        Ok(format!("{name}: up"))
+        let resource = match self.config.resource(name) {
+            Ok(resource) => resource.clone(),
+            Err(error) => return Box::pin(fut::ready(Err(error.to_string()))),
+        };
+        self.opening.insert(name.to_owned());
+        let config = self.config.clone();
+        let events = self.events.clone();
+        let open = async move {
+            tokio::task::spawn_blocking(move || open_resource(&config, &resource, Some(events)))
+                .await
+                .map_err(|error| format!("opening the resource failed: {error}"))?
+                .map_err(|error| format!("{error:#}"))
+        };
+        let name = name.to_owned();
+        Box::pin(open.into_actor(self).map(move |setup, node, _| {
+            node.opening.remove(&name);
+            let setup = setup?;
+            let handle = ResourceSupervisor::start(setup);
+            node.start_links(&handle);
+            node.images
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(
+                    &name,
+                    handle.size_bytes,
+                    handle.device.clone(),
+                    handle.gate.clone(),
+                );
+            node.resources.insert(name.clone(), handle);
+            tracing::info!(resource = %name, "resource is up (Secondary)");
+            Ok(format!("{name}: up"))
+        }))
     }
 
     fn handle_of(&self, name: &str) -> Result<ResourceHandle, String> {
@@ -138,7 +156,7 @@ pub struct UpAll;
 
 impl Handler<UpAll> for NodeActor {
     type Result = ();
-    fn handle(&mut self, _: UpAll, _: &mut Context<Self>) {
+    fn handle(&mut self, _: UpAll, ctx: &mut Context<Self>) {
         let names: Vec<String> = self
             .config
             .resources
@@ -150,9 +168,12 @@ impl Handler<UpAll> for NodeActor {
                 tracing::warn!(resource = %name, "not brought up: no metadata (run `qrbd create-md {name}`)");
                 continue;
             }
-            if let Err(error) = self.up(&name) {
-                tracing::error!(resource = %name, %error, "cannot bring the resource up");
-            }
+            let up = self.up(&name).map(move |result, _, _| {
+                if let Err(error) = result {
+                    tracing::error!(resource = %name, %error, "cannot bring the resource up");
+                }
+            });
+            ctx.spawn(up);
         }
     }
 }
@@ -218,10 +239,12 @@ impl Handler<Admin> for NodeActor {
     fn handle(&mut self, Admin(request): Admin, _: &mut Context<Self>) -> Self::Result {
         let ready = |response| -> Self::Result { Box::pin(fut::ready(response)) };
         match request {
-            AdminRequest::Up { resource } => ready(match self.up(&resource) {
-                Ok(message) => AdminResponse::done(message),
-                Err(message) => AdminResponse::failed(message),
-            }),
+            AdminRequest::Up { resource } => {
+                Box::pin(self.up(&resource).map(|result, _, _| match result {
+                    Ok(message) => AdminResponse::done(message),
+                    Err(message) => AdminResponse::failed(message),
+                }))
+            }
             AdminRequest::Down { resource } => {
                 let handle = match self.handle_of(&resource) {
                     Ok(handle) => handle,
@@ -356,7 +379,7 @@ async fn collect_status(handles: Vec<ResourceHandle>) -> AdminResponse {
 }
 
 impl Handler<FindPeerLink> for NodeActor {
-    type Result = Option<(HelloInfo, Addr<PeerActor>)>;
+    type Result = Option<Addr<PeerActor>>;
     fn handle(&mut self, msg: FindPeerLink, _: &mut Context<Self>) -> Self::Result {
         self.links.get(&(msg.resource, msg.peer_id)).cloned()
     }

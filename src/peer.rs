@@ -1,322 +1,144 @@
-//! The PeerActor: one per (resource, peer). It owns the QUIC connection to that peer: the
-//! handshake, one control stream (state, acknowledgements, pings: small and never stuck behind
-//! bulk data) and one ordered data stream per direction (writes, discards, barriers), liveness,
-//! and reconnecting with backoff. It is a thin shell: what the messages mean is decided by the
-//! device's replication core and by the resource supervisor.
+//! The PeerActor: one per (resource, peer), and a thin shell around a QUIC connection. It dials
+//! when the resource's core asks, reads and writes the streams, and reports every message and
+//! every connection change to the device actor, where the core decides what they mean: the
+//! handshake, liveness (pings and request timeouts), backoff and refusals all live in the core
+//! (docs/protocol.md). One control stream (handshake, acks, pings, state-change replies: small
+//! and never stuck behind bulk data) and one ordered data stream per direction (writes,
+//! barriers, and the role announcements that must not overtake them).
 //!
 //! The node with the lower id dials; the other accepts (see [`accept_loop`]). One connection
-//! per resource and peer.
+//! per resource and peer; each gets a new number (`conn`), so the core can ignore the late
+//! reports of an old one.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use actix::prelude::*;
-use qrbd_actors::core::messages::{PeerMessage, PROTOCOL_VERSION};
+use qrbd_actors::core::messages::PeerMessage;
 use qrbd_actors::core::replication::PeerId;
-use qrbd_actors::core::{ConnectionState, ReplicationProtocol};
-use qrbd_actors::device::{
-    AttachPeer, DetachPeer, DeviceActor, FromPeer, PeerOutbound, PeerSent, ToPeer,
-};
-use qrbd_actors::supervisor::{PeerLinkCommand, PeerReport, ResourceSupervisor};
+use qrbd_actors::core::ReplicationProtocol;
+use qrbd_actors::device::{DeviceActor, FromPeer, LinkEvent, PeerOutbound, ToPeer};
 use tokio::sync::mpsc;
 
 use crate::config::QrbdConfig;
 use crate::transport::{self, read_message, write_data, write_message};
 
-/// Idle connections ping this often.
-pub const PING_INTERVAL: Duration = Duration::from_millis(1000);
-/// A connection whose pings go unanswered this long is dropped.
-pub const PING_TIMEOUT: Duration = Duration::from_millis(4000);
-/// A replicated request (or barrier) unanswered this long drops the connection: DRBD's
-/// ko-count (7) times timeout (6 s).
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(42);
 /// Bytes received from a peer and not yet written locally, at most (in KiB permits).
 pub const RECEIVE_BUDGET_KIB: usize = 64 << 10;
-/// The peer must answer the handshake within this time.
+/// An accepted connection must say hello within this time.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-const MIN_BACKOFF: Duration = Duration::from_millis(200);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How long a closing connection may take to deliver what was queued (a refusal's reason).
+const CLOSE_GRACE: Duration = Duration::from_millis(500);
 /// QUIC application close codes.
 const CLOSE_NORMAL: u32 = 0;
 const CLOSE_PROTOCOL: u32 = 2;
 
-/// Who we are and what we replicate, as told in the handshake.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HelloInfo {
-    pub node_id: u8,
-    pub node_name: String,
-    pub resource: String,
-    pub size_bytes: u64,
-    pub protocol: ReplicationProtocol,
-}
-
-impl HelloInfo {
-    pub fn message(&self) -> PeerMessage {
-        PeerMessage::Hello {
-            protocol_version: PROTOCOL_VERSION,
-            node_id: self.node_id,
-            node_name: self.node_name.clone(),
-            resource: self.resource.clone(),
-            size_bytes: self.size_bytes,
-            protocol: self.protocol,
-        }
-    }
-
-    /// Checks the peer's Hello against what we expect of it; the error is for both logs.
-    pub fn check_peer(
-        &self,
-        hello: &PeerMessage,
-        peer_id: u8,
-        peer_name: &str,
-    ) -> Result<(), String> {
-        let PeerMessage::Hello {
-            protocol_version,
-            node_id,
-            node_name,
-            resource,
-            size_bytes,
-            protocol,
-        } = hello
-        else {
-            return Err(format!("expected a Hello, got {hello:?}"));
-        };
-        if *protocol_version != PROTOCOL_VERSION {
-            return Err(format!(
-                "incompatible qrbd protocol version {protocol_version} (this node speaks {PROTOCOL_VERSION})"
-            ));
-        }
-        if *resource != self.resource {
-            return Err(format!(
-                "peer offers resource {resource:?}, expected {:?}",
-                self.resource
-            ));
-        }
-        if *node_id != peer_id || node_name != peer_name {
-            return Err(format!(
-                "peer is node {node_name:?} (id {node_id}), expected {peer_name:?} (id {peer_id})"
-            ));
-        }
-        if *size_bytes != self.size_bytes {
-            return Err(format!(
-                "resource {:?}: peer size is {size_bytes} bytes, ours is {} bytes",
-                self.resource, self.size_bytes
-            ));
-        }
-        if *protocol != self.protocol {
-            return Err(format!(
-                "resource {:?}: peer uses protocol {protocol}, ours is {}",
-                self.resource, self.protocol
-            ));
-        }
-        Ok(())
-    }
-}
-
 /// Everything a PeerActor needs.
 pub struct PeerLinkSetup {
-    pub local: HelloInfo,
+    pub resource: String,
+    pub protocol: ReplicationProtocol,
     pub peer_id: PeerId,
     pub peer_name: String,
     pub peer_address: std::net::SocketAddr,
     pub endpoint: quinn::Endpoint,
     pub device: Addr<DeviceActor>,
-    pub supervisor: Addr<ResourceSupervisor>,
 }
 
-/// A connection that passed the handshake.
+/// A transport connection with its control stream; `first` is the Hello an acceptor already
+/// read to route the connection.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Established {
     pub connection: quinn::Connection,
     pub control_send: quinn::SendStream,
     pub control_recv: quinn::RecvStream,
+    pub first: Option<PeerMessage>,
 }
 
-#[derive(Message)]
-#[rtype(result = "()")]
-struct ConnectionLost {
-    generation: u64,
-    state: ConnectionState,
-    reason: String,
+struct Live {
+    conn: u64,
+    connection: quinn::Connection,
+    control_tx: mpsc::UnboundedSender<PeerMessage>,
+    data_tx: mpsc::UnboundedSender<PeerOutbound>,
+    writers: Vec<tokio::task::JoinHandle<()>>,
+    readers: Vec<tokio::task::JoinHandle<()>>,
 }
-
-#[derive(Message)]
-#[rtype(result = "()")]
-struct Dial;
 
 pub struct PeerActor {
     setup: PeerLinkSetup,
-    dials: bool,
-    standalone: bool,
-    state: ConnectionState,
-    generation: u64,
-    connection: Option<quinn::Connection>,
-    control_tx: Option<mpsc::UnboundedSender<PeerMessage>>,
-    data_tx: Option<mpsc::UnboundedSender<PeerOutbound>>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-    backoff: Duration,
+    next_conn: u64,
+    live: Option<Live>,
     dialing: bool,
-    local_state: Option<PeerMessage>,
+    stopped: bool,
 }
 
 impl PeerActor {
     pub fn new(setup: PeerLinkSetup) -> Self {
-        let dials = setup.local.node_id < setup.peer_id;
         PeerActor {
             setup,
-            dials,
-            standalone: false,
-            state: ConnectionState::StandAlone,
-            generation: 0,
-            connection: None,
-            control_tx: None,
-            data_tx: None,
-            tasks: Vec::new(),
-            backoff: MIN_BACKOFF,
+            next_conn: 1,
+            live: None,
             dialing: false,
-            local_state: None,
+            stopped: false,
         }
     }
 
-    fn set_state(&mut self, state: ConnectionState) {
-        if self.state != state {
-            self.state = state;
-            self.setup.supervisor.do_send(PeerReport::Connection {
-                peer: self.setup.peer_id,
-                state,
-            });
-        }
-    }
-
-    fn schedule_dial(&mut self, ctx: &mut Context<Self>) {
-        if !self.dials || self.standalone || self.dialing {
-            return;
-        }
-        let delay = self.backoff;
-        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
-        ctx.notify_later(Dial, delay);
-    }
-
-    fn teardown(&mut self, code: u32, reason: &str) {
-        for task in self.tasks.drain(..) {
-            task.abort();
-        }
-        self.control_tx = None;
-        self.data_tx = None;
-        if let Some(connection) = self.connection.take() {
-            connection.close(code.into(), reason.as_bytes());
-            self.setup.device.do_send(DetachPeer {
-                peer: self.setup.peer_id,
-            });
-        }
-    }
-
-    fn lose(&mut self, state: ConnectionState, reason: &str, ctx: &mut Context<Self>) {
-        let code = if state == ConnectionState::ProtocolError {
-            CLOSE_PROTOCOL
-        } else {
-            CLOSE_NORMAL
-        };
-        self.teardown(code, reason);
-        if self.standalone {
-            self.set_state(ConnectionState::StandAlone);
-            return;
-        }
-        self.set_state(state);
-        self.set_state(ConnectionState::Connecting);
-        self.schedule_dial(ctx);
-    }
-}
-
-impl Actor for PeerActor {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Context<Self>) {
-        self.setup.supervisor.do_send(PeerReport::Link {
+    fn report(&self, event: LinkEvent) {
+        self.setup.device.do_send(FromPeer {
             peer: self.setup.peer_id,
-            link: ctx.address().recipient(),
+            event,
         });
-        self.set_state(ConnectionState::Connecting);
-        if self.dials {
-            ctx.notify(Dial);
+    }
+
+    /// Closes the live connection once its writers delivered what was queued (at most
+    /// [`CLOSE_GRACE`]), so that a refusal reaches the peer before the close.
+    fn close_live(&mut self, code: u32, reason: &str) {
+        let Some(live) = self.live.take() else {
+            return;
+        };
+        for reader in live.readers {
+            reader.abort();
         }
+        drop(live.control_tx);
+        drop(live.data_tx);
+        let reason = reason.as_bytes().to_vec();
+        let connection = live.connection;
+        let writers = live.writers;
+        tokio::spawn(async move {
+            let drained = futures::future::join_all(writers);
+            // A writer stuck on a dead peer is cut off by the close.
+            let _ = tokio::time::timeout(CLOSE_GRACE, drained).await;
+            connection.close(code.into(), &reason);
+        });
     }
 
-    fn stopped(&mut self, _: &mut Context<Self>) {
-        self.teardown(CLOSE_NORMAL, "shutting down");
-    }
-}
-
-impl Handler<Dial> for PeerActor {
-    type Result = ();
-    fn handle(&mut self, _: Dial, ctx: &mut Context<Self>) {
-        if self.standalone || self.connection.is_some() || self.dialing {
+    fn dial(&mut self, ctx: &mut Context<Self>) {
+        if self.dialing || self.stopped {
             return;
         }
         self.dialing = true;
         let endpoint = self.setup.endpoint.clone();
         let address = self.setup.peer_address;
         let peer_name = self.setup.peer_name.clone();
-        let peer_id = self.setup.peer_id;
-        let local = self.setup.local.clone();
         let dial = async move {
-            let dial = {
+            let connect = {
                 let (endpoint, peer_name) = (endpoint.clone(), peer_name.clone());
                 async move { transport::connect(&endpoint, address, &peer_name).await }
             };
-            let connection = transport::on_transport(dial)
+            let connection = transport::on_transport(connect)
                 .await
-                .map_err(|error| (ConnectionState::NetworkFailure, format!("{error:#}")))?
-                .map_err(|error| (ConnectionState::NetworkFailure, format!("{error:#}")))?;
-            let handshake = async {
-                let (mut send, mut recv) = connection
-                    .open_bi()
-                    .await
-                    .map_err(|error| (ConnectionState::NetworkFailure, error.to_string()))?;
-                write_message(&mut send, &local.message())
-                    .await
-                    .map_err(|error| (ConnectionState::NetworkFailure, error.to_string()))?;
-                let reply = read_message(&mut recv)
-                    .await
-                    .map_err(|error| (ConnectionState::ProtocolError, error.to_string()))?;
-                match reply {
-                    Some(PeerMessage::Refused { reason }) => Err((
-                        ConnectionState::ProtocolError,
-                        format!("peer {peer_name} refused the connection: {reason}"),
-                    )),
-                    Some(hello) => match local.check_peer(&hello, peer_id, &peer_name) {
-                        Ok(()) => Ok((send, recv)),
-                        Err(reason) => {
-                            let _ = write_message(
-                                &mut send,
-                                &PeerMessage::Refused {
-                                    reason: reason.clone(),
-                                },
-                            )
-                            .await;
-                            Err((ConnectionState::ProtocolError, reason))
-                        }
-                    },
-                    None => Err((
-                        ConnectionState::NetworkFailure,
-                        "peer closed the connection during the handshake".to_owned(),
-                    )),
-                }
-            };
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-                Ok(Ok((send, recv))) => Ok(Established {
+                .map_err(|error| format!("{error:#}"))?
+                .map_err(|error| format!("{error:#}"))?;
+            match connection.open_bi().await {
+                Ok((send, recv)) => Ok(Established {
                     connection,
                     control_send: send,
                     control_recv: recv,
+                    first: None,
                 }),
-                Ok(Err((state, reason))) => {
-                    connection.close(CLOSE_PROTOCOL.into(), reason.as_bytes());
-                    Err((state, reason))
-                }
-                Err(_) => {
-                    connection.close(CLOSE_NORMAL.into(), b"handshake timeout");
-                    Err((ConnectionState::Timeout, "handshake timed out".to_owned()))
+                Err(error) => {
+                    connection.close(CLOSE_NORMAL.into(), b"no control stream");
+                    Err(format!("cannot open the control stream: {error}"))
                 }
             }
         };
@@ -324,113 +146,89 @@ impl Handler<Dial> for PeerActor {
             actor.dialing = false;
             match result {
                 Ok(established) => ctx.notify(established),
-                Err((state, reason)) => {
-                    tracing::warn!(resource = %actor.setup.local.resource, peer = %actor.setup.peer_name, %reason, "connecting failed");
-                    actor.lose(state, &reason, ctx);
-                }
+                Err(reason) => actor.report(LinkEvent::DialFailed { reason }),
             }
         }));
     }
 }
 
-impl Handler<Established> for PeerActor {
-    type Result = ();
-    fn handle(&mut self, msg: Established, ctx: &mut Context<Self>) {
-        if self.standalone {
-            msg.connection.close(CLOSE_NORMAL.into(), b"StandAlone");
-            return;
-        }
-        self.teardown(CLOSE_NORMAL, "replaced by a new connection");
-        self.generation += 1;
-        self.backoff = MIN_BACKOFF;
-        let generation = self.generation;
-        let me = ctx.address();
-        let peer = self.setup.peer_id;
-        let device = self.setup.device.clone();
-        let supervisor = self.setup.supervisor.clone();
-        let connection = msg.connection.clone();
-        let (control_tx, control_rx) = mpsc::unbounded_channel();
-        let (data_tx, data_rx) = mpsc::unbounded_channel();
-        let last_pong = Arc::new(AtomicU64::new(0));
-        let outstanding = Arc::new(std::sync::Mutex::new(Outstanding::default()));
-        let track_requests = self.setup.local.protocol != ReplicationProtocol::A;
-        let started = Instant::now();
-        let lost = {
-            let me = me.clone();
-            move |state: ConnectionState, reason: String| {
-                me.do_send(ConnectionLost {
-                    generation,
-                    state,
-                    reason,
-                })
-            }
-        };
-        self.tasks.push(tokio::spawn(control_writer(
-            msg.control_send,
-            control_rx,
-            lost.clone(),
-        )));
-        self.tasks.push(tokio::spawn(data_writer(
-            DataWriterContext {
-                connection: connection.clone(),
-                device: device.clone(),
-                peer,
-                outstanding: outstanding.clone(),
-                track_requests,
-            },
-            data_rx,
-            lost.clone(),
-        )));
-        self.tasks.push(tokio::spawn(control_reader(
-            msg.control_recv,
-            ControlReaderContext {
-                device: device.clone(),
-                supervisor,
-                peer,
-                control_tx: control_tx.clone(),
-                last_pong: last_pong.clone(),
-                started,
-                outstanding: outstanding.clone(),
-            },
-            lost.clone(),
-        )));
-        self.tasks.push(tokio::spawn(data_reader(
-            connection.clone(),
-            device.clone(),
-            peer,
-            lost.clone(),
-        )));
-        self.tasks.push(tokio::spawn(pinger(
-            control_tx.clone(),
-            last_pong,
-            started,
-            outstanding,
-            lost,
-        )));
-        self.connection = Some(msg.connection);
-        self.control_tx = Some(control_tx);
-        self.data_tx = Some(data_tx);
-        device.do_send(AttachPeer {
-            peer,
-            protocol: self.setup.local.protocol,
-            link: ctx.address().recipient(),
-        });
-        tracing::info!(resource = %self.setup.local.resource, peer = %self.setup.peer_name, "connected");
-        self.set_state(ConnectionState::Connected);
-        if let (Some(tx), Some(state)) = (&self.control_tx, &self.local_state) {
-            let _ = tx.send(state.clone());
-        }
+impl Actor for PeerActor {
+    type Context = Context<Self>;
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        self.close_live(CLOSE_NORMAL, "shutting down");
     }
 }
 
-impl Handler<ConnectionLost> for PeerActor {
+impl Handler<Established> for PeerActor {
     type Result = ();
-    fn handle(&mut self, msg: ConnectionLost, ctx: &mut Context<Self>) {
-        if msg.generation != self.generation || self.connection.is_none() {
+    fn handle(&mut self, msg: Established, _: &mut Context<Self>) {
+        if self.stopped {
+            msg.connection.close(CLOSE_NORMAL.into(), b"resource down");
             return;
         }
-        tracing::warn!(resource = %self.setup.local.resource, peer = %self.setup.peer_name, state = %msg.state, reason = %msg.reason, "connection lost");
-        self.lose(msg.state, &msg.reason, ctx);
+        // A newer connection replaces the old one; the core hears of both in order.
+        if let Some(old) = self.live.as_ref().map(|live| live.conn) {
+            self.close_live(CLOSE_NORMAL, "replaced by a new connection");
+            self.report(LinkEvent::TransportDown {
+                conn: old,
+                reason: "replaced by a new connection".into(),
+            });
+        }
+        let conn = self.next_conn;
+        self.next_conn += 1;
+        let peer = self.setup.peer_id;
+        let device = self.setup.device.clone();
+        let connection = msg.connection.clone();
+        let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let (data_tx, data_rx) = mpsc::unbounded_channel();
+        let lost = {
+            let device = device.clone();
+            move |reason: String| {
+                device.do_send(FromPeer {
+                    peer,
+                    event: LinkEvent::TransportDown { conn, reason },
+                })
+            }
+        };
+        let writers = vec![
+            tokio::spawn(control_writer(msg.control_send, control_rx, lost.clone())),
+            tokio::spawn(data_writer(
+                DataWriterContext {
+                    connection: connection.clone(),
+                    device: device.clone(),
+                    peer,
+                    report_sent: self.setup.protocol == ReplicationProtocol::A,
+                },
+                data_rx,
+                lost.clone(),
+            )),
+        ];
+        let reader = StreamReader {
+            device: device.clone(),
+            peer,
+            conn,
+        };
+        let readers = vec![
+            tokio::spawn(control_reader(msg.control_recv, reader.clone(), lost.clone())),
+            tokio::spawn(data_reader(connection.clone(), reader, lost)),
+        ];
+        self.live = Some(Live {
+            conn,
+            connection: msg.connection,
+            control_tx,
+            data_tx,
+            writers,
+            readers,
+        });
+        self.report(LinkEvent::TransportUp { conn });
+        if let Some(hello) = msg.first {
+            self.report(LinkEvent::Message {
+                conn,
+                message: hello,
+                budget: None,
+            });
+        }
     }
 }
 
@@ -438,59 +236,22 @@ impl Handler<ToPeer> for PeerActor {
     type Result = ();
     fn handle(&mut self, ToPeer(outbound): ToPeer, ctx: &mut Context<Self>) {
         match outbound {
-            PeerOutbound::Ack(message) => {
-                if let Some(tx) = &self.control_tx {
-                    let _ = tx.send(message);
+            PeerOutbound::Dial => self.dial(ctx),
+            PeerOutbound::Close { conn, reason } => {
+                if self.live.as_ref().is_some_and(|live| live.conn == conn) {
+                    tracing::debug!(resource = %self.setup.resource, peer = %self.setup.peer_name, %reason, "closing the connection");
+                    self.close_live(CLOSE_PROTOCOL, &reason);
                 }
             }
-            PeerOutbound::Drop(reason) => {
-                tracing::error!(resource = %self.setup.local.resource, peer = %self.setup.peer_name, %reason, "protocol error; dropping the connection");
-                self.lose(ConnectionState::ProtocolError, &reason, ctx);
+            PeerOutbound::Message(message) if !message.on_data_stream() => {
+                if let Some(live) = &self.live {
+                    // A closed channel means the connection is going; the core hears of it.
+                    let _ = live.control_tx.send(message);
+                }
             }
             data => {
-                if let Some(tx) = &self.data_tx {
-                    let _ = tx.send(data);
-                }
-            }
-        }
-    }
-}
-
-impl Handler<PeerLinkCommand> for PeerActor {
-    type Result = ();
-    fn handle(&mut self, command: PeerLinkCommand, ctx: &mut Context<Self>) {
-        match command {
-            PeerLinkCommand::LocalState {
-                role,
-                disk,
-                current_uuid,
-                peer_missing_bytes,
-            } => {
-                let state = PeerMessage::State {
-                    role,
-                    disk,
-                    current_uuid,
-                    receiver_missing_bytes: peer_missing_bytes,
-                };
-                if let Some(tx) = &self.control_tx {
-                    let _ = tx.send(state.clone());
-                }
-                self.local_state = Some(state);
-            }
-            PeerLinkCommand::Disconnect => {
-                self.standalone = true;
-                self.set_state(ConnectionState::Disconnecting);
-                self.teardown(CLOSE_NORMAL, "disconnected by the administrator");
-                self.set_state(ConnectionState::StandAlone);
-            }
-            PeerLinkCommand::Connect => {
-                if self.standalone {
-                    self.standalone = false;
-                    self.set_state(ConnectionState::Connecting);
-                    self.backoff = MIN_BACKOFF;
-                    if self.dials {
-                        ctx.notify(Dial);
-                    }
+                if let Some(live) = &self.live {
+                    let _ = live.data_tx.send(data);
                 }
             }
         }
@@ -500,95 +261,42 @@ impl Handler<PeerLinkCommand> for PeerActor {
 async fn control_writer(
     mut send: quinn::SendStream,
     mut rx: mpsc::UnboundedReceiver<PeerMessage>,
-    lost: impl Fn(ConnectionState, String),
+    lost: impl Fn(String),
 ) {
     while let Some(message) = rx.recv().await {
         if let Err(error) = write_message(&mut send, &message).await {
-            return lost(
-                ConnectionState::NetworkFailure,
-                format!("control stream: {error}"),
-            );
+            return lost(format!("control stream: {error}"));
         }
     }
-}
-
-/// Replicated requests and barriers the peer has yet to answer, with when they were sent.
-#[derive(Default)]
-struct Outstanding {
-    requests: std::collections::HashMap<u64, Instant>,
-    barriers: std::collections::BTreeMap<u64, Instant>,
-}
-
-impl Outstanding {
-    fn oldest(&self) -> Option<Instant> {
-        self.requests
-            .values()
-            .chain(self.barriers.values())
-            .min()
-            .copied()
-    }
-
-    fn sent(&mut self, outbound: &PeerOutbound, track_requests: bool) {
-        match outbound {
-            PeerOutbound::Data { request, .. } | PeerOutbound::Discard { request, .. }
-                if track_requests =>
-            {
-                self.requests.insert(*request, Instant::now());
-            }
-            PeerOutbound::Barrier { epoch, .. } => {
-                self.barriers.insert(*epoch, Instant::now());
-            }
-            _ => {}
-        }
-    }
-
-    fn answered(&mut self, ack: &PeerMessage) {
-        match ack {
-            PeerMessage::RecvAck { request }
-            | PeerMessage::WriteAck { request }
-            | PeerMessage::NegAck { request, .. } => {
-                self.requests.remove(request);
-            }
-            PeerMessage::BarrierAck { epoch, .. } => self.barriers.retain(|e, _| e > epoch),
-            _ => {}
-        }
-    }
+    // The link is closing: let the peer read what was sent (a refusal) before the close.
+    let _ = send.finish();
+    let _ = send.stopped().await;
 }
 
 struct DataWriterContext {
     connection: quinn::Connection,
     device: Addr<DeviceActor>,
     peer: PeerId,
-    outstanding: Arc<std::sync::Mutex<Outstanding>>,
-    /// Protocols B and C answer every request; A answers only barriers.
-    track_requests: bool,
+    /// Protocol A completes a write once the transport took it.
+    report_sent: bool,
 }
 
 async fn data_writer(
     context: DataWriterContext,
     mut rx: mpsc::UnboundedReceiver<PeerOutbound>,
-    lost: impl Fn(ConnectionState, String),
+    lost: impl Fn(String),
 ) {
     let DataWriterContext {
         connection,
         device,
         peer,
-        outstanding,
-        track_requests,
+        report_sent,
     } = context;
     let mut send = match connection.open_uni().await {
         Ok(send) => send,
-        Err(error) => {
-            return lost(
-                ConnectionState::NetworkFailure,
-                format!("data stream: {error}"),
-            )
-        }
+        Err(error) => return lost(format!("data stream: {error}")),
     };
     while let Some(outbound) = rx.recv().await {
-        if let Ok(mut pending) = outstanding.lock() {
-            pending.sent(&outbound, track_requests);
-        }
         let (result, sent) = match outbound {
             PeerOutbound::Data {
                 seq,
@@ -600,263 +308,105 @@ async fn data_writer(
                 write_data(&mut send, seq, epoch, request, offset, &data).await,
                 Some(request),
             ),
-            PeerOutbound::Discard {
-                seq,
-                epoch,
-                request,
-                offset,
-                len,
-            } => (
-                write_message(
-                    &mut send,
-                    &PeerMessage::Discard {
-                        seq,
-                        epoch,
-                        request,
-                        offset,
-                        len,
-                    },
-                )
-                .await,
-                Some(request),
-            ),
-            PeerOutbound::Barrier {
-                seq,
-                epoch,
-                writes,
-                flush,
-            } => (
-                write_message(
-                    &mut send,
-                    &PeerMessage::Barrier {
-                        seq,
-                        epoch,
-                        writes,
-                        flush,
-                    },
-                )
-                .await,
-                None,
-            ),
-            PeerOutbound::Ack(_) | PeerOutbound::Drop(_) => (Ok(()), None),
+            PeerOutbound::Message(message) => {
+                let request = match &message {
+                    PeerMessage::Discard { request, .. } => Some(*request),
+                    _ => None,
+                };
+                (write_message(&mut send, &message).await, request)
+            }
+            PeerOutbound::Dial | PeerOutbound::Close { .. } => (Ok(()), None),
         };
         if let Err(error) = result {
-            return lost(
-                ConnectionState::NetworkFailure,
-                format!("data stream: {error}"),
-            );
+            return lost(format!("data stream: {error}"));
         }
-        if let Some(request) = sent {
-            device.do_send(PeerSent { peer, request });
+        if let (Some(request), true) = (sent, report_sent) {
+            device.do_send(FromPeer {
+                peer,
+                event: LinkEvent::Sent { request },
+            });
         }
+    }
+    let _ = send.finish();
+}
+
+#[derive(Clone)]
+struct StreamReader {
+    device: Addr<DeviceActor>,
+    peer: PeerId,
+    conn: u64,
+}
+
+impl StreamReader {
+    fn deliver(&self, message: PeerMessage, budget: Option<tokio::sync::OwnedSemaphorePermit>) {
+        self.device.do_send(FromPeer {
+            peer: self.peer,
+            event: LinkEvent::Message {
+                conn: self.conn,
+                message,
+                budget,
+            },
+        });
     }
 }
 
-struct ControlReaderContext {
-    device: Addr<DeviceActor>,
-    supervisor: Addr<ResourceSupervisor>,
-    peer: PeerId,
-    control_tx: mpsc::UnboundedSender<PeerMessage>,
-    last_pong: Arc<AtomicU64>,
-    started: Instant,
-    outstanding: Arc<std::sync::Mutex<Outstanding>>,
-}
-
-async fn control_reader(
-    mut recv: quinn::RecvStream,
-    context: ControlReaderContext,
-    lost: impl Fn(ConnectionState, String),
-) {
+async fn control_reader(mut recv: quinn::RecvStream, reader: StreamReader, lost: impl Fn(String)) {
     loop {
-        let message = match next_message(&mut recv, "control").await {
-            Ok(message) => message,
-            Err((state, reason)) => return lost(state, reason),
-        };
-        match message {
-            PeerMessage::State {
-                role,
-                disk,
-                current_uuid,
-                receiver_missing_bytes,
-            } => context.supervisor.do_send(PeerReport::State {
-                peer: context.peer,
-                missing_bytes: receiver_missing_bytes,
-                role,
-                disk,
-                current_uuid,
-            }),
-            PeerMessage::Ping { nonce } => {
-                let _ = context.control_tx.send(PeerMessage::PingAck { nonce });
+        match next_message(&mut recv, "control").await {
+            Ok(message) if message.on_data_stream() => {
+                return lost(format!(
+                    "protocol error: {} on the control stream",
+                    message.name()
+                ))
             }
-            PeerMessage::PingAck { .. } => {
-                let elapsed =
-                    u64::try_from(context.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-                context.last_pong.store(elapsed, Ordering::Relaxed);
-            }
-            ack @ (PeerMessage::RecvAck { .. }
-            | PeerMessage::WriteAck { .. }
-            | PeerMessage::NegAck { .. }
-            | PeerMessage::BarrierAck { .. }) => {
-                if let Ok(mut pending) = context.outstanding.lock() {
-                    pending.answered(&ack);
-                }
-                context.device.do_send(FromPeer {
-                    peer: context.peer,
-                    message: ack,
-                    budget: None,
-                })
-            }
-            PeerMessage::Refused { reason } => {
-                return lost(
-                    ConnectionState::ProtocolError,
-                    format!("peer refused: {reason}"),
-                )
-            }
-            other => {
-                return lost(
-                    ConnectionState::ProtocolError,
-                    format!(
-                        "unexpected message on the control stream: {}",
-                        message_name(&other)
-                    ),
-                )
-            }
+            Ok(message) => reader.deliver(message, None),
+            Err(reason) => return lost(reason),
         }
     }
 }
 
-async fn data_reader(
-    connection: quinn::Connection,
-    device: Addr<DeviceActor>,
-    peer: PeerId,
-    lost: impl Fn(ConnectionState, String),
-) {
+async fn data_reader(connection: quinn::Connection, reader: StreamReader, lost: impl Fn(String)) {
     let budget = Arc::new(tokio::sync::Semaphore::new(RECEIVE_BUDGET_KIB));
     let mut recv = match connection.accept_uni().await {
         Ok(recv) => recv,
-        Err(error) => {
-            return lost(
-                ConnectionState::NetworkFailure,
-                format!("data stream: {error}"),
-            )
-        }
+        Err(error) => return lost(format!("data stream: {error}")),
     };
     loop {
         let message = match next_message(&mut recv, "data").await {
-            Ok(message) => message,
-            Err((state, reason)) => return lost(state, reason),
+            Ok(message) if message.on_data_stream() => message,
+            Ok(other) => {
+                return lost(format!(
+                    "protocol error: {} on the data stream",
+                    other.name()
+                ))
+            }
+            Err(reason) => return lost(reason),
         };
-        match message {
-            data @ (PeerMessage::Data { .. }
-            | PeerMessage::Discard { .. }
-            | PeerMessage::Barrier { .. }) => {
-                let kib = match &data {
-                    PeerMessage::Data { data, .. } => data.len().div_ceil(1024).max(1),
-                    _ => 1,
-                };
-                let permits = u32::try_from(kib.min(RECEIVE_BUDGET_KIB)).unwrap_or(u32::MAX);
-                // Waits while the local disk is behind; the stream stops being read meanwhile.
-                let Ok(permit) = budget.clone().acquire_many_owned(permits).await else {
-                    return;
-                };
-                device.do_send(FromPeer {
-                    peer,
-                    message: data,
-                    budget: Some(permit),
-                })
-            }
-
-            other => {
-                return lost(
-                    ConnectionState::ProtocolError,
-                    format!(
-                        "unexpected message on the data stream: {}",
-                        message_name(&other)
-                    ),
-                )
-            }
-        }
-    }
-}
-
-async fn pinger(
-    control_tx: mpsc::UnboundedSender<PeerMessage>,
-    last_pong: Arc<AtomicU64>,
-    started: Instant,
-    outstanding: Arc<std::sync::Mutex<Outstanding>>,
-    lost: impl Fn(ConnectionState, String),
-) {
-    let mut nonce = 0u64;
-    let mut interval = tokio::time::interval(PING_INTERVAL);
-    loop {
-        interval.tick().await;
-        nonce += 1;
-        if control_tx.send(PeerMessage::Ping { nonce }).is_err() {
+        let kib = match &message {
+            PeerMessage::Data { data, .. } => data.len().div_ceil(1024).max(1),
+            _ => 1,
+        };
+        let permits = u32::try_from(kib.min(RECEIVE_BUDGET_KIB)).unwrap_or(u32::MAX);
+        // Waits while the local disk is behind; the stream stops being read meanwhile.
+        let Ok(permit) = budget.clone().acquire_many_owned(permits).await else {
             return;
-        }
-        let now = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let pong = last_pong.load(Ordering::Relaxed);
-        let timeout = u64::try_from(PING_TIMEOUT.as_millis()).unwrap_or(u64::MAX);
-        if now.saturating_sub(pong) > timeout {
-            return lost(
-                ConnectionState::Timeout,
-                format!("no ping answer within {PING_TIMEOUT:?}"),
-            );
-        }
-        let oldest = outstanding.lock().ok().and_then(|pending| pending.oldest());
-        if oldest.is_some_and(|sent| sent.elapsed() > REQUEST_TIMEOUT) {
-            return lost(
-                ConnectionState::Timeout,
-                format!("a replicated request went unanswered for {REQUEST_TIMEOUT:?}"),
-            );
-        }
+        };
+        reader.deliver(message, Some(permit));
     }
 }
 
 /// The next message of a stream; its end or a bad frame is the end of the connection.
-async fn next_message(
-    recv: &mut quinn::RecvStream,
-    stream: &str,
-) -> Result<PeerMessage, (ConnectionState, String)> {
+async fn next_message(recv: &mut quinn::RecvStream, stream: &str) -> Result<PeerMessage, String> {
     match read_message(recv).await {
         Ok(Some(message)) => Ok(message),
-        Ok(None) => Err((
-            ConnectionState::NetworkFailure,
-            format!("peer closed the {stream} stream"),
-        )),
-        Err(error) => Err((state_of(&error), format!("{stream} stream: {error}"))),
-    }
-}
-
-fn state_of(error: &transport::WireError) -> ConnectionState {
-    match error {
-        transport::WireError::Read(_) | transport::WireError::Write(_) => {
-            ConnectionState::NetworkFailure
-        }
-        _ => ConnectionState::ProtocolError,
-    }
-}
-
-fn message_name(message: &PeerMessage) -> &'static str {
-    match message {
-        PeerMessage::Hello { .. } => "Hello",
-        PeerMessage::Refused { .. } => "Refused",
-        PeerMessage::State { .. } => "State",
-        PeerMessage::Data { .. } => "Data",
-        PeerMessage::Discard { .. } => "Discard",
-        PeerMessage::Barrier { .. } => "Barrier",
-        PeerMessage::RecvAck { .. } => "RecvAck",
-        PeerMessage::WriteAck { .. } => "WriteAck",
-        PeerMessage::NegAck { .. } => "NegAck",
-        PeerMessage::BarrierAck { .. } => "BarrierAck",
-        PeerMessage::Ping { .. } => "Ping",
-        PeerMessage::PingAck { .. } => "PingAck",
+        Ok(None) => Err(format!("peer closed the {stream} stream")),
+        Err(error) => Err(format!("{stream} stream: {error}")),
     }
 }
 
 /// Finds the running link for an incoming connection.
 #[derive(Message)]
-#[rtype(result = "Option<(HelloInfo, Addr<PeerActor>)>")]
+#[rtype(result = "Option<Addr<PeerActor>>")]
 pub struct FindPeerLink {
     pub resource: String,
     pub peer_id: PeerId,
@@ -917,7 +467,7 @@ async fn accept_one(
         return refuse(
             send,
             &connection,
-            format!("expected a Hello, got {}", message_name(&hello)),
+            format!("expected a Hello, got {}", hello.name()),
         )
         .await;
     };
@@ -956,7 +506,7 @@ async fn accept_one(
         .await
         .ok()
         .flatten();
-    let Some((local, link)) = link else {
+    let Some(link) = link else {
         return refuse(
             send,
             &connection,
@@ -964,17 +514,12 @@ async fn accept_one(
         )
         .await;
     };
-    if let Err(reason) = local.check_peer(&hello, peer.id, &peer.name) {
-        return refuse(send, &connection, reason).await;
-    }
-    let mut send = send;
-    write_message(&mut send, &local.message())
-        .await
-        .map_err(|error| format!("handshake reply failed: {error}"))?;
+    // The resource's core checks the Hello and answers with its own.
     link.do_send(Established {
         connection,
         control_send: send,
         control_recv: recv,
+        first: Some(hello),
     });
     Ok(())
 }
@@ -987,8 +532,8 @@ pub struct StopLink;
 impl Handler<StopLink> for PeerActor {
     type Result = ();
     fn handle(&mut self, _: StopLink, ctx: &mut Context<Self>) {
-        self.standalone = true;
-        self.teardown(CLOSE_NORMAL, "resource down");
+        self.stopped = true;
+        self.close_live(CLOSE_NORMAL, "resource down");
         ctx.stop();
     }
 }
@@ -1003,6 +548,7 @@ async fn refuse(
         &mut send,
         &PeerMessage::Refused {
             reason: reason.clone(),
+            standalone: false,
         },
     )
     .await;
@@ -1013,134 +559,3 @@ async fn refuse(
     Err(reason)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn alpha() -> HelloInfo {
-        HelloInfo {
-            node_id: 0,
-            node_name: "alpha".into(),
-            resource: "r0".into(),
-            size_bytes: 1 << 30,
-            protocol: ReplicationProtocol::C,
-        }
-    }
-
-    fn beta_hello() -> HelloInfo {
-        HelloInfo {
-            node_id: 1,
-            node_name: "beta".into(),
-            ..alpha()
-        }
-    }
-
-    #[test]
-    fn compatible_peer_passes() {
-        assert_eq!(
-            alpha().check_peer(&beta_hello().message(), 1, "beta"),
-            Ok(())
-        );
-    }
-
-    #[test]
-    fn incompatible_peers_get_a_reason() {
-        let cases = [
-            (
-                HelloInfo {
-                    size_bytes: 1 << 20,
-                    ..beta_hello()
-                },
-                "size",
-            ),
-            (
-                HelloInfo {
-                    protocol: ReplicationProtocol::A,
-                    ..beta_hello()
-                },
-                "protocol",
-            ),
-            (
-                HelloInfo {
-                    resource: "r1".into(),
-                    ..beta_hello()
-                },
-                "resource",
-            ),
-            (
-                HelloInfo {
-                    node_id: 2,
-                    ..beta_hello()
-                },
-                "expected \"beta\"",
-            ),
-            (
-                HelloInfo {
-                    node_name: "mallory".into(),
-                    ..beta_hello()
-                },
-                "mallory",
-            ),
-        ];
-        for (hello, word) in cases {
-            let reason = alpha()
-                .check_peer(&hello.message(), 1, "beta")
-                .err()
-                .unwrap_or_default();
-            assert!(reason.contains(word), "{reason:?} should mention {word:?}");
-        }
-        let reason = alpha()
-            .check_peer(&PeerMessage::Ping { nonce: 1 }, 1, "beta")
-            .err()
-            .unwrap_or_default();
-        assert!(reason.contains("expected a Hello"), "{reason}");
-    }
-
-    #[test]
-    fn other_protocol_versions_are_refused() {
-        let mut hello = beta_hello().message();
-        if let PeerMessage::Hello {
-            protocol_version, ..
-        } = &mut hello
-        {
-            *protocol_version += 1;
-        }
-        let reason = alpha()
-            .check_peer(&hello, 1, "beta")
-            .err()
-            .unwrap_or_default();
-        assert!(reason.contains("version"), "{reason}");
-    }
-
-    #[test]
-    fn outstanding_requests_and_barriers_age_until_answered() {
-        let mut outstanding = Outstanding::default();
-        assert!(outstanding.oldest().is_none());
-        outstanding.sent(
-            &PeerOutbound::Barrier {
-                seq: 1,
-                epoch: 1,
-                writes: 0,
-                flush: false,
-            },
-            true,
-        );
-        outstanding.sent(
-            &PeerOutbound::Discard {
-                seq: 2,
-                epoch: 2,
-                request: 9,
-                offset: 0,
-                len: 1,
-            },
-            true,
-        );
-        assert!(outstanding.oldest().is_some());
-        outstanding.answered(&PeerMessage::BarrierAck {
-            epoch: 1,
-            writes: 0,
-        });
-        outstanding.answered(&PeerMessage::WriteAck { request: 9 });
-        assert!(outstanding.oldest().is_none());
-    }
-}

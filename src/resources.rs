@@ -6,6 +6,8 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use qrbd_actors::meta::DeviceMeta;
 use qrbd_actors::ports::MetaStore;
+use qrbd_actors::core::generation::JUST_CREATED_UUID;
+use qrbd_actors::core::resource::Timing;
 use qrbd_actors::supervisor::{PeerSetup, ResourceSetup};
 use tokio::sync::broadcast;
 
@@ -19,7 +21,7 @@ pub fn new_generation_uuid() -> u64 {
         let uuid: u64 = rand::random();
         // Zero means "no generation"; the low bit is kept clear for flags, as DRBD does.
         let uuid = uuid & !1;
-        if uuid != 0 {
+        if uuid != 0 && uuid != JUST_CREATED_UUID {
             return uuid;
         }
     }
@@ -53,7 +55,8 @@ pub fn create_metadata(
         );
     }
     let mut report = Vec::new();
-    if backing.exists() {
+    let kept_backing = backing.exists();
+    if kept_backing {
         // Opening checks the size against the configuration.
         FileBlockStore::open(&backing, resource.size_bytes).with_context(|| {
             format!(
@@ -77,12 +80,14 @@ pub fn create_metadata(
     }
     let mut store = SledMetaStore::open(&meta_dir)
         .with_context(|| format!("cannot open the metadata store {}", meta_dir.display()))?;
-    let meta = DeviceMeta::new(
-        &resource.name,
-        config.node.id,
-        resource.size_bytes,
-        new_generation_uuid(),
-    );
+    // A blank volume starts in the generation every blank volume shares, so two fresh
+    // replicas connect without a copy; kept data is a generation of its own.
+    let generation = if kept_backing {
+        new_generation_uuid()
+    } else {
+        JUST_CREATED_UUID
+    };
+    let meta = DeviceMeta::new(&resource.name, config.node.id, resource.size_bytes, generation);
     store
         .save(&meta)
         .with_context(|| format!("cannot write metadata to {}", meta_dir.display()))?;
@@ -153,6 +158,10 @@ pub fn open_resource(
     }
     Ok(ResourceSetup {
         name: resource.name.clone(),
+        node_id: config.node.id,
+        node_name: config.node.name.clone(),
+        timing: Timing::default(),
+        seed: rand::random(),
         protocol: resource.protocol,
         store: Arc::new(store),
         meta_store: Box::new(meta_store),

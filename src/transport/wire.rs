@@ -37,6 +37,12 @@ const TAG_NEG_ACK: u8 = 9;
 const TAG_BARRIER_ACK: u8 = 10;
 const TAG_PING: u8 = 11;
 const TAG_PING_ACK: u8 = 12;
+const TAG_STATE_PREPARE: u8 = 13;
+const TAG_STATE_REPLY: u8 = 14;
+const TAG_STATE_COMMIT: u8 = 15;
+const TAG_STATE_ABORT: u8 = 16;
+/// Generations a Hello may list in its history, at most.
+const MAX_HISTORY: u16 = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
@@ -187,6 +193,12 @@ pub fn encode(msg: &PeerMessage) -> Vec<u8> {
             resource,
             size_bytes,
             protocol,
+            role,
+            disk,
+            current_uuid,
+            bitmap_uuid,
+            history_uuids,
+            receiver_missing_bytes,
         } => {
             out.push(TAG_HELLO);
             // The version comes first so any later layout can still be recognised as a version
@@ -197,10 +209,50 @@ pub fn encode(msg: &PeerMessage) -> Vec<u8> {
             put_str(&mut out, resource);
             out.extend_from_slice(&size_bytes.to_be_bytes());
             out.push(protocol_code(*protocol));
+            out.push(role_code(*role));
+            out.push(disk_code(*disk));
+            out.extend_from_slice(&current_uuid.to_be_bytes());
+            out.extend_from_slice(&bitmap_uuid.to_be_bytes());
+            let history = &history_uuids[..history_uuids.len().min(usize::from(MAX_HISTORY))];
+            out.extend_from_slice(&(history.len() as u16).to_be_bytes());
+            for uuid in history {
+                out.extend_from_slice(&uuid.to_be_bytes());
+            }
+            out.extend_from_slice(&receiver_missing_bytes.to_be_bytes());
         }
-        PeerMessage::Refused { reason } => {
+        PeerMessage::Refused { reason, standalone } => {
             out.push(TAG_REFUSED);
             put_str(&mut out, reason);
+            out.push(u8::from(*standalone));
+        }
+        PeerMessage::StatePrepare {
+            transaction,
+            node,
+            outdate_peers,
+        } => {
+            out.push(TAG_STATE_PREPARE);
+            out.extend_from_slice(&transaction.to_be_bytes());
+            out.push(*node);
+            out.push(u8::from(*outdate_peers));
+        }
+        PeerMessage::StateReply {
+            transaction,
+            refusal,
+        } => {
+            out.push(TAG_STATE_REPLY);
+            out.extend_from_slice(&transaction.to_be_bytes());
+            out.push(u8::from(refusal.is_some()));
+            if let Some(reason) = refusal {
+                put_str(&mut out, reason);
+            }
+        }
+        PeerMessage::StateCommit { transaction } => {
+            out.push(TAG_STATE_COMMIT);
+            out.extend_from_slice(&transaction.to_be_bytes());
+        }
+        PeerMessage::StateAbort { transaction } => {
+            out.push(TAG_STATE_ABORT);
+            out.extend_from_slice(&transaction.to_be_bytes());
         }
         PeerMessage::State {
             role,
@@ -448,6 +500,24 @@ fn decode_hello(rest: &[u8]) -> Result<PeerMessage, WireError> {
             resource: r.string("resource")?,
             size_bytes: r.u64("size_bytes")?,
             protocol: r.enum_u8("protocol", protocol_from)?,
+            role: r.enum_u8("role", role_from)?,
+            disk: r.enum_u8("disk", disk_from)?,
+            current_uuid: r.u64("current_uuid")?,
+            bitmap_uuid: r.u64("bitmap_uuid")?,
+            history_uuids: {
+                let count = r.u16("history length")?;
+                if count > MAX_HISTORY {
+                    return Err(WireError::BadValue {
+                        message: "Hello",
+                        field: "history length",
+                        value: u64::from(count),
+                    });
+                }
+                (0..count)
+                    .map(|_| r.u64("history uuid"))
+                    .collect::<Result<Vec<u64>, WireError>>()?
+            },
+            receiver_missing_bytes: r.u64("receiver_missing_bytes")?,
         };
         Ok(hello)
     };
@@ -496,12 +566,36 @@ pub fn decode_frame_body(body: &[u8]) -> Result<PeerMessage, WireError> {
         TAG_BARRIER_ACK => ("BarrierAck", rest),
         TAG_PING => ("Ping", rest),
         TAG_PING_ACK => ("PingAck", rest),
+        TAG_STATE_PREPARE => ("StatePrepare", rest),
+        TAG_STATE_REPLY => ("StateReply", rest),
+        TAG_STATE_COMMIT => ("StateCommit", rest),
+        TAG_STATE_ABORT => ("StateAbort", rest),
         other => return Err(WireError::UnknownTag(other)),
     };
     let mut r = Reader::new(name, rest);
     let msg = match tag {
         TAG_REFUSED => PeerMessage::Refused {
             reason: r.string("reason")?,
+            standalone: r.bool("standalone")?,
+        },
+        TAG_STATE_PREPARE => PeerMessage::StatePrepare {
+            transaction: r.u64("transaction")?,
+            node: r.u8("node")?,
+            outdate_peers: r.bool("outdate_peers")?,
+        },
+        TAG_STATE_REPLY => PeerMessage::StateReply {
+            transaction: r.u64("transaction")?,
+            refusal: if r.bool("refused")? {
+                Some(r.string("refusal")?)
+            } else {
+                None
+            },
+        },
+        TAG_STATE_COMMIT => PeerMessage::StateCommit {
+            transaction: r.u64("transaction")?,
+        },
+        TAG_STATE_ABORT => PeerMessage::StateAbort {
+            transaction: r.u64("transaction")?,
         },
         TAG_STATE => PeerMessage::State {
             role: r.enum_u8("role", role_from)?,
