@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use qrbd_actors::buffer::BufferPool;
-use qrbd_actors::core::{ByteRange, DeviceCore, Effect, IoKind, RequestId};
+use qrbd_actors::core::{ByteRange, DeviceCore, IoKind, RequestId, VolumeEffect as Effect};
 
 const BLOCK: u64 = 4096;
 /// 1 GiB device: 262144 distinct 4 KiB blocks to cycle through.

@@ -814,6 +814,8 @@ mod tests {
             conflicts: 3,
             retries: 1,
             current_uuid: "0123456789ABCDEF".to_owned(),
+            bitmap_uuids: Default::default(),
+            history_uuids: Vec::new(),
             peers: vec![PeerStatus {
                 name: "beta".to_owned(),
                 node_id: 1,
@@ -826,6 +828,7 @@ mod tests {
                 pending: 0,
                 unacked: 1,
                 out_of_sync_bytes: 1 << 18,
+                last_error: None,
             }],
         }
     }

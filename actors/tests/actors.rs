@@ -18,6 +18,7 @@ use qrbd_actors::device::{
     DeviceActor, DeviceSnapshot, IoDone, IoOp, PostponeRequest, ResumeIo, SetWritable,
     SharedSnapshot, SubmitIo, SuspendIo,
 };
+use qrbd_actors::core::resource::{CommandError, Timing};
 use qrbd_actors::gate::{GateRefused, OpenRefused};
 use qrbd_actors::meta::DeviceMeta;
 use qrbd_actors::retry::{GetRetryStats, RetryActor, RetryStats};
@@ -663,6 +664,10 @@ async fn supervisor_role_changes_drain_and_shutdown() {
     let meta_store = MemMetaStore::new(None);
     let handle = ResourceSupervisor::start(ResourceSetup {
         name: "r0".into(),
+        node_id: 1,
+        node_name: "alpha".into(),
+        timing: Timing::default(),
+        seed: 7,
         protocol: ReplicationProtocol::C,
         store: store.clone(),
         meta_store: Box::new(meta_store.clone()),
@@ -735,7 +740,7 @@ async fn supervisor_role_changes_drain_and_shutdown() {
             .send(Promote { force: false })
             .await
             .expect("supervisor alive"),
-        Err(StateChangeError::Busy)
+        Err(StateChangeError::Refused(CommandError::Busy))
     );
     assert_eq!(gate.open(true), Err(OpenRefused::NotPrimary));
     for _ in 0..5 {

@@ -21,7 +21,9 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use qrbd_actors::core::{ByteRange, DeviceCore, Effect, IoFault, IoKind, RequestId, Stage, Tick};
+use qrbd_actors::core::{
+    ByteRange, DeviceCore, IoFault, IoKind, RequestId, Stage, Tick, VolumeEffect as Effect,
+};
 
 const BLOCK: u64 = 4096;
 const SIZE: u64 = 16 * BLOCK;
@@ -123,6 +125,8 @@ struct Sim {
     live: HashMap<RequestId, Live>,
     /// Held request ids in arrival order.
     held_order: VecDeque<RequestId>,
+    /// Held writes that turning read-only must refuse.
+    read_only_refusals: Vec<RequestId>,
     /// Logical requests handed back as postponed, waiting to be re-submitted.
     retry_queue: Vec<usize>,
     /// Ids the core has forgotten, to poke with stale events.
@@ -187,6 +191,7 @@ impl Sim {
             logicals: Vec::new(),
             live: HashMap::new(),
             held_order: VecDeque::new(),
+            read_only_refusals: Vec::new(),
             retry_queue: Vec::new(),
             forgotten: Vec::new(),
             next_admit: 0,
@@ -421,8 +426,14 @@ impl Sim {
         let l = &self.logicals[live.logical];
         let (kind, range) = (l.kind, l.range);
         match live.stage {
+            ModelStage::Held if self.read_only_refusals.contains(&id) => {
+                self.read_only_refusals.retain(|r| *r != id);
+                self.ensure(result == Err(IoFault::ReadOnly), || {
+                    format!("held write {id} refused with {result:?}")
+                });
+            }
             ModelStage::Held => {
-                // Only a close fails held requests, at resume.
+                // Otherwise only a close fails held requests, at resume.
                 self.ensure(self.closed && result == Err(IoFault::Closed), || {
                     format!(
                         "held {id} completed with {result:?} (closed: {})",
@@ -712,7 +723,22 @@ impl Sim {
             940..=969 => self.poke_stale(),
             970..=994 => {
                 self.writable = !self.writable;
-                self.core.set_writable(self.writable);
+                if !self.writable {
+                    // Turning read-only fails the held writes and discards at once.
+                    let refused: Vec<RequestId> = self
+                        .held_order
+                        .iter()
+                        .copied()
+                        .filter(|id| self.kind_range(*id).0.modifies_data())
+                        .collect();
+                    self.held_order.retain(|id| !refused.contains(id));
+                    self.read_only_refusals.extend(refused);
+                }
+                let effects = self.core.set_writable(self.writable);
+                self.process(effects);
+                self.ensure(self.read_only_refusals.is_empty(), || {
+                    format!("held writes not refused: {:?}", self.read_only_refusals)
+                });
             }
             _ => {
                 // Closing ends a run's interesting part; keep it rare and late.

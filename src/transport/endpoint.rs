@@ -181,6 +181,7 @@ mod tests {
     use std::path::Path;
 
     use qrbd_actors::core::messages::{PeerMessage, PROTOCOL_VERSION};
+    use qrbd_actors::core::{DiskState, Role};
     use qrbd_actors::core::ReplicationProtocol;
     use tokio::time::timeout;
 
@@ -219,6 +220,12 @@ mod tests {
             resource: "r0".into(),
             size_bytes: 1 << 30,
             protocol: ReplicationProtocol::C,
+            role: Role::Secondary,
+            disk: DiskState::UpToDate,
+            current_uuid: 4,
+            bitmap_uuid: 0,
+            history_uuids: vec![8, 16],
+            receiver_missing_bytes: 0,
         }
     }
 

@@ -818,6 +818,12 @@ mod tests {
                 resource: "r0-ünïcode".into(),
                 size_bytes: 1 << 40,
                 protocol: ReplicationProtocol::C,
+                role: Role::Secondary,
+                disk: DiskState::UpToDate,
+                current_uuid: 4,
+                bitmap_uuid: 0,
+                history_uuids: vec![8, 16],
+                receiver_missing_bytes: 0,
             },
             PeerMessage::Hello {
                 protocol_version: PROTOCOL_VERSION,
@@ -826,10 +832,36 @@ mod tests {
                 resource: "r".into(),
                 size_bytes: 0,
                 protocol: ReplicationProtocol::A,
+                role: Role::Secondary,
+                disk: DiskState::UpToDate,
+                current_uuid: 4,
+                bitmap_uuid: 0,
+                history_uuids: vec![8, 16],
+                receiver_missing_bytes: 0,
             },
             PeerMessage::Refused {
                 reason: "size mismatch: 1 GiB here, 2 GiB there".into(),
+                standalone: false,
             },
+            PeerMessage::Refused {
+                reason: "split brain".into(),
+                standalone: true,
+            },
+            PeerMessage::StatePrepare {
+                transaction: u64::MAX,
+                node: 7,
+                outdate_peers: true,
+            },
+            PeerMessage::StateReply {
+                transaction: 3,
+                refusal: Some("alpha is becoming Primary".into()),
+            },
+            PeerMessage::StateReply {
+                transaction: 3,
+                refusal: None,
+            },
+            PeerMessage::StateCommit { transaction: 9 },
+            PeerMessage::StateAbort { transaction: 10 },
             PeerMessage::State {
                 role: Role::Primary,
                 disk: DiskState::UpToDate,
@@ -930,6 +962,12 @@ mod tests {
             resource: "r1".into(),
             size_bytes: 4096,
             protocol: ReplicationProtocol::B,
+            role: Role::Secondary,
+            disk: DiskState::UpToDate,
+            current_uuid: 4,
+            bitmap_uuid: 0,
+            history_uuids: vec![8, 16],
+            receiver_missing_bytes: 0,
         });
         let mut stream = Vec::new();
         for msg in &msgs {
@@ -1028,6 +1066,7 @@ mod tests {
         );
 
         let mut body = encode(&PeerMessage::Refused {
+            standalone: false,
             reason: "ab".into(),
         })[4..]
             .to_vec();
@@ -1074,6 +1113,12 @@ mod tests {
             resource: "r".into(),
             size_bytes: 1,
             protocol: ReplicationProtocol::C,
+            role: Role::Secondary,
+            disk: DiskState::UpToDate,
+            current_uuid: 4,
+            bitmap_uuid: 0,
+            history_uuids: vec![8, 16],
+            receiver_missing_bytes: 0,
         };
         assert_eq!(decode_frame_body(&encode(&hello)[4..]).unwrap(), hello);
     }
@@ -1107,9 +1152,12 @@ mod tests {
     #[test]
     fn overlong_strings_are_cut_at_a_char_boundary() {
         let reason = "é".repeat(40_000); // 80 000 bytes
-        let frame = encode(&PeerMessage::Refused { reason });
+        let frame = encode(&PeerMessage::Refused {
+            reason,
+            standalone: false,
+        });
         match decode_frame_body(&frame[4..]).unwrap() {
-            PeerMessage::Refused { reason } => {
+            PeerMessage::Refused { reason, .. } => {
                 assert!(reason.len() <= usize::from(u16::MAX));
                 assert!(reason.len() > 65_000);
                 assert!(reason.chars().all(|c| c == 'é'));

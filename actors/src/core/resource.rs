@@ -1740,10 +1740,10 @@ impl ResourceCore {
         }
         self.going_down = true;
         self.disconnect_all(now);
-        self.device.close();
         // Held requests are admitted and finished rather than failed: nothing is lost.
         let effects = self.device.resume(now);
         self.volume_effects(effects, now);
+        self.device.close();
         if self.role == Role::Primary {
             self.role = Role::Secondary;
             let effects = self.device.set_writable(false);
