@@ -434,7 +434,16 @@ impl DeviceActor {
                 }
             }
             Effect::Persist { version, meta } => self.persist(version, meta, ctx),
-            Effect::Dial { peer } => self.to_link(peer, PeerOutbound::Dial),
+            Effect::Dial { peer } => {
+                if self.links.contains_key(&peer) {
+                    self.to_link(peer, PeerOutbound::Dial);
+                } else {
+                    self.follow_ups.push_back(Input::DialFailed {
+                        peer,
+                        reason: "the peer's link is not running yet".into(),
+                    });
+                }
+            }
             Effect::CloseConnection { peer, conn, reason } => {
                 self.payloads
                     .retain(|(p, c, _), _| !(*p == peer && *c == conn));

@@ -297,7 +297,8 @@ struct Link {
     standalone: bool,
     conn: Option<u64>,
     handshake_since: Option<Tick>,
-    dialing: bool,
+    /// A dial was asked for at this time and has not been answered.
+    dialing: Option<Tick>,
     next_dial: Tick,
     backoff: Tick,
     last_error: Option<String>,
@@ -437,7 +438,7 @@ impl ResourceCore {
                     standalone: false,
                     conn: None,
                     handshake_since: None,
-                    dialing: false,
+                    dialing: None,
                     next_dial: now,
                     backoff: config.timing.min_backoff,
                     last_error: None,
@@ -1009,7 +1010,7 @@ impl ResourceCore {
             });
             return;
         };
-        link.dialing = false;
+        link.dialing = None;
         if link.standalone || self.going_down {
             self.effects.push_back(Effect::CloseConnection {
                 peer,
@@ -1300,7 +1301,7 @@ impl ResourceCore {
         let Some(link) = self.links.get_mut(&peer) else {
             return;
         };
-        link.dialing = false;
+        link.dialing = None;
         link.next_dial = now.saturating_add(link.backoff);
         link.backoff = link.backoff.saturating_mul(2).min(max.max(link.backoff));
         if link.last_error.as_deref() != Some(reason.as_str()) {
@@ -1310,15 +1311,23 @@ impl ResourceCore {
     }
 
     fn dial_due(&mut self, now: Tick) {
+        let give_up = self.config.timing.handshake_timeout;
         for link in self.links.values_mut() {
+            // A dial nobody answered (the shell lost it) is given up and asked for again.
+            if link
+                .dialing
+                .is_some_and(|since| now.saturating_sub(since) > give_up)
+            {
+                link.dialing = None;
+            }
             if link.dials
                 && !link.standalone
-                && !link.dialing
+                && link.dialing.is_none()
                 && link.conn.is_none()
                 && now >= link.next_dial
                 && !self.going_down
             {
-                link.dialing = true;
+                link.dialing = Some(now);
                 self.effects.push_back(Effect::Dial { peer: link.id });
             }
         }
@@ -1450,7 +1459,7 @@ impl ResourceCore {
         for peer in peers {
             if let Some(link) = self.links.get_mut(&peer) {
                 link.standalone = true;
-                link.dialing = false;
+                link.dialing = None;
             }
             self.set_link_state(peer, ConnectionState::Disconnecting);
             self.lose_link(
