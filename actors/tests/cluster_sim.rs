@@ -419,6 +419,10 @@ impl Sim {
         for byte in line.bytes() {
             self.hash = (self.hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
         }
+        // Liveness chatter would push everything else out of the ring.
+        if line.contains(": Ping") {
+            return;
+        }
         if self.verbose {
             eprintln!("[{}] {line}", self.step);
         }
@@ -480,6 +484,7 @@ impl Sim {
     fn effect(&mut self, id: u8, effect: Effect) {
         match effect {
             Effect::StartLocal(rid) => {
+                self.log(format!("n{id} starts #{rid}"));
                 self.node(id).work.push(Work::Local(rid));
             }
             Effect::Complete(rid, result) => self.completed(id, rid, result.is_ok()),
@@ -1337,7 +1342,7 @@ impl Sim {
                 }
             }
             self.check_step();
-            if !progressed && round > 100 {
+            if !progressed && round > 150 {
                 break;
             }
             // Long enough for redials after a refusal and for promotions to time out.
@@ -1349,7 +1354,19 @@ impl Sim {
         self.ensure(self.races.is_empty(), || "a race never settled".into());
         for n in &self.nodes {
             self.ensure(n.requests.is_empty(), || {
-                format!("n{}: requests stuck: {:?}", n.id, n.requests.keys().collect::<Vec<_>>())
+                let device = n.core.device();
+                let stages: Vec<_> = n
+                    .requests
+                    .keys()
+                    .map(|id| (*id, device.stage(*id)))
+                    .collect();
+                format!(
+                    "n{}: requests stuck: {stages:?} (holding {}, suspended {}, links {:?})",
+                    n.id,
+                    device.is_holding(),
+                    device.is_suspended(),
+                    n.core.links().map(|l| (l.peer, l.connection)).collect::<Vec<_>>()
+                )
             });
             let device = n.core.device();
             self.ensure(device.app_in_flight() == 0 && device.held() == 0, || {

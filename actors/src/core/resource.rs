@@ -313,7 +313,21 @@ struct Link {
     /// they were sent. Ids and epochs grow with time, so the first entry is the oldest.
     awaiting_requests: BTreeMap<RequestId, Tick>,
     awaiting_barriers: BTreeMap<Epoch, Tick>,
+    /// Data-stream messages that overtook the peer's Hello (the streams are independent:
+    /// the peer may have finished its side of the handshake and sent its State, or even
+    /// writes, before its Hello reaches us); replayed in order once the handshake completes.
+    early: Vec<Early>,
 }
+
+/// A data-stream arrival kept until the handshake completes.
+#[derive(Debug)]
+enum Early {
+    Message(PeerMessage),
+    Write(PeerWrite),
+}
+
+/// At most this many data-stream messages may overtake the peer's Hello.
+const MAX_EARLY: usize = 4096;
 
 impl Link {
     fn is_connected(&self) -> bool {
@@ -450,6 +464,7 @@ impl ResourceCore {
                     ping_outstanding: None,
                     awaiting_requests: BTreeMap::new(),
                     awaiting_barriers: BTreeMap::new(),
+                    early: Vec::new(),
                 };
                 (peer.id, link)
             })
@@ -712,9 +727,13 @@ impl ResourceCore {
             });
             return;
         }
-        let Some(link) = self.links.get(&peer) else {
+        let Some(link) = self.links.get_mut(&peer) else {
             return;
         };
+        if link.handshake_since.is_some() && link.early.len() < MAX_EARLY {
+            link.early.push(Early::Write(write));
+            return;
+        }
         // A Secondary is written only by its Primary peer (docs/protocol.md, "Who may write").
         let refusal = if !link.is_connected() {
             Some("a write arrived before the handshake completed".to_owned())
@@ -829,6 +848,16 @@ impl ResourceCore {
                 let reason = format!("peer {} refused the connection: {reason}", self.peer_name(peer));
                 tracing::warn!(resource = %self.config.resource, %reason, "handshake refused");
                 self.refused(peer, reason, standalone, now);
+            }
+            _ if !connected
+                && message.on_data_stream()
+                && self.links.get(&peer).is_some_and(|link| {
+                    link.handshake_since.is_some() && link.early.len() < MAX_EARLY
+                }) =>
+            {
+                if let Some(link) = self.links.get_mut(&peer) {
+                    link.early.push(Early::Message(message));
+                }
             }
             _ if !connected => {
                 self.protocol_error(
@@ -1168,6 +1197,24 @@ impl ResourceCore {
             _ => {}
         }
         self.announce_state();
+        self.replay_early(peer, now);
+    }
+
+    /// Handles, in arrival order, the data-stream messages that overtook the peer's Hello.
+    fn replay_early(&mut self, peer: PeerId, now: Tick) {
+        let Some(link) = self.links.get_mut(&peer) else {
+            return;
+        };
+        let early = std::mem::take(&mut link.early);
+        for arrival in early {
+            let Some(conn) = self.current_conn(peer) else {
+                return;
+            };
+            match arrival {
+                Early::Message(message) => self.peer_message(peer, message, now),
+                Early::Write(write) => self.peer_write(peer, conn, write, now),
+            }
+        }
     }
 
     fn meta_was_primary_before_crash(&self) -> bool {
@@ -1247,6 +1294,7 @@ impl ResourceCore {
             });
         }
         link.handshake_since = None;
+        link.early.clear();
         link.role = None;
         link.disk = None;
         link.ping_outstanding = None;
@@ -1260,7 +1308,10 @@ impl ResourceCore {
             .min(self.config.timing.max_backoff.max(link.backoff));
         let standalone = link.standalone;
         self.received_ranges.retain(|(p, _), _| *p != peer);
-        if was_connected {
+        // Whether writes replicate to the peer, which the link state does not tell when
+        // `disconnect_all` already moved it to Disconnecting.
+        let replicating = self.device.peer(peer).is_some_and(|s| s.is_connected());
+        if replicating {
             let before = self.missing_for(peer);
             let effects = self.device.peer_disconnected(peer, now);
             let marked = self.missing_for(peer) > before;
