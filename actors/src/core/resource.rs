@@ -1134,6 +1134,17 @@ impl ResourceCore {
             self.refuse(peer, reason, true, now);
             return;
         }
+        if *role == Role::Primary && matches!(self.change, Change::Promoting(_)) {
+            // This node's promotion did not ask the peer (it was not connected then) and
+            // will commit: refuse for now; the retry after the promotion finishes sees two
+            // Primaries.
+            let reason = format!(
+                "{} is becoming Primary and {name} is Primary",
+                ours.node_name
+            );
+            self.refuse(peer, reason, false, now);
+            return;
+        }
         let local = generations_of(&self.meta);
         let mut remote = Generations {
             current: *current_uuid,
@@ -1333,12 +1344,22 @@ impl ResourceCore {
                 ConnectionState::Connecting
             },
         );
-        // A promotion waiting for this peer no longer needs its answer; one this node agreed
-        // to for the peer is void.
+        // A peer lost before it answered a promotion may be promoting itself (its prepare and
+        // ours crossed, then the connection went): without its answer the promotion is
+        // abandoned, as if no peer were connected; `--force` goes on without it. A peer that
+        // already agreed is not asked again. One this node agreed to for the peer is void.
         if let Change::Promoting(promotion) = &mut self.change {
             promotion.asked.remove(&peer);
             if promotion.awaiting.remove(&peer) {
-                self.maybe_commit_promotion(now);
+                if promotion.force {
+                    self.maybe_commit_promotion(now);
+                } else {
+                    let name = self.peer_name(peer);
+                    self.abort_promotion(CommandError::PeerRefused {
+                        peer: name,
+                        reason: "the connection was lost before it answered".into(),
+                    });
+                }
             }
         }
         if self.prepared.is_some_and(|p| p.peer == peer) {
