@@ -1134,12 +1134,12 @@ impl ResourceCore {
             self.refuse(peer, reason, true, now);
             return;
         }
-        if *role == Role::Primary && matches!(self.change, Change::Promoting(_)) {
-            // This node's promotion did not ask the peer (it was not connected then) and
-            // will commit: refuse for now; the retry after the promotion finishes sees two
-            // Primaries.
+        if matches!(self.change, Change::Promoting(_)) {
+            // This node's promotion did not ask the peer (it was not connected then) and may
+            // commit while the peer is, or becomes, Primary too: refuse for now; the retry
+            // after the promotion finishes sees the new roles.
             let reason = format!(
-                "{} is becoming Primary and {name} is Primary",
+                "{} is becoming Primary; try again once it is",
                 ours.node_name
             );
             self.refuse(peer, reason, false, now);
