@@ -140,17 +140,29 @@ impl Coverage {
     fn missing(&self) -> Vec<&'static str> {
         let all = [
             ("message reorders", self.reordered_deliveries),
-            ("pauses that fired a liveness timeout", self.pauses_with_timeouts),
+            (
+                "pauses that fired a liveness timeout",
+                self.pauses_with_timeouts,
+            ),
             ("connection drops", self.connection_drops),
             ("partitions", self.partitions),
             ("crashes and restarts", self.crashes),
             ("promotion races one node won", self.race_one_won),
             ("promotion races both lost", self.race_both_refused),
-            ("protocol-C writes completed while connected", self.c_writes_replicated),
-            ("writes in a new data generation", self.writes_new_generation),
+            (
+                "protocol-C writes completed while connected",
+                self.c_writes_replicated,
+            ),
+            (
+                "writes in a new data generation",
+                self.writes_new_generation,
+            ),
             ("forced promotions", self.forced_promotions),
             ("Outdated disks", self.outdated),
-            ("handshakes refused: two primaries", self.refused_two_primaries),
+            (
+                "handshakes refused: two primaries",
+                self.refused_two_primaries,
+            ),
             ("handshakes refused: split brain", self.refused_split_brain),
             ("promotions", self.promotions),
             ("demotions", self.demotions),
@@ -338,7 +350,10 @@ fn config(id: u8, nodes: u8, protocol: ReplicationProtocol, seed: u64) -> CoreCo
         disk_flushes: true,
         peers: (1..=nodes)
             .filter(|p| *p != id)
-            .map(|p| PeerConfig { id: p, name: name(p) })
+            .map(|p| PeerConfig {
+                id: p,
+                name: name(p),
+            })
             .collect(),
         timing: Timing {
             refused_backoff: 2 * SECOND,
@@ -429,7 +444,8 @@ impl Sim {
         if self.trace.len() == TRACE_LINES {
             self.trace.pop_front();
         }
-        self.trace.push_back(format!("[{} t={}ms] {line}", self.step, self.now / MS));
+        self.trace
+            .push_back(format!("[{} t={}ms] {line}", self.step, self.now / MS));
     }
 
     fn fail(&self, what: &str) -> ! {
@@ -513,7 +529,10 @@ impl Sim {
                             len: req.range.len,
                             discard,
                         };
-                        (Wire::Write(write, if discard { 0 } else { req.wid }), Some(request))
+                        (
+                            Wire::Write(write, if discard { 0 } else { req.wid }),
+                            Some(request),
+                        )
                     }
                     Outgoing::Barrier {
                         seq,
@@ -532,7 +551,8 @@ impl Sim {
                 };
                 self.send(id, peer, true, wire);
                 if let (Some(request), ReplicationProtocol::A) = (request, self.protocol) {
-                    self.queue.push_back((id, Input::PeerSent { peer, request }));
+                    self.queue
+                        .push_back((id, Input::PeerSent { peer, request }));
                 }
             }
             Effect::Send { peer, message } => {
@@ -548,7 +568,9 @@ impl Sim {
                 discard,
             } => {
                 let Some(wid) = self.node(id).payloads.remove(&(peer, conn, seq)) else {
-                    self.fail(&format!("n{id}: applies unknown payload {peer}/{conn}/{seq}"));
+                    self.fail(&format!(
+                        "n{id}: applies unknown payload {peer}/{conn}/{seq}"
+                    ));
                 };
                 let role = self.node(id).core.role();
                 self.ensure(role != Role::Primary, || {
@@ -570,13 +592,15 @@ impl Sim {
             Effect::ForgetPayload { peer, conn, seq } => {
                 self.node(id).payloads.remove(&(peer, conn, seq));
             }
-            Effect::FlushForPeer { peer, conn, epoch } => {
-                self.node(id).work.push(Work::PeerFlush { peer, conn, epoch })
-            }
+            Effect::FlushForPeer { peer, conn, epoch } => self
+                .node(id)
+                .work
+                .push(Work::PeerFlush { peer, conn, epoch }),
             Effect::FlushLocal { token } => self.node(id).work.push(Work::LocalFlush(token)),
-            Effect::Persist { version, meta } => {
-                self.node(id).work.push(Work::Persist(version, Box::new(meta)))
-            }
+            Effect::Persist { version, meta } => self
+                .node(id)
+                .work
+                .push(Work::Persist(version, Box::new(meta))),
             Effect::Dial { peer } => self.dials.push((id, peer)),
             Effect::CloseConnection { peer, conn, reason } => {
                 let gid = self.node(id).current.get(&peer).copied();
@@ -595,7 +619,9 @@ impl Sim {
         if line.contains("disk:Outdated") {
             self.cov.outdated += 1;
         }
-        if line.contains("current-uuid:") && self.nodes[usize::from(id - 1)].core.role() == Role::Primary {
+        if line.contains("current-uuid:")
+            && self.nodes[usize::from(id - 1)].core.role() == Role::Primary
+        {
             self.cov.writes_new_generation += 1;
         }
         if line.contains("connection:StandAlone reason:") {
@@ -636,7 +662,8 @@ impl Sim {
             if n.current.get(&peer).is_some_and(|(l, _)| *l == local) {
                 n.current.remove(&peer);
             }
-            n.payloads.retain(|(p, c, _), _| !(*p == peer && *c == local));
+            n.payloads
+                .retain(|(p, c, _), _| !(*p == peer && *c == local));
             self.queue.push_back((
                 node,
                 Input::TransportDown {
@@ -692,7 +719,11 @@ impl Sim {
     /// A protocol-C write completed: every connected peer that does not count the blocks out
     /// of sync holds it.
     fn check_replicated(&mut self, id: u8, req: &AppRequest) {
-        let expected = if req.kind == IoKind::Discard { 0 } else { req.wid };
+        let expected = if req.kind == IoKind::Discard {
+            0
+        } else {
+            req.wid
+        };
         let links: Vec<(u8, ConnectionState)> = self.nodes[usize::from(id - 1)]
             .core
             .links()
@@ -728,7 +759,9 @@ impl Sim {
         let Some(pending) = self.commands.remove(&cid) else {
             self.fail(&format!("n{id}: command {cid} answered twice or unknown"));
         };
-        self.ensure(pending.node == id, || format!("command {cid} answered by n{id}"));
+        self.ensure(pending.node == id, || {
+            format!("command {cid} answered by n{id}")
+        });
         self.log(format!("n{id} {:?} -> {result:?}", pending.command));
         if let (Command::Promote { .. }, Ok(text)) = (pending.command, &result) {
             if text == "Primary" {
@@ -766,7 +799,8 @@ impl Sim {
         let forced_from = match command {
             Command::Promote { force: true } => Some((
                 core.disk(),
-                core.links().any(|l| l.connection == ConnectionState::Connected),
+                core.links()
+                    .any(|l| l.connection == ConnectionState::Connected),
             )),
             _ => None,
         };
@@ -779,7 +813,8 @@ impl Sim {
             },
         );
         self.log(format!("n{id} command {command:?} (#{cid})"));
-        self.queue.push_back((id, Input::Command { id: cid, command }));
+        self.queue
+            .push_back((id, Input::Command { id: cid, command }));
         cid
     }
 
@@ -950,7 +985,10 @@ impl Sim {
                             }
                         }
                         let wid = req.wid;
-                        let written = self.node(id).store.write(req.range.offset, req.range.len, wid);
+                        let written =
+                            self.node(id)
+                                .store
+                                .write(req.range.offset, req.range.len, wid);
                         if let Some(r) = self.node(id).requests.get_mut(&rid) {
                             r.written = written;
                         }
@@ -976,7 +1014,10 @@ impl Sim {
                 wid,
             } => {
                 self.node(id).store.write(offset, len, wid);
-                self.log(format!("n{id} applied n{peer} seq {seq} ({wid}) at {}", offset / BLOCK));
+                self.log(format!(
+                    "n{id} applied n{peer} seq {seq} ({wid}) at {}",
+                    offset / BLOCK
+                ));
                 self.feed(
                     id,
                     Input::PeerWriteApplied {
@@ -1183,7 +1224,10 @@ impl Sim {
         if !self.partitioned.insert(pair) {
             return;
         }
-        self.log(format!("fault: partition between n{} and n{}", pair.0, pair.1));
+        self.log(format!(
+            "fault: partition between n{} and n{}",
+            pair.0, pair.1
+        ));
         self.cov.partitions += 1;
         let cut: Vec<u64> = self
             .conns
@@ -1373,7 +1417,10 @@ impl Sim {
                     n.id,
                     device.is_holding(),
                     device.is_suspended(),
-                    n.core.links().map(|l| (l.peer, l.connection)).collect::<Vec<_>>()
+                    n.core
+                        .links()
+                        .map(|l| (l.peer, l.connection))
+                        .collect::<Vec<_>>()
                 )
             });
             let device = n.core.device();
@@ -1397,8 +1444,7 @@ impl Sim {
                 if !(self.connected(na.id, nb.id) && self.connected(nb.id, na.id)) {
                     continue;
                 }
-                if na.core.disk() != DiskState::UpToDate || nb.core.disk() != DiskState::UpToDate
-                {
+                if na.core.disk() != DiskState::UpToDate || nb.core.disk() != DiskState::UpToDate {
                     continue;
                 }
                 for block in 0..BLOCKS {
@@ -1472,7 +1518,10 @@ fn cluster_invariants_hold_over_many_seeds() {
     eprintln!("cluster simulation coverage: {total:#?}");
     if !single {
         let missing = total.missing();
-        assert!(missing.is_empty(), "never happened over all seeds: {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "never happened over all seeds: {missing:?}"
+        );
     }
 }
 

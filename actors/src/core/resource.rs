@@ -95,7 +95,9 @@ pub struct CoreConfig {
 /// An administrator's command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
-    Promote { force: bool },
+    Promote {
+        force: bool,
+    },
     Demote,
     SuspendIo,
     ResumeIo,
@@ -120,9 +122,7 @@ pub enum CommandError {
     PeerRefused { peer: String, reason: String },
     #[error("peer {0} did not answer the state change in time")]
     PeerTimeout(String),
-    #[error(
-        "no peer is connected, so a peer may hold newer data; use --force to promote anyway"
-    )]
+    #[error("no peer is connected, so a peer may hold newer data; use --force to promote anyway")]
     NoPeerConnected,
     #[error("metadata update failed: {0}")]
     Meta(String),
@@ -667,7 +667,9 @@ impl ResourceCore {
         let absent: Vec<PeerId> = self
             .links
             .values()
-            .filter(|link| !link.is_connected() && self.meta.bitmap_uuids.get(&link.id).is_none_or(|u| *u == 0))
+            .filter(|link| {
+                !link.is_connected() && self.meta.bitmap_uuids.get(&link.id).is_none_or(|u| *u == 0)
+            })
             .map(|link| link.id)
             .collect();
         if absent.is_empty() && !force {
@@ -709,8 +711,7 @@ impl ResourceCore {
                             _ => {}
                         }
                     }
-                    self.effects
-                        .push_back(Effect::SendData { peer, outgoing });
+                    self.effects.push_back(Effect::SendData { peer, outgoing });
                 }
             }
         }
@@ -845,7 +846,10 @@ impl ResourceCore {
         match message {
             PeerMessage::Hello { .. } => self.hello(peer, &message, now),
             PeerMessage::Refused { reason, standalone } => {
-                let reason = format!("peer {} refused the connection: {reason}", self.peer_name(peer));
+                let reason = format!(
+                    "peer {} refused the connection: {reason}",
+                    self.peer_name(peer)
+                );
                 tracing::warn!(resource = %self.config.resource, %reason, "handshake refused");
                 self.refused(peer, reason, standalone, now);
             }
@@ -1322,15 +1326,22 @@ impl ResourceCore {
         // Whether writes replicate to the peer, which the link state does not tell when
         // `disconnect_all` already moved it to Disconnecting.
         let replicating = self.device.peer(peer).is_some_and(|s| s.is_connected());
+        let mut marked = false;
+        let mut hold_taken = false;
         if replicating {
+            // Writes released by the disconnect completed without the peer: they belong to a
+            // new generation, durable before they complete. Hold completions before the
+            // device releases them; the hold ends with the new generation's persist, or at
+            // once if nothing was released. Only a Primary's writes replicate, but a demotion
+            // in progress has already made the role Secondary while its last writes drain.
+            hold_taken = !self
+                .meta_waiters
+                .iter()
+                .any(|(_, w)| *w == MetaWaiter::ReleaseIo);
+            self.device.hold(HOLD_METADATA);
             let before = self.missing_for(peer);
             let effects = self.device.peer_disconnected(peer, now);
-            let marked = self.missing_for(peer) > before;
-            if marked && self.role == Role::Primary {
-                // Writes completed without the peer: they belong to a new generation, durable
-                // before they complete (the device holds completions meanwhile).
-                self.start_generation_if_needed(false);
-            }
+            marked = self.missing_for(peer) > before;
             self.volume_effects(effects, now);
         }
         if was_connected || state != ConnectionState::NetworkFailure {
@@ -1344,6 +1355,17 @@ impl ResourceCore {
                 ConnectionState::Connecting
             },
         );
+        if replicating {
+            // The link is no longer Connected here, so the peer counts as absent.
+            let generation = self.meta.current_uuid;
+            if marked {
+                self.start_generation_if_needed(false);
+            }
+            if hold_taken && self.meta.current_uuid == generation {
+                let effects = self.device.release(HOLD_METADATA, now);
+                self.volume_effects(effects, now);
+            }
+        }
         // A peer lost before it answered a promotion may be promoting itself (its prepare and
         // ours crossed, then the connection went): without its answer the promotion is
         // abandoned, as if no peer were connected; `--force` goes on without it. A peer that
@@ -1415,7 +1437,10 @@ impl ResourceCore {
                 if now.saturating_sub(sent) > timing.ping_timeout {
                     drops.push((
                         link.id,
-                        format!("no ping answer within {} ms", timing.ping_timeout / MILLISECOND),
+                        format!(
+                            "no ping answer within {} ms",
+                            timing.ping_timeout / MILLISECOND
+                        ),
                     ));
                     continue;
                 }
@@ -1636,8 +1661,7 @@ impl ResourceCore {
     }
 
     fn finish_promotion(&mut self, result: Result<(), String>) {
-        let Change::Promoting(promotion) = std::mem::replace(&mut self.change, Change::None)
-        else {
+        let Change::Promoting(promotion) = std::mem::replace(&mut self.change, Change::None) else {
             return;
         };
         if let Err(error) = result {
@@ -1677,8 +1701,7 @@ impl ResourceCore {
     }
 
     fn abort_promotion(&mut self, error: CommandError) {
-        let Change::Promoting(promotion) = std::mem::replace(&mut self.change, Change::None)
-        else {
+        let Change::Promoting(promotion) = std::mem::replace(&mut self.change, Change::None) else {
             return;
         };
         for peer in &promotion.asked {
@@ -1703,13 +1726,18 @@ impl ResourceCore {
     ) {
         let me = self.config.node_name.clone();
         let refusal = if node != peer {
-            Some(format!("node id {node} does not match the peer's id {peer}"))
+            Some(format!(
+                "node id {node} does not match the peer's id {peer}"
+            ))
         } else if self.role == Role::Primary {
             Some(format!("{me} is Primary"))
         } else if self.going_down {
             Some(format!("{me} is going down"))
         } else if let Some(other) = self.prepared.filter(|p| p.peer != peer) {
-            Some(format!("{} is becoming Primary", self.peer_name(other.peer)))
+            Some(format!(
+                "{} is becoming Primary",
+                self.peer_name(other.peer)
+            ))
         } else if let Change::Promoting(own) = &self.change {
             if peer < self.config.node_id && own.persisting.is_none() {
                 // Both want to become Primary at once: the lower node id wins.
@@ -2060,7 +2088,11 @@ impl ResourceCore {
             "exists resource name:{resource} role:{} disk:{} suspended:{}",
             self.role,
             self.disk,
-            if self.device.is_suspended() { "user" } else { "no" }
+            if self.device.is_suspended() {
+                "user"
+            } else {
+                "no"
+            }
         )];
         for link in self.links.values() {
             lines.push(format!(
