@@ -60,7 +60,7 @@ const BLOCK: u64 = 4096;
 const BLOCKS: u64 = 32;
 const SIZE: u64 = BLOCKS * BLOCK;
 const SEEDS: u64 = 1000;
-const STEPS: u64 = 250;
+const STEPS: u64 = 400;
 const MS: Tick = 1_000_000;
 const SECOND: Tick = 1_000 * MS;
 const TRACE_LINES: usize = 200;
@@ -773,8 +773,10 @@ impl Sim {
                 if let Some((disk, connected)) = pending.forced_from {
                     if disk != DiskState::UpToDate || !connected {
                         self.cov.forced_promotions += 1;
-                        self.split_possible = true;
                     }
+                    // `--force` goes on without peers lost during the promotion, which may
+                    // be promoting themselves.
+                    self.split_possible = true;
                 }
                 if self.nodes.len() > 2 && !everyone {
                     self.split_possible = true;
