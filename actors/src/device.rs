@@ -20,8 +20,7 @@ use crate::core::resource::{
     ResourceCore, Timing,
 };
 use crate::core::{
-    ByteRange, DeviceStats, DiskState, IoFault, IoKind, ReplicationProtocol, RequestId, Role,
-    Tick,
+    ByteRange, DeviceStats, DiskState, IoFault, IoKind, ReplicationProtocol, RequestId, Role, Tick,
 };
 use crate::meta::DeviceMeta;
 use crate::metadata::{MetaActor, SaveMeta};
@@ -660,13 +659,15 @@ impl DeviceActor {
                 seq,
                 epoch,
             } => match self.pending.get(&request).and_then(|p| p.op.as_ref()) {
-                Some(IoOp::Discard { offset, len }) => PeerOutbound::Message(PeerMessage::Discard {
-                    seq,
-                    epoch,
-                    request,
-                    offset: *offset,
-                    len: *len,
-                }),
+                Some(IoOp::Discard { offset, len }) => {
+                    PeerOutbound::Message(PeerMessage::Discard {
+                        seq,
+                        epoch,
+                        request,
+                        offset: *offset,
+                        len: *len,
+                    })
+                }
                 _ => {
                     tracing::error!(device = %self.name, request, "replicated discard has no range");
                     return;
@@ -707,10 +708,13 @@ impl DeviceActor {
         let input = match event {
             LinkEvent::TransportUp { conn } => {
                 // Payloads of older connections will never be applied.
-                self.payloads.retain(|(p, c, _), _| *p != peer || *c == conn);
+                self.payloads
+                    .retain(|(p, c, _), _| *p != peer || *c == conn);
                 Input::TransportUp { peer, conn }
             }
-            LinkEvent::TransportDown { conn, reason } => Input::TransportDown { peer, conn, reason },
+            LinkEvent::TransportDown { conn, reason } => {
+                Input::TransportDown { peer, conn, reason }
+            }
             LinkEvent::DialFailed { reason } => Input::DialFailed { peer, reason },
             LinkEvent::Sent { request } => Input::PeerSent { peer, request },
             LinkEvent::Message {
@@ -815,7 +819,6 @@ fn run_local(store: &dyn BlockStore, mut op: IoOp) -> (IoOp, Result<(), IoFault>
     (op, result)
 }
 
-
 impl Actor for DeviceActor {
     type Context = Context<Self>;
 
@@ -823,7 +826,9 @@ impl Actor for DeviceActor {
         // Bounded: senders that use `send` wait for room; the front end bounds its own
         // `do_send`s through the buffer pool.
         ctx.set_mailbox_capacity(1024);
-        ctx.run_interval(TICK_INTERVAL, |actor, ctx| actor.feed(Input::Tick, Some(ctx)));
+        ctx.run_interval(TICK_INTERVAL, |actor, ctx| {
+            actor.feed(Input::Tick, Some(ctx))
+        });
         // Effects queued by the core when it was created (mark in use, first dials).
         actor_start(self, ctx);
         tracing::debug!(device = %self.name, size = self.core.config().size_bytes, "device actor started");

@@ -269,7 +269,11 @@ impl Handler<Demote> for ResourceSupervisor {
             }
         }
         let outcome = self.run(Command::Demote);
-        Box::pin(outcome.into_actor(self).map(|result, _, _| result.map(|_| ())))
+        Box::pin(
+            outcome
+                .into_actor(self)
+                .map(|result, _, _| result.map(|_| ())),
+        )
     }
 }
 

@@ -95,7 +95,9 @@ pub struct CoreConfig {
 /// An administrator's command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
-    Promote { force: bool },
+    Promote {
+        force: bool,
+    },
     Demote,
     SuspendIo,
     ResumeIo,
@@ -120,9 +122,7 @@ pub enum CommandError {
     PeerRefused { peer: String, reason: String },
     #[error("peer {0} did not answer the state change in time")]
     PeerTimeout(String),
-    #[error(
-        "no peer is connected, so a peer may hold newer data; use --force to promote anyway"
-    )]
+    #[error("no peer is connected, so a peer may hold newer data; use --force to promote anyway")]
     NoPeerConnected,
     #[error("metadata update failed: {0}")]
     Meta(String),
@@ -314,7 +314,21 @@ struct Link {
     /// they were sent. Ids and epochs grow with time, so the first entry is the oldest.
     awaiting_requests: BTreeMap<RequestId, Tick>,
     awaiting_barriers: BTreeMap<Epoch, Tick>,
+    /// Data-stream messages that overtook the peer's Hello (the streams are independent:
+    /// the peer may have finished its side of the handshake and sent its State, or even
+    /// writes, before its Hello reaches us); replayed in order once the handshake completes.
+    early: Vec<Early>,
 }
+
+/// A data-stream arrival kept until the handshake completes.
+#[derive(Debug)]
+enum Early {
+    Message(PeerMessage),
+    Write(PeerWrite),
+}
+
+/// At most this many data-stream messages may overtake the peer's Hello.
+const MAX_EARLY: usize = 4096;
 
 impl Link {
     fn is_connected(&self) -> bool {
@@ -451,6 +465,7 @@ impl ResourceCore {
                     ping_outstanding: None,
                     awaiting_requests: BTreeMap::new(),
                     awaiting_barriers: BTreeMap::new(),
+                    early: Vec::new(),
                 };
                 (peer.id, link)
             })
@@ -653,7 +668,9 @@ impl ResourceCore {
         let absent: Vec<PeerId> = self
             .links
             .values()
-            .filter(|link| !link.is_connected() && self.meta.bitmap_uuids.get(&link.id).is_none_or(|u| *u == 0))
+            .filter(|link| {
+                !link.is_connected() && self.meta.bitmap_uuids.get(&link.id).is_none_or(|u| *u == 0)
+            })
             .map(|link| link.id)
             .collect();
         if absent.is_empty() && !force {
@@ -695,8 +712,7 @@ impl ResourceCore {
                             _ => {}
                         }
                     }
-                    self.effects
-                        .push_back(Effect::SendData { peer, outgoing });
+                    self.effects.push_back(Effect::SendData { peer, outgoing });
                 }
             }
         }
@@ -713,9 +729,13 @@ impl ResourceCore {
             });
             return;
         }
-        let Some(link) = self.links.get(&peer) else {
+        let Some(link) = self.links.get_mut(&peer) else {
             return;
         };
+        if link.handshake_since.is_some() && link.early.len() < MAX_EARLY {
+            link.early.push(Early::Write(write));
+            return;
+        }
         // A Secondary is written only by its Primary peer (docs/protocol.md, "Who may write").
         let refusal = if !link.is_connected() {
             Some("a write arrived before the handshake completed".to_owned())
@@ -827,9 +847,22 @@ impl ResourceCore {
         match message {
             PeerMessage::Hello { .. } => self.hello(peer, &message, now),
             PeerMessage::Refused { reason, standalone } => {
-                let reason = format!("peer {} refused the connection: {reason}", self.peer_name(peer));
+                let reason = format!(
+                    "peer {} refused the connection: {reason}",
+                    self.peer_name(peer)
+                );
                 tracing::warn!(resource = %self.config.resource, %reason, "handshake refused");
                 self.refused(peer, reason, standalone, now);
+            }
+            _ if !connected
+                && message.on_data_stream()
+                && self.links.get(&peer).is_some_and(|link| {
+                    link.handshake_since.is_some() && link.early.len() < MAX_EARLY
+                }) =>
+            {
+                if let Some(link) = self.links.get_mut(&peer) {
+                    link.early.push(Early::Message(message));
+                }
             }
             _ if !connected => {
                 self.protocol_error(
@@ -1106,6 +1139,17 @@ impl ResourceCore {
             self.refuse(peer, reason, true, now);
             return;
         }
+        if matches!(self.change, Change::Promoting(_)) {
+            // This node's promotion did not ask the peer (it was not connected then) and may
+            // commit while the peer is, or becomes, Primary too: refuse for now; the retry
+            // after the promotion finishes sees the new roles.
+            let reason = format!(
+                "{} is becoming Primary; try again once it is",
+                ours.node_name
+            );
+            self.refuse(peer, reason, false, now);
+            return;
+        }
         let local = generations_of(&self.meta);
         let mut remote = Generations {
             current: *current_uuid,
@@ -1169,6 +1213,24 @@ impl ResourceCore {
             _ => {}
         }
         self.announce_state();
+        self.replay_early(peer, now);
+    }
+
+    /// Handles, in arrival order, the data-stream messages that overtook the peer's Hello.
+    fn replay_early(&mut self, peer: PeerId, now: Tick) {
+        let Some(link) = self.links.get_mut(&peer) else {
+            return;
+        };
+        let early = std::mem::take(&mut link.early);
+        for arrival in early {
+            let Some(conn) = self.current_conn(peer) else {
+                return;
+            };
+            match arrival {
+                Early::Message(message) => self.peer_message(peer, message, now),
+                Early::Write(write) => self.peer_write(peer, conn, write, now),
+            }
+        }
     }
 
     fn meta_was_primary_before_crash(&self) -> bool {
@@ -1248,6 +1310,7 @@ impl ResourceCore {
             });
         }
         link.handshake_since = None;
+        link.early.clear();
         link.role = None;
         link.disk = None;
         link.ping_outstanding = None;
@@ -1261,15 +1324,25 @@ impl ResourceCore {
             .min(self.config.timing.max_backoff.max(link.backoff));
         let standalone = link.standalone;
         self.received_ranges.retain(|(p, _), _| *p != peer);
-        if was_connected {
+        // Whether writes replicate to the peer, which the link state does not tell when
+        // `disconnect_all` already moved it to Disconnecting.
+        let replicating = self.device.peer(peer).is_some_and(|s| s.is_connected());
+        let mut marked = false;
+        let mut hold_taken = false;
+        if replicating {
+            // Writes released by the disconnect completed without the peer: they belong to a
+            // new generation, durable before they complete. Hold completions before the
+            // device releases them; the hold ends with the new generation's persist, or at
+            // once if nothing was released. Only a Primary's writes replicate, but a demotion
+            // in progress has already made the role Secondary while its last writes drain.
+            hold_taken = !self
+                .meta_waiters
+                .iter()
+                .any(|(_, w)| *w == MetaWaiter::ReleaseIo);
+            self.device.hold(HOLD_METADATA);
             let before = self.missing_for(peer);
             let effects = self.device.peer_disconnected(peer, now);
-            let marked = self.missing_for(peer) > before;
-            if marked && self.role == Role::Primary {
-                // Writes completed without the peer: they belong to a new generation, durable
-                // before they complete (the device holds completions meanwhile).
-                self.start_generation_if_needed(false);
-            }
+            marked = self.missing_for(peer) > before;
             self.volume_effects(effects, now);
         }
         if was_connected || state != ConnectionState::NetworkFailure {
@@ -1283,12 +1356,33 @@ impl ResourceCore {
                 ConnectionState::Connecting
             },
         );
-        // A promotion waiting for this peer no longer needs its answer; one this node agreed
-        // to for the peer is void.
+        if replicating {
+            // The link is no longer Connected here, so the peer counts as absent.
+            let generation = self.meta.current_uuid;
+            if marked {
+                self.start_generation_if_needed(false);
+            }
+            if hold_taken && self.meta.current_uuid == generation {
+                let effects = self.device.release(HOLD_METADATA, now);
+                self.volume_effects(effects, now);
+            }
+        }
+        // A peer lost before it answered a promotion may be promoting itself (its prepare and
+        // ours crossed, then the connection went): without its answer the promotion is
+        // abandoned, as if no peer were connected; `--force` goes on without it. A peer that
+        // already agreed is not asked again. One this node agreed to for the peer is void.
         if let Change::Promoting(promotion) = &mut self.change {
             promotion.asked.remove(&peer);
             if promotion.awaiting.remove(&peer) {
-                self.maybe_commit_promotion(now);
+                if promotion.force {
+                    self.maybe_commit_promotion(now);
+                } else {
+                    let name = self.peer_name(peer);
+                    self.abort_promotion(CommandError::PeerRefused {
+                        peer: name,
+                        reason: "the connection was lost before it answered".into(),
+                    });
+                }
             }
         }
         if self.prepared.is_some_and(|p| p.peer == peer) {
@@ -1352,7 +1446,10 @@ impl ResourceCore {
                 if now.saturating_sub(sent) > timing.ping_timeout {
                     drops.push((
                         link.id,
-                        format!("no ping answer within {} ms", timing.ping_timeout / MILLISECOND),
+                        format!(
+                            "no ping answer within {} ms",
+                            timing.ping_timeout / MILLISECOND
+                        ),
                     ));
                     continue;
                 }
@@ -1573,8 +1670,7 @@ impl ResourceCore {
     }
 
     fn finish_promotion(&mut self, result: Result<(), String>) {
-        let Change::Promoting(promotion) = std::mem::replace(&mut self.change, Change::None)
-        else {
+        let Change::Promoting(promotion) = std::mem::replace(&mut self.change, Change::None) else {
             return;
         };
         if let Err(error) = result {
@@ -1614,8 +1710,7 @@ impl ResourceCore {
     }
 
     fn abort_promotion(&mut self, error: CommandError) {
-        let Change::Promoting(promotion) = std::mem::replace(&mut self.change, Change::None)
-        else {
+        let Change::Promoting(promotion) = std::mem::replace(&mut self.change, Change::None) else {
             return;
         };
         for peer in &promotion.asked {
@@ -1640,13 +1735,18 @@ impl ResourceCore {
     ) {
         let me = self.config.node_name.clone();
         let refusal = if node != peer {
-            Some(format!("node id {node} does not match the peer's id {peer}"))
+            Some(format!(
+                "node id {node} does not match the peer's id {peer}"
+            ))
         } else if self.role == Role::Primary {
             Some(format!("{me} is Primary"))
         } else if self.going_down {
             Some(format!("{me} is going down"))
         } else if let Some(other) = self.prepared.filter(|p| p.peer != peer) {
-            Some(format!("{} is becoming Primary", self.peer_name(other.peer)))
+            Some(format!(
+                "{} is becoming Primary",
+                self.peer_name(other.peer)
+            ))
         } else if let Change::Promoting(own) = &self.change {
             if peer < self.config.node_id && own.persisting.is_none() {
                 // Both want to become Primary at once: the lower node id wins.
@@ -1997,7 +2097,11 @@ impl ResourceCore {
             "exists resource name:{resource} role:{} disk:{} suspended:{}",
             self.role,
             self.disk,
-            if self.device.is_suspended() { "user" } else { "no" }
+            if self.device.is_suspended() {
+                "user"
+            } else {
+                "no"
+            }
         )];
         for link in self.links.values() {
             lines.push(format!(
