@@ -200,7 +200,7 @@ mod tests {
             resource: "r0".into(),
             force: true,
         };
-        let line = serde_json::to_string(&req).unwrap_or_default();
+        let line = serde_json::to_string(&req).expect("a request serializes");
         assert_eq!(
             line,
             r#"{"command":"primary","resource":"r0","force":true}"#
@@ -210,9 +210,8 @@ mod tests {
 
     #[test]
     fn garbage_gets_a_clear_error() {
-        let error = parse_request("{\"command\":\"explode\"}")
-            .err()
-            .unwrap_or_default();
+        let error =
+            parse_request("{\"command\":\"explode\"}").expect_err("an unknown command is refused");
         assert!(error.contains("malformed admin request"), "{error}");
     }
 
@@ -222,9 +221,8 @@ mod tests {
             Path::new("/nonexistent/qrbd.sock"),
             &AdminRequest::Status { resource: None },
         )
-        .err()
-        .map(|e| e.to_string())
-        .unwrap_or_default();
+        .expect_err("no daemon listens there")
+        .to_string();
         assert!(error.contains("/nonexistent/qrbd.sock"), "{error}");
         assert!(error.contains("qrbd daemon"), "{error}");
     }

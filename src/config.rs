@@ -1681,9 +1681,8 @@ mod tests {
         std::fs::write(&path, "[node]\nname = \"alpha\"\nid = 99\n").expect("write");
         let message = load(&path)
             .map(|_| ())
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+            .expect_err("node id 99 is out of range")
+            .to_string();
         assert!(
             message.starts_with(&path.display().to_string()),
             "{message}"

@@ -456,7 +456,8 @@ fn peer_metrics_follow_replication() -> anyhow::Result<()> {
     ensure!((0.0..1.0).contains(&ratio), "resync done ratio {ratio}");
     ensure!(m.value(&connected)? == 0.0);
     for node in [&mut alpha, &mut beta] {
-        node.qrbd_ok(&["secondary", "r0"]).ok();
+        // Beta is Secondary already; `secondary` is then a no-op that succeeds.
+        node.qrbd_ok(&["secondary", "r0"])?;
         let exit = node.stop_daemon()?;
         ensure!(exit.success(), "daemon exited with {exit}");
     }

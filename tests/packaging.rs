@@ -261,7 +261,9 @@ fn notify_round(abstract_name: bool) -> anyhow::Result<()> {
 
     let pid = daemon.pid()?;
     // SAFETY: kill has no memory-safety preconditions.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
+    if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("cannot send SIGTERM to the daemon");
+    }
     let n = socket.recv(&mut buffer).context("no STOPPING=1")?;
     ensure!(
         &buffer[..n] == b"STOPPING=1",
@@ -269,8 +271,8 @@ fn notify_round(abstract_name: bool) -> anyhow::Result<()> {
         String::from_utf8_lossy(&buffer[..n])
     );
     let status = wait_until(Duration::from_secs(60), "the daemon to exit", || {
-        daemon.try_wait()
-    })?;
+        daemon.try_wait().transpose()
+    })??;
     ensure!(status.success(), "daemon exited with {status}");
     drop(node);
     Ok(())
@@ -285,14 +287,19 @@ impl Daemon {
         Ok(libc::pid_t::try_from(child.id())?)
     }
 
-    fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
-        let status = self.0.as_mut()?.try_wait().ok()??;
-        self.0 = None;
-        Some(status)
+    /// The exit status once the daemon has exited (and is reaped), `None` while it runs.
+    fn try_wait(&mut self) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        let child = self.0.as_mut().context("daemon already reaped")?;
+        let status = child.try_wait().context("cannot wait for the daemon")?;
+        if status.is_some() {
+            self.0 = None;
+        }
+        Ok(status)
     }
 }
 
 impl Drop for Daemon {
+    /// Best effort: nobody is left to report a failure to kill the daemon to.
     fn drop(&mut self) {
         if let Some(mut child) = self.0.take() {
             let _ = child.kill();

@@ -332,19 +332,19 @@ impl Background {
         })
     }
 
-    fn pid(&self) -> libc::pid_t {
-        self.child
-            .as_ref()
-            .and_then(|c| libc::pid_t::try_from(c.id()).ok())
-            .unwrap_or(0)
+    fn pid(&self) -> anyhow::Result<libc::pid_t> {
+        let child = self.child.as_ref().context("already reaped")?;
+        Ok(libc::pid_t::try_from(child.id())?)
     }
 
-    fn signal(&self, signal: libc::c_int) {
-        let pid = self.pid();
-        if pid > 0 {
-            // SAFETY: kill has no memory-safety preconditions.
-            unsafe { libc::kill(pid, signal) };
+    fn signal(&self, signal: libc::c_int) -> anyhow::Result<()> {
+        let pid = self.pid()?;
+        // SAFETY: kill has no memory-safety preconditions.
+        if unsafe { libc::kill(pid, signal) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("cannot signal {}", self.what));
         }
+        Ok(())
     }
 
     fn running(&mut self) -> bool {
@@ -355,17 +355,24 @@ impl Background {
     fn wait(&mut self, limit: Duration) -> anyhow::Result<ExitStatus> {
         let what = format!("{} to exit", self.what);
         let child = self.child.as_mut().context("already reaped")?;
-        let status = wait_until(limit, &what, || child.try_wait().ok().flatten())?;
+        // A failing try_wait ends the wait with its error rather than looking like "running".
+        let status = wait_until(limit, &what, || child.try_wait().transpose())?
+            .with_context(|| format!("cannot wait for {}", self.what))?;
         self.child = None;
         Ok(status)
     }
 
+    /// The standard error so far, for failure messages.
     fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_else(|error| {
+            format!("(cannot read {}: {error})", self.stderr_path.display())
+        })
     }
 }
 
 impl Drop for Background {
+    /// Best effort: a test that failed half-way must not leave the child running, and there is
+    /// nobody left to report a failure to kill it to (a panic in drop could abort the run).
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
             if let Ok(pid) = libc::pid_t::try_from(child.id()) {
@@ -435,37 +442,53 @@ impl Writer {
     }
 
     /// The blocks written (fsync returned) so far, in order.
-    fn done(&self) -> Vec<u64> {
-        std::fs::read_to_string(&self.progress)
-            .unwrap_or_default()
+    fn done(&self) -> anyhow::Result<Vec<u64>> {
+        let text = std::fs::read_to_string(&self.progress)
+            .with_context(|| format!("cannot read {}", self.progress.display()))?;
+        // Only complete lines: the writer may be appending the last one right now.
+        let complete = &text[..text.rfind('\n').map_or(0, |end| end + 1)];
+        complete
             .lines()
-            .filter_map(|line| line.trim().parse().ok())
+            .map(|line| {
+                line.trim()
+                    .parse()
+                    .with_context(|| format!("bad progress line {line:?}"))
+            })
             .collect()
     }
 
-    fn count(&self) -> usize {
-        self.done().len()
+    fn count(&self) -> anyhow::Result<usize> {
+        Ok(self.done()?.len())
+    }
+
+    /// The number of writes done, for failure messages.
+    fn count_text(&self) -> String {
+        self.count()
+            .map_or_else(|error| format!("? ({error:#})"), |n| n.to_string())
     }
 
     /// Waits until at least `n` writes are done, failing early if the writer died.
     fn wait_for(&mut self, n: usize, limit: Duration) -> anyhow::Result<()> {
         let result = wait_until(limit, &format!("{n} writes to complete"), || {
-            if self.count() >= n {
-                return Some(Ok(()));
+            match self.count() {
+                Ok(count) if count >= n => return Some(Ok(true)),
+                Ok(_) => {}
+                Err(error) => return Some(Err(error)),
             }
             if !self.process.running() {
-                return Some(Err(()));
+                return Some(Ok(false));
             }
             None
         });
         match result {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(())) => bail!(
+            Ok(Ok(true)) => Ok(()),
+            Ok(Ok(false)) => bail!(
                 "the writer stopped after {} writes: {}",
-                self.count(),
+                self.count_text(),
                 self.process.stderr()
             ),
-            Err(error) => Err(error.context(format!("{} writes done", self.count()))),
+            Ok(Err(error)) => Err(error),
+            Err(error) => Err(error.context(format!("{} writes done", self.count_text()))),
         }
     }
 
@@ -502,34 +525,37 @@ impl Events {
         )?;
         let events = Events { process, output };
         // The daemon first lists the current state ("exists ..."): then the stream is live.
-        wait_until(REACT, "qrbd events to list the current state", || {
-            events
-                .lines()
-                .iter()
-                .any(|l| l.starts_with("exists"))
-                .then_some(())
-        })
-        .with_context(|| format!("stderr: {}", events.process.stderr()))?;
+        wait_until(
+            REACT,
+            "qrbd events to list the current state",
+            || match events.lines() {
+                Ok(lines) => lines
+                    .iter()
+                    .any(|l| l.starts_with("exists"))
+                    .then_some(Ok(())),
+                Err(error) => Some(Err(error)),
+            },
+        )
+        .with_context(|| format!("stderr: {}", events.process.stderr()))??;
         Ok(events)
     }
 
-    fn lines(&self) -> Vec<String> {
-        std::fs::read_to_string(&self.output)
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_owned)
-            .collect()
+    fn lines(&self) -> anyhow::Result<Vec<String>> {
+        let text = std::fs::read_to_string(&self.output)
+            .with_context(|| format!("cannot read {}", self.output.display()))?;
+        Ok(text.lines().map(str::to_owned).collect())
     }
 
     /// Connection state changes streamed so far (the value after `connection:`).
-    fn connection_changes(&self) -> Vec<String> {
-        self.lines()
+    fn connection_changes(&self) -> anyhow::Result<Vec<String>> {
+        self.lines()?
             .iter()
             .filter(|l| l.starts_with("change connection"))
-            .filter_map(|l| {
+            .map(|l| {
                 l.split_whitespace()
                     .find_map(|word| word.strip_prefix("connection:"))
                     .map(str::to_owned)
+                    .with_context(|| format!("no connection state in {l:?}"))
             })
             .collect()
     }
@@ -628,16 +654,17 @@ fn fsynced_writes_survive_a_primary_crash() -> anyhow::Result<()> {
     )?;
     writer.wait_for(24, REACT).with_context(|| pair.logs())?;
     // Right after an fsync returned: poll the progress file tightly and kill at the next one.
-    let seen = writer.count();
+    let seen = writer.count()?;
     let deadline = Instant::now() + REACT;
-    while writer.count() == seen {
+    while writer.count()? == seen {
         ensure!(Instant::now() < deadline, "no write completed");
         std::thread::sleep(Duration::from_millis(1));
     }
     pair.alpha.kill_daemon()?;
-    // The dd in flight fails (the FUSE connection is gone), which ends the loop.
+    // The dd in flight fails (the FUSE connection is gone), which ends the loop: the writer's
+    // exit status is that expected failure, only waiting for it can fail here.
     let _ = writer.process.wait(Duration::from_secs(30))?;
-    let done: BTreeSet<u64> = writer.done().into_iter().collect();
+    let done: BTreeSet<u64> = writer.done()?.into_iter().collect();
     ensure!(done.len() > 24, "only {} writes done", done.len());
     ensure!(
         done.iter().all(|b| *b < BLOCKS),
@@ -917,7 +944,7 @@ fn garbage_datagrams_do_not_disturb_replication() -> anyhow::Result<()> {
             }
         }
         // Writes keep completing between the bursts.
-        let before = writer.count();
+        let before = writer.count()?;
         writer
             .wait_for(before + 2, REACT)
             .with_context(|| format!("after garbage round {round}\n{}", pair.logs()))?;
@@ -926,7 +953,7 @@ fn garbage_datagrams_do_not_disturb_replication() -> anyhow::Result<()> {
     writer.finish()?;
 
     for (name, events) in [("alpha", &alpha_events), ("beta", &beta_events)] {
-        let changes = events.connection_changes();
+        let changes = events.connection_changes()?;
         ensure!(
             changes.iter().all(|c| c == "Connected"),
             "{name}'s connection changed during the garbage: {changes:?}\n{}",
@@ -1024,7 +1051,7 @@ fn cut_and_restore(prefix: &str) -> anyhow::Result<CutLink> {
 
     proxy.cut();
     let cut_at = Instant::now();
-    let before = writer.count();
+    let before = writer.count()?;
     // The write in flight waits for the peer until it is declared dead; the one after it
     // (written and fsynced entirely while cut) completes locally.
     writer
@@ -1051,7 +1078,7 @@ fn cut_and_restore(prefix: &str) -> anyhow::Result<CutLink> {
         connection(&pair.beta).filter(|c| c != "Connected")
     })
     .with_context(|| pair.logs())?;
-    let writes_while_cut = writer.count() - before;
+    let writes_while_cut = writer.count()? - before;
     eprintln!(
         "while cut: first writes done {served_after:?} after the cut, {writes_while_cut} in all, {} datagrams dropped",
         proxy.dropped()
@@ -1212,25 +1239,28 @@ fn events_stream_the_connection_and_end_on_sigint() -> anyhow::Result<()> {
         CONNECT,
         "a `change connection ... connection:Connected` line",
         || {
-            events
-                .lines()
-                .iter()
+            let lines = match events.lines() {
+                Ok(lines) => lines,
+                Err(error) => return Some(Err(error)),
+            };
+            lines
+                .into_iter()
                 .find(|l| {
                     l.starts_with("change connection")
                         && l.contains("name:r0")
                         && l.contains("conn-name:beta")
                         && l.ends_with("connection:Connected")
                 })
-                .cloned()
+                .map(Ok)
         },
     )
-    .with_context(|| format!("events so far: {:?}\n{}", events.lines(), pair.logs()))?;
+    .with_context(|| format!("events so far: {:?}\n{}", events.lines(), pair.logs()))??;
     ensure!(
         events.process.running(),
         "qrbd events ended by itself: {}",
         events.process.stderr()
     );
-    events.process.signal(libc::SIGINT);
+    events.process.signal(libc::SIGINT)?;
     let status = events.process.wait(Duration::from_secs(10))?;
     ensure!(
         status.success(),

@@ -340,6 +340,6 @@ mod tests {
             std::thread::spawn(move || pool.acquire(4096).len())
         };
         drop(held);
-        assert_eq!(waiter.join().ok(), Some(4096));
+        assert_eq!(waiter.join().expect("the waiter panicked"), 4096);
     }
 }

@@ -155,7 +155,7 @@ mod tests {
     #[test]
     fn demotion_waits_for_writers_to_close() {
         let gate = ImageGate::new(true);
-        gate.open(true).ok();
+        assert_eq!(gate.open(true), Ok(()));
         assert_eq!(
             gate.try_set_secondary(),
             Err(GateRefused::HeldOpenForWriting { writers: 1 })
@@ -168,7 +168,7 @@ mod tests {
     #[test]
     fn closing_refuses_new_opens() {
         let gate = ImageGate::new(true);
-        gate.open(false).ok();
+        assert_eq!(gate.open(false), Ok(()));
         assert_eq!(gate.try_close(), Err(GateRefused::HeldOpen { handles: 1 }));
         gate.release(false);
         assert_eq!(gate.try_close(), Ok(()));

@@ -4,7 +4,10 @@
 //! the timing of local I/O without sleeping:
 //!
 //! * a *gate*: while it is held, every operation that reaches the store parks at its entry until
-//!   the test releases the gate (or lets a given number of operations through);
+//!   the test releases the gate (or lets a given number of operations through). Holding it
+//!   returns a [`GateGuard`] that opens the gate when dropped, so a test that fails (panics)
+//!   with the gate held does not leave operations parked forever on blocking-pool threads,
+//!   which would hang the runtime's shutdown instead of failing the test;
 //! * fault injection: the next N operations fail with a chosen errno.
 //!
 //! Its counters are published through a [`tokio::sync::watch`] channel, so an async test can
@@ -115,13 +118,18 @@ impl MemStore {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// From now on, operations park at the store's entry until [`Self::release_gate`] or
-    /// [`Self::let_through`].
-    pub fn hold_gate(&self) {
+    /// From now on, operations park at the store's entry until the gate is released (by
+    /// [`GateGuard::release`], by dropping the guard, or by [`Self::release_gate`]) or
+    /// operations are let through ([`GateGuard::let_through`], [`Self::let_through`]).
+    ///
+    /// Keep the guard in a named variable for as long as the gate must stay held: dropping it
+    /// (also when the test panics) opens the gate, so parked operations never outlive the test.
+    pub fn hold_gate(&self) -> GateGuard<'_> {
         self.lock().gate_held = true;
+        GateGuard { store: self }
     }
 
-    /// Opens the gate: parked and future operations run.
+    /// Opens the gate: parked and future operations run. Idempotent.
     pub fn release_gate(&self) {
         let mut state = self.lock();
         state.gate_held = false;
@@ -328,6 +336,41 @@ impl BlockStore for MemStore {
     }
 }
 
+/// A held [`MemStore`] gate (see [`MemStore::hold_gate`]). Dropping it opens the gate, so
+/// operations parked at it are released even when the test holding it fails half-way.
+///
+/// The guard, not the store, does this: the store is shared (the device actor and the parked
+/// operation's own thread hold it too), so it cannot be dropped while anything is parked.
+#[must_use = "dropping the guard opens the gate at once: bind it to a named variable"]
+pub struct GateGuard<'a> {
+    store: &'a MemStore,
+}
+
+impl GateGuard<'_> {
+    /// Lets `n` operations (parked now or arriving later) through; the gate stays held for the
+    /// ones after them.
+    pub fn let_through(&self, n: u64) {
+        self.store.let_through(n);
+    }
+
+    /// Opens the gate: parked and future operations run.
+    pub fn release(self) {
+        // Dropping does it.
+    }
+}
+
+impl std::fmt::Debug for GateGuard<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GateGuard").finish_non_exhaustive()
+    }
+}
+
+impl Drop for GateGuard<'_> {
+    fn drop(&mut self) {
+        self.store.release_gate();
+    }
+}
+
 #[derive(Debug, Default)]
 struct MetaState {
     stored: Option<DeviceMeta>,
@@ -403,7 +446,84 @@ pub type IoOutcome = Result<IoDone, IoFault>;
 pub fn reply_channel() -> (IoReply, oneshot::Receiver<IoOutcome>) {
     let (sender, receiver) = oneshot::channel();
     let reply: IoReply = Box::new(move |outcome| {
+        // Fails only if the test dropped the receiver: it no longer wants the outcome.
         let _ = sender.send(outcome);
     });
     (reply, receiver)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::time::Instant;
+
+    const DEADLINE: Duration = Duration::from_secs(20);
+
+    /// Polls the counters (no runtime here) until `condition` holds, or panics.
+    fn wait_counters(store: &MemStore, what: &str, condition: impl Fn(&StoreCounters) -> bool) {
+        let deadline = Instant::now() + DEADLINE;
+        while !condition(&store.counters()) {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {:?}",
+                store.counters()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Starts a write of one byte at `offset` on a thread of its own; its result arrives on the
+    /// returned channel.
+    fn write_in_background(store: &Arc<MemStore>, offset: u64) -> mpsc::Receiver<io::Result<()>> {
+        let (sender, receiver) = mpsc::channel();
+        let store = Arc::clone(store);
+        std::thread::spawn(move || {
+            // Fails only if the test already gave up on the result.
+            let _ = sender.send(store.write_at(offset, &[1]));
+        });
+        receiver
+    }
+
+    #[test]
+    fn the_guard_lets_operations_through_and_releases_the_gate() {
+        let store = MemStore::new(4096);
+        let gate = store.hold_gate();
+        let first = write_in_background(&store, 0);
+        let second = write_in_background(&store, 1);
+        wait_counters(&store, "two writes parked", |c| c.parked == 2);
+        gate.let_through(1);
+        wait_counters(&store, "one write through", |c| {
+            c.finished == 1 && c.parked == 1
+        });
+        gate.release();
+        for result in [first, second] {
+            result
+                .recv_timeout(DEADLINE)
+                .expect("the write finishes once the gate is released")
+                .expect("the write succeeds");
+        }
+        assert_eq!(store.counters().writes, 2);
+        // Released: operations no longer park.
+        store.write_at(2, &[1]).expect("write through an open gate");
+    }
+
+    #[test]
+    fn a_panic_while_the_gate_is_held_releases_parked_operations() {
+        let store = MemStore::new(4096);
+        let mut parked = None;
+        let failed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _gate = store.hold_gate();
+            parked = Some(write_in_background(&store, 0));
+            wait_counters(&store, "the write parked", |c| c.parked == 1);
+            panic!("a test failing with the gate held");
+        }));
+        assert!(failed.is_err());
+        parked
+            .expect("the write was started")
+            .recv_timeout(DEADLINE)
+            .expect("the parked write is released when the failing test unwinds")
+            .expect("the write succeeds");
+        assert_eq!(store.counters().parked, 0);
+    }
 }

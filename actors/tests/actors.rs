@@ -380,6 +380,23 @@ async fn concurrent_overlapping_writes_land_in_submission_order() {
     assert_eq!(snap.held, 0);
 }
 
+/// A test that fails while it holds the store's gate must fail, not hang: the guard opens the
+/// gate as the test unwinds, so the write parked on a blocking-pool thread finishes and the
+/// runtime can shut down (it waits for its blocking threads).
+#[actix_rt::test]
+#[should_panic(expected = "failing with a write parked at the gate")]
+async fn a_test_failing_with_the_gate_held_fails_instead_of_hanging() {
+    let store = MemStore::new(MIB);
+    let (device, _snap) = start_device(&store, true);
+    let pool = pool();
+    let _gate = store.hold_gate();
+    let _reply = submit(&device, write_op(&pool, 0, &[1; 4096]));
+    store
+        .wait_for("the write parked", DEADLINE, |c| c.parked == 1)
+        .await;
+    panic!("failing with a write parked at the gate");
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. Suspend / resume
 // ---------------------------------------------------------------------------------------------
@@ -391,7 +408,7 @@ async fn suspended_io_is_held_and_released_by_resume() {
     let pool = pool();
 
     // A: in flight at the store while we suspend.
-    store.hold_gate();
+    let gate = store.hold_gate();
     let mut a = submit(&device, write_op(&pool, 0, &[0xA; 4096]));
     store
         .wait_for("A parked at the store", DEADLINE, |c| c.parked == 1)
@@ -406,7 +423,7 @@ async fn suspended_io_is_held_and_released_by_resume() {
     assert_eq!(held.app_in_flight, 1, "only A is admitted");
 
     // A's local write finishes, but its completion is held back while suspended.
-    store.release_gate();
+    gate.release();
     store
         .wait_for("A written", DEADLINE, |c| c.finished == 1)
         .await;
@@ -451,6 +468,7 @@ fn stamped_reply(
     let (sender, receiver) = oneshot::channel();
     let store = store.clone();
     let reply: qrbd_actors::device::IoReply = Box::new(move |outcome| {
+        // Fails only if the test dropped the receiver: it no longer wants the outcome.
         let _ = sender.send((outcome, store.counters().writes));
     });
     (reply, receiver)
@@ -463,7 +481,7 @@ async fn postponed_write_is_reissued_through_the_retry_actor_and_replies_once() 
     let pool = pool();
     let data = pattern(7, 4096);
 
-    store.hold_gate();
+    let gate = store.hold_gate();
     let (reply, mut replied) = stamped_reply(&store);
     device.do_send(SubmitIo {
         op: write_op(&pool, 0, &data),
@@ -480,7 +498,7 @@ async fn postponed_write_is_reissued_through_the_retry_actor_and_replies_once() 
         .expect("device alive");
 
     // Let the first local write through; the gate stays held for what comes next.
-    store.let_through(1);
+    gate.let_through(1);
     // The request is handed to the retry actor, which re-submits it through the device's
     // mailbox: the same write reaches the store again and parks there.
     store
@@ -510,7 +528,7 @@ async fn postponed_write_is_reissued_through_the_retry_actor_and_replies_once() 
     assert_eq!(mid.stats.postponed, 1);
     assert_eq!(mid.stats.writes, 0);
 
-    store.release_gate();
+    gate.release();
     let (outcome, writes_at_reply) = tokio::time::timeout(DEADLINE, replied)
         .await
         .expect("reply within the deadline")
@@ -545,7 +563,7 @@ async fn reissue_into_a_suspended_device_does_not_block_the_retry_actor() {
     let pool = pool();
     let data = pattern(9, 4096);
 
-    store.hold_gate();
+    let gate = store.hold_gate();
     let (reply, mut replied) = stamped_reply(&store);
     device.do_send(SubmitIo {
         op: write_op(&pool, 0, &data),
@@ -560,7 +578,7 @@ async fn reissue_into_a_suspended_device_does_not_block_the_retry_actor() {
         .send(PostponeRequest(FIRST_REQUEST))
         .await
         .expect("device alive");
-    store.let_through(1);
+    gate.let_through(1);
     store
         .wait_for("the first local write done", DEADLINE, |c| c.finished == 1)
         .await;
@@ -601,7 +619,7 @@ async fn reissue_into_a_suspended_device_does_not_block_the_retry_actor() {
     }
     let other_store = MemStore::new(MIB);
     let (other, other_snap) = start_device(&other_store, true);
-    other_store.hold_gate();
+    let other_gate = other_store.hold_gate();
     let other_reply = submit(&other, write_op(&pool, 0, &[0x55; 4096]));
     other_store
         .wait_for("other write parked", DEADLINE, |c| c.parked == 1)
@@ -610,7 +628,7 @@ async fn reissue_into_a_suspended_device_does_not_block_the_retry_actor() {
         .send(PostponeRequest(FIRST_REQUEST))
         .await
         .expect("other device alive");
-    other_store.release_gate();
+    other_gate.release();
     expect_written(other_reply, 4096).await;
     assert_eq!(other_store.counters().writes, 2);
     snapshot_until(&other_snap, "other device idle", |s| s.app_in_flight == 0).await;
@@ -624,7 +642,7 @@ async fn reissue_into_a_suspended_device_does_not_block_the_retry_actor() {
         .wait_for("re-issued write parked", DEADLINE, |c| c.parked == 1)
         .await;
     assert_eq!(snapshot(&snap).app_in_flight, 1);
-    store.release_gate();
+    gate.release();
     let (outcome, writes_at_reply) = tokio::time::timeout(DEADLINE, replied)
         .await
         .expect("reply after resume")
@@ -722,7 +740,7 @@ async fn supervisor_role_changes_drain_and_shutdown() {
     gate.release(true);
 
     // With a write held at the store, Demote starts but cannot finish until it lands...
-    store.hold_gate();
+    let store_gate = store.hold_gate();
     let pending_write = submit(&device, write_op(&pool, 8192, &[2; 8192]));
     store
         .wait_for("write parked", DEADLINE, |c| c.parked == 1)
@@ -752,7 +770,7 @@ async fn supervisor_role_changes_drain_and_shutdown() {
     );
 
     let flushes_before = store.counters().flushes;
-    store.release_gate();
+    store_gate.release();
     expect_written(pending_write, 8192).await;
     let demoted = tokio::time::timeout(DEADLINE, demote)
         .await

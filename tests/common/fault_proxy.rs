@@ -89,9 +89,16 @@ impl FaultProxy {
         self.address
     }
 
-    /// Sets where the proxy forwards to (once; later calls are ignored).
+    /// Sets where the proxy forwards to (once: setting another address later panics).
     pub fn set_upstream(&self, upstream: SocketAddr) {
-        let _ = self.upstream.set(upstream);
+        if let Err(refused) = self.upstream.set(upstream) {
+            let current = self.upstream.get();
+            assert_eq!(
+                current,
+                Some(&refused),
+                "the proxy already forwards to {current:?}"
+            );
+        }
     }
 
     /// The switch: `true` drops every datagram both ways.
@@ -126,6 +133,8 @@ impl Drop for FaultProxy {
                 break;
             }
             for handle in batch {
+                // A proxy thread that panicked has stopped forwarding, which the test saw as
+                // lost datagrams already; panicking here, in drop, could abort the run.
                 let _ = handle.join();
             }
         }

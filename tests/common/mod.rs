@@ -309,6 +309,7 @@ impl PreparedCommand {
         drop(stdin);
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
+            // Fails only once `run` gave up waiting (and returned its own error).
             let _ = tx.send(child.wait_with_output());
         });
         match rx.recv_timeout(limit) {
@@ -319,6 +320,8 @@ impl PreparedCommand {
 }
 
 impl Drop for PreparedCommand {
+    /// Best effort: the command was never run (the test failed first); nobody is left to report
+    /// a failure to kill it to.
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -332,6 +335,8 @@ impl Drop for PreparedCommand {
 pub struct ResumeOnDrop<'a>(pub &'a TestNode);
 
 impl Drop for ResumeOnDrop<'_> {
+    /// Best effort: usually the test resumed I/O itself already, or the daemon is gone; a
+    /// failure here must not panic while a failing test unwinds.
     fn drop(&mut self) {
         let _ = self.0.request(&AdminRequest::ResumeIo {
             resource: "r0".into(),
