@@ -10,7 +10,7 @@
 //! admin_socket = "/run/qrbd/qrbd.sock"  # default
 //! listen = "0.0.0.0:7788"         # default
 //! metrics = "127.0.0.1:9942"      # optional, off when absent (or empty)
-//! buffer_budget = "64MiB"         # default 64MiB, at least 4MiB
+//! buffer_budget = "64MiB"         # default 64MiB, at least 4MiB; split between the resources
 //!
 //! [tls]                           # optional; all three keys required when present
 //! ca = "/etc/qrbd/tls/ca.crt"
@@ -121,7 +121,8 @@ pub struct NodeConfig {
     pub listen: SocketAddr,
     /// Metrics endpoint; `None` means off.
     pub metrics: Option<SocketAddr>,
-    /// Bound on bytes held by in-flight requests.
+    /// Bound on bytes held by in-flight requests, split between the resources (see
+    /// [`QrbdConfig::image_buffer_budget`]).
     pub buffer_budget: u64,
 }
 
@@ -247,6 +248,18 @@ impl QrbdConfig {
     /// The metadata store (a sled directory) of `resource`: `<state_dir>/<resource>.meta`.
     pub fn meta_path(&self, resource: &str) -> PathBuf {
         self.node.state_dir.join(format!("{resource}.meta"))
+    }
+
+    /// The buffer budget of each image: `[node] buffer_budget` split evenly between the
+    /// configured resources, but at least [`MIN_BUFFER_BUDGET`].
+    ///
+    /// Each image has a budget of its own so that the requests one resource holds (suspend-io,
+    /// a slow disk) cannot take the buffers another needs. Splitting the node's budget, rather
+    /// than giving every image the whole of it, keeps the node's total where the operator set
+    /// it; only the floor (many resources, a small budget) can take the total beyond it.
+    pub fn image_buffer_budget(&self) -> u64 {
+        let images = u64::try_from(self.resources.len().max(1)).unwrap_or(u64::MAX);
+        (self.node.buffer_budget / images).max(MIN_BUFFER_BUDGET)
     }
 }
 
@@ -1317,12 +1330,39 @@ mod tests {
         );
         assert_eq!(config.node.metrics, None);
         assert_eq!(config.node.buffer_budget, 64 * MIB);
+        assert_eq!(config.image_buffer_budget(), 64 * MIB);
         assert_eq!(config.tls, None);
         assert!(config.resources.is_empty());
 
         let config = load_ok(&with_node("[[resource]]\nname = \"r0\"\nsize = \"1GiB\"\n"));
         assert_eq!(config.resources[0].protocol, ReplicationProtocol::C);
         assert!(config.resources[0].peers.is_empty());
+    }
+
+    #[test]
+    fn buffer_budget_is_split_between_images() {
+        let resources = |count: usize| -> String {
+            (0..count)
+                .map(|i| format!("[[resource]]\nname = \"r{i}\"\nsize = \"1GiB\"\n"))
+                .collect()
+        };
+        assert_eq!(
+            load_ok(&with_node(&resources(1))).image_buffer_budget(),
+            64 * MIB
+        );
+        assert_eq!(
+            load_ok(&with_node(&resources(2))).image_buffer_budget(),
+            32 * MIB
+        );
+        assert_eq!(
+            load_ok(&with_node(&resources(3))).image_buffer_budget(),
+            64 * MIB / 3
+        );
+        // Never below the smallest budget a node may have.
+        assert_eq!(
+            load_ok(&with_node(&resources(40))).image_buffer_budget(),
+            4 * MIB
+        );
     }
 
     #[test]

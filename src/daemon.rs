@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 use anyhow::{bail, Context};
-use qrbd_actors::buffer::BufferPool;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
@@ -53,18 +52,16 @@ async fn serve(config: Arc<QrbdConfig>) -> anyhow::Result<()> {
         Some(address) => Some(crate::metrics::bind(address).await?),
         None => None,
     };
-    let images = ImageTable::shared();
-    let budget = usize::try_from(config.node.buffer_budget).unwrap_or(usize::MAX);
-    let pool = BufferPool::new(budget);
+    let image_budget = usize::try_from(config.image_buffer_budget()).unwrap_or(usize::MAX);
+    let images = ImageTable::shared(image_budget);
     let mount_dir = config.node.mount_dir.clone();
-    let session =
-        fuse_fs::mount(DiskFs::new(images.clone(), pool), &mount_dir).with_context(|| {
-            format!(
-                "cannot mount the FUSE filesystem at {}",
-                mount_dir.display()
-            )
-        })?;
-    tracing::info!(mount = %mount_dir.display(), "images are served");
+    let session = fuse_fs::mount(DiskFs::new(images.clone()), &mount_dir).with_context(|| {
+        format!(
+            "cannot mount the FUSE filesystem at {}",
+            mount_dir.display()
+        )
+    })?;
+    tracing::info!(mount = %mount_dir.display(), image_budget, "images are served");
 
     let endpoint = replication_endpoint(&config)?;
     let (events, _) = tokio::sync::broadcast::channel(1024);

@@ -2,16 +2,22 @@
 //!
 //! Each session thread turns a kernel request into a [`SubmitIo`] for the image's DeviceActor,
 //! with the reply object inside, and goes back to reading requests: many requests are in flight
-//! at once. Write data is copied once, into a buffer from the node's [`BufferPool`]; taking that
-//! buffer blocks while the pool's budget is spent, which bounds the daemon's memory and
-//! throttles writers when the disk (or later a peer) is slow.
+//! at once. Write data is copied once, into a buffer from the image's own [`BufferPool`]; the
+//! pool's budget bounds what the image has in flight, which bounds the daemon's memory and
+//! throttles writers when the disk (or a peer) is slow.
+//!
+//! Every image has a budget of its own, and a session thread never waits for one: the two
+//! session threads serve every image, so one of them waiting for the buffers of an image whose
+//! requests are held (`suspend-io`, a stuck disk) would stall every other image too. A request
+//! that finds its image's budget spent is queued instead, and a thread of that image takes
+//! buffers for the queue, in order, as the image's requests complete (see [`ImageBuffers`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ffi::OsStr;
 use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use actix::Addr;
@@ -21,14 +27,16 @@ use fuser::{
     ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
     WriteFlags,
 };
-use qrbd_actors::buffer::BufferPool;
+use qrbd_actors::buffer::{BufferPool, PooledBuf};
 use qrbd_actors::core::IoFault;
 use qrbd_actors::device::{DeviceActor, IoDone, IoOp, IoReply, SubmitIo};
 use qrbd_actors::gate::{ImageGate, OpenRefused};
 
 /// Largest write the kernel sends in one request.
 pub const MAX_WRITE: u32 = 1 << 20;
-/// The kernel may keep this many background requests (async direct I/O) in flight.
+/// The kernel may keep this many background requests (async direct I/O) in flight. The limit is
+/// the mount's, not an image's: an image holding this many (suspend-io under a loop device or
+/// aio) makes the kernel queue the other images' async requests too, before they reach us.
 const MAX_BACKGROUND: u16 = 128;
 const ATTR_TTL: Duration = Duration::from_secs(1);
 const FALLOC_FL_KEEP_SIZE: i32 = 0x01;
@@ -42,6 +50,7 @@ pub struct ImageEntry {
     pub size: u64,
     pub device: Addr<DeviceActor>,
     pub gate: Arc<ImageGate>,
+    buffers: ImageBuffers,
 }
 
 impl ImageEntry {
@@ -50,26 +59,183 @@ impl ImageEntry {
     }
 }
 
+/// The buffers of one image: a budget of its own, so that the requests one image holds cannot
+/// spend the buffers of another, and the requests that found that budget spent.
+///
+/// Queued requests keep no pool buffer, but a queued write keeps a copy of its data: the
+/// kernel's copy lives in the session thread's receive buffer, which the next request
+/// overwrites. Those copies are bounded by what the kernel has outstanding: at most
+/// `MAX_BACKGROUND` asynchronous requests (loop devices, aio) for the whole mount, plus one per
+/// thread blocked in a synchronous write, which holds a buffer of that size itself.
+struct ImageBuffers {
+    pool: BufferPool,
+    waiting: Mutex<Waiting>,
+}
+
+#[derive(Default)]
+struct Waiting {
+    queue: VecDeque<WaitingIo>,
+    /// A thread is taking buffers for the queue. While it runs, new requests join the queue
+    /// rather than overtake it with `try_acquire`, so a large request is not starved by a
+    /// stream of small ones. Always true while the queue is not empty.
+    draining: bool,
+}
+
+/// A request waiting for a buffer of its image.
+enum WaitingIo {
+    Read {
+        offset: u64,
+        len: usize,
+        reply: ReplyData,
+    },
+    Write {
+        offset: u64,
+        data: Vec<u8>,
+        reply: ReplyWrite,
+    },
+}
+
+impl WaitingIo {
+    fn fail(self, errno: Errno) {
+        match self {
+            WaitingIo::Read { reply, .. } => reply.error(errno),
+            WaitingIo::Write { reply, .. } => reply.error(errno),
+        }
+    }
+}
+
+impl ImageBuffers {
+    fn new(budget_bytes: usize) -> Self {
+        ImageBuffers {
+            pool: BufferPool::new(budget_bytes),
+            waiting: Mutex::new(Waiting::default()),
+        }
+    }
+
+    fn waiting(&self) -> MutexGuard<'_, Waiting> {
+        // The queue stays consistent whatever panicked while holding the lock; keep going.
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A buffer if the budget allows one now and nothing is queued before it; never waits.
+    fn try_take(&self, len: usize) -> Option<PooledBuf> {
+        let waiting = self.waiting();
+        if waiting.draining {
+            return None;
+        }
+        self.pool.try_acquire(len)
+    }
+}
+
+/// Queues a request that found its image's budget spent, and starts the image's thread that
+/// takes buffers for the queue if it is not running.
+fn queue_for_buffer(entry: &Arc<ImageEntry>, io: WaitingIo) {
+    let mut waiting = entry.buffers.waiting();
+    waiting.queue.push_back(io);
+    if waiting.draining {
+        return;
+    }
+    tracing::debug!(image = %entry.file_name(), "buffer budget spent; requests wait for buffers");
+    let drainer = entry.clone();
+    let started = std::thread::Builder::new()
+        .name("qrbd-budget".to_owned())
+        .spawn(move || take_buffers_for_queue(drainer));
+    match started {
+        Ok(_) => waiting.draining = true,
+        Err(error) => {
+            // No thread to wait on: answer now rather than leave the requests unanswered.
+            tracing::error!(image = %entry.file_name(), %error, "cannot start a thread to wait for buffers; failing the waiting requests");
+            let refused: Vec<WaitingIo> = waiting.queue.drain(..).collect();
+            drop(waiting);
+            for io in refused {
+                io.fail(Errno::ENOMEM);
+            }
+        }
+    }
+}
+
+/// The body of an image's waiting thread: takes a buffer for each queued request in order,
+/// waiting for the image's budget (and only that image's), and submits it. Ends when the
+/// queue is empty.
+fn take_buffers_for_queue(entry: Arc<ImageEntry>) {
+    loop {
+        let io = {
+            let mut waiting = entry.buffers.waiting();
+            match waiting.queue.pop_front() {
+                Some(io) => io,
+                None => {
+                    waiting.draining = false;
+                    return;
+                }
+            }
+        };
+        match io {
+            WaitingIo::Read { offset, len, reply } => {
+                let buf = entry.buffers.pool.acquire(len);
+                submit_read(&entry, offset, buf, reply);
+            }
+            WaitingIo::Write {
+                offset,
+                data,
+                reply,
+            } => {
+                let mut buf = entry.buffers.pool.acquire(data.len());
+                buf.copy_from_slice(&data);
+                drop(data);
+                submit_write(&entry, offset, buf, reply);
+            }
+        }
+    }
+}
+
+fn submit_read(entry: &ImageEntry, offset: u64, buf: PooledBuf, reply: ReplyData) {
+    let reply_fn: IoReply = Box::new(move |outcome| match outcome {
+        Ok(IoDone::Read(buf)) => reply.data(&buf),
+        Ok(_) => reply.error(unexpected_outcome("read")),
+        Err(fault) => reply.error(fault_errno(fault)),
+    });
+    DiskFs::submit(entry, IoOp::Read { offset, buf }, reply_fn);
+}
+
+fn submit_write(entry: &ImageEntry, offset: u64, buf: PooledBuf, reply: ReplyWrite) {
+    let reply_fn: IoReply = Box::new(move |outcome| match outcome {
+        Ok(IoDone::Written(len)) => reply.written(len),
+        Ok(_) => reply.error(unexpected_outcome("write")),
+        Err(fault) => reply.error(fault_errno(fault)),
+    });
+    DiskFs::submit(
+        entry,
+        IoOp::Write {
+            offset,
+            data: Arc::new(buf),
+        },
+        reply_fn,
+    );
+}
+
 pub fn image_file_name(resource: &str) -> String {
     format!("{resource}.img")
 }
 
 /// The images currently exposed, shared between the node (which adds and removes them as
 /// resources go up and down) and the session threads.
-#[derive(Default)]
 pub struct ImageTable {
     by_ino: BTreeMap<u64, Arc<ImageEntry>>,
     next_ino: u64,
+    /// The buffer budget each image gets.
+    image_budget: usize,
 }
 
 pub type SharedImageTable = Arc<RwLock<ImageTable>>;
 
 impl ImageTable {
-    pub fn shared() -> SharedImageTable {
+    /// An empty table whose images get `image_budget` bytes of buffers each.
+    pub fn shared(image_budget: usize) -> SharedImageTable {
         Arc::new(RwLock::new(ImageTable {
             by_ino: BTreeMap::new(),
             // Inode 1 is the root directory.
             next_ino: 2,
+            image_budget,
         }))
     }
 
@@ -91,6 +257,7 @@ impl ImageTable {
                 size,
                 device,
                 gate,
+                buffers: ImageBuffers::new(self.image_budget),
             }),
         );
     }
@@ -115,17 +282,15 @@ struct OpenHandle {
 /// The mounted filesystem.
 pub struct DiskFs {
     images: SharedImageTable,
-    pool: BufferPool,
     handles: Mutex<HashMap<u64, OpenHandle>>,
     next_handle: AtomicU64,
     mounted_at: SystemTime,
 }
 
 impl DiskFs {
-    pub fn new(images: SharedImageTable, pool: BufferPool) -> Self {
+    pub fn new(images: SharedImageTable) -> Self {
         DiskFs {
             images,
-            pool,
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             mounted_at: SystemTime::now(),
@@ -193,8 +358,9 @@ impl DiskFs {
     }
 
     fn submit(entry: &ImageEntry, op: IoOp, reply: IoReply) {
-        // do_send skips the mailbox bound; the buffer pool bounds what is in flight instead,
-        // and a session thread must never wait on the actor (it would stall every image).
+        // do_send skips the mailbox bound; the image's buffer pool bounds what is in flight
+        // instead, and a session thread must never wait on the actor (it would stall every
+        // image).
         entry.device.do_send(SubmitIo {
             op,
             reply,
@@ -346,13 +512,12 @@ impl Filesystem for DiskFs {
         if len == 0 {
             return reply.data(&[]);
         }
-        let buf = self.pool.acquire(len as usize);
-        let reply_fn: IoReply = Box::new(move |outcome| match outcome {
-            Ok(IoDone::Read(buf)) => reply.data(&buf),
-            Ok(_) => reply.error(unexpected_outcome("read")),
-            Err(fault) => reply.error(fault_errno(fault)),
-        });
-        DiskFs::submit(&entry, IoOp::Read { offset, buf }, reply_fn);
+        // At most `size`, a u32.
+        let len = len as usize;
+        match entry.buffers.try_take(len) {
+            Some(buf) => submit_read(&entry, offset, buf, reply),
+            None => queue_for_buffer(&entry, WaitingIo::Read { offset, len, reply }),
+        }
     }
 
     fn write(
@@ -378,21 +543,20 @@ impl Filesystem for DiskFs {
             tracing::debug!(image = %entry.file_name(), offset, len = data.len(), "write beyond the end");
             return reply.error(Errno::ENOSPC);
         }
-        let mut buf = self.pool.acquire(data.len());
-        buf.copy_from_slice(data);
-        let reply_fn: IoReply = Box::new(move |outcome| match outcome {
-            Ok(IoDone::Written(len)) => reply.written(len),
-            Ok(_) => reply.error(unexpected_outcome("write")),
-            Err(fault) => reply.error(fault_errno(fault)),
-        });
-        DiskFs::submit(
-            &entry,
-            IoOp::Write {
-                offset,
-                data: Arc::new(buf),
-            },
-            reply_fn,
-        );
+        match entry.buffers.try_take(data.len()) {
+            Some(mut buf) => {
+                buf.copy_from_slice(data);
+                submit_write(&entry, offset, buf, reply);
+            }
+            None => queue_for_buffer(
+                &entry,
+                WaitingIo::Write {
+                    offset,
+                    data: data.to_vec(),
+                    reply,
+                },
+            ),
+        }
     }
 
     fn flush(

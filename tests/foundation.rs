@@ -723,3 +723,161 @@ fn secondary_refuses_writes_and_down_up() -> anyhow::Result<()> {
     )?;
     Ok(())
 }
+
+/// One resource's held I/O must not freeze another's. With r0 suspended and more writers piled
+/// on it than the node's whole buffer budget holds, r1's image still serves a write and a read;
+/// after resume-io every r0 writer finishes and its data is there.
+///
+/// The writers outnumber what the node's budget holds by more than the two FUSE session threads,
+/// so a front end that took buffers from one pool for the whole node, or let a session thread
+/// wait for r0's budget, would leave both session threads waiting and r1 unanswered.
+#[test]
+fn suspended_resource_does_not_freeze_another() -> anyhow::Result<()> {
+    // One 1 MiB write is one FUSE request (max_write), holding one 1 MiB buffer.
+    const CHUNK: usize = MIB as usize;
+    let node = Node::start_with("qrbd-budget", &[("r0", "64MiB"), ("r1", "64MiB")], "16MiB")?;
+    node.qrbd_ok(&["primary", "r0"])?;
+    node.qrbd_ok(&["primary", "r1"])?;
+    let config = qrbd::config::load(&node.config_path)?;
+    let r0_budget_requests = usize::try_from(config.image_buffer_budget())? / CHUNK;
+    let writers = usize::try_from(config.node.buffer_budget)? / CHUNK + 8;
+    ensure!(
+        u64::try_from(writers * CHUNK)? <= 64 * MIB,
+        "{writers} writers of 1 MiB do not fit in r0"
+    );
+
+    // Every open happens before the suspension: the test spawns nothing while r0 is suspended
+    // (see `PreparedCommand`). The images are direct I/O (FOPEN_DIRECT_IO), so each write goes
+    // to the daemon as it is.
+    let r0 = Arc::new(
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(node.image_path("r0"))?,
+    );
+    let r1 = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(node.image_path("r1"))?;
+
+    // Data no writer touches, for reads that will queue behind the writers.
+    let known = pattern(600, CHUNK);
+    let known_at = 63 * MIB;
+    r0.write_all_at(&known, known_at)?;
+
+    socket_request(
+        &node,
+        AdminRequest::SuspendIo {
+            resource: "r0".into(),
+        },
+    )?;
+    let _resume = ResumeOnDrop(&node.node);
+    wait_for_status(&node, "r0 to be suspended", |s| s.suspended)?;
+
+    let issued = Arc::new(AtomicU64::new(0));
+    let (done_tx, done_rx) = mpsc::channel();
+    let mut threads = Vec::with_capacity(writers);
+    for i in 0..writers {
+        let (file, issued, done_tx) = (r0.clone(), issued.clone(), done_tx.clone());
+        threads.push(std::thread::spawn(move || {
+            let data = pattern(500 + i as u64, CHUNK);
+            issued.fetch_add(1, Ordering::SeqCst);
+            let _ = done_tx.send((i, file.write_all_at(&data, (i * CHUNK) as u64)));
+        }));
+    }
+    drop(done_tx);
+    let all_issued = writers as u64;
+    wait_until(REACT, "every r0 writer to issue its write", || {
+        (issued.load(Ordering::SeqCst) == all_issued).then_some(())
+    })?;
+    // r0 holds as many writes as its budget has buffers for; the rest wait for buffers.
+    let held = wait_for_status(&node, "r0 to hold a budget's worth of writes", |s| {
+        s.suspended && s.app_held >= r0_budget_requests as u64
+    })?;
+    ensure!(
+        done_rx.try_recv().is_err(),
+        "an r0 write completed while r0 was suspended: {held:?}"
+    );
+    // Reads of r0 now find its budget spent too; they wait without a buffer.
+    let (read_tx, read_rx) = mpsc::channel();
+    for _ in 0..2 {
+        let (file, read_tx) = (r0.clone(), read_tx.clone());
+        std::thread::spawn(move || {
+            let _ = read_tx.send(read_at(&file, known_at, CHUNK));
+        });
+    }
+    drop(read_tx);
+
+    // r1 serves a write and reads it back, from its own thread so that a freeze is a timeout
+    // here rather than a hung test.
+    let r1_data = pattern(77, CHUNK);
+    let r1_at = 5 * MIB;
+    let (r1_tx, r1_rx) = mpsc::channel();
+    {
+        let r1_data = r1_data.clone();
+        std::thread::spawn(move || {
+            let result = r1.write_all_at(&r1_data, r1_at).and_then(|()| {
+                let mut back = vec![0u8; r1_data.len()];
+                r1.read_exact_at(&mut back, r1_at).map(|()| back)
+            });
+            let _ = r1_tx.send(result);
+        });
+    }
+    let back = r1_rx
+        .recv_timeout(REACT)
+        .map_err(|_| {
+            anyhow!(
+                "r1's image did not serve a write and a read within {REACT:?} while r0 was \
+                 suspended with {writers} writers on it"
+            )
+        })?
+        .context("r1 I/O while r0 is suspended")?;
+    ensure_same(&back, &r1_data, "r1 read back while r0 is suspended")?;
+    let still = socket_status(&node)?;
+    ensure!(
+        still.suspended && done_rx.try_recv().is_err() && read_rx.try_recv().is_err(),
+        "r0 let a request through while suspended: {still:?}"
+    );
+
+    socket_request(
+        &node,
+        AdminRequest::ResumeIo {
+            resource: "r0".into(),
+        },
+    )?;
+    let mut finished = vec![false; writers];
+    for _ in 0..writers {
+        let (i, result) = done_rx
+            .recv_timeout(REACT)
+            .context("an r0 writer did not finish after resume-io")?;
+        result.with_context(|| format!("r0 writer {i}"))?;
+        finished[i] = true;
+    }
+    ensure!(
+        finished.iter().all(|f| *f),
+        "r0 writers missing: {finished:?}"
+    );
+    for _ in 0..2 {
+        let read = read_rx
+            .recv_timeout(REACT)
+            .context("an r0 read did not finish after resume-io")??;
+        ensure_same(&read, &known, "an r0 read held while suspended")?;
+    }
+    for thread in threads {
+        thread
+            .join()
+            .map_err(|_| anyhow!("an r0 writer panicked"))?;
+    }
+    let status = wait_for_status(&node, "r0 to be resumed and idle", |s| {
+        !s.suspended && s.app_held == 0 && s.app_in_flight == 0
+    })?;
+    ensure!(status.failed_requests == 0, "failed requests: {status:?}");
+    for i in 0..writers {
+        ensure_same(
+            &read_at(&r0, (i * CHUNK) as u64, CHUNK)?,
+            &pattern(500 + i as u64, CHUNK),
+            &format!("r0 writer {i}'s data"),
+        )?;
+    }
+    Ok(())
+}

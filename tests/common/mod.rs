@@ -64,6 +64,51 @@ impl Node {
         Ok(node)
     }
 
+    /// A node with the given `(name, size)` resources and `[node] buffer_budget`, every
+    /// resource with metadata, daemon running, every image visible; nothing promoted.
+    pub fn start_with(
+        prefix: &str,
+        resources: &[(&str, &str)],
+        buffer_budget: &str,
+    ) -> anyhow::Result<Node> {
+        let scratch = ScratchDir::new(prefix)?;
+        let list: Vec<TestResource> = resources
+            .iter()
+            .map(|(name, size)| TestResource {
+                name: (*name).into(),
+                size: (*size).into(),
+            })
+            .collect();
+        let mut node = Node {
+            node: TestNode::new(&binary(), scratch.path(), &list)?,
+            scratch,
+        };
+        // TestNode writes `[node]` first; the key belongs right under it.
+        let text = std::fs::read_to_string(&node.config_path)?;
+        ensure!(
+            text.starts_with("[node]\n"),
+            "unexpected config layout:\n{text}"
+        );
+        let text = text.replacen(
+            "[node]\n",
+            &format!("[node]\nbuffer_budget = {buffer_budget:?}\n"),
+            1,
+        );
+        std::fs::write(&node.config_path, text)?;
+        for (name, _) in resources {
+            node.qrbd_ok(&["create-md", name])?;
+        }
+        node.start_daemon()?;
+        for (name, _) in resources {
+            let image = node.image_path(name);
+            wait_until(REACT, "the images to appear", || {
+                image.exists().then_some(())
+            })
+            .with_context(|| format!("daemon log:\n{}", node.log()))?;
+        }
+        Ok(node)
+    }
+
     pub fn dir(&self) -> &Path {
         self.scratch.path()
     }
