@@ -206,11 +206,16 @@ impl Handler<Established> for PeerActor {
         ];
         let reader = StreamReader {
             device: device.clone(),
+            connection: connection.clone(),
             peer,
             conn,
         };
         let readers = vec![
-            tokio::spawn(control_reader(msg.control_recv, reader.clone(), lost.clone())),
+            tokio::spawn(control_reader(
+                msg.control_recv,
+                reader.clone(),
+                lost.clone(),
+            )),
             tokio::spawn(data_reader(connection.clone(), reader, lost)),
         ];
         self.live = Some(Live {
@@ -333,6 +338,7 @@ async fn data_writer(
 #[derive(Clone)]
 struct StreamReader {
     device: Addr<DeviceActor>,
+    connection: quinn::Connection,
     peer: PeerId,
     conn: u64,
 }
@@ -352,7 +358,7 @@ impl StreamReader {
 
 async fn control_reader(mut recv: quinn::RecvStream, reader: StreamReader, lost: impl Fn(String)) {
     loop {
-        match next_message(&mut recv, "control").await {
+        match next_message(&mut recv, &reader.connection, "control").await {
             Ok(message) if message.on_data_stream() => {
                 return lost(format!(
                     "protocol error: {} on the control stream",
@@ -372,7 +378,7 @@ async fn data_reader(connection: quinn::Connection, reader: StreamReader, lost: 
         Err(error) => return lost(format!("data stream: {error}")),
     };
     loop {
-        let message = match next_message(&mut recv, "data").await {
+        let message = match next_message(&mut recv, &reader.connection, "data").await {
             Ok(message) if message.on_data_stream() => message,
             Ok(other) => {
                 return lost(format!(
@@ -396,10 +402,22 @@ async fn data_reader(connection: quinn::Connection, reader: StreamReader, lost: 
 }
 
 /// The next message of a stream; its end or a bad frame is the end of the connection.
-async fn next_message(recv: &mut quinn::RecvStream, stream: &str) -> Result<PeerMessage, String> {
+///
+/// A peer that closes finishes its streams first and closes the connection a moment later
+/// (after its last words, e.g. a refusal, went out on the other stream), so a finished stream
+/// waits for that close: the other stream's messages reach the core before the loss does, and
+/// the loss carries the peer's reason.
+async fn next_message(
+    recv: &mut quinn::RecvStream,
+    connection: &quinn::Connection,
+    stream: &str,
+) -> Result<PeerMessage, String> {
     match read_message(recv).await {
         Ok(Some(message)) => Ok(message),
-        Ok(None) => Err(format!("peer closed the {stream} stream")),
+        Ok(None) => {
+            let closed = connection.closed().await;
+            Err(format!("peer closed the {stream} stream ({closed})"))
+        }
         Err(error) => Err(format!("{stream} stream: {error}")),
     }
 }
@@ -558,4 +576,3 @@ async fn refuse(
     connection.close(CLOSE_PROTOCOL.into(), reason.as_bytes());
     Err(reason)
 }
-

@@ -4,10 +4,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use qrbd_actors::meta::DeviceMeta;
-use qrbd_actors::ports::MetaStore;
 use qrbd_actors::core::generation::JUST_CREATED_UUID;
 use qrbd_actors::core::resource::Timing;
+use qrbd_actors::meta::DeviceMeta;
+use qrbd_actors::ports::MetaStore;
 use qrbd_actors::supervisor::{PeerSetup, ResourceSetup};
 use tokio::sync::broadcast;
 
@@ -87,7 +87,12 @@ pub fn create_metadata(
     } else {
         JUST_CREATED_UUID
     };
-    let meta = DeviceMeta::new(&resource.name, config.node.id, resource.size_bytes, generation);
+    let meta = DeviceMeta::new(
+        &resource.name,
+        config.node.id,
+        resource.size_bytes,
+        generation,
+    );
     store
         .save(&meta)
         .with_context(|| format!("cannot write metadata to {}", meta_dir.display()))?;

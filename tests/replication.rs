@@ -814,7 +814,7 @@ fn refused_pair(
     ensure_never_connected(&[&pair.alpha, &pair.beta], WATCH).with_context(|| pair.logs())?;
     for node in [&pair.alpha, &pair.beta] {
         ensure!(
-            !log(node).contains("qrbd::peer: connected"),
+            !log(node).contains("core::resource: connected"),
             "a daemon logged a connection\n{}",
             pair.logs()
         );
@@ -1203,7 +1203,22 @@ fn incompatible_peer_is_refused(
             "{name}'s log does not say why ({word}):\n{}",
             tail(&daemon_log, 40)
         );
+        // Status says why too, not just "Connecting".
+        let status = peer(node)?;
+        ensure!(
+            status
+                .last_error
+                .as_deref()
+                .is_some_and(|reason| reason.contains(word)),
+            "{name}'s status does not say why ({word}): {status:?}"
+        );
     }
+    // The dialer backs off after a refusal instead of redialling at full speed.
+    let attempts = log(&pair.alpha).matches("refused the peer").count();
+    ensure!(
+        (1..=3).contains(&attempts),
+        "alpha tried {attempts} handshakes within the test; a refused peer must be retried slowly"
+    );
     Ok(())
 }
 

@@ -238,6 +238,8 @@ pub struct DeviceActor {
     events: Option<broadcast::Sender<String>>,
     /// Inputs produced while carrying out effects (in-memory metadata), fed next.
     follow_ups: VecDeque<Input>,
+    /// Peers whose dial the core asked for before their link was attached.
+    dial_on_attach: std::collections::BTreeSet<PeerId>,
 }
 
 struct PendingIo {
@@ -268,6 +270,7 @@ impl DeviceActor {
             next_command: 1,
             events: setup.events,
             follow_ups: VecDeque::new(),
+            dial_on_attach: Default::default(),
         }
     }
 
@@ -428,7 +431,7 @@ impl DeviceActor {
                 if let Some(ctx) = ctx {
                     self.flush_then(ctx, move |result| Input::LocalFlushed {
                         token,
-                        result: result.map_err(|errno| IoFault::LocalIo(errno)),
+                        result: result.map_err(IoFault::LocalIo),
                     });
                 }
             }
@@ -437,10 +440,8 @@ impl DeviceActor {
                 if self.links.contains_key(&peer) {
                     self.to_link(peer, PeerOutbound::Dial);
                 } else {
-                    self.follow_ups.push_back(Input::DialFailed {
-                        peer,
-                        reason: "the peer's link is not running yet".into(),
-                    });
+                    // The link starts right after the device; it dials once attached.
+                    self.dial_on_attach.insert(peer);
                 }
             }
             Effect::CloseConnection { peer, conn, reason } => {
@@ -704,7 +705,7 @@ impl DeviceActor {
         snapshot.describe = core.describe();
     }
 
-    fn from_peer(&mut self, peer: PeerId, event: LinkEvent, ctx: &mut Context<Self>) {
+    fn link_event(&mut self, peer: PeerId, event: LinkEvent, ctx: &mut Context<Self>) {
         let input = match event {
             LinkEvent::TransportUp { conn } => {
                 // Payloads of older connections will never be applied.
@@ -931,7 +932,9 @@ impl Handler<AttachLink> for DeviceActor {
     type Result = ();
     fn handle(&mut self, msg: AttachLink, ctx: &mut Context<Self>) {
         self.links.insert(msg.peer, msg.link);
-        // A dial asked for before the link existed is asked for again by the next tick.
+        if self.dial_on_attach.remove(&msg.peer) {
+            self.to_link(msg.peer, PeerOutbound::Dial);
+        }
         self.feed(Input::Tick, Some(ctx));
     }
 }
@@ -939,7 +942,7 @@ impl Handler<AttachLink> for DeviceActor {
 impl Handler<FromPeer> for DeviceActor {
     type Result = ();
     fn handle(&mut self, msg: FromPeer, ctx: &mut Context<Self>) {
-        self.from_peer(msg.peer, msg.event, ctx);
+        self.link_event(msg.peer, msg.event, ctx);
     }
 }
 

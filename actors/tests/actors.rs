@@ -13,12 +13,12 @@ use actix::prelude::*;
 use tokio::sync::oneshot;
 
 use qrbd_actors::buffer::BufferPool;
+use qrbd_actors::core::resource::{CommandError, Timing};
 use qrbd_actors::core::{DiskState, IoFault, ReplicationProtocol, Role};
 use qrbd_actors::device::{
     DeviceActor, DeviceSnapshot, IoDone, IoOp, PostponeRequest, ResumeIo, SetWritable,
     SharedSnapshot, SubmitIo, SuspendIo,
 };
-use qrbd_actors::core::resource::{CommandError, Timing};
 use qrbd_actors::gate::{GateRefused, OpenRefused};
 use qrbd_actors::meta::DeviceMeta;
 use qrbd_actors::retry::{GetRetryStats, RetryActor, RetryStats};

@@ -181,8 +181,8 @@ mod tests {
     use std::path::Path;
 
     use qrbd_actors::core::messages::{PeerMessage, PROTOCOL_VERSION};
-    use qrbd_actors::core::{DiskState, Role};
     use qrbd_actors::core::ReplicationProtocol;
+    use qrbd_actors::core::{DiskState, Role};
     use tokio::time::timeout;
 
     use super::*;

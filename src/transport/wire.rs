@@ -1083,7 +1083,7 @@ mod tests {
             "{err}"
         );
 
-        for tag in [0, 13, 255] {
+        for tag in [0, 17, 255] {
             let err = decode_frame_body(&[tag, 0, 0]).unwrap_err();
             assert!(matches!(err, WireError::UnknownTag(t) if t == tag), "{err}");
         }

@@ -1266,7 +1266,7 @@ impl ResourceCore {
     /// Refuses the peer: tells it why and closes the connection. `standalone` refusals are
     /// not retried (both sides wait for the administrator).
     fn refuse(&mut self, peer: PeerId, reason: String, standalone: bool, now: Tick) {
-        tracing::warn!(resource = %self.config.resource, peer = %self.peer_name(peer), %reason, "refusing the peer");
+        tracing::warn!(resource = %self.config.resource, peer = %self.peer_name(peer), %reason, "refused the peer");
         self.effects.push_back(Effect::Send {
             peer,
             message: PeerMessage::Refused {
@@ -1398,8 +1398,9 @@ impl ResourceCore {
         link.dialing = None;
         link.next_dial = now.saturating_add(link.backoff);
         link.backoff = link.backoff.saturating_mul(2).min(max.max(link.backoff));
+        // Said once per reason: a peer that stays away must not flood the log.
         if link.last_error.as_deref() != Some(reason.as_str()) {
-            tracing::debug!(resource = %self.config.resource, peer = %link.name, %reason, "connecting failed");
+            tracing::warn!(resource = %self.config.resource, peer = %link.name, %reason, "connecting failed");
         }
         link.last_error = Some(reason);
     }
