@@ -36,6 +36,14 @@ pub struct MetaFlags {
     /// Cleared while the volume is up; set again by an orderly `down`. Finding it cleared at
     /// `up` means the previous run crashed.
     pub clean_shutdown: bool,
+    /// The data survived a crash and is Consistent: it stays so, across restarts, until a
+    /// connected UpToDate peer or `primary --force` confirms it.
+    #[serde(default)]
+    pub unconfirmed: bool,
+    /// The crash hit this node while it was Primary: writes in flight then may be on this
+    /// disk only, so a peer's UpToDate data wins until a resync.
+    #[serde(default)]
+    pub crashed_primary: bool,
 }
 
 impl DeviceMeta {
@@ -55,6 +63,8 @@ impl DeviceMeta {
                 up_to_date: true,
                 was_primary: false,
                 clean_shutdown: true,
+                unconfirmed: false,
+                crashed_primary: false,
             },
         }
     }

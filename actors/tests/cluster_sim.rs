@@ -32,7 +32,10 @@
 //!   was answered, application-I/O counts are zero, and two connected UpToDate nodes hold the
 //!   same bytes except in blocks that either counts out of sync for the other.
 //!
-//! Known limitation allowed here: a received peer write is applied straight to the store,
+//! Known limitations allowed here (both wait for the resync issue's activity log and the one
+//! conflict domain): writes in flight when their node crashed never completed, and the peers
+//! that got them keep them while the others do not; and a received peer write is applied
+//! straight to the store,
 //! outside the device's conflict domain (a later issue unifies them); a node that demotes while
 //! its own writes are still at the store can therefore see them land after a new Primary's
 //! write to the same block. The simulation tolerates the resulting difference only for blocks
@@ -327,7 +330,8 @@ struct Sim {
     races: Vec<(CommandId, u8, CommandId, u8)>,
     /// Two Primaries may legitimately exist (no quorum in the core).
     split_possible: bool,
-    /// Blocks a demoted node's drained writes touched (see the known limitation).
+    /// Blocks a demoted node's drained writes, or a crashed node's unfinished writes, touched
+    /// (see the known limitations).
     racing_blocks: BTreeSet<u64>,
     queue: VecDeque<(u8, Input)>,
     trace: VecDeque<String>,
@@ -1282,10 +1286,21 @@ impl Sim {
         n.current.clear();
         n.unflushed.clear();
         let lost: Vec<RequestId> = n.requests.keys().copied().collect();
+        // Writes that die with their node never completed: peers may or may not hold them,
+        // and only the activity log (the resync issue) will reconcile those blocks.
+        let in_flight_blocks: Vec<u64> = n
+            .requests
+            .values()
+            .filter(|r| matches!(r.kind, IoKind::Write | IoKind::Discard))
+            .flat_map(|r| r.range.offset / BLOCK..r.range.end().unwrap_or(0).div_ceil(BLOCK))
+            .collect();
         n.requests.clear();
         let meta = n.persisted.clone();
         let core_seed = seed ^ u64::from(id) << 32 ^ n.incarnation << 48;
         n.core = ResourceCore::new(config(id, count, protocol, core_seed), meta, now);
+        if crash {
+            self.racing_blocks.extend(in_flight_blocks);
+        }
         self.commands.retain(|_, p| p.node != id);
         self.log(format!(
             "n{id} {} and restarts (lost requests {lost:?})",

@@ -124,6 +124,8 @@ pub enum CommandError {
     PeerTimeout(String),
     #[error("no peer is connected, so a peer may hold newer data; use --force to promote anyway")]
     NoPeerConnected,
+    #[error("writes from peer {0} are still being applied here; try again")]
+    ApplyingPeerWrites(String),
     #[error("metadata update failed: {0}")]
     Meta(String),
     #[error("local I/O failed: {0}")]
@@ -412,11 +414,11 @@ pub struct ResourceCore {
     down: bool,
     /// The previous run stopped without recording a clean shutdown.
     crashed: bool,
-    /// ... and this node was Primary then.
-    was_primary_at_start: bool,
     /// Offset, length and kind of the received writes not yet applied, by (peer, seq).
     received_ranges: BTreeMap<(PeerId, u64), (u64, u64, bool)>,
     effects: VecDeque<Effect>,
+    /// The time of the input being handled.
+    now: Tick,
 }
 
 impl ResourceCore {
@@ -427,15 +429,19 @@ impl ResourceCore {
         for peer in &config.peers {
             device.add_peer(peer.id, config.protocol);
         }
+        let mut meta = meta;
         let crashed = !meta.flags.clean_shutdown;
-        let meta_was_primary = meta.flags.was_primary;
+        if crashed && !config.peers.is_empty() {
+            // A peer may have gone on without us: only a connected UpToDate peer or --force
+            // makes this data current again (docs/protocol.md, "Disk states").
+            meta.flags.unconfirmed = true;
+            meta.flags.crashed_primary |= meta.flags.was_primary;
+        }
         let disk = if !meta.flags.consistent {
             DiskState::Inconsistent
         } else if !meta.flags.up_to_date {
             DiskState::Outdated
-        } else if crashed && !config.peers.is_empty() {
-            // A peer may have gone on without us: only a connected UpToDate peer or --force
-            // makes this data current again (docs/protocol.md, "Disk states").
+        } else if meta.flags.unconfirmed {
             DiskState::Consistent
         } else {
             DiskState::UpToDate
@@ -489,9 +495,9 @@ impl ResourceCore {
             going_down: false,
             down: false,
             crashed,
-            was_primary_at_start: meta_was_primary,
             received_ranges: BTreeMap::new(),
             effects: VecDeque::new(),
+            now,
         };
         if crashed {
             tracing::warn!(resource = %core.config.resource, "the previous run did not shut down cleanly");
@@ -575,6 +581,7 @@ impl ResourceCore {
 
     /// Carries out one input at time `now`; the effects queue up for [`Self::poll_effect`].
     pub fn handle(&mut self, now: Tick, input: Input) {
+        self.now = now;
         if self.down {
             if let Input::Command { id, .. } = input {
                 self.done(id, Err(CommandError::GoingDown));
@@ -687,7 +694,32 @@ impl ResourceCore {
         ));
         self.device.hold(HOLD_METADATA);
         self.persist(Some(MetaWaiter::ReleaseIo));
+        self.restart_handshakes("a new data generation started during the handshake");
         self.announce_state();
+    }
+
+    /// The Hello this node sent on a link still in its handshake no longer tells its role or
+    /// generation: both sides would decide on stale facts, so the handshake starts over.
+    fn restart_handshakes(&mut self, reason: &str) {
+        let now = self.now;
+        let handshaking: Vec<PeerId> = self
+            .links
+            .values()
+            .filter(|link| link.handshake_since.is_some())
+            .map(|link| link.id)
+            .collect();
+        for peer in handshaking {
+            self.lose_link(
+                peer,
+                ConnectionState::NetworkFailure,
+                reason.to_owned(),
+                now,
+            );
+            if let Some(link) = self.links.get_mut(&peer) {
+                // Redial at once: nothing is wrong with the peer.
+                link.next_dial = now;
+            }
+        }
     }
 
     fn volume_effects(&mut self, effects: Vec<VolumeEffect>, now: Tick) {
@@ -978,6 +1010,16 @@ impl ResourceCore {
             self.refuse(peer, reason, true, now);
             return;
         }
+        if role == Role::Primary {
+            if let Some(other) = self.primary_peer_other_than(peer) {
+                let reason = format!(
+                    "peer {} became Primary while {other} is Primary; two primaries are not allowed",
+                    self.peer_name(peer)
+                );
+                self.refuse(peer, reason, true, now);
+                return;
+            }
+        }
         let resource = self.config.resource.clone();
         let Some(link) = self.links.get_mut(&peer) else {
             return;
@@ -1139,6 +1181,17 @@ impl ResourceCore {
             self.refuse(peer, reason, true, now);
             return;
         }
+        if *role == Role::Primary {
+            if let Some(other) = self.primary_peer_other_than(peer) {
+                // A Secondary follows one Primary: two would write it with diverging data.
+                let reason = format!(
+                    "{} already follows Primary {other}; two primaries are not allowed",
+                    ours.node_name
+                );
+                self.refuse(peer, reason, false, now);
+                return;
+            }
+        }
         if matches!(self.change, Change::Promoting(_)) {
             // This node's promotion did not ask the peer (it was not connected then) and may
             // commit while the peer is, or becomes, Primary too: refuse for now; the retry
@@ -1198,7 +1251,7 @@ impl ResourceCore {
                 self.become_outdated(peer, *receiver_missing_bytes)
             }
             SyncDecision::Same if self.disk == DiskState::Consistent && peer_up_to_date => {
-                if self.crashed && self.meta_was_primary_before_crash() {
+                if self.meta_was_primary_before_crash() {
                     // A Primary that crashed may hold in-flight writes its peer never got.
                     self.become_outdated(peer, 0);
                 } else {
@@ -1234,7 +1287,7 @@ impl ResourceCore {
     }
 
     fn meta_was_primary_before_crash(&self) -> bool {
-        self.was_primary_at_start
+        self.meta.flags.crashed_primary
     }
 
     fn establish(&mut self, peer: PeerId, role: Role, disk: DiskState, uuid: u64, now: Tick) {
@@ -1597,6 +1650,9 @@ impl ResourceCore {
         if self.disk != DiskState::UpToDate && !force {
             return self.done(id, Err(CommandError::DiskNotUpToDate(self.disk)));
         }
+        if let Some(name) = self.peer_with_pending_writes() {
+            return self.done(id, Err(CommandError::ApplyingPeerWrites(name)));
+        }
         let connected: BTreeSet<PeerId> = self
             .links
             .values()
@@ -1641,6 +1697,10 @@ impl ResourceCore {
             return;
         }
         let (force, outdate_peers) = (promotion.force, promotion.outdate_peers);
+        if let Some(name) = self.peer_with_pending_writes() {
+            // The old Primary's last writes must land here before this node writes.
+            return self.abort_promotion(CommandError::ApplyingPeerWrites(name));
+        }
         if let Some(link) = self
             .links
             .values()
@@ -1654,6 +1714,9 @@ impl ResourceCore {
             self.meta.flags.consistent = true;
             self.meta.flags.up_to_date = true;
         }
+        // Promoted, the data is current by definition (a plain promotion needs UpToDate).
+        self.meta.flags.unconfirmed = false;
+        self.meta.flags.crashed_primary = false;
         // A promotion without every peer, or over data that was not current, starts a new
         // generation at once.
         let everyone_here = self.links.values().all(Link::is_connected);
@@ -1702,6 +1765,7 @@ impl ResourceCore {
         }
         self.role = Role::Primary;
         self.crashed = false;
+        self.restart_handshakes("this node became Primary during the handshake");
         let effects = self.device.set_writable(true);
         self.volume_effects(effects, 0);
         self.set_disk(DiskState::UpToDate, false);
@@ -1743,6 +1807,11 @@ impl ResourceCore {
             Some(format!("{me} is Primary"))
         } else if self.going_down {
             Some(format!("{me} is going down"))
+        } else if matches!(self.change, Change::Demoting { .. }) {
+            // Its last writes as Primary are still on their way to the peers.
+            Some(format!("{me} is still finishing its writes as Primary"))
+        } else if let Some(other) = self.primary_peer_other_than(peer) {
+            Some(format!("{other} is Primary"))
         } else if let Some(other) = self.prepared.filter(|p| p.peer != peer) {
             Some(format!(
                 "{} is becoming Primary",
@@ -2012,6 +2081,8 @@ impl ResourceCore {
         if disk == DiskState::UpToDate {
             self.meta.flags.consistent = true;
             self.meta.flags.up_to_date = true;
+            self.meta.flags.unconfirmed = false;
+            self.meta.flags.crashed_primary = false;
             self.crashed = false;
         }
         self.emit(format!(
@@ -2048,6 +2119,22 @@ impl ResourceCore {
     }
 
     // ----- helpers -----
+
+    /// The name of a peer whose received writes are not all on the local store yet.
+    fn peer_with_pending_writes(&self) -> Option<String> {
+        self.links
+            .values()
+            .find(|link| link.receiver.pending() > 0)
+            .map(|link| link.name.clone())
+    }
+
+    /// The name of a connected peer other than `peer` that is Primary.
+    fn primary_peer_other_than(&self, peer: PeerId) -> Option<String> {
+        self.links
+            .values()
+            .find(|link| link.id != peer && link.is_connected() && link.role == Some(Role::Primary))
+            .map(|link| link.name.clone())
+    }
 
     fn current_conn(&self, peer: PeerId) -> Option<u64> {
         self.links.get(&peer).and_then(|link| link.conn)
