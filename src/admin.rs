@@ -44,6 +44,15 @@ pub enum AdminRequest {
     },
     /// Stream state changes, one line each, until the client goes away.
     Events,
+    /// A test hook, refused unless the daemon runs with `QRBD_TEST_HOOKS=1`: sends `len` bytes
+    /// of `byte` at `offset` to every connected peer as a replicated write, whatever this
+    /// node's role, so that tests can show how a peer treats data it must not accept.
+    TestSendData {
+        resource: String,
+        offset: u64,
+        len: u64,
+        byte: u8,
+    },
 }
 
 /// The daemon's answer.

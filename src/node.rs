@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use actix::prelude::*;
-use qrbd_actors::device::AttachLink;
+use qrbd_actors::device::{AttachLink, SendRawData};
 use qrbd_actors::status::ResourceStatus;
 use qrbd_actors::supervisor::{
     Demote, DescribeState, GetStatus, Promote, ResourceHandle, ResourceSupervisor, SetConnected,
@@ -155,26 +155,34 @@ impl Actor for NodeActor {
 pub struct UpAll;
 
 impl Handler<UpAll> for NodeActor {
-    type Result = ();
-    fn handle(&mut self, _: UpAll, ctx: &mut Context<Self>) {
+    type Result = ResponseActFuture<Self, ()>;
+    /// Resolves once every resource is up (or failed to come up), so that the daemon reports
+    /// itself ready only then.
+    fn handle(&mut self, _: UpAll, _: &mut Context<Self>) -> Self::Result {
         let names: Vec<String> = self
             .config
             .resources
             .iter()
             .map(|r| r.name.clone())
-            .collect();
-        for name in names {
-            if !has_metadata(&self.config, &name) {
-                tracing::warn!(resource = %name, "not brought up: no metadata (run `qrbd create-md {name}`)");
-                continue;
-            }
-            let up = self.up(&name).map(move |result, _, _| {
-                if let Err(error) = result {
-                    tracing::error!(resource = %name, %error, "cannot bring the resource up");
+            .filter(|name| {
+                let present = has_metadata(&self.config, name);
+                if !present {
+                    tracing::warn!(resource = %name, "not brought up: no metadata (run `qrbd create-md {name}`)");
                 }
-            });
-            ctx.spawn(up);
+                present
+            })
+            .collect();
+        let mut all: ResponseActFuture<Self, ()> = Box::pin(fut::ready(()));
+        for name in names {
+            all = Box::pin(all.then(move |(), node, _| {
+                node.up(&name).map(move |result, _, _| {
+                    if let Err(error) = result {
+                        tracing::error!(resource = %name, %error, "cannot bring the resource up");
+                    }
+                })
+            }));
         }
+        all
     }
 }
 
@@ -301,6 +309,36 @@ impl Handler<Admin> for NodeActor {
                 ready(AdminResponse::done(format!(
                     "{resource}: disconnected (StandAlone)"
                 )))
+            }
+            AdminRequest::TestSendData {
+                resource,
+                offset,
+                len,
+                byte,
+            } => {
+                if std::env::var_os(crate::testbed::TEST_HOOKS_ENV).is_none() {
+                    return ready(AdminResponse::failed(format!(
+                        "test hooks are disabled (the daemon needs {}=1)",
+                        crate::testbed::TEST_HOOKS_ENV
+                    )));
+                }
+                let Ok(len) = usize::try_from(len.min(1 << 20)) else {
+                    return ready(AdminResponse::failed("length too large"));
+                };
+                match self.resources.get(&resource) {
+                    Some(handle) => {
+                        handle.device.do_send(SendRawData {
+                            offset,
+                            data: vec![byte; len],
+                        });
+                        ready(AdminResponse::done(format!(
+                            "{resource}: sent {len} bytes at {offset} to the peers"
+                        )))
+                    }
+                    None => ready(AdminResponse::failed(
+                        self.handle_of(&resource).err().unwrap_or_default(),
+                    )),
+                }
             }
             AdminRequest::Events => ready(AdminResponse::failed(
                 "events are streamed by the admin connection, not answered",

@@ -13,6 +13,9 @@ use crate::admin::{self, AdminRequest, AdminResponse};
 
 /// Polls `probe` until it yields a value or `limit` passes. Polling a condition with a deadline,
 /// not sleeping for a guessed time, is how tests wait.
+/// The environment variable that enables the daemon's test hooks.
+pub const TEST_HOOKS_ENV: &str = "QRBD_TEST_HOOKS";
+
 pub fn wait_until<T>(
     limit: Duration,
     what: &str,
@@ -91,6 +94,8 @@ pub struct TestNode {
     pub state_dir: PathBuf,
     daemon: Option<Child>,
     log_path: PathBuf,
+    /// Start the daemon with `QRBD_TEST_HOOKS=1` (see `AdminRequest::TestSendData`).
+    pub test_hooks: bool,
 }
 
 impl TestNode {
@@ -117,6 +122,7 @@ impl TestNode {
         std::fs::write(&config_path, text)
             .with_context(|| format!("cannot write {}", config_path.display()))?;
         Ok(TestNode {
+            test_hooks: false,
             binary: binary.to_owned(),
             dir: dir.to_owned(),
             config_path,
@@ -136,6 +142,7 @@ impl TestNode {
         std::fs::write(&config_path, config_text)
             .with_context(|| format!("cannot write {}", config_path.display()))?;
         Ok(TestNode {
+            test_hooks: false,
             binary: binary.to_owned(),
             dir: dir.to_owned(),
             config_path,
@@ -189,7 +196,11 @@ impl TestNode {
             .append(true)
             .open(&self.log_path)
             .with_context(|| format!("cannot open {}", self.log_path.display()))?;
-        let child = Command::new(&self.binary)
+        let mut command = Command::new(&self.binary);
+        if self.test_hooks {
+            command.env(TEST_HOOKS_ENV, "1");
+        }
+        let child = command
             .arg("--config")
             .arg(&self.config_path)
             .args(["--log-level", "info", "daemon"])

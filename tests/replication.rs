@@ -1285,3 +1285,294 @@ fn events_stream_the_connection_and_end_on_sigint() -> anyhow::Result<()> {
     );
     pair.stop()
 }
+
+// ---------------------------------------------------------------------------------------------
+// Roles across the pair (the resource core's cluster-wide state changes and its rules)
+// ---------------------------------------------------------------------------------------------
+
+/// Runs `qrbd primary r0` on both nodes at the same instant.
+fn promote_both_at_once(pair: &Pair) -> anyhow::Result<[(bool, String); 2]> {
+    let spawn = |node: &TestNode| -> anyhow::Result<Child> {
+        Ok(Command::new(binary())
+            .arg("--config")
+            .arg(&node.config_path)
+            .args(["primary", R])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?)
+    };
+    let alpha = spawn(&pair.alpha)?;
+    let beta = spawn(&pair.beta)?;
+    let finish = |child: Child| -> anyhow::Result<(bool, String)> {
+        let output = child.wait_with_output()?;
+        Ok((
+            output.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            ),
+        ))
+    };
+    Ok([finish(alpha)?, finish(beta)?])
+}
+
+/// Both nodes Secondary, and each sees the other Secondary.
+fn wait_both_secondary(pair: &Pair) -> anyhow::Result<()> {
+    wait_until(REACT, "both nodes Secondary and connected", || {
+        let a = pair.alpha.status(R).ok()?;
+        let b = pair.beta.status(R).ok()?;
+        let secondary = |s: &qrbd_actors::status::ResourceStatus| {
+            s.role == qrbd_actors::core::Role::Secondary
+                && s.peers.first().is_some_and(|p| {
+                    p.connection == "Connected"
+                        && p.role == Some(qrbd_actors::core::Role::Secondary)
+                })
+        };
+        (secondary(&a) && secondary(&b)).then_some(())
+    })
+    .with_context(|| pair.logs())
+}
+
+#[test]
+fn racing_promotions_never_make_two_primaries() -> anyhow::Result<()> {
+    let pair = Pair::up("qrbd-race", &PairSpec::new(R, SIZE, "C"))?;
+    let mut winners = [0u32; 2];
+    for round in 0..20 {
+        wait_both_secondary(&pair)?;
+        let outcomes = promote_both_at_once(&pair)?;
+        let names = ["alpha", "beta"];
+        let succeeded = outcomes.iter().filter(|(ok, _)| *ok).count();
+        ensure!(
+            succeeded <= 1,
+            "round {round}: both promotions succeeded: {outcomes:?}\n{}",
+            pair.logs()
+        );
+        for (i, (ok, output)) in outcomes.iter().enumerate() {
+            let other = names[1 - i];
+            ensure!(
+                *ok || output.contains(other),
+                "round {round}: {}'s refusal does not name {other}: {output}",
+                names[i]
+            );
+            if *ok {
+                winners[i] += 1;
+            }
+        }
+        let roles = [pair.alpha.status(R)?.role, pair.beta.status(R)?.role];
+        let primaries = roles
+            .iter()
+            .filter(|r| **r == qrbd_actors::core::Role::Primary)
+            .count();
+        ensure!(
+            primaries == succeeded,
+            "round {round}: roles {roles:?} after {outcomes:?}"
+        );
+        for (i, node) in [&pair.alpha, &pair.beta].into_iter().enumerate() {
+            if outcomes[i].0 {
+                node.qrbd_ok(&["secondary", R])?;
+            }
+        }
+    }
+    eprintln!("promotions won: alpha {}, beta {}", winners[0], winners[1]);
+    ensure!(
+        winners[0] + winners[1] >= 10,
+        "most rounds should have a winner: {winners:?}\n{}",
+        pair.logs()
+    );
+    Ok(())
+}
+
+#[test]
+fn a_primary_refuses_data_from_its_peer() -> anyhow::Result<()> {
+    let mut pair = Pair::configure("qrbd-refusedata", &PairSpec::new(R, SIZE, "C"))?;
+    pair.beta.test_hooks = true;
+    pair.create_md()?;
+    pair.start()?;
+    pair.wait_connected(CONNECT)?;
+    pair.alpha.qrbd_ok(&["primary", R])?;
+    let offset = 8 * MIB;
+    let before = read_at(&pair.alpha.backing_path(R), offset, 64 << 10)?;
+    let answer = pair
+        .beta
+        .request(&qrbd::admin::AdminRequest::TestSendData {
+            resource: R.into(),
+            offset,
+            len: 64 << 10,
+            byte: 0xAB,
+        })?;
+    ensure!(
+        matches!(answer, qrbd::admin::AdminResponse::Done { .. }),
+        "the test hook failed: {answer:?}"
+    );
+    // Alpha drops the link with a protocol error that says why, and writes nothing.
+    let reason = wait_until(REACT, "alpha to refuse beta's data", || {
+        log(&pair.alpha)
+            .lines()
+            .find(|l| l.contains("protocol error") && l.contains("not Primary"))
+            .map(str::to_owned)
+    })
+    .with_context(|| pair.logs())?;
+    eprintln!("alpha: {reason}");
+    // The images are only read from child processes (a stuck FUSE read must not wedge the
+    // test); the backing file shows what reached alpha's store.
+    let after = read_at(&pair.alpha.backing_path(R), offset, 64 << 10)?;
+    ensure!(
+        after == before && !after.contains(&0xAB),
+        "beta's data reached alpha's store"
+    );
+    // The link comes back (the refusal is not a reason to stay apart).
+    pair.wait_connected(CONNECT)?;
+    Ok(())
+}
+
+#[test]
+fn forced_promotion_alone_starts_a_new_generation_and_split_brain_is_refused() -> anyhow::Result<()>
+{
+    let mut pair = Pair::up("qrbd-generation", &PairSpec::new(R, SIZE, "C"))?;
+    let first = pair.alpha.status(R)?;
+    ensure!(
+        first.current_uuid == pair.beta.status(R)?.current_uuid,
+        "a fresh pair shares its generation"
+    );
+    // Apart: alpha is promoted with --force and writes.
+    pair.alpha.qrbd_ok(&["disconnect", R])?;
+    pair.beta.qrbd_ok(&["disconnect", R])?;
+    pair.alpha.qrbd_ok(&["primary", "--force", R])?;
+    let forced = pair.alpha.status(R)?;
+    ensure!(
+        forced.current_uuid != first.current_uuid,
+        "primary --force while disconnected kept generation {}",
+        first.current_uuid
+    );
+    ensure!(
+        forced.bitmap_uuids.get("1") == Some(&first.current_uuid),
+        "beta's bitmap generation should be the old one: {forced:?}"
+    );
+    run(
+        "timeout",
+        &[
+            "30",
+            "dd",
+            "if=/dev/urandom",
+            &format!("of={}", text(&pair.alpha.image_path(R))),
+            "bs=64k",
+            "count=4",
+            "oflag=direct",
+            "conv=notrunc",
+        ],
+    )?;
+    // The new generation survives a restart.
+    pair.alpha.qrbd_ok(&["secondary", R])?;
+    let exit = pair.alpha.stop_daemon()?;
+    ensure!(exit.success(), "alpha exited with {exit}");
+    pair.alpha.start_daemon()?;
+    let restarted = pair.alpha.status(R)?;
+    ensure!(
+        restarted.current_uuid == forced.current_uuid,
+        "the generation after a restart is {}, before it was {}",
+        restarted.current_uuid,
+        forced.current_uuid
+    );
+    // Beta, also apart, is promoted and writes: both wrote since the shared generation.
+    pair.beta.qrbd_ok(&["primary", "--force", R])?;
+    run(
+        "timeout",
+        &[
+            "30",
+            "dd",
+            "if=/dev/urandom",
+            &format!("of={}", text(&pair.beta.image_path(R))),
+            "bs=64k",
+            "count=4",
+            "seek=8",
+            "oflag=direct",
+            "conv=notrunc",
+        ],
+    )?;
+    pair.beta.qrbd_ok(&["secondary", R])?;
+    pair.alpha.qrbd_ok(&["connect", R])?;
+    pair.beta.qrbd_ok(&["connect", R])?;
+    // Both sides detect the split brain, say so, and stay StandAlone.
+    for (name, node) in [("alpha", &pair.alpha), ("beta", &pair.beta)] {
+        let status = wait_until(REACT, &format!("{name} to report the split brain"), || {
+            peer(node).ok().filter(|p| {
+                p.connection == "StandAlone"
+                    && p.last_error
+                        .as_deref()
+                        .is_some_and(|e| e.contains("split brain"))
+            })
+        })
+        .with_context(|| pair.logs())?;
+        eprintln!("{name}: {:?}", status.last_error);
+    }
+    ensure_never_connected(&[&pair.alpha, &pair.beta], WATCH).with_context(|| pair.logs())?;
+    Ok(())
+}
+
+/// The disk states tell the truth after a forced promotion over newer data and a crash of both
+/// nodes: neither node promotes without `--force`.
+#[test]
+fn forced_promotion_over_newer_data_outdates_the_peer_and_survives_crashes() -> anyhow::Result<()> {
+    let mut pair = Pair::up("qrbd-outdate", &PairSpec::new(R, SIZE, "C"))?;
+    // Beta writes while alpha is away: alpha is behind.
+    pair.alpha.qrbd_ok(&["disconnect", R])?;
+    pair.beta.qrbd_ok(&["primary", "--force", R])?;
+    run(
+        "timeout",
+        &[
+            "30",
+            "dd",
+            "if=/dev/urandom",
+            &format!("of={}", text(&pair.beta.image_path(R))),
+            "bs=64k",
+            "count=16",
+            "oflag=direct",
+            "conv=notrunc",
+        ],
+    )?;
+    pair.beta.qrbd_ok(&["secondary", R])?;
+    pair.alpha.qrbd_ok(&["connect", R])?;
+    pair.wait_connected(CONNECT)?;
+    let disk_of = |node: &TestNode| node.status(R).map(|s| s.disk);
+    wait_until(REACT, "alpha to know it is Outdated", || {
+        (disk_of(&pair.alpha).ok()? == qrbd_actors::core::DiskState::Outdated).then_some(())
+    })
+    .with_context(|| pair.logs())?;
+    let refused = pair.alpha.qrbd(&["primary", R])?;
+    ensure!(
+        !refused.status.success(),
+        "an Outdated node was promoted without --force"
+    );
+    // Forced while connected: alpha's stale data becomes the current one, beta is Outdated.
+    pair.alpha.qrbd_ok(&["primary", "--force", R])?;
+    wait_until(REACT, "beta to become Outdated", || {
+        (disk_of(&pair.beta).ok()? == qrbd_actors::core::DiskState::Outdated).then_some(())
+    })
+    .with_context(|| pair.logs())?;
+    let alpha_peer = peer(&pair.alpha)?;
+    ensure!(
+        alpha_peer.out_of_sync_bytes == 64 * MIB,
+        "all of beta is out of sync after the forced promotion: {alpha_peer:?}"
+    );
+    // Both crash. Neither comes back claiming UpToDate data, neither promotes without --force.
+    pair.alpha.kill_daemon()?;
+    pair.beta.kill_daemon()?;
+    pair.alpha.start_daemon()?;
+    pair.beta.start_daemon()?;
+    pair.wait_connected(CONNECT)?;
+    for (name, node) in [("alpha", &pair.alpha), ("beta", &pair.beta)] {
+        let disk = disk_of(node)?;
+        ensure!(
+            disk != qrbd_actors::core::DiskState::UpToDate,
+            "{name} came back UpToDate after the crash\n{}",
+            pair.logs()
+        );
+        let attempt = node.qrbd(&["primary", R])?;
+        ensure!(
+            !attempt.status.success(),
+            "{name} ({disk}) was promoted without --force after the crash"
+        );
+    }
+    Ok(())
+}

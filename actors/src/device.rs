@@ -957,3 +957,31 @@ impl Handler<StopDevice> for DeviceActor {
         ctx.stop();
     }
 }
+
+/// A test hook: sends a replicated write to every attached peer, bypassing the core, so that
+/// tests can show that a peer refuses data from a node that is not its Primary.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SendRawData {
+    pub offset: u64,
+    pub data: Vec<u8>,
+}
+
+impl Handler<SendRawData> for DeviceActor {
+    type Result = ();
+    fn handle(&mut self, msg: SendRawData, _: &mut Context<Self>) {
+        tracing::warn!(device = %self.name, offset = msg.offset, len = msg.data.len(), "test hook: sending raw data to the peers");
+        for peer in self.links.keys() {
+            self.to_link(
+                *peer,
+                PeerOutbound::Message(PeerMessage::Data {
+                    seq: 1,
+                    epoch: 1,
+                    request: 0,
+                    offset: msg.offset,
+                    data: msg.data.clone(),
+                }),
+            );
+        }
+    }
+}

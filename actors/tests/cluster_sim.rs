@@ -62,7 +62,7 @@ use qrbd_actors::meta::DeviceMeta;
 const BLOCK: u64 = 4096;
 const BLOCKS: u64 = 32;
 const SIZE: u64 = BLOCKS * BLOCK;
-const SEEDS: u64 = 1000;
+const SEEDS: u64 = 4000;
 const STEPS: u64 = 400;
 const MS: Tick = 1_000_000;
 const SECOND: Tick = 1_000 * MS;
