@@ -81,7 +81,7 @@ install -m 644 "$docs"/man8/*.8.gz "$root/usr/share/man/man8/"
 install -D -m 644 "$docs/completions/qrbd.bash" "$root/usr/share/bash-completion/completions/qrbd"
 install -D -m 644 "$docs/completions/_qrbd" "$root/usr/share/zsh/site-functions/_qrbd"
 install -D -m 644 "$docs/completions/qrbd.fish" "$root/usr/share/fish/vendor_completions.d/qrbd.fish"
-install -m 644 README.md docs/status-json.md LICENSE "$root/usr/share/doc/qrbd/"
+install -m 644 README.md docs/status-json.md docs/protocol.md LICENSE "$root/usr/share/doc/qrbd/"
 install -m 644 config/*.toml "$root/usr/share/doc/qrbd/examples/"
 sed -e "s/@VERSION@/$version/" packaging/rpm/qrbd.spec.in >"$rpmtop/qrbd.spec"
 SOURCE_DATE_EPOCH=$epoch rpmbuild -bb --quiet \

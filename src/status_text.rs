@@ -61,6 +61,19 @@ pub fn render(resources: &[ResourceStatus]) -> String {
             status.open_readers,
             status.write_latency_avg_us
         );
+        if !status.bitmap_uuids.is_empty() || !status.history_uuids.is_empty() {
+            let bitmaps: Vec<String> = status
+                .bitmap_uuids
+                .iter()
+                .map(|(node, uuid)| format!("node{node}:{uuid}"))
+                .collect();
+            let _ = writeln!(
+                out,
+                "  bitmap-generations:[{}] history:[{}]",
+                bitmaps.join(" "),
+                status.history_uuids.join(" ")
+            );
+        }
         for peer in &status.peers {
             let _ = writeln!(
                 out,
@@ -76,6 +89,11 @@ pub fn render(resources: &[ResourceStatus]) -> String {
                 peer.replication,
                 human_bytes(peer.out_of_sync_bytes)
             );
+            if let Some(reason) = &peer.last_error {
+                if peer.connection != "Connected" {
+                    let _ = writeln!(out, "    last-error: {reason}");
+                }
+            }
         }
     }
     out

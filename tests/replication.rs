@@ -1150,7 +1150,7 @@ fn a_peer_that_missed_writes_is_outdated_after_the_reconnect() -> anyhow::Result
     cut.pair.stop()
 }
 
-/// What replication-semantics.md §3–§5 ask after a reconnect: the blocks beta missed while cut
+/// What docs/protocol.md asks of a resync after a reconnect: the blocks beta missed while cut
 /// are resynced, and the replicas converge. Today nothing resyncs them: alpha keeps counting
 /// them out of sync, both sides report UpToDate, and beta can even be promoted without --force
 /// while it lacks them.

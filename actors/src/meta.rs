@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 /// Bumped when the stored layout changes incompatibly.
 pub const META_FORMAT_VERSION: u32 = 1;
 
-/// A data-generation identifier (see replication-semantics.md section 4). Zero means "none".
+/// A data-generation identifier (docs/protocol.md, "Data generations"). Zero means "none".
 pub type GenerationUuid = u64;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

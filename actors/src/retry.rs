@@ -3,7 +3,7 @@
 //! A request that a peer answered with RetryWrite must be issued again once the conflicting
 //! write has landed. Re-issuing may have to wait (I/O suspended, a full mailbox), and the
 //! resource's own actors are the ones that end such waits; re-issuing from them can therefore
-//! deadlock the resource (the lesson of the seed patch). So a singleton service takes the
+//! deadlock the resource (docs/protocol.md, "Postponed requests"). So a singleton service takes the
 //! postponed request and re-submits it through the owning device's mailbox, waiting for room
 //! there on its own time. The device takes the application-I/O count again on re-submission,
 //! having released it when it postponed the request, so the count stays paired.

@@ -268,13 +268,18 @@ impl DeviceCore {
                 self.try_finish(request, now, &mut effects);
             }
             PeerMessage::NegAck { request, errno } => {
+                tracing::warn!(
+                    peer,
+                    request,
+                    errno,
+                    "the peer failed to write a replicated request; it is out of sync there"
+                );
                 // The peer could not write it: it is out of sync there; the write itself
                 // succeeded here, so the application is not told.
                 let range = self.requests.get(&request).map(|r| r.range);
                 if let (Some(range), Some(sender)) = (range, self.peers.get_mut(&peer)) {
                     sender.out_of_sync.mark(range);
                 }
-                let _ = errno;
                 self.satisfy(request, peer, |need| {
                     matches!(
                         need,
@@ -951,9 +956,12 @@ mod replication_tests {
         assert!(completed(&core.local_done(id, Ok(()), 1)).is_empty());
         // Protocol B's ack is not enough for protocol C.
         let effects = core.peer_ack(PEER, &PeerMessage::RecvAck { request: id }, 2);
-        assert!(completed(&effects.unwrap_or_default()).is_empty());
+        assert!(completed(&effects.expect("the call under test succeeds")).is_empty());
         let effects = core.peer_ack(PEER, &PeerMessage::WriteAck { request: id }, 3);
-        assert_eq!(completed(&effects.unwrap_or_default()), vec![id]);
+        assert_eq!(
+            completed(&effects.expect("the call under test succeeds")),
+            vec![id]
+        );
     }
 
     #[test]
@@ -961,7 +969,7 @@ mod replication_tests {
         let mut core = connected_core(ReplicationProtocol::B);
         let (id, _) = core.submit(IoKind::Write, ByteRange::new(0, 4096), 0);
         let effects = core.peer_ack(PEER, &PeerMessage::RecvAck { request: id }, 1);
-        assert!(completed(&effects.unwrap_or_default()).is_empty());
+        assert!(completed(&effects.expect("the call under test succeeds")).is_empty());
         assert_eq!(completed(&core.local_done(id, Ok(()), 2)), vec![id]);
     }
 
@@ -989,7 +997,10 @@ mod replication_tests {
         );
         core.local_done(write, Ok(()), 1);
         let effects = core.peer_ack(PEER, &PeerMessage::WriteAck { request: write }, 2);
-        assert_eq!(completed(&effects.unwrap_or_default()), vec![write]);
+        assert_eq!(
+            completed(&effects.expect("the call under test succeeds")),
+            vec![write]
+        );
         assert!(completed(&core.local_done(flush, Ok(()), 4)).is_empty());
         // A wrong count is a protocol error.
         assert!(core
@@ -1010,7 +1021,10 @@ mod replication_tests {
             },
             5,
         );
-        assert_eq!(completed(&effects.unwrap_or_default()), vec![flush]);
+        assert_eq!(
+            completed(&effects.expect("the call under test succeeds")),
+            vec![flush]
+        );
     }
 
     #[test]
@@ -1021,7 +1035,7 @@ mod replication_tests {
         core.local_done(first, Ok(()), 1);
         let effects = core
             .peer_ack(PEER, &PeerMessage::WriteAck { request: first }, 2)
-            .unwrap_or_default();
+            .expect("the call under test succeeds");
         // A write is still in flight: no barrier yet, but the epoch is marked for closing.
         assert!(sent(&effects).is_empty());
         let (third, effects) = core.submit(IoKind::Write, ByteRange::new(65536, 4096), 3);
@@ -1042,11 +1056,12 @@ mod replication_tests {
             ]
         );
         core.local_done(second, Ok(()), 4);
-        let _ = core.peer_ack(PEER, &PeerMessage::WriteAck { request: second }, 5);
+        core.peer_ack(PEER, &PeerMessage::WriteAck { request: second }, 5)
+            .expect("the ack is accepted");
         core.local_done(third, Ok(()), 6);
         let effects = core
             .peer_ack(PEER, &PeerMessage::WriteAck { request: third }, 7)
-            .unwrap_or_default();
+            .expect("the call under test succeeds");
         // Idle now: the open epoch is closed at once so that the peer can acknowledge it.
         assert_eq!(
             sent(&effects),
@@ -1111,7 +1126,7 @@ mod replication_tests {
         assert_eq!(core.stage(second), Some(Stage::WaitingForConflict));
         let effects = core
             .peer_ack(PEER, &PeerMessage::WriteAck { request: first }, 2)
-            .unwrap_or_default();
+            .expect("the call under test succeeds");
         // The second write goes out in a later epoch than the first.
         assert_eq!(
             sent(&effects),

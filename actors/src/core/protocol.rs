@@ -3,7 +3,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-/// When a replicated write may complete (replication-semantics.md section 1).
+/// When a replicated write may complete (docs/protocol.md, "Completion").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ReplicationProtocol {
     /// Complete once handed to the transport.

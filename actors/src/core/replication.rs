@@ -1,7 +1,7 @@
 //! Replication bookkeeping, deterministic like the rest of the core: the sending side per peer
 //! (sequence numbers, epochs and barriers, what each peer has yet to acknowledge, the
 //! out-of-sync blocks) and the receiving side per connection (applying writes in epoch order
-//! and acknowledging as the protocol says). Rules: replication-semantics.md sections 1-3.
+//! and acknowledging as the protocol says). Rules: docs/protocol.md, "Completion", "Epochs and barriers" and "Out of sync".
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -617,14 +617,18 @@ mod tests {
     #[test]
     fn receiver_applies_epochs_in_order_and_acks_after_flush() {
         let mut receiver = PeerReceiver::new(ReplicationProtocol::C);
-        let (a, effects) = receiver.on_write(1, 1, 10, 4096).unwrap_or_default();
+        let (a, effects) = receiver
+            .on_write(1, 1, 10, 4096)
+            .expect("the call under test succeeds");
         assert_eq!(effects, vec![ReceiverEffect::Apply(a)]);
         assert!(receiver
             .on_barrier(2, 1, 1, false)
-            .unwrap_or_default()
+            .expect("the call under test succeeds")
             .is_empty());
         // Epoch 2 arrives while epoch 1 is still being written: it must wait.
-        let (b, effects) = receiver.on_write(3, 2, 11, 4096).unwrap_or_default();
+        let (b, effects) = receiver
+            .on_write(3, 2, 11, 4096)
+            .expect("the call under test succeeds");
         assert!(effects.is_empty());
         let effects = receiver.local_done(a, Ok(()));
         assert_eq!(
@@ -634,7 +638,9 @@ mod tests {
                 ReceiverEffect::Flush(1)
             ]
         );
-        let effects = receiver.flush_done(1).unwrap_or_default();
+        let effects = receiver
+            .flush_done(1)
+            .expect("the call under test succeeds");
         assert_eq!(
             effects,
             vec![
@@ -659,7 +665,9 @@ mod tests {
     #[test]
     fn protocol_b_acks_on_receipt() {
         let mut receiver = PeerReceiver::new(ReplicationProtocol::B);
-        let (local, effects) = receiver.on_write(1, 1, 7, 10).unwrap_or_default();
+        let (local, effects) = receiver
+            .on_write(1, 1, 7, 10)
+            .expect("the call under test succeeds");
         assert_eq!(
             effects,
             vec![
@@ -673,14 +681,18 @@ mod tests {
     #[test]
     fn without_disk_flushes_only_flushing_barriers_flush() {
         let mut receiver = PeerReceiver::new(ReplicationProtocol::C).without_disk_flushes();
-        let (a, _) = receiver.on_write(1, 1, 10, 4096).unwrap_or_default();
+        let (a, _) = receiver
+            .on_write(1, 1, 10, 4096)
+            .expect("the call under test succeeds");
         assert!(receiver
             .on_barrier(2, 1, 1, false)
-            .unwrap_or_default()
+            .expect("the call under test succeeds")
             .is_empty());
         let effects = receiver.local_done(a, Ok(()));
         assert_eq!(effects.last(), Some(&ReceiverEffect::EpochWritten(1)));
-        let effects = receiver.flush_done(1).unwrap_or_default();
+        let effects = receiver
+            .flush_done(1)
+            .expect("the call under test succeeds");
         assert_eq!(
             effects,
             vec![ReceiverEffect::Ack(PeerMessage::BarrierAck {
@@ -690,7 +702,9 @@ mod tests {
         );
         // An fsync on the sender still makes the peer flush.
         assert_eq!(
-            receiver.on_barrier(3, 2, 0, true).unwrap_or_default(),
+            receiver
+                .on_barrier(3, 2, 0, true)
+                .expect("the call under test succeeds"),
             vec![ReceiverEffect::Flush(2)]
         );
     }

@@ -2237,3 +2237,288 @@ fn set_generations(meta: &mut DeviceMeta, generations: &Generations) {
 pub fn blocks(size_bytes: u64) -> u64 {
     size_bytes.div_ceil(BLOCK_SIZE)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::generation::JUST_CREATED_UUID;
+
+    const SIZE: u64 = 1 << 20;
+
+    fn config(id: u8, peer: u8) -> CoreConfig {
+        CoreConfig {
+            resource: "r0".into(),
+            node_id: id,
+            node_name: format!("n{id}"),
+            size_bytes: SIZE,
+            protocol: ReplicationProtocol::C,
+            disk_flushes: true,
+            peers: vec![PeerConfig {
+                id: peer,
+                name: format!("n{peer}"),
+            }],
+            timing: Timing::default(),
+            seed: u64::from(id),
+        }
+    }
+
+    fn meta(id: u8) -> DeviceMeta {
+        DeviceMeta::new("r0", id, SIZE, JUST_CREATED_UUID)
+    }
+
+    /// Two cores with instant, in-order delivery; every I/O and persist succeeds at once.
+    struct Pair {
+        nodes: [ResourceCore; 2],
+        done: Vec<(u8, CommandId, Result<String, CommandError>)>,
+        completed: Vec<(u8, RequestId, Result<(), IoFault>)>,
+        sent: Vec<(u8, PeerMessage)>,
+    }
+
+    impl Pair {
+        fn new() -> Self {
+            let mut pair = Pair {
+                nodes: [
+                    ResourceCore::new(config(1, 2), meta(1), 0),
+                    ResourceCore::new(config(2, 1), meta(2), 0),
+                ],
+                done: Vec::new(),
+                completed: Vec::new(),
+                sent: Vec::new(),
+            };
+            pair.run();
+            pair
+        }
+
+        fn connect(&mut self) {
+            self.nodes[0].handle(1, Input::TransportUp { peer: 2, conn: 1 });
+            self.nodes[1].handle(1, Input::TransportUp { peer: 1, conn: 1 });
+            self.run();
+        }
+
+        fn input(&mut self, node: usize, input: Input) {
+            self.nodes[node].handle(2, input);
+        }
+
+        /// Carries out effects until nothing is left; messages are delivered in order.
+        fn run(&mut self) {
+            loop {
+                let mut progress = false;
+                for index in 0..2 {
+                    let id = index as u8 + 1;
+                    while let Some(effect) = self.nodes[index].poll_effect() {
+                        progress = true;
+                        let other = 1 - index;
+                        match effect {
+                            Effect::Persist { version, .. } => self.nodes[index].handle(
+                                2,
+                                Input::Persisted {
+                                    version,
+                                    result: Ok(()),
+                                },
+                            ),
+                            Effect::StartLocal(rid) => self.nodes[index].handle(
+                                2,
+                                Input::LocalDone {
+                                    id: rid,
+                                    result: Ok(()),
+                                },
+                            ),
+                            Effect::FlushLocal { token } => self.nodes[index].handle(
+                                2,
+                                Input::LocalFlushed {
+                                    token,
+                                    result: Ok(()),
+                                },
+                            ),
+                            Effect::Send { message, .. } => {
+                                self.sent.push((id, message.clone()));
+                                self.nodes[other].handle(
+                                    2,
+                                    Input::PeerMessage {
+                                        peer: id,
+                                        conn: 1,
+                                        message,
+                                    },
+                                );
+                            }
+                            Effect::CommandDone {
+                                id: command,
+                                result,
+                            } => self.done.push((id, command, result)),
+                            Effect::Complete(rid, result) => self.completed.push((id, rid, result)),
+                            _ => {}
+                        }
+                    }
+                }
+                if !progress {
+                    return;
+                }
+            }
+        }
+
+        fn result(&self, node: u8, command: CommandId) -> Option<&Result<String, CommandError>> {
+            self.done
+                .iter()
+                .find(|(n, c, _)| *n == node && *c == command)
+                .map(|(_, _, result)| result)
+        }
+    }
+
+    #[test]
+    fn a_fresh_pair_connects_and_both_are_up_to_date() {
+        let mut pair = Pair::new();
+        pair.connect();
+        for node in &pair.nodes {
+            let link = node.links().next().expect("one link");
+            assert_eq!(link.connection, ConnectionState::Connected);
+            assert_eq!(node.disk(), DiskState::UpToDate);
+        }
+    }
+
+    #[test]
+    fn incompatible_hellos_are_refused_with_the_reason_on_both_sides() {
+        type Change = fn(&mut CoreConfig);
+        let cases: [(&str, Change); 2] = [
+            ("size", |c| c.size_bytes *= 2),
+            ("protocol", |c| c.protocol = ReplicationProtocol::A),
+        ];
+        for (word, change) in cases {
+            let mut pair = Pair::new();
+            let mut other = config(2, 1);
+            change(&mut other);
+            pair.nodes[1] = ResourceCore::new(other, meta(2), 0);
+            pair.run();
+            pair.connect();
+            for node in &pair.nodes {
+                let link = node.links().next().expect("one link");
+                assert_ne!(link.connection, ConnectionState::Connected, "{word}");
+                let error = link.last_error.unwrap_or_default();
+                assert!(error.contains(word), "{word}: {error}");
+            }
+        }
+    }
+
+    #[test]
+    fn crossing_promotions_end_with_the_lower_id_primary_and_the_loser_names_it() {
+        let mut pair = Pair::new();
+        pair.connect();
+        // Both prepares leave before either arrives.
+        pair.nodes[0].handle(
+            3,
+            Input::Command {
+                id: 10,
+                command: Command::Promote { force: false },
+            },
+        );
+        pair.nodes[1].handle(
+            3,
+            Input::Command {
+                id: 20,
+                command: Command::Promote { force: false },
+            },
+        );
+        pair.run();
+        assert_eq!(pair.result(1, 10), Some(&Ok("Primary".to_owned())));
+        assert_eq!(
+            pair.result(2, 20),
+            Some(&Err(CommandError::LostRace("n1".into())))
+        );
+        assert_eq!(pair.nodes[0].role(), Role::Primary);
+        assert_eq!(pair.nodes[1].role(), Role::Secondary);
+    }
+
+    #[test]
+    fn a_primary_refuses_data_from_its_peer_and_drops_the_link() {
+        let mut pair = Pair::new();
+        pair.connect();
+        pair.input(
+            0,
+            Input::Command {
+                id: 1,
+                command: Command::Promote { force: false },
+            },
+        );
+        pair.run();
+        pair.input(
+            0,
+            Input::PeerWrite {
+                peer: 2,
+                conn: 1,
+                write: PeerWrite {
+                    seq: 1,
+                    epoch: 1,
+                    request: 9,
+                    offset: 0,
+                    len: 4096,
+                    discard: false,
+                },
+            },
+        );
+        let effects: Vec<Effect> = pair.nodes[0].drain_effects().collect();
+        assert!(
+            !effects
+                .iter()
+                .any(|e| matches!(e, Effect::ApplyPeerWrite { .. })),
+            "{effects:?}"
+        );
+        assert!(effects
+            .iter()
+            .any(|e| matches!(e, Effect::ForgetPayload { seq: 1, .. })));
+        assert!(effects
+            .iter()
+            .any(|e| matches!(e, Effect::CloseConnection { peer: 2, .. })));
+        let link = pair.nodes[0].link(2).expect("link");
+        assert!(link
+            .last_error
+            .is_some_and(|e| e.contains("while it is not Primary")));
+    }
+
+    #[test]
+    fn a_forced_promotion_alone_starts_a_new_generation_before_writes_complete() {
+        let mut pair = Pair::new();
+        pair.input(
+            0,
+            Input::Command {
+                id: 1,
+                command: Command::Promote { force: true },
+            },
+        );
+        let effects: Vec<Effect> = pair.nodes[0].drain_effects().collect();
+        let persisted = effects.iter().find_map(|e| match e {
+            Effect::Persist { meta, .. } => Some(meta.clone()),
+            _ => None,
+        });
+        let meta = persisted.expect("the promotion persists its metadata");
+        assert_ne!(meta.current_uuid, JUST_CREATED_UUID);
+        assert_eq!(meta.bitmap_uuids.get(&2), Some(&JUST_CREATED_UUID));
+        assert_eq!(meta.history_uuids, vec![JUST_CREATED_UUID]);
+        // Not Primary until durable.
+        assert_eq!(pair.nodes[0].role(), Role::Secondary);
+    }
+
+    #[test]
+    fn a_node_with_peers_comes_back_consistent_after_a_crash_and_stays_so() {
+        let mut crashed = meta(1);
+        crashed.flags.clean_shutdown = false;
+        let mut core = ResourceCore::new(config(1, 2), crashed, 0);
+        assert_eq!(core.disk(), DiskState::Consistent);
+        let persisted = core.drain_effects().find_map(|e| match e {
+            Effect::Persist { meta, .. } => Some(meta),
+            _ => None,
+        });
+        let again = persisted.expect("the in-use mark");
+        assert!(again.flags.unconfirmed);
+        // A second start from that metadata (another crash, or a clean stop) is Consistent too.
+        let core = ResourceCore::new(config(1, 2), again, 0);
+        assert_eq!(core.disk(), DiskState::Consistent);
+        // Without peers nobody can be newer.
+        let mut alone = config(1, 2);
+        alone.peers.clear();
+        let mut crashed = meta(1);
+        crashed.flags.clean_shutdown = false;
+        assert_eq!(
+            ResourceCore::new(alone, crashed, 0).disk(),
+            DiskState::UpToDate
+        );
+    }
+}

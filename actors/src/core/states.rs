@@ -9,7 +9,7 @@ pub enum Role {
     Secondary,
 }
 
-/// The state of a node's local data (replication-semantics.md section 9).
+/// The state of a node's local data (docs/protocol.md, "States").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum DiskState {
     Diskless,
@@ -33,7 +33,7 @@ macro_rules! display_as_debug {
 
 display_as_debug!(Role, DiskState);
 
-/// The state of a connection to one peer (replication-semantics.md section 9).
+/// The state of a connection to one peer (docs/protocol.md, "States").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ConnectionState {
     StandAlone,
