@@ -12,77 +12,22 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use tokio::sync::{broadcast, oneshot, OwnedSemaphorePermit, Semaphore};
 
-use crate::buffer::PooledBuf;
 use crate::core::messages::{Epoch, PeerMessage};
 use crate::core::replication::{Outgoing, PeerId};
 use crate::core::resource::{
     Command, CommandError, CommandId, CoreConfig, Effect, Input, LinkStatus, PeerWrite,
     ResourceCore, Timing,
 };
-use crate::core::{
-    ByteRange, DeviceStats, DiskState, IoFault, IoKind, ReplicationProtocol, RequestId, Role, Tick,
-};
+use crate::core::{DeviceStats, DiskState, IoFault, ReplicationProtocol, RequestId, Role, Tick};
 use crate::meta::DeviceMeta;
 use crate::metadata::{MetaActor, SaveMeta};
 use crate::ports::BlockStore;
-use crate::retry::{PostponedIo, RetryActor, RetryPostponed};
+use crate::retry::{PostponedIo, Resubmit, RetryActor, RetryPostponed};
 
 /// How many local I/O operations of one volume run at once on the blocking pool.
 pub const LOCAL_IO_SLOTS: usize = 32;
 
-/// An application request as the front end hands it over.
-pub enum IoOp {
-    /// Read `buf.len()` bytes at `offset` into `buf`.
-    Read {
-        offset: u64,
-        buf: PooledBuf,
-    },
-    /// Shared: the local write and every peer's send read the same bytes.
-    Write {
-        offset: u64,
-        data: SharedBuf,
-    },
-    Discard {
-        offset: u64,
-        len: u64,
-    },
-    Flush,
-}
-
-impl IoOp {
-    fn kind_and_range(&self) -> (IoKind, ByteRange) {
-        match self {
-            IoOp::Read { offset, buf } => (IoKind::Read, ByteRange::new(*offset, buf.len() as u64)),
-            IoOp::Write { offset, data } => {
-                (IoKind::Write, ByteRange::new(*offset, data.len() as u64))
-            }
-            IoOp::Discard { offset, len } => (IoKind::Discard, ByteRange::new(*offset, *len)),
-            IoOp::Flush => (IoKind::Flush, ByteRange::new(0, 0)),
-        }
-    }
-}
-
-impl std::fmt::Debug for IoOp {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let (kind, range) = self.kind_and_range();
-        write!(f, "{kind:?}@{}+{}", range.offset, range.len)
-    }
-}
-
-/// Write data, shared between the local store and the peers' senders.
-pub type SharedBuf = Arc<PooledBuf>;
-
-/// What a completed request gives back.
-#[derive(Debug)]
-pub enum IoDone {
-    Read(PooledBuf),
-    Written(u32),
-    Discarded,
-    Flushed,
-}
-
-/// The reply path of one request: called exactly once, from the actor's thread.
-pub type IoReply = Box<dyn FnOnce(Result<IoDone, IoFault>) + Send>;
+pub use crate::io::{IoDone, IoOp, IoReply, SharedBuf};
 
 /// Submits an application request.
 #[derive(Message)]
@@ -846,11 +791,6 @@ impl Handler<SubmitIo> for DeviceActor {
         self.submit(msg.op, msg.reply, msg.issued, ctx);
     }
 }
-
-/// A postponed request coming back from the retry actor.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Resubmit(pub PostponedIo);
 
 impl Handler<Resubmit> for DeviceActor {
     type Result = ();

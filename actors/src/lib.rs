@@ -7,6 +7,7 @@ pub mod buffer;
 pub mod core;
 pub mod device;
 pub mod gate;
+pub mod io;
 pub mod meta;
 pub mod metadata;
 pub mod ports;

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use actix::prelude::*;
 
-use crate::device::{IoOp, IoReply, Resubmit};
+use crate::io::{IoOp, IoReply};
 
 /// A request handed back by its device, with everything needed to issue it again.
 pub struct PostponedIo {
@@ -22,6 +22,11 @@ pub struct PostponedIo {
     /// The application's original issue time; re-submission keeps it.
     pub issued: Instant,
 }
+
+/// A postponed request coming back from the retry actor to its device.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Resubmit(pub PostponedIo);
 
 /// Take ownership of a postponed request and re-submit it to `device`.
 #[derive(Message)]
