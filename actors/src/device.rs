@@ -55,8 +55,6 @@ pub struct DeviceSnapshot {
     pub changing: bool,
     pub down: bool,
     pub peers: Vec<LinkStatus>,
-    /// The current state as `exists` lines, for a new `events` subscriber.
-    pub describe: Vec<String>,
 }
 
 impl Default for DeviceSnapshot {
@@ -75,7 +73,6 @@ impl Default for DeviceSnapshot {
             changing: false,
             down: false,
             peers: Vec::new(),
-            describe: Vec::new(),
         }
     }
 }
@@ -645,9 +642,18 @@ impl DeviceActor {
         }
         snapshot.changing = core.is_changing();
         snapshot.down = core.is_down();
-        snapshot.peers.clear();
-        snapshot.peers.extend(core.links());
-        snapshot.describe = core.describe();
+        // In place: strings are compared, and copied only when they changed (this runs after
+        // every request).
+        let mut index = 0;
+        for link in core.links_view() {
+            if let Some(slot) = snapshot.peers.get_mut(index) {
+                link.update(slot);
+            } else {
+                snapshot.peers.push(link.to_status());
+            }
+            index += 1;
+        }
+        snapshot.peers.truncate(index);
     }
 
     fn link_event(&mut self, peer: PeerId, event: LinkEvent, ctx: &mut Context<Self>) {

@@ -11,7 +11,9 @@ use actix::prelude::*;
 use tokio::sync::{broadcast, oneshot};
 
 use crate::core::replication::PeerId;
-use crate::core::resource::{Command, CommandError, CoreConfig, PeerConfig, Timing};
+use crate::core::resource::{
+    describe_lines, Command, CommandError, CoreConfig, PeerConfig, Timing,
+};
 use crate::core::{ConnectionState, ReplicationProtocol};
 use crate::device::{DeviceActor, DeviceSetup, RunCommand, SharedSnapshot, StopDevice};
 use crate::gate::{GateRefused, ImageGate};
@@ -365,6 +367,12 @@ impl Handler<DescribeState> for ResourceSupervisor {
             .device_snapshot
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        MessageResult(snapshot.describe.clone())
+        MessageResult(describe_lines(
+            &self.name,
+            snapshot.role,
+            snapshot.disk,
+            snapshot.suspended,
+            &snapshot.peers,
+        ))
     }
 }

@@ -288,6 +288,54 @@ pub struct LinkStatus {
     pub received_bytes: u64,
 }
 
+/// A borrowed view of one link's observable state.
+pub struct LinkView<'a> {
+    link: &'a Link,
+    sender: Option<&'a super::replication::PeerSender>,
+}
+
+impl LinkView<'_> {
+    pub fn to_status(&self) -> LinkStatus {
+        let mut status = LinkStatus {
+            peer: self.link.id,
+            name: self.link.name.clone(),
+            connection: self.link.state,
+            role: None,
+            disk: None,
+            peer_current_uuid: 0,
+            last_error: None,
+            out_of_sync_bytes: 0,
+            unacked: 0,
+            pending: 0,
+            sent_bytes: 0,
+            received_bytes: 0,
+        };
+        self.update(&mut status);
+        status
+    }
+
+    /// Brings `status` up to date, copying strings only when they changed.
+    pub fn update(&self, status: &mut LinkStatus) {
+        let (link, sender) = (self.link, self.sender);
+        status.peer = link.id;
+        if status.name != link.name {
+            status.name.clone_from(&link.name);
+        }
+        status.connection = link.state;
+        status.role = link.role;
+        status.disk = link.disk;
+        status.peer_current_uuid = link.current_uuid;
+        if status.last_error != link.last_error {
+            status.last_error.clone_from(&link.last_error);
+        }
+        status.out_of_sync_bytes = sender.map_or(0, |s| s.out_of_sync.dirty_bytes());
+        status.unacked = sender.map_or(0, |s| s.unacked_writes());
+        status.pending = link.receiver.pending();
+        status.sent_bytes = sender.map_or(0, |s| s.sent_bytes);
+        status.received_bytes = link.receiver.received_bytes;
+    }
+}
+
 #[derive(Debug)]
 struct Link {
     id: PeerId,
@@ -551,22 +599,14 @@ impl ResourceCore {
     }
 
     pub fn links(&self) -> impl Iterator<Item = LinkStatus> + '_ {
-        self.links.values().map(|link| {
-            let sender = self.device.peer(link.id);
-            LinkStatus {
-                peer: link.id,
-                name: link.name.clone(),
-                connection: link.state,
-                role: link.role,
-                disk: link.disk,
-                peer_current_uuid: link.current_uuid,
-                last_error: link.last_error.clone(),
-                out_of_sync_bytes: sender.map_or(0, |s| s.out_of_sync.dirty_bytes()),
-                unacked: sender.map_or(0, |s| s.unacked_writes()),
-                pending: link.receiver.pending(),
-                sent_bytes: sender.map_or(0, |s| s.sent_bytes),
-                received_bytes: link.receiver.received_bytes,
-            }
+        self.links_view().map(|view| view.to_status())
+    }
+
+    /// The links as borrowed views, for a status snapshot updated in place.
+    pub fn links_view(&self) -> impl Iterator<Item = LinkView<'_>> + '_ {
+        self.links.values().map(|link| LinkView {
+            link,
+            sender: self.device.peer(link.id),
         })
     }
 
@@ -2180,29 +2220,40 @@ impl ResourceCore {
 
     /// The current state as `exists` lines, for a new `events` subscriber.
     pub fn describe(&self) -> Vec<String> {
-        let resource = &self.config.resource;
-        let mut lines = vec![format!(
-            "exists resource name:{resource} role:{} disk:{} suspended:{}",
+        let links: Vec<LinkStatus> = self.links().collect();
+        describe_lines(
+            &self.config.resource,
             self.role,
             self.disk,
-            if self.device.is_suspended() {
-                "user"
-            } else {
-                "no"
-            }
-        )];
-        for link in self.links.values() {
-            lines.push(format!(
-                "exists connection name:{resource} peer-node-id:{} conn-name:{} connection:{} role:{}",
-                link.id,
-                link.name,
-                link.state,
-                link.role
-                    .map_or_else(|| "Unknown".to_owned(), |r| r.to_string())
-            ));
-        }
-        lines
+            self.device.is_suspended(),
+            &links,
+        )
     }
+}
+
+/// A resource's state as `exists` lines (the start of `qrbd events`).
+pub fn describe_lines(
+    resource: &str,
+    role: Role,
+    disk: DiskState,
+    suspended: bool,
+    links: &[LinkStatus],
+) -> Vec<String> {
+    let mut lines = vec![format!(
+        "exists resource name:{resource} role:{role} disk:{disk} suspended:{}",
+        if suspended { "user" } else { "no" }
+    )];
+    for link in links {
+        lines.push(format!(
+            "exists connection name:{resource} peer-node-id:{} conn-name:{} connection:{} role:{}",
+            link.peer,
+            link.name,
+            link.connection,
+            link.role
+                .map_or_else(|| "Unknown".to_owned(), |r| r.to_string())
+        ));
+    }
+    lines
 }
 
 fn new_receiver(config: &CoreConfig) -> PeerReceiver {
