@@ -258,12 +258,25 @@ pub fn encode(msg: &PeerMessage) -> Vec<u8> {
             role,
             disk,
             current_uuid,
+            bitmap_uuids,
+            history_uuids,
             receiver_missing_bytes,
         } => {
             out.push(TAG_STATE);
             out.push(role_code(*role));
             out.push(disk_code(*disk));
             out.extend_from_slice(&current_uuid.to_be_bytes());
+            let bitmaps = &bitmap_uuids[..bitmap_uuids.len().min(usize::from(MAX_HISTORY))];
+            out.extend_from_slice(&(bitmaps.len() as u16).to_be_bytes());
+            for (node, uuid) in bitmaps {
+                out.push(*node);
+                out.extend_from_slice(&uuid.to_be_bytes());
+            }
+            let history = &history_uuids[..history_uuids.len().min(usize::from(MAX_HISTORY))];
+            out.extend_from_slice(&(history.len() as u16).to_be_bytes());
+            for uuid in history {
+                out.extend_from_slice(&uuid.to_be_bytes());
+            }
             out.extend_from_slice(&receiver_missing_bytes.to_be_bytes());
         }
         PeerMessage::Data {
@@ -601,6 +614,32 @@ pub fn decode_frame_body(body: &[u8]) -> Result<PeerMessage, WireError> {
             role: r.enum_u8("role", role_from)?,
             disk: r.enum_u8("disk", disk_from)?,
             current_uuid: r.u64("current_uuid")?,
+            bitmap_uuids: {
+                let count = r.u16("bitmap count")?;
+                if count > MAX_HISTORY {
+                    return Err(WireError::BadValue {
+                        message: "State",
+                        field: "bitmap count",
+                        value: u64::from(count),
+                    });
+                }
+                (0..count)
+                    .map(|_| Ok((r.u8("bitmap node")?, r.u64("bitmap uuid")?)))
+                    .collect::<Result<Vec<(u8, u64)>, WireError>>()?
+            },
+            history_uuids: {
+                let count = r.u16("history length")?;
+                if count > MAX_HISTORY {
+                    return Err(WireError::BadValue {
+                        message: "State",
+                        field: "history length",
+                        value: u64::from(count),
+                    });
+                }
+                (0..count)
+                    .map(|_| r.u64("history uuid"))
+                    .collect::<Result<Vec<u64>, WireError>>()?
+            },
             receiver_missing_bytes: r.u64("receiver_missing_bytes")?,
         },
         TAG_DISCARD => PeerMessage::Discard {
@@ -866,12 +905,16 @@ mod tests {
                 role: Role::Primary,
                 disk: DiskState::UpToDate,
                 current_uuid: u64::MAX,
+                bitmap_uuids: vec![(2, 99), (31, u64::MAX)],
+                history_uuids: vec![1, 2, 3],
                 receiver_missing_bytes: 7,
             },
             PeerMessage::State {
                 role: Role::Secondary,
                 disk: DiskState::Diskless,
                 current_uuid: 0,
+                bitmap_uuids: Vec::new(),
+                history_uuids: Vec::new(),
                 receiver_missing_bytes: 0,
             },
             PeerMessage::Data {
@@ -953,6 +996,8 @@ mod tests {
             role: Role::Secondary,
             disk,
             current_uuid: 42,
+            bitmap_uuids: vec![(1, 8)],
+            history_uuids: vec![6],
             receiver_missing_bytes: u64::MAX,
         }));
         msgs.push(PeerMessage::Hello {
@@ -1055,6 +1100,8 @@ mod tests {
             role: Role::Primary,
             disk: DiskState::UpToDate,
             current_uuid: 1,
+            bitmap_uuids: Vec::new(),
+            history_uuids: Vec::new(),
             receiver_missing_bytes: 0,
         })[4..]
             .to_vec();

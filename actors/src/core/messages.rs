@@ -45,6 +45,10 @@ pub enum PeerMessage {
         role: Role,
         disk: DiskState,
         current_uuid: u64,
+        /// The sender's bitmap identifiers, per node id (the generation at which it started
+        /// writing without that node), so that its Secondaries learn who lacks what.
+        bitmap_uuids: Vec<(u8, u64)>,
+        history_uuids: Vec<u64>,
         /// How many bytes the sender counts as out of sync for the receiver: blocks written
         /// while the receiver was away, which it lacks until a resync.
         receiver_missing_bytes: u64,

@@ -958,8 +958,17 @@ impl ResourceCore {
                 role,
                 disk,
                 current_uuid,
+                bitmap_uuids,
+                history_uuids,
                 receiver_missing_bytes,
-            } => self.peer_state(peer, role, disk, current_uuid, receiver_missing_bytes, now),
+            } => {
+                let generations = Generations {
+                    current: current_uuid,
+                    bitmap: bitmap_uuids.into_iter().filter(|(_, u)| *u != 0).collect(),
+                    history: history_uuids,
+                };
+                self.peer_state(peer, role, disk, generations, receiver_missing_bytes, now)
+            }
             ack @ (PeerMessage::RecvAck { .. }
             | PeerMessage::WriteAck { .. }
             | PeerMessage::NegAck { .. }
@@ -1038,10 +1047,11 @@ impl ResourceCore {
         peer: PeerId,
         role: Role,
         disk: DiskState,
-        current_uuid: u64,
+        remote: Generations,
         missing: u64,
         now: Tick,
     ) {
+        let current_uuid = remote.current;
         if role == Role::Primary && self.role == Role::Primary {
             let reason = format!(
                 "both this node and peer {} are Primary; two primaries are not allowed",
@@ -1077,17 +1087,52 @@ impl ResourceCore {
         }
         if missing > 0 && self.role == Role::Secondary {
             self.become_outdated(peer, missing);
-        } else if role == Role::Primary
-            && self.role == Role::Secondary
-            && self.disk == DiskState::UpToDate
-            && current_uuid != self.meta.current_uuid
+            return;
+        }
+        if current_uuid == self.meta.current_uuid || self.role != Role::Secondary {
+            return;
+        }
+        if role == Role::Primary {
+            if self.disk == DiskState::UpToDate
+                && remote.history.first() == Some(&self.meta.current_uuid)
+            {
+                // Our Primary started a new generation (some other node is away) while we
+                // have every write of the old one: we follow it, and learn from it who lacks
+                // what (its bitmap identifiers for the other nodes).
+                let mut generations = generations_of(&self.meta);
+                generations.start_new(current_uuid, []);
+                for (node, uuid) in &remote.bitmap {
+                    if *node != self.config.node_id {
+                        generations.bitmap.entry(*node).or_insert(*uuid);
+                    }
+                }
+                set_generations(&mut self.meta, &generations);
+                self.persist(None);
+                self.announce_state();
+            }
+            return;
+        }
+        // A Secondary peer in another generation. A node that follows a connected Primary
+        // learns generations from it (a fellow Secondary may just be ahead by a moment); a node
+        // without one compares, as at connect time, and learns whether it fell behind.
+        if self
+            .links
+            .values()
+            .any(|l| l.is_connected() && l.role == Some(Role::Primary))
         {
-            // Our Primary started a new generation (some other peer is away) while we have
-            // every write of the old one: we follow it.
-            let mut generations = generations_of(&self.meta);
-            generations.start_new(current_uuid, []);
-            set_generations(&mut self.meta, &generations);
-            self.persist(None);
+            return;
+        }
+        let mut remote = remote;
+        let for_us = remote.bitmap_for(self.config.node_id);
+        remote.bitmap.clear();
+        if for_us != 0 {
+            remote.bitmap.insert(self.config.node_id, for_us);
+        }
+        let local = generations_of(&self.meta);
+        if let SyncDecision::LocalBehind { .. } =
+            compare_generations(&local, self.disk, self.config.node_id, &remote, disk, peer)
+        {
+            self.become_outdated(peer, 0);
         }
     }
 
@@ -2148,6 +2193,13 @@ impl ResourceCore {
                 role: self.role,
                 disk: self.disk,
                 current_uuid: self.meta.current_uuid,
+                bitmap_uuids: self
+                    .meta
+                    .bitmap_uuids
+                    .iter()
+                    .map(|(node, uuid)| (*node, *uuid))
+                    .collect(),
+                history_uuids: self.meta.history_uuids.clone(),
                 receiver_missing_bytes: self.missing_for(peer),
             };
             self.effects.push_back(Effect::Send { peer, message });
