@@ -1277,6 +1277,16 @@ impl ResourceCore {
                 return;
             }
         }
+        if matches!(self.change, Change::Demoting { .. }) {
+            // Its last writes as Primary are draining; a peer that joins now would be sent
+            // writes by a node it knows as Secondary. Later.
+            let reason = format!(
+                "{} is finishing its writes as Primary; try again once it is Secondary",
+                ours.node_name
+            );
+            self.refuse(peer, reason, false, now);
+            return;
+        }
         if matches!(self.change, Change::Promoting(_)) {
             // This node's promotion did not ask the peer (it was not connected then) and may
             // commit while the peer is, or becomes, Primary too: refuse for now; the retry
