@@ -9,7 +9,16 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use qrbd_actors::buffer::BufferPool;
-use qrbd_actors::core::{ByteRange, DeviceCore, IoKind, RequestId, VolumeEffect as Effect};
+use qrbd_actors::core::generation::JUST_CREATED_UUID;
+use qrbd_actors::core::messages::PeerMessage;
+use qrbd_actors::core::replication::Outgoing;
+use qrbd_actors::core::resource::{
+    CoreConfig, Effect as CoreEffect, Input, PeerConfig, ResourceCore, Timing,
+};
+use qrbd_actors::core::{
+    ByteRange, DeviceCore, IoKind, ReplicationProtocol, RequestId, VolumeEffect as Effect,
+};
+use qrbd_actors::meta::DeviceMeta;
 
 const BLOCK: u64 = 4096;
 /// 1 GiB device: 262144 distinct 4 KiB blocks to cycle through.
@@ -109,6 +118,179 @@ fn device_core(c: &mut Criterion) {
     group.finish();
 }
 
+/// A Primary's resource core with one connected protocol-C peer, in steady state: every cycle
+/// submits one 4 KiB write and completes the oldest (local done, then the peer's WriteAck), and
+/// answers every barrier with its ack. The per-write CPU the protocol costs a Primary's actor.
+struct Replicated {
+    core: ResourceCore,
+    in_flight: VecDeque<RequestId>,
+    next: RequestId,
+    tick: u64,
+}
+
+impl Replicated {
+    fn new(depth: usize) -> Self {
+        let config = CoreConfig {
+            resource: "r0".into(),
+            node_id: 0,
+            node_name: "alpha".into(),
+            size_bytes: DEVICE_SIZE,
+            protocol: ReplicationProtocol::C,
+            disk_flushes: true,
+            peers: vec![PeerConfig {
+                id: 1,
+                name: "beta".into(),
+            }],
+            timing: Timing::default(),
+            seed: 1,
+        };
+        let meta = DeviceMeta::new("r0", 0, DEVICE_SIZE, JUST_CREATED_UUID);
+        let mut bench = Replicated {
+            core: ResourceCore::new(config, meta, 0),
+            in_flight: VecDeque::new(),
+            next: 1,
+            tick: 1,
+        };
+        bench.settle();
+        // Connect, handshake with the peer's Hello, promote; all metadata durable at once.
+        bench
+            .core
+            .handle(1, Input::TransportUp { peer: 1, conn: 1 });
+        let hello = PeerMessage::Hello {
+            protocol_version: qrbd_actors::core::messages::PROTOCOL_VERSION,
+            node_id: 1,
+            node_name: "beta".into(),
+            resource: "r0".into(),
+            size_bytes: DEVICE_SIZE,
+            protocol: ReplicationProtocol::C,
+            role: qrbd_actors::core::Role::Secondary,
+            disk: qrbd_actors::core::DiskState::UpToDate,
+            current_uuid: JUST_CREATED_UUID,
+            bitmap_uuid: 0,
+            history_uuids: Vec::new(),
+            receiver_missing_bytes: 0,
+        };
+        bench.core.handle(
+            1,
+            Input::PeerMessage {
+                peer: 1,
+                conn: 1,
+                message: hello,
+            },
+        );
+        bench.settle();
+        bench.core.handle(
+            1,
+            Input::Command {
+                id: 1,
+                command: qrbd_actors::core::resource::Command::Promote { force: false },
+            },
+        );
+        bench.settle();
+        for _ in 0..depth {
+            bench.submit();
+        }
+        bench
+    }
+
+    /// Carries out what needs no request: metadata, prepares agreed by the peer, barrier acks.
+    fn settle(&mut self) {
+        while let Some(effect) = self.core.poll_effect() {
+            self.answer(effect);
+        }
+    }
+
+    fn answer(&mut self, effect: CoreEffect) {
+        let input = match effect {
+            CoreEffect::Persist { version, .. } => Input::Persisted {
+                version,
+                result: Ok(()),
+            },
+            CoreEffect::Send {
+                message: PeerMessage::StatePrepare { transaction, .. },
+                ..
+            } => Input::PeerMessage {
+                peer: 1,
+                conn: 1,
+                message: PeerMessage::StateReply {
+                    transaction,
+                    refusal: None,
+                },
+            },
+            CoreEffect::SendData {
+                outgoing: Outgoing::Barrier { epoch, writes, .. },
+                ..
+            } => Input::PeerMessage {
+                peer: 1,
+                conn: 1,
+                message: PeerMessage::BarrierAck { epoch, writes },
+            },
+            other => {
+                black_box(other);
+                return;
+            }
+        };
+        self.core.handle(self.tick, input);
+    }
+
+    fn submit(&mut self) {
+        self.tick += 1;
+        let id = self.next;
+        self.next += 1;
+        let offset = disjoint(id);
+        self.core.handle(
+            self.tick,
+            Input::Submit {
+                id,
+                kind: IoKind::Write,
+                range: ByteRange::new(offset, BLOCK),
+                start: self.tick,
+            },
+        );
+        self.settle();
+        self.in_flight.push_back(id);
+    }
+
+    fn complete_oldest(&mut self) {
+        let Some(id) = self.in_flight.pop_front() else {
+            return;
+        };
+        self.tick += 1;
+        self.core
+            .handle(self.tick, Input::LocalDone { id, result: Ok(()) });
+        self.core.handle(
+            self.tick,
+            Input::PeerMessage {
+                peer: 1,
+                conn: 1,
+                message: PeerMessage::WriteAck { request: id },
+            },
+        );
+        self.settle();
+    }
+}
+
+fn resource_core(c: &mut Criterion) {
+    let mut group = c.benchmark_group("resource_core_replicated_write");
+    group.throughput(Throughput::Elements(1));
+    for depth in IN_FLIGHT {
+        group.bench_with_input(
+            BenchmarkId::new("protocol_c", depth),
+            &depth,
+            |b, &depth| {
+                let mut bench = Replicated::new(depth);
+                assert_eq!(bench.core.role(), qrbd_actors::core::Role::Primary);
+                b.iter(|| {
+                    bench.submit();
+                    bench.complete_oldest();
+                });
+                assert_eq!(bench.core.device().app_in_flight(), depth as u64);
+            },
+        );
+    }
+    group.finish();
+}
+
 fn buffer_pool(c: &mut Criterion) {
     let mut group = c.benchmark_group("buffer_pool_acquire_release");
     group.throughput(Throughput::Elements(1));
@@ -146,6 +328,6 @@ fn quick() -> Criterion {
 criterion_group! {
     name = benches;
     config = quick();
-    targets = device_core, buffer_pool
+    targets = device_core, resource_core, buffer_pool
 }
 criterion_main!(benches);

@@ -249,7 +249,18 @@ impl Handler<Promote> for ResourceSupervisor {
         let outcome = self.run(Command::Promote { force: msg.force });
         Box::pin(outcome.into_actor(self).map(|result, actor, _| {
             result?;
-            actor.gate.set_primary();
+            // A demotion handled after this promotion may already be under way: the image
+            // opens for writing only while the core is Primary and not changing.
+            let primary_now = {
+                let snapshot = actor
+                    .device_snapshot
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                snapshot.role == crate::core::Role::Primary && !snapshot.changing
+            };
+            if primary_now {
+                actor.gate.set_primary();
+            }
             Ok(())
         }))
     }

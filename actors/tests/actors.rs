@@ -749,17 +749,28 @@ async fn supervisor_role_changes_drain_and_shutdown() {
         let supervisor = supervisor.clone();
         actix_rt::spawn(async move { supervisor.send(Demote).await })
     };
-    // ...and meanwhile the supervisor keeps answering: it never waits on I/O.
-    let mid = eventually_status(&supervisor, "role Secondary", |s| s.role == Role::Secondary).await;
+    // ...and meanwhile the supervisor keeps answering: it never waits on I/O. The demotion is
+    // under way (another state change is refused), and the role stays Primary until the
+    // drained writes are durable.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let answer = tokio::time::timeout(RESPONSIVE, supervisor.send(Promote { force: false }))
+            .await
+            .expect("the supervisor answers while the demotion drains")
+            .expect("supervisor alive");
+        if answer == Err(StateChangeError::Refused(CommandError::Busy)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the demotion never started: {answer:?}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    let mid = status(&supervisor).await;
+    assert_eq!(mid.role, Role::Primary);
     assert_eq!(mid.app_in_flight, 1);
     assert_eq!(mid.written_bytes, 4096);
-    assert_eq!(
-        supervisor
-            .send(Promote { force: false })
-            .await
-            .expect("supervisor alive"),
-        Err(StateChangeError::Refused(CommandError::Busy))
-    );
     assert_eq!(gate.open(true), Err(OpenRefused::NotPrimary));
     for _ in 0..5 {
         status(&supervisor).await;

@@ -1990,15 +1990,16 @@ impl ResourceCore {
         if self.role == Role::Secondary {
             return self.done(id, Ok("already Secondary".into()));
         }
-        self.role = Role::Secondary;
+        // No new writes from now on; the role stays Primary, to the peers too, until the
+        // admitted writes drained and are durable: until then this node's writes may still
+        // reach them, and nobody else may become Primary.
         let effects = self.device.set_writable(false);
         self.volume_effects(effects, now);
         self.change = Change::Demoting {
             command: id,
             step: DrainStep::Draining,
         };
-        tracing::info!(resource = %self.config.resource, "role changed to Secondary");
-        self.announce_state();
+        tracing::info!(resource = %self.config.resource, "demoting: draining the writes in flight");
     }
 
     fn shutdown(&mut self, id: CommandId, now: Tick) {
@@ -2036,7 +2037,19 @@ impl ResourceCore {
             _ => return,
         };
         let drained = match self.change {
-            Change::Demoting { .. } => self.device.admitted() == 0,
+            // Also every connected peer acknowledged (and flushed) every barrier: once
+            // Secondary, this node no longer counts what its peers lack, so they must lack
+            // nothing (protocols A and B complete writes before the peer wrote them).
+            Change::Demoting { .. } => {
+                self.device.admitted() == 0
+                    && self.links.values().all(|link| {
+                        !link.is_connected()
+                            || self
+                                .device
+                                .peer(link.id)
+                                .is_none_or(|sender| sender.unacked_writes() == 0)
+                    })
+            }
             _ => self.device.is_idle(),
         };
         if step == DrainStep::Draining && drained {
@@ -2065,7 +2078,7 @@ impl ResourceCore {
             return;
         }
         if let Err(fault) = result {
-            self.change = Change::None;
+            self.abandon_drain();
             return self.done(command, Err(CommandError::LocalIo(fault)));
         }
         self.meta.flags.was_primary = false;
@@ -2074,6 +2087,16 @@ impl ResourceCore {
         }
         let version = self.persist(None);
         self.set_drain_step(DrainStep::Persisting(version));
+    }
+
+    /// A demotion that failed (its flush or metadata) leaves the node Primary, writable again.
+    fn abandon_drain(&mut self) {
+        if matches!(self.change, Change::Demoting { .. }) && self.role == Role::Primary {
+            self.meta.flags.was_primary = true;
+            let effects = self.device.set_writable(true);
+            self.volume_effects(effects, self.now);
+        }
+        self.change = Change::None;
     }
 
     // ----- metadata -----
@@ -2138,6 +2161,9 @@ impl ResourceCore {
         if let Some((command, DrainStep::Persisting(wanted))) = step {
             if wanted <= version {
                 let shutting_down = matches!(self.change, Change::ShuttingDown { .. });
+                if result.is_err() {
+                    self.abandon_drain();
+                }
                 self.change = Change::None;
                 match result {
                     Err(error) => self.done(command, Err(CommandError::Meta(error))),
@@ -2146,7 +2172,12 @@ impl ResourceCore {
                         tracing::info!(resource = %self.config.resource, "resource is down");
                         self.done(command, Ok("down".into()));
                     }
-                    Ok(()) => self.done(command, Ok("Secondary".into())),
+                    Ok(()) => {
+                        self.role = Role::Secondary;
+                        tracing::info!(resource = %self.config.resource, "role changed to Secondary");
+                        self.announce_state();
+                        self.done(command, Ok("Secondary".into()))
+                    }
                 }
             }
         }
