@@ -368,6 +368,8 @@ struct Link {
     /// the peer may have finished its side of the handshake and sent its State, or even
     /// writes, before its Hello reaches us); replayed in order once the handshake completes.
     early: Vec<Early>,
+    /// The peer's Hello, waiting for the writes of a lost connection to land.
+    deferred_hello: Option<PeerMessage>,
 }
 
 /// A data-stream arrival kept until the handshake completes.
@@ -464,6 +466,9 @@ pub struct ResourceCore {
     crashed: bool,
     /// Offset, length and kind of the received writes not yet applied, by (peer, seq).
     received_ranges: BTreeMap<(PeerId, u64), (u64, u64, bool)>,
+    /// Peer writes at the local store, by (peer, conn, seq): those of a lost connection still
+    /// land, so nothing newer may be written over them before they did.
+    at_store: BTreeSet<(PeerId, u64, u64)>,
     effects: VecDeque<Effect>,
     /// The time of the input being handled.
     now: Tick,
@@ -520,6 +525,7 @@ impl ResourceCore {
                     awaiting_requests: BTreeMap::new(),
                     awaiting_barriers: BTreeMap::new(),
                     early: Vec::new(),
+                    deferred_hello: None,
                 };
                 (peer.id, link)
             })
@@ -544,6 +550,7 @@ impl ResourceCore {
             down: false,
             crashed,
             received_ranges: BTreeMap::new(),
+            at_store: BTreeSet::new(),
             effects: VecDeque::new(),
             now,
         };
@@ -673,12 +680,14 @@ impl ResourceCore {
                 seq,
                 result,
             } => {
+                self.at_store.remove(&(peer, conn, seq));
                 if self.current_conn(peer) == Some(conn) {
                     if let Some(link) = self.links.get_mut(&peer) {
                         let effects = link.receiver.local_done(seq, result);
                         self.receiver_effects(peer, effects, now);
                     }
                 }
+                self.resume_deferred_hellos(now);
             }
             Input::PeerFlushed { peer, conn, epoch } => {
                 if self.current_conn(peer) == Some(conn) {
@@ -881,6 +890,7 @@ impl ResourceCore {
                 ReceiverEffect::Apply(seq) => {
                     if let Some((offset, len, discard)) = self.received_ranges.remove(&(peer, seq))
                     {
+                        self.at_store.insert((peer, conn, seq));
                         self.effects.push_back(Effect::ApplyPeerWrite {
                             peer,
                             conn,
@@ -1222,8 +1232,17 @@ impl ResourceCore {
         let Some(link) = self.links.get(&peer) else {
             return;
         };
-        if link.handshake_since.is_none() {
+        if link.handshake_since.is_none() || link.deferred_hello.is_some() {
             self.protocol_error(peer, "a second Hello".into(), now);
+            return;
+        }
+        if self.lost_writes_at_store() {
+            // Writes of an earlier connection are still landing: a new connection (and the
+            // writes of a new Primary) must wait until they did, or they could be overwritten
+            // by the older data. The handshake timeout bounds the wait.
+            if let Some(link) = self.links.get_mut(&peer) {
+                link.deferred_hello = Some(hello.clone());
+            }
             return;
         }
         let name = link.name.clone();
@@ -1459,6 +1478,7 @@ impl ResourceCore {
         }
         link.handshake_since = None;
         link.early.clear();
+        link.deferred_hello = None;
         link.role = None;
         link.disk = None;
         link.ping_outstanding = None;
@@ -1507,7 +1527,9 @@ impl ResourceCore {
         if replicating {
             // The link is no longer Connected here, so the peer counts as absent.
             let generation = self.meta.current_uuid;
-            if marked {
+            // Writes the peer did not acknowledge, and writes still held or waiting here
+            // (they will complete without the peer), belong to a new generation.
+            if marked || self.device.modifying_in_flight() > 0 {
                 self.start_generation_if_needed(false);
             }
             if hold_taken && self.meta.current_uuid == generation {
@@ -1907,6 +1929,11 @@ impl ResourceCore {
             Some(format!("{me} is still finishing its writes as Primary"))
         } else if let Some(other) = self.primary_peer_other_than(peer) {
             Some(format!("{other} is Primary"))
+        } else if let Some(other) = self.peer_with_pending_writes() {
+            // The old Primary's last writes must land here before a new one writes.
+            Some(format!(
+                "{me} is still writing data it received from {other}"
+            ))
         } else if let Some(other) = self.prepared.filter(|p| p.peer != peer) {
             Some(format!(
                 "{} is becoming Primary",
@@ -2253,12 +2280,41 @@ impl ResourceCore {
 
     // ----- helpers -----
 
-    /// The name of a peer whose received writes are not all on the local store yet.
+    /// The name of a peer whose received writes are not all on the local store yet (on the
+    /// current connection, or still landing from a lost one).
     fn peer_with_pending_writes(&self) -> Option<String> {
         self.links
             .values()
             .find(|link| link.receiver.pending() > 0)
             .map(|link| link.name.clone())
+            .or_else(|| {
+                self.at_store
+                    .iter()
+                    .next()
+                    .map(|(peer, _, _)| self.peer_name(*peer))
+            })
+    }
+
+    /// Whether writes received on a connection that is gone are still at the local store.
+    fn lost_writes_at_store(&self) -> bool {
+        self.at_store
+            .iter()
+            .any(|(peer, conn, _)| self.current_conn(*peer) != Some(*conn))
+    }
+
+    /// Handshakes that waited for a lost connection's writes to land go on once they did.
+    fn resume_deferred_hellos(&mut self, now: Tick) {
+        if self.lost_writes_at_store() {
+            return;
+        }
+        let waiting: Vec<(PeerId, PeerMessage)> = self
+            .links
+            .values_mut()
+            .filter_map(|link| link.deferred_hello.take().map(|hello| (link.id, hello)))
+            .collect();
+        for (peer, hello) in waiting {
+            self.hello(peer, &hello, now);
+        }
     }
 
     /// The name of a connected peer other than `peer` that is Primary.
