@@ -1290,6 +1290,26 @@ fn events_stream_the_connection_and_end_on_sigint() -> anyhow::Result<()> {
 // Roles across the pair (the resource core's cluster-wide state changes and its rules)
 // ---------------------------------------------------------------------------------------------
 
+/// Writes `count` random 64 KiB blocks at block `seek` of a node's image, with O_DIRECT, from a
+/// child process.
+fn write_random(node: &TestNode, count: u64, seek: u64) -> anyhow::Result<()> {
+    run(
+        "timeout",
+        &[
+            "30",
+            "dd",
+            "if=/dev/urandom",
+            &format!("of={}", text(&node.image_path(R))),
+            "bs=64k",
+            &format!("count={count}"),
+            &format!("seek={seek}"),
+            "oflag=direct",
+            "conv=notrunc",
+        ],
+    )?;
+    Ok(())
+}
+
 /// Runs `qrbd primary r0` on both nodes at the same instant.
 fn promote_both_at_once(pair: &Pair) -> anyhow::Result<[(bool, String); 2]> {
     let spawn = |node: &TestNode| -> anyhow::Result<Child> {
@@ -1449,19 +1469,7 @@ fn forced_promotion_alone_starts_a_new_generation_and_split_brain_is_refused() -
         forced.bitmap_uuids.get("1") == Some(&first.current_uuid),
         "beta's bitmap generation should be the old one: {forced:?}"
     );
-    run(
-        "timeout",
-        &[
-            "30",
-            "dd",
-            "if=/dev/urandom",
-            &format!("of={}", text(&pair.alpha.image_path(R))),
-            "bs=64k",
-            "count=4",
-            "oflag=direct",
-            "conv=notrunc",
-        ],
-    )?;
+    write_random(&pair.alpha, 4, 0)?;
     // The new generation survives a restart.
     pair.alpha.qrbd_ok(&["secondary", R])?;
     let exit = pair.alpha.stop_daemon()?;
@@ -1476,20 +1484,7 @@ fn forced_promotion_alone_starts_a_new_generation_and_split_brain_is_refused() -
     );
     // Beta, also apart, is promoted and writes: both wrote since the shared generation.
     pair.beta.qrbd_ok(&["primary", "--force", R])?;
-    run(
-        "timeout",
-        &[
-            "30",
-            "dd",
-            "if=/dev/urandom",
-            &format!("of={}", text(&pair.beta.image_path(R))),
-            "bs=64k",
-            "count=4",
-            "seek=8",
-            "oflag=direct",
-            "conv=notrunc",
-        ],
-    )?;
+    write_random(&pair.beta, 4, 8)?;
     pair.beta.qrbd_ok(&["secondary", R])?;
     pair.alpha.qrbd_ok(&["connect", R])?;
     pair.beta.qrbd_ok(&["connect", R])?;
@@ -1518,19 +1513,7 @@ fn forced_promotion_over_newer_data_outdates_the_peer_and_survives_crashes() -> 
     // Beta writes while alpha is away: alpha is behind.
     pair.alpha.qrbd_ok(&["disconnect", R])?;
     pair.beta.qrbd_ok(&["primary", "--force", R])?;
-    run(
-        "timeout",
-        &[
-            "30",
-            "dd",
-            "if=/dev/urandom",
-            &format!("of={}", text(&pair.beta.image_path(R))),
-            "bs=64k",
-            "count=16",
-            "oflag=direct",
-            "conv=notrunc",
-        ],
-    )?;
+    write_random(&pair.beta, 16, 0)?;
     pair.beta.qrbd_ok(&["secondary", R])?;
     pair.alpha.qrbd_ok(&["connect", R])?;
     pair.wait_connected(CONNECT)?;

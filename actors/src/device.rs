@@ -682,25 +682,15 @@ impl DeviceActor {
                     data,
                 } => {
                     let len = data.len() as u64;
-                    self.payloads.insert(
-                        (peer, conn, seq),
-                        Payload {
-                            data: Some(data),
-                            _budget: budget,
-                        },
-                    );
-                    Input::PeerWrite {
-                        peer,
-                        conn,
-                        write: PeerWrite {
-                            seq,
-                            epoch,
-                            request,
-                            offset,
-                            len,
-                            discard: false,
-                        },
-                    }
+                    let write = PeerWrite {
+                        seq,
+                        epoch,
+                        request,
+                        offset,
+                        len,
+                        discard: false,
+                    };
+                    self.keep_payload(peer, conn, write, Some(data), budget)
                 }
                 PeerMessage::Discard {
                     seq,
@@ -709,25 +699,15 @@ impl DeviceActor {
                     offset,
                     len,
                 } => {
-                    self.payloads.insert(
-                        (peer, conn, seq),
-                        Payload {
-                            data: None,
-                            _budget: budget,
-                        },
-                    );
-                    Input::PeerWrite {
-                        peer,
-                        conn,
-                        write: PeerWrite {
-                            seq,
-                            epoch,
-                            request,
-                            offset,
-                            len,
-                            discard: true,
-                        },
-                    }
+                    let write = PeerWrite {
+                        seq,
+                        epoch,
+                        request,
+                        offset,
+                        len,
+                        discard: true,
+                    };
+                    self.keep_payload(peer, conn, write, None, budget)
                 }
                 message => Input::PeerMessage {
                     peer,
@@ -737,6 +717,26 @@ impl DeviceActor {
             },
         };
         self.feed(input, Some(ctx));
+    }
+
+    /// Keeps a received write's payload (and its share of the receive budget) for the core,
+    /// which refers to it by `(peer, conn, seq)`.
+    fn keep_payload(
+        &mut self,
+        peer: PeerId,
+        conn: u64,
+        write: PeerWrite,
+        data: Option<Vec<u8>>,
+        budget: Option<OwnedSemaphorePermit>,
+    ) -> Input {
+        self.payloads.insert(
+            (peer, conn, write.seq),
+            Payload {
+                data,
+                _budget: budget,
+            },
+        );
+        Input::PeerWrite { peer, conn, write }
     }
 
     /// Runs an administrator's command; the answer comes on `reply`.

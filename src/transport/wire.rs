@@ -165,6 +165,16 @@ fn put_str(out: &mut Vec<u8>, text: &str) {
     out.extend_from_slice(&text.as_bytes()[..usize::from(len)]);
 }
 
+/// A list: a u16 count, then the items; more than [`MAX_HISTORY`] items are cut (a peer would
+/// refuse the message, and no list the core keeps grows that long).
+fn put_list<T>(out: &mut Vec<u8>, items: &[T], mut put: impl FnMut(&mut Vec<u8>, &T)) {
+    let items = &items[..items.len().min(usize::from(MAX_HISTORY))];
+    out.extend_from_slice(&(items.len() as u16).to_be_bytes());
+    for item in items {
+        put(out, item);
+    }
+}
+
 /// Writes the length prefix once the frame is complete.
 fn finish_frame(mut frame: Vec<u8>) -> Vec<u8> {
     // Only an oversized Data payload can exceed u32; such a frame is refused by every
@@ -213,11 +223,9 @@ pub fn encode(msg: &PeerMessage) -> Vec<u8> {
             out.push(disk_code(*disk));
             out.extend_from_slice(&current_uuid.to_be_bytes());
             out.extend_from_slice(&bitmap_uuid.to_be_bytes());
-            let history = &history_uuids[..history_uuids.len().min(usize::from(MAX_HISTORY))];
-            out.extend_from_slice(&(history.len() as u16).to_be_bytes());
-            for uuid in history {
-                out.extend_from_slice(&uuid.to_be_bytes());
-            }
+            put_list(&mut out, history_uuids, |out, uuid| {
+                out.extend_from_slice(&uuid.to_be_bytes())
+            });
             out.extend_from_slice(&receiver_missing_bytes.to_be_bytes());
         }
         PeerMessage::Refused { reason, standalone } => {
@@ -266,17 +274,13 @@ pub fn encode(msg: &PeerMessage) -> Vec<u8> {
             out.push(role_code(*role));
             out.push(disk_code(*disk));
             out.extend_from_slice(&current_uuid.to_be_bytes());
-            let bitmaps = &bitmap_uuids[..bitmap_uuids.len().min(usize::from(MAX_HISTORY))];
-            out.extend_from_slice(&(bitmaps.len() as u16).to_be_bytes());
-            for (node, uuid) in bitmaps {
+            put_list(&mut out, bitmap_uuids, |out, (node, uuid)| {
                 out.push(*node);
                 out.extend_from_slice(&uuid.to_be_bytes());
-            }
-            let history = &history_uuids[..history_uuids.len().min(usize::from(MAX_HISTORY))];
-            out.extend_from_slice(&(history.len() as u16).to_be_bytes());
-            for uuid in history {
-                out.extend_from_slice(&uuid.to_be_bytes());
-            }
+            });
+            put_list(&mut out, history_uuids, |out, uuid| {
+                out.extend_from_slice(&uuid.to_be_bytes())
+            });
             out.extend_from_slice(&receiver_missing_bytes.to_be_bytes());
         }
         PeerMessage::Data {
@@ -443,6 +447,23 @@ impl<'a> Reader<'a> {
         from(code).ok_or_else(|| self.bad_value(field, code))
     }
 
+    /// A list: a u16 count (at most [`MAX_HISTORY`]), then that many items.
+    fn list<T>(
+        &mut self,
+        field: &'static str,
+        mut item: impl FnMut(&mut Self) -> Result<T, WireError>,
+    ) -> Result<Vec<T>, WireError> {
+        let count = self.u16(field)?;
+        if count > MAX_HISTORY {
+            return Err(WireError::BadValue {
+                message: self.message,
+                field,
+                value: u64::from(count),
+            });
+        }
+        (0..count).map(|_| item(self)).collect()
+    }
+
     fn string(&mut self, field: &'static str) -> Result<String, WireError> {
         let len = self.u16(field)?;
         let bytes = self.take(field, usize::from(len))?;
@@ -517,19 +538,7 @@ fn decode_hello(rest: &[u8]) -> Result<PeerMessage, WireError> {
             disk: r.enum_u8("disk", disk_from)?,
             current_uuid: r.u64("current_uuid")?,
             bitmap_uuid: r.u64("bitmap_uuid")?,
-            history_uuids: {
-                let count = r.u16("history length")?;
-                if count > MAX_HISTORY {
-                    return Err(WireError::BadValue {
-                        message: "Hello",
-                        field: "history length",
-                        value: u64::from(count),
-                    });
-                }
-                (0..count)
-                    .map(|_| r.u64("history uuid"))
-                    .collect::<Result<Vec<u64>, WireError>>()?
-            },
+            history_uuids: r.list("history length", |r| r.u64("history uuid"))?,
             receiver_missing_bytes: r.u64("receiver_missing_bytes")?,
         };
         Ok(hello)
@@ -614,32 +623,10 @@ pub fn decode_frame_body(body: &[u8]) -> Result<PeerMessage, WireError> {
             role: r.enum_u8("role", role_from)?,
             disk: r.enum_u8("disk", disk_from)?,
             current_uuid: r.u64("current_uuid")?,
-            bitmap_uuids: {
-                let count = r.u16("bitmap count")?;
-                if count > MAX_HISTORY {
-                    return Err(WireError::BadValue {
-                        message: "State",
-                        field: "bitmap count",
-                        value: u64::from(count),
-                    });
-                }
-                (0..count)
-                    .map(|_| Ok((r.u8("bitmap node")?, r.u64("bitmap uuid")?)))
-                    .collect::<Result<Vec<(u8, u64)>, WireError>>()?
-            },
-            history_uuids: {
-                let count = r.u16("history length")?;
-                if count > MAX_HISTORY {
-                    return Err(WireError::BadValue {
-                        message: "State",
-                        field: "history length",
-                        value: u64::from(count),
-                    });
-                }
-                (0..count)
-                    .map(|_| r.u64("history uuid"))
-                    .collect::<Result<Vec<u64>, WireError>>()?
-            },
+            bitmap_uuids: r.list("bitmap count", |r| {
+                Ok((r.u8("bitmap node")?, r.u64("bitmap uuid")?))
+            })?,
+            history_uuids: r.list("history length", |r| r.u64("history uuid"))?,
             receiver_missing_bytes: r.u64("receiver_missing_bytes")?,
         },
         TAG_DISCARD => PeerMessage::Discard {
