@@ -30,12 +30,13 @@ RAND_SIZE=${QRBD_FIO_RAND_SIZE:-1g}         # fio size of the random read/write 
 RUNTIME=${QRBD_FIO_RUNTIME:-20}             # seconds of each time-based job
 IODEPTH=${QRBD_FIO_IODEPTH:-16}
 ROUNDS=${QRBD_FIO_ROUNDS:-1}
-WORKLOADS=${QRBD_FIO_WORKLOADS:-seqwrite,randwrite,randread}
+WORKLOADS=${QRBD_FIO_WORKLOADS:-seqwrite,randwrite,randread,latency}
 CASES=${QRBD_FIO_CASES:-plain,qrbd}
 BINARY=${QRBD_FIO_BINARY:-}
 BUILD=${QRBD_FIO_BUILD:-1}
 BASE_DIR=${QRBD_FIO_BASE_DIR:-${TMPDIR:-/tmp}}
 KEEP=${QRBD_FIO_KEEP:-0}
+PIN=${QRBD_FIO_PIN:-0}                      # pin the daemons: primary to CPU 0, peer to CPU 1
 
 usage() {
     sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
@@ -50,7 +51,10 @@ Options (each also as an environment variable):
   --rand-size SIZE     fio size of the random I/O file (QRBD_FIO_RAND_SIZE, default 1g)
   --runtime SECONDS    length of the random jobs (QRBD_FIO_RUNTIME, default 20)
   --iodepth N          queue depth of the random jobs (QRBD_FIO_IODEPTH, default 16)
-  --workloads LIST     comma list of seqwrite,randwrite,randread (QRBD_FIO_WORKLOADS)
+  --workloads LIST     comma list of seqwrite,randwrite,randread,latency (QRBD_FIO_WORKLOADS);
+                       latency: 4K random writes at queue depth 1, p50 and p99
+  --pin                pin the daemons (taskset): the primary (or single node) to CPU 0,
+                       the peer to CPU 1, to show what sharing two CPUs costs (QRBD_FIO_PIN=1)
   --cases LIST         comma list of plain,qrbd,qrbd-c,qrbd-a (QRBD_FIO_CASES); the first is
                        the baseline. qrbd-c/qrbd-a: protocol C/A, one peer on loopback
   --binary PATH        qrbd binary to use (QRBD_FIO_BINARY); default target/release/qrbd
@@ -79,6 +83,7 @@ while [[ $# -gt 0 ]]; do
         --no-build) BUILD=0; shift ;;
         --base-dir) BASE_DIR=$2; shift 2 ;;
         --keep) KEEP=1; shift ;;
+        --pin) PIN=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -237,11 +242,13 @@ start_daemon() {
     # registered for cleanup; sets START_PID. In a session of its own: Ctrl-C must not reach
     # the daemon (it shuts down on SIGINT) while the loop device and the ext4 on its image are
     # still up; cleanup stops it in order.
-    local label=$1 config=$2 dir=$3
+    local label=$1 config=$2 dir=$3 cpu=${4:-0} pin=()
     log "$label: create-md r0 ($IMAGE_SIZE)"
     "$QRBD" --config "$config" create-md r0 >"$dir/create-md.out"
-    log "$label: daemon (log: $dir/daemon.log)"
-    setsid "$QRBD" --config "$config" --log-level info daemon </dev/null >"$dir/daemon.log" 2>&1 &
+    ((PIN)) && pin=(taskset -c "$cpu")
+    log "$label: daemon (log: $dir/daemon.log)${pin:+ on CPU $cpu}"
+    setsid "${pin[@]}" "$QRBD" --config "$config" --log-level info daemon </dev/null \
+        >"$dir/daemon.log" 2>&1 &
     START_PID=$!
     DAEMON_PIDS+=("$START_PID:$config:$dir/disks")
     echo "$START_PID" >"$dir/daemon.pid"
@@ -337,9 +344,9 @@ setup_pair() {
     pair_config "$dir" alpha 0 "$alpha_port" beta 1 "$beta_port" "$protocol" "${DISK_FLUSHES:-true}" >"$dir/alpha.toml"
     pair_config "$dir" beta 1 "$beta_port" alpha 0 "$alpha_port" "$protocol" "${DISK_FLUSHES:-true}" >"$dir/beta.toml"
     # beta first, so that the reverse-order teardown stops the primary (alpha) first.
-    start_daemon "$name/beta" "$dir/beta.toml" "$dir/beta"
+    start_daemon "$name/beta" "$dir/beta.toml" "$dir/beta" 1
     beta_pid=$START_PID
-    start_daemon "$name/alpha" "$dir/alpha.toml" "$dir/alpha"
+    start_daemon "$name/alpha" "$dir/alpha.toml" "$dir/alpha" 0
     alpha_pid=$START_PID
     CASE_PIDS[$name]="alpha:$alpha_pid beta:$beta_pid"
     image=$dir/alpha/disks/r0.img
@@ -438,13 +445,28 @@ run_fio() {
     FIO_PID=""
 }
 
+daemon_cpu_ticks() {
+    # daemon_cpu_ticks CASE: "label:ticks" of user+system time for each of the case's daemons
+    # (fields 14 and 15 of /proc/PID/stat; the command name in field 2 has no spaces here).
+    local entry label pid
+    for entry in ${CASE_PIDS[$1]:-}; do
+        label=${entry%%:*} pid=${entry##*:}
+        [[ -r /proc/$pid/stat ]] || continue
+        awk -v who="$label" '{ print who ":" $14 + $15 }' "/proc/$pid/stat"
+    done
+}
+
 fio_job() {
-    # fio_job LABEL WORKLOAD ROUND DIR [fio args...]
-    local label=$1 workload=$2 round=$3 dir=$4
+    # fio_job LABEL WORKLOAD ROUND DIR [fio args...]: also records the CPU time each of the
+    # case's daemons spent during the job, for the CPU-per-operation rows of the report.
+    local label=$1 workload=$2 round=$3 dir=$4 before after
     shift 4
     log "$label: $workload (round $round)"
+    before=$(daemon_cpu_ticks "$label" | tr "\n" " ")
     run_fio --name="$workload" --directory="$dir" --output-format=json \
         --output="$RESULTS/$label.$workload.$round.json" "$@"
+    after=$(daemon_cpu_ticks "$label" | tr "\n" " ")
+    printf '%s\n%s\n' "before $before" "after $after" >"$RESULTS/$label.$workload.$round.cpu"
 }
 
 run_suite() {
@@ -476,7 +498,18 @@ run_suite() {
                 fi
                 fio_job "$label" "$workload" "$round" "$dir" --rw="$workload" "${rand[@]}"
                 ;;
-            *) die "unknown workload $workload (seqwrite, randwrite, randread)" ;;
+            latency)
+                # What one synchronous writer waits for: 4 KiB random writes at queue depth 1.
+                if [[ ! -e $dir/rand.dat ]]; then
+                    log "$label: laying out rand.dat ($RAND_SIZE)"
+                    run_fio --name=layout --directory="$dir" --filename=rand.dat \
+                        --size="$RAND_SIZE" --rw=write --bs=1m --end_fsync=1
+                fi
+                fio_job "$label" latency "$round" "$dir" --rw=randwrite --filename=rand.dat \
+                    --size="$RAND_SIZE" --bs=4k --direct=1 --ioengine=psync --iodepth=1 \
+                    --time_based=1 --runtime="$RUNTIME" --randrepeat=0 --norandommap=1
+                ;;
+            *) die "unknown workload $workload (seqwrite, randwrite, randread, latency)" ;;
         esac
         sync
     done
@@ -489,22 +522,51 @@ import json, os, statistics, sys
 
 results, cases, workloads = sys.argv[1], sys.argv[2].split(","), sys.argv[3].split(",")
 rounds = range(1, int(sys.argv[4]) + 1)
-UNITS = {"seqwrite": "MiB/s", "randwrite": "IOPS", "randread": "IOPS"}
+UNITS = {"seqwrite": "MiB/s", "randwrite": "IOPS", "randread": "IOPS", "latency": "IOPS"}
 NAMES = {"seqwrite": "seq write 1M, end_fsync", "randwrite": "4K rand write",
-         "randread": "4K rand read"}
+         "randread": "4K rand read", "latency": "4K rand write QD1"}
+TICK_US = 1e6 / os.sysconf("SC_CLK_TCK")
 
-def load(case, workload, r):
+def job_of(case, workload, r):
     try:
         text = open(os.path.join(results, f"{case}.{workload}.{r}.json")).read()
     except OSError:
-        return None
+        return None, None
     data = json.loads(text[text.index("{"):])  # fio may print warnings before the JSON
     job = data["jobs"][0]
-    side = job["read"] if workload == "randread" else job["write"]
+    return job, (job["read"] if workload == "randread" else job["write"])
+
+def load(case, workload, r):
+    job, side = job_of(case, workload, r)
+    if job is None:
+        return None
     if workload == "seqwrite":
         # Bytes over the job's runtime, which includes the final fsync.
         return side["io_bytes"] / 2**20 / (job["job_runtime"] / 1000)
     return side["iops"]
+
+def latency_us(case, r, pct):
+    job, side = job_of(case, "latency", r)
+    if job is None:
+        return None
+    found = side.get("clat_ns", {}).get("percentile", {})
+    key = next((k for k in found if abs(float(k) - pct) < 1e-6), None)
+    return found[key] / 1000 if key else None
+
+def cpu_per_op_us(case, workload, r):
+    """Daemon CPU (user + system) per fio operation, per daemon label."""
+    job, side = job_of(case, workload, r)
+    try:
+        lines = open(os.path.join(results, f"{case}.{workload}.{r}.cpu")).read().splitlines()
+    except OSError:
+        return {}
+    if job is None or not side.get("total_ios"):
+        return {}
+    def parse(line):
+        return dict(item.split(":") for item in line.split()[1:])
+    before, after = parse(lines[0]), parse(lines[1])
+    return {label: (int(after[label]) - int(before[label])) * TICK_US / side["total_ios"]
+            for label in after if label in before}
 
 def median(values):
     values = [v for v in values if v is not None]
@@ -521,12 +583,44 @@ for w in workloads:
     row += ["-" if median(vals[c]) is None else f"{median(vals[c]):,.0f}" for c in cases]
     row += ["-" if median(ratios[c]) is None else f"{median(ratios[c]):.2f}x" for c in cases[1:]]
     rows.append(row)
+    if w == "latency":
+        for pct, name in ((50.0, "p50"), (99.0, "p99")):
+            lat = {c: median([latency_us(c, r, pct) for r in rounds]) for c in cases}
+            row = [f"4K write QD1 latency {name}", "us"]
+            row += ["-" if lat[c] is None else f"{lat[c]:,.0f}" for c in cases]
+            row += ["-" if lat[c] is None or not lat[base] else f"{lat[c] / lat[base]:.2f}x"
+                    for c in cases[1:]]
+            rows.append(row)
+    labels = sorted({l for c in cases for r in rounds for l in cpu_per_op_us(c, w, r)})
+    for label in labels:
+        cpu = {c: median([cpu_per_op_us(c, w, r).get(label) for r in rounds]) for c in cases}
+        if all(v is None for v in cpu.values()):
+            continue
+        row = [f"  daemon CPU per op ({label})", "us"]
+        row += ["-" if cpu[c] is None else f"{cpu[c]:,.1f}" for c in cases]
+        row += ["" for c in cases[1:]]
+        rows.append(row)
     if len(rounds) > 1:
         parts = [c + " " + " ".join("-" if v is None else f"{v:,.0f}" for v in vals[c])
                  for c in cases]
         parts += [f"{c}/{base} " + " ".join("-" if v is None else f"{v:.2f}" for v in ratios[c])
                   for c in cases[1:]]
         per_round.append(f"  {NAMES.get(w, w)}: " + "; ".join(parts))
+# Peak RSS of each daemon over the whole run (recorded by record_rss while the case was up).
+peaks = {}
+try:
+    for line in open(os.path.join(results, "rss")):
+        who, _, rest = line.partition(": ")
+        if rest.startswith("VmHWM"):
+            case, _, label = who.partition(" ")
+            peaks[(case, label)] = int(rest.split()[1]) / 1024
+except OSError:
+    pass
+for label in sorted({label for _, label in peaks}):
+    row = [f"peak RSS ({label})", "MB"]
+    row += [f"{peaks[(c, label)]:,.0f}" if (c, label) in peaks else "-" for c in cases]
+    row += ["" for c in cases[1:]]
+    rows.append(row)
 json.dump(summary, open(os.path.join(results, "summary.json"), "w"), indent=1)
 
 header = ["workload", "unit"] + cases + [f"{c}/{base}" for c in cases[1:]]
@@ -596,7 +690,8 @@ main() {
 
     echo
     echo "fio e2e: image $IMAGE_SIZE, seq $SEQ_SIZE, random file $RAND_SIZE, ${RUNTIME}s," \
-        "iodepth $IODEPTH, $(nproc) CPUs, kernel $(uname -r), $(date -u +%Y-%m-%dT%H:%MZ)"
+        "iodepth $IODEPTH, $(nproc) CPUs, kernel $(uname -r), $(date -u +%Y-%m-%dT%H:%MZ)" \
+        "$( ((PIN)) && echo ', daemons pinned: primary CPU 0, peer CPU 1')"
     report
     if [[ -s $RESULTS/verify ]]; then
         echo
