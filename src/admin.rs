@@ -10,6 +10,10 @@ use std::time::Duration;
 use qrbd_actors::status::ResourceStatus;
 use serde::{Deserialize, Serialize};
 
+/// The environment variable that enables the daemon's test hooks
+/// ([`AdminRequest::TestSendData`]).
+pub const TEST_HOOKS_ENV: &str = "QRBD_TEST_HOOKS";
+
 /// A command for the daemon.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "kebab-case")]

@@ -316,10 +316,10 @@ impl Handler<Admin> for NodeActor {
                 len,
                 byte,
             } => {
-                if std::env::var_os(crate::testbed::TEST_HOOKS_ENV).is_none() {
+                if std::env::var_os(crate::admin::TEST_HOOKS_ENV).is_none() {
                     return ready(AdminResponse::failed(format!(
                         "test hooks are disabled (the daemon needs {}=1)",
-                        crate::testbed::TEST_HOOKS_ENV
+                        crate::admin::TEST_HOOKS_ENV
                     )));
                 }
                 let Ok(len) = usize::try_from(len.min(1 << 20)) else {

@@ -13,9 +13,6 @@ use crate::admin::{self, AdminRequest, AdminResponse};
 
 /// Polls `probe` until it yields a value or `limit` passes. Polling a condition with a deadline,
 /// not sleeping for a guessed time, is how tests wait.
-/// The environment variable that enables the daemon's test hooks.
-pub const TEST_HOOKS_ENV: &str = "QRBD_TEST_HOOKS";
-
 pub fn wait_until<T>(
     limit: Duration,
     what: &str,
@@ -198,7 +195,7 @@ impl TestNode {
             .with_context(|| format!("cannot open {}", self.log_path.display()))?;
         let mut command = Command::new(&self.binary);
         if self.test_hooks {
-            command.env(TEST_HOOKS_ENV, "1");
+            command.env(crate::admin::TEST_HOOKS_ENV, "1");
         }
         let child = command
             .arg("--config")

@@ -241,7 +241,9 @@ impl DeviceActor {
                 events: None,
             },
         );
-        actor.drain_follow_ups_now();
+        // What the core asks for at construction (marking the metadata in use) needs no
+        // context: the metadata is in memory.
+        actor.run_effects(None);
         if writable {
             actor.feed(
                 Input::Command {
@@ -267,36 +269,16 @@ impl DeviceActor {
             .unwrap_or(u64::MAX)
     }
 
-    /// Effects that need no context (construction time): only in-memory metadata can occur.
-    fn drain_follow_ups_now(&mut self) {
-        let effects: Vec<Effect> = self.core.drain_effects().collect();
-        for effect in effects {
-            if let Effect::Persist { version, .. } = effect {
-                self.follow_ups.push_back(Input::Persisted {
-                    version,
-                    result: Ok(()),
-                });
-            }
-        }
-        while let Some(input) = self.follow_ups.pop_front() {
-            let now = self.now();
-            self.core.handle(now, input);
-            let effects: Vec<Effect> = self.core.drain_effects().collect();
-            for effect in effects {
-                if let Effect::Persist { version, .. } = effect {
-                    self.follow_ups.push_back(Input::Persisted {
-                        version,
-                        result: Ok(()),
-                    });
-                }
-            }
-        }
-    }
-
     /// Feeds one input to the core and carries out everything it asks for.
-    fn feed(&mut self, input: Input, mut ctx: Option<&mut Context<Self>>) {
+    fn feed(&mut self, input: Input, ctx: Option<&mut Context<Self>>) {
         let now = self.now();
         self.core.handle(now, input);
+        self.run_effects(ctx);
+    }
+
+    /// Carries out the core's effects, and feeds back what they produce at once (in-memory
+    /// metadata), until nothing is left.
+    fn run_effects(&mut self, mut ctx: Option<&mut Context<Self>>) {
         loop {
             while let Some(effect) = self.core.poll_effect() {
                 self.carry_out(effect, ctx.as_deref_mut());
@@ -349,16 +331,9 @@ impl DeviceActor {
             }
             Effect::SendData { peer, outgoing } => self.send_data(peer, outgoing),
             Effect::Send { peer, message } => self.to_link(peer, PeerOutbound::Message(message)),
-            Effect::ApplyPeerWrite {
-                peer,
-                conn,
-                seq,
-                offset,
-                len,
-                discard,
-            } => {
+            Effect::ApplyPeerWrite { peer, conn, write } => {
                 if let Some(ctx) = ctx {
-                    self.apply_peer_write(peer, conn, seq, offset, len, discard, ctx)
+                    self.apply_peer_write(peer, conn, write, ctx)
                 }
             }
             Effect::ForgetPayload { peer, conn, seq } => {
@@ -488,17 +463,20 @@ impl DeviceActor {
         );
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn apply_peer_write(
         &mut self,
         peer: PeerId,
         conn: u64,
-        seq: u64,
-        offset: u64,
-        len: u64,
-        discard: bool,
+        write: PeerWrite,
         ctx: &mut Context<Self>,
     ) {
+        let PeerWrite {
+            seq,
+            offset,
+            len,
+            discard,
+            ..
+        } = write;
         let Some(payload) = self.payloads.remove(&(peer, conn, seq)) else {
             tracing::error!(device = %self.name, peer, seq, "received write has no payload");
             return;
@@ -739,16 +717,18 @@ impl DeviceActor {
         Input::PeerWrite { peer, conn, write }
     }
 
-    /// Runs an administrator's command; the answer comes on `reply`.
+    /// Runs an administrator's command; the answer comes on `reply`, if any.
     fn command(
         &mut self,
         command: Command,
-        reply: oneshot::Sender<Result<String, CommandError>>,
+        reply: Option<oneshot::Sender<Result<String, CommandError>>>,
         ctx: &mut Context<Self>,
     ) {
         let id = self.next_command;
         self.next_command += 1;
-        self.commands.insert(id, reply);
+        if let Some(reply) = reply {
+            self.commands.insert(id, reply);
+        }
         self.feed(Input::Command { id, command }, Some(ctx));
     }
 }
@@ -828,7 +808,7 @@ pub struct RunCommand {
 impl Handler<RunCommand> for DeviceActor {
     type Result = ();
     fn handle(&mut self, msg: RunCommand, ctx: &mut Context<Self>) {
-        self.command(msg.command, msg.reply, ctx);
+        self.command(msg.command, Some(msg.reply), ctx);
     }
 }
 
@@ -845,8 +825,7 @@ impl Handler<SetWritable> for DeviceActor {
         } else {
             Command::Demote
         };
-        let (reply, _) = oneshot::channel();
-        self.command(command, reply, ctx);
+        self.command(command, None, ctx);
     }
 }
 
@@ -857,8 +836,7 @@ pub struct SuspendIo;
 impl Handler<SuspendIo> for DeviceActor {
     type Result = ();
     fn handle(&mut self, _: SuspendIo, ctx: &mut Context<Self>) {
-        let (reply, _) = oneshot::channel();
-        self.command(Command::SuspendIo, reply, ctx);
+        self.command(Command::SuspendIo, None, ctx);
     }
 }
 
@@ -869,8 +847,7 @@ pub struct ResumeIo;
 impl Handler<ResumeIo> for DeviceActor {
     type Result = ();
     fn handle(&mut self, _: ResumeIo, ctx: &mut Context<Self>) {
-        let (reply, _) = oneshot::channel();
-        self.command(Command::ResumeIo, reply, ctx);
+        self.command(Command::ResumeIo, None, ctx);
     }
 }
 

@@ -275,8 +275,13 @@ impl Handler<Demote> for ResourceSupervisor {
     type Result = ResponseActFuture<Self, StateChangeResult>;
 
     fn handle(&mut self, _: Demote, _: &mut Context<Self>) -> Self::Result {
-        let status = self.status();
-        if status.role == crate::core::Role::Primary {
+        let primary = self
+            .device_snapshot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .role
+            == crate::core::Role::Primary;
+        if primary {
             if let Err(refused) = self.gate.try_set_secondary() {
                 return Box::pin(fut::ready(Err(refused.into())));
             }

@@ -69,31 +69,9 @@ const SECOND: Tick = 1_000 * MS;
 const TRACE_LINES: usize = 200;
 const RESOURCE: &str = "r0";
 
-/// xorshift64*: tiny, deterministic, good enough to pick actions.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03 | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    fn percent(&mut self, p: u64) -> bool {
-        self.below(100) < p
-    }
-}
+#[path = "common/rng.rs"]
+mod rng;
+use rng::Rng;
 
 /// What happened over all seeds; the run fails if some behaviour never happened.
 #[derive(Debug, Default, Clone, Copy)]
@@ -575,14 +553,14 @@ impl Sim {
                 let data = message.on_data_stream();
                 self.send(id, peer, data, Wire::Message(message));
             }
-            Effect::ApplyPeerWrite {
-                peer,
-                conn,
-                seq,
-                offset,
-                len,
-                discard,
-            } => {
+            Effect::ApplyPeerWrite { peer, conn, write } => {
+                let PeerWrite {
+                    seq,
+                    offset,
+                    len,
+                    discard,
+                    ..
+                } = write;
                 let Some((wid, epoch)) = self.node(id).payloads.remove(&(peer, conn, seq)) else {
                     self.fail(&format!(
                         "n{id}: applies unknown payload {peer}/{conn}/{seq}"

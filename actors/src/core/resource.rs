@@ -14,7 +14,7 @@ use super::messages::{Epoch, PeerMessage, PROTOCOL_VERSION};
 use super::replication::{Outgoing, PeerId, PeerReceiver, ReceiverEffect};
 use super::{
     ByteRange, ConnectionState, DiskState, IoFault, IoKind, ReplicationProtocol, RequestId, Role,
-    Tick, BLOCK_SIZE,
+    Tick,
 };
 use crate::meta::DeviceMeta;
 
@@ -230,15 +230,12 @@ pub enum Effect {
     SendData { peer: PeerId, outgoing: Outgoing },
     /// Send a message to the peer (on the stream [`PeerMessage::on_data_stream`] names).
     Send { peer: PeerId, message: PeerMessage },
-    /// Write the received payload `(peer, conn, seq)` to the local store, then report
+    /// Write the received payload `(peer, conn, write.seq)` to the local store, then report
     /// [`Input::PeerWriteApplied`].
     ApplyPeerWrite {
         peer: PeerId,
         conn: u64,
-        seq: u64,
-        offset: u64,
-        len: u64,
-        discard: bool,
+        write: PeerWrite,
     },
     /// The received payload `(peer, conn, seq)` will never be applied: drop it.
     ForgetPayload { peer: PeerId, conn: u64, seq: u64 },
@@ -452,9 +449,8 @@ pub struct ResourceCore {
     disk: DiskState,
     meta: DeviceMeta,
     uuids: UuidSource,
-    /// The last version handed out for persisting, and the newest one known durable.
+    /// The last metadata version handed out for persisting.
     meta_version: u64,
-    durable_version: u64,
     meta_waiters: Vec<(u64, MetaWaiter)>,
     change: Change,
     prepared: Option<Prepared>,
@@ -464,8 +460,8 @@ pub struct ResourceCore {
     down: bool,
     /// The previous run stopped without recording a clean shutdown.
     crashed: bool,
-    /// Offset, length and kind of the received writes not yet applied, by (peer, seq).
-    received_ranges: BTreeMap<(PeerId, u64), (u64, u64, bool)>,
+    /// The received writes not yet applied, by (peer, seq).
+    received_writes: BTreeMap<(PeerId, u64), PeerWrite>,
     /// Peer writes at the local store, by (peer, conn, seq): those of a lost connection still
     /// land, so nothing newer may be written over them before they did.
     at_store: BTreeSet<(PeerId, u64, u64)>,
@@ -540,7 +536,6 @@ impl ResourceCore {
             meta,
             uuids,
             meta_version: 0,
-            durable_version: 0,
             meta_waiters: Vec::new(),
             change: Change::None,
             prepared: None,
@@ -549,7 +544,7 @@ impl ResourceCore {
             going_down: false,
             down: false,
             crashed,
-            received_ranges: BTreeMap::new(),
+            received_writes: BTreeMap::new(),
             at_store: BTreeSet::new(),
             effects: VecDeque::new(),
             now,
@@ -862,7 +857,7 @@ impl ResourceCore {
             Ok((_, effects)) => {
                 // The receiver names the write by its sequence number; the shell finds the
                 // payload under it.
-                self.pending_writes_insert(peer, write);
+                self.received_writes.insert((peer, write.seq), write);
                 self.receiver_effects(peer, effects, now);
             }
             Err(error) => {
@@ -876,11 +871,6 @@ impl ResourceCore {
         }
     }
 
-    fn pending_writes_insert(&mut self, peer: PeerId, write: PeerWrite) {
-        self.received_ranges
-            .insert((peer, write.seq), (write.offset, write.len, write.discard));
-    }
-
     fn receiver_effects(&mut self, peer: PeerId, effects: Vec<ReceiverEffect>, now: Tick) {
         let Some(conn) = self.current_conn(peer) else {
             return;
@@ -888,17 +878,10 @@ impl ResourceCore {
         for effect in effects {
             match effect {
                 ReceiverEffect::Apply(seq) => {
-                    if let Some((offset, len, discard)) = self.received_ranges.remove(&(peer, seq))
-                    {
+                    if let Some(write) = self.received_writes.remove(&(peer, seq)) {
                         self.at_store.insert((peer, conn, seq));
-                        self.effects.push_back(Effect::ApplyPeerWrite {
-                            peer,
-                            conn,
-                            seq,
-                            offset,
-                            len,
-                            discard,
-                        });
+                        self.effects
+                            .push_back(Effect::ApplyPeerWrite { peer, conn, write });
                     }
                 }
                 ReceiverEffect::Flush(epoch) => {
@@ -1125,11 +1108,7 @@ impl ResourceCore {
         // A Secondary peer in another generation. A node that follows a connected Primary
         // learns generations from it (a fellow Secondary may just be ahead by a moment); a node
         // without one compares, as at connect time, and learns whether it fell behind.
-        if self
-            .links
-            .values()
-            .any(|l| l.is_connected() && l.role == Some(Role::Primary))
-        {
+        if self.connected_primary().is_some() {
             return;
         }
         let mut remote = remote;
@@ -1491,7 +1470,7 @@ impl ResourceCore {
             .saturating_mul(2)
             .min(self.config.timing.max_backoff.max(link.backoff));
         let standalone = link.standalone;
-        self.received_ranges.retain(|(p, _), _| *p != peer);
+        self.received_writes.retain(|(p, _), _| *p != peer);
         // Whether writes replicate to the peer, which the link state does not tell when
         // `disconnect_all` already moved it to Disconnecting.
         let replicating = self.device.peer(peer).is_some_and(|s| s.is_connected());
@@ -1752,12 +1731,7 @@ impl ResourceCore {
         if self.role == Role::Primary {
             return self.done(id, Ok("already Primary".into()));
         }
-        if let Some(link) = self
-            .links
-            .values()
-            .find(|link| link.is_connected() && link.role == Some(Role::Primary))
-        {
-            let name = link.name.clone();
+        if let Some(name) = self.connected_primary() {
             return self.done(id, Err(CommandError::PeerIsPrimary(name)));
         }
         if let Some(prepared) = self.prepared {
@@ -1818,12 +1792,7 @@ impl ResourceCore {
             // The old Primary's last writes must land here before this node writes.
             return self.abort_promotion(CommandError::ApplyingPeerWrites(name));
         }
-        if let Some(link) = self
-            .links
-            .values()
-            .find(|link| link.is_connected() && link.role == Some(Role::Primary))
-        {
-            let name = link.name.clone();
+        if let Some(name) = self.connected_primary() {
             return self.abort_promotion(CommandError::PeerIsPrimary(name));
         }
         self.meta.flags.was_primary = true;
@@ -2148,8 +2117,6 @@ impl ResourceCore {
                 "change resource name:{} metadata-error:{error:?}",
                 self.config.resource
             ));
-        } else {
-            self.durable_version = self.durable_version.max(version);
         }
         let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.meta_waiters)
             .into_iter()
@@ -2304,7 +2271,13 @@ impl ResourceCore {
 
     /// Handshakes that waited for a lost connection's writes to land go on once they did.
     fn resume_deferred_hellos(&mut self, now: Tick) {
-        if self.lost_writes_at_store() {
+        // Checked first: this runs after every applied peer write.
+        if self
+            .links
+            .values()
+            .all(|link| link.deferred_hello.is_none())
+            || self.lost_writes_at_store()
+        {
             return;
         }
         let waiting: Vec<(PeerId, PeerMessage)> = self
@@ -2323,6 +2296,12 @@ impl ResourceCore {
             .values()
             .find(|link| link.id != peer && link.is_connected() && link.role == Some(Role::Primary))
             .map(|link| link.name.clone())
+    }
+
+    /// The name of a connected peer that is Primary.
+    fn connected_primary(&self) -> Option<String> {
+        // No link carries this node's own id.
+        self.primary_peer_other_than(self.config.node_id)
     }
 
     fn current_conn(&self, peer: PeerId) -> Option<u64> {
@@ -2365,18 +2344,6 @@ impl ResourceCore {
 
     fn done(&mut self, id: CommandId, result: Result<String, CommandError>) {
         self.effects.push_back(Effect::CommandDone { id, result });
-    }
-
-    /// The current state as `exists` lines, for a new `events` subscriber.
-    pub fn describe(&self) -> Vec<String> {
-        let links: Vec<LinkStatus> = self.links().collect();
-        describe_lines(
-            &self.config.resource,
-            self.role,
-            self.disk,
-            self.device.is_suspended(),
-            &links,
-        )
     }
 }
 
@@ -2431,11 +2398,6 @@ fn set_generations(meta: &mut DeviceMeta, generations: &Generations) {
     meta.current_uuid = generations.current;
     meta.bitmap_uuids = generations.bitmap.clone();
     meta.history_uuids = generations.history.clone();
-}
-
-/// Blocks of the volume, for out-of-sync accounting.
-pub fn blocks(size_bytes: u64) -> u64 {
-    size_bytes.div_ceil(BLOCK_SIZE)
 }
 
 #[cfg(test)]
