@@ -22,7 +22,7 @@ const BLOBS_DIR: &str = "blobs";
 
 /// A [`MetaStore`] backed by a sled database in a directory of its own.
 pub struct SledMetaStore {
-    db: sled::Db,
+    db: ClosingDb,
     dir: PathBuf,
     /// Handles kept for the fsyncs that make writes durable (see [`SledMetaStore::sync`]).
     db_file: File,
@@ -45,10 +45,7 @@ impl SledMetaStore {
     /// Opens the metadata database in `dir`, creating the directory and an empty database if
     /// needed.
     pub fn open(dir: &Path) -> Result<SledMetaStore, MetaError> {
-        let db = sled::Config::new()
-            .path(dir)
-            .open()
-            .map_err(|e| sled_error(e, dir, "opening metadata database"))?;
+        let db = ClosingDb::open(dir)?;
         let open = |name: &str| {
             let path = dir.join(name);
             File::open(&path).map_err(|e| io_context(e, &path, "opening for fsync"))
@@ -91,10 +88,7 @@ impl SledMetaStore {
         if !dir.join(DB_FILE).is_file() {
             return Ok(false);
         }
-        let db = sled::Config::new()
-            .path(dir)
-            .open()
-            .map_err(|e| sled_error(e, dir, "opening metadata database"))?;
+        let db = ClosingDb::open(dir)?;
         db.contains_key(DEVICE_META_KEY)
             .map_err(|e| sled_error(e, dir, "reading device metadata"))
     }
@@ -221,6 +215,72 @@ fn blob_key(key: &str) -> String {
 
 fn io_context(e: io::Error, path: &Path, op: &str) -> io::Error {
     io::Error::new(e.kind(), format!("{op} {}: {e}", path.display()))
+}
+
+/// A sled database that is closed, file lock included, once this handle is dropped.
+///
+/// Why: sled 0.34 finishes in-flight log writes on its own thread pool, and those tasks keep
+/// the locked database file open for a moment after the `Db` is dropped. Without the wait, a
+/// `down` then `up` of the same resource, or any reopen in this process, could fail with
+/// "could not acquire lock".
+struct ClosingDb {
+    db: Option<sled::Db>,
+    db_path: PathBuf,
+}
+
+/// How long dropping a [`ClosingDb`] waits for sled's threads to let go of the file.
+const LOCK_RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl ClosingDb {
+    fn open(dir: &Path) -> Result<ClosingDb, MetaError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .open()
+            .map_err(|e| sled_error(e, dir, "opening metadata database"))?;
+        Ok(ClosingDb {
+            db: Some(db),
+            db_path: dir.join(DB_FILE),
+        })
+    }
+}
+
+impl std::ops::Deref for ClosingDb {
+    type Target = sled::Db;
+
+    fn deref(&self) -> &sled::Db {
+        self.db
+            .as_ref()
+            .expect("the database is only taken on drop")
+    }
+}
+
+impl Drop for ClosingDb {
+    fn drop(&mut self) {
+        drop(self.db.take());
+        let Ok(file) = File::open(&self.db_path) else {
+            return;
+        };
+        let deadline = std::time::Instant::now() + LOCK_RELEASE_WAIT;
+        let mut pause = std::time::Duration::from_millis(1);
+        loop {
+            // The same kind of lock sled takes (flock), on our own open file description, so it
+            // conflicts with sled's until the last of sled's handles is closed.
+            use std::os::fd::AsRawFd;
+            // SAFETY: flock on a descriptor owned by `file`, which outlives the call.
+            let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if locked == 0 {
+                // Closing `file` releases the probe lock.
+                return;
+            }
+            if std::time::Instant::now() >= deadline {
+                tracing::warn!(path = %self.db_path.display(),
+                    "sled still holds its database lock after close");
+                return;
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(std::time::Duration::from_millis(50));
+        }
+    }
 }
 
 fn sled_error(e: sled::Error, dir: &Path, op: &str) -> MetaError {
