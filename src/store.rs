@@ -12,7 +12,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use qrbd_actors::buffer::{AlignedBuf, IO_ALIGN};
-use qrbd_actors::ports::BlockStore;
+use qrbd_actors::ports::{BlockStore, DirectAccess};
 
 const ALIGN: u64 = IO_ALIGN as u64;
 
@@ -359,6 +359,16 @@ impl BlockStore for FileBlockStore {
         self.file
             .sync_data()
             .map_err(|e| self.err(e, "fdatasync", 0, self.size))
+    }
+
+    fn direct_access(&self) -> Option<DirectAccess> {
+        // Buffered files would work too, but their writes are only as durable as the page
+        // cache until a flush, which is the same contract; O_DIRECT is what makes the ring
+        // worth it (no copy, no page-cache pressure), so only offer it then.
+        self.direct.then(|| DirectAccess {
+            fd: self.file.as_raw_fd(),
+            limit: self.tail_start,
+        })
     }
 }
 

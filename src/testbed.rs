@@ -70,6 +70,11 @@ impl ScratchDir {
 
 impl Drop for ScratchDir {
     fn drop(&mut self) {
+        // For a post-mortem of a failed test: its daemon logs stay where they were.
+        if std::env::var_os("QRBD_TEST_KEEP").is_some() {
+            eprintln!("keeping {}", self.path.display());
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.path);
     }
 }

@@ -23,6 +23,7 @@ use crate::meta::DeviceMeta;
 use crate::metadata::{MetaActor, SaveMeta};
 use crate::ports::BlockStore;
 use crate::retry::{PostponedIo, Resubmit, RetryActor, RetryPostponed};
+use crate::uring::{NotForRing, UringBuf, UringDone, UringEngine};
 
 /// How many local I/O operations of one volume run at once on the blocking pool.
 pub const LOCAL_IO_SLOTS: usize = 32;
@@ -182,6 +183,29 @@ pub struct DeviceActor {
     follow_ups: VecDeque<Input>,
     /// Peers whose dial the core asked for before their link was attached.
     dial_on_attach: std::collections::BTreeSet<PeerId>,
+    /// Local I/O through io_uring, when the store offers a descriptor for it.
+    uring: Option<UringEngine>,
+    /// What each operation in the ring completes, by token.
+    uring_targets: BTreeMap<u64, UringTarget>,
+    next_uring_token: u64,
+    /// A submit of the ring's queued entries is scheduled for the end of this wake-up.
+    uring_submit_scheduled: bool,
+}
+
+/// What a completed ring operation is for.
+enum UringTarget {
+    Local {
+        id: RequestId,
+        offset: u64,
+    },
+    PeerWrite {
+        peer: PeerId,
+        conn: u64,
+        seq: u64,
+        /// Held until the write is on disk, see [`LinkEvent::Message`].
+        _budget: Option<OwnedSemaphorePermit>,
+    },
+    Flush(Box<dyn FnOnce(Result<(), i32>) -> Input>),
 }
 
 struct PendingIo {
@@ -213,6 +237,10 @@ impl DeviceActor {
             events: setup.events,
             follow_ups: VecDeque::new(),
             dial_on_attach: Default::default(),
+            uring: None,
+            uring_targets: BTreeMap::new(),
+            next_uring_token: 1,
+            uring_submit_scheduled: false,
         }
     }
 
@@ -413,6 +441,23 @@ impl DeviceActor {
         ctx: &mut Context<Self>,
         input: impl FnOnce(Result<(), i32>) -> Input + 'static,
     ) {
+        if self.uring.is_some() {
+            // The ring has no ordering between entries, but the core asks for a flush only
+            // once the writes it must cover have completed.
+            match self.push_to_ring(UringTarget::Flush(Box::new(input)), 0, UringBuf::Flush, ctx) {
+                Ok(()) => return,
+                Err((UringTarget::Flush(input), _)) => return self.flush_blocking(ctx, input),
+                Err(_) => return,
+            }
+        }
+        self.flush_blocking(ctx, Box::new(input))
+    }
+
+    fn flush_blocking(
+        &mut self,
+        ctx: &mut Context<Self>,
+        input: Box<dyn FnOnce(Result<(), i32>) -> Input>,
+    ) {
         let store = self.store.clone();
         let flush = async move {
             match tokio::task::spawn_blocking(move || store.flush()).await {
@@ -437,6 +482,10 @@ impl DeviceActor {
         else {
             tracing::error!(device = %self.name, id, "request to start has no data");
             return;
+        };
+        let op = match self.start_local_in_ring(id, op, ctx) {
+            Some(op) => op,
+            None => return,
         };
         let store = self.store.clone();
         let slots = self.local_slots.clone();
@@ -477,10 +526,36 @@ impl DeviceActor {
             discard,
             ..
         } = write;
-        let Some(payload) = self.payloads.remove(&(peer, conn, seq)) else {
+        let Some(mut payload) = self.payloads.remove(&(peer, conn, seq)) else {
             tracing::error!(device = %self.name, peer, seq, "received write has no payload");
             return;
         };
+        let in_ring = |data: &Option<Vec<u8>>| match (data, &self.uring) {
+            (Some(data), Some(uring)) => !discard && uring.accepts_write(offset, data),
+            _ => false,
+        };
+        if in_ring(&payload.data) {
+            if let Some(data) = payload.data.take() {
+                let target = UringTarget::PeerWrite {
+                    peer,
+                    conn,
+                    seq,
+                    _budget: payload._budget.take(),
+                };
+                let buf = UringBuf::Write(Box::new(data));
+                if self.push_to_ring(target, offset, buf, ctx).is_err() {
+                    // Checked above, so this is a bug; the write fails rather than vanishes.
+                    tracing::error!(device = %self.name, peer, seq, "ring refused a peer write");
+                    self.follow_ups.push_back(Input::PeerWriteApplied {
+                        peer,
+                        conn,
+                        seq,
+                        result: Err(EIO),
+                    });
+                }
+                return;
+            }
+        }
         let store = self.store.clone();
         let slots = self.local_slots.clone();
         let local_io = async move {
@@ -508,6 +583,140 @@ impl DeviceActor {
                 Some(ctx),
             );
         }));
+    }
+
+    /// Starts a request's local I/O in the ring; gives the request back when it must take the
+    /// blocking path instead (no ring, a discard, unaligned).
+    fn start_local_in_ring(
+        &mut self,
+        id: RequestId,
+        op: IoOp,
+        ctx: &mut Context<Self>,
+    ) -> Option<IoOp> {
+        if self.uring.is_none() {
+            return Some(op);
+        }
+        let (offset, buf) = match op {
+            IoOp::Read { offset, buf } => (offset, UringBuf::Read(buf)),
+            IoOp::Write { offset, data } => {
+                // The request keeps its own reference for the reply.
+                let ring_data = Box::new(data.clone());
+                if let Some(pending) = self.pending.get_mut(&id) {
+                    pending.op = Some(IoOp::Write { offset, data });
+                }
+                (offset, UringBuf::Write(ring_data))
+            }
+            IoOp::Flush => {
+                if let Some(pending) = self.pending.get_mut(&id) {
+                    pending.op = Some(IoOp::Flush);
+                }
+                (0, UringBuf::Flush)
+            }
+            discard @ IoOp::Discard { .. } => return Some(discard),
+        };
+        match self.push_to_ring(UringTarget::Local { id, offset }, offset, buf, ctx) {
+            Ok(()) => None,
+            Err((_, UringBuf::Read(buf))) => Some(IoOp::Read { offset, buf }),
+            Err((_, UringBuf::Flush)) => Some(IoOp::Flush),
+            Err((_, UringBuf::Write(_))) => self
+                .pending
+                .get_mut(&id)
+                .and_then(|pending| pending.op.take()),
+        }
+    }
+
+    /// Queues one operation in the ring and makes sure it is submitted before this wake-up
+    /// ends: everything queued by the messages handled in one wake-up goes in one system call.
+    fn push_to_ring(
+        &mut self,
+        target: UringTarget,
+        offset: u64,
+        buf: UringBuf,
+        ctx: &mut Context<Self>,
+    ) -> Result<(), (UringTarget, UringBuf)> {
+        let Some(uring) = self.uring.as_mut() else {
+            return Err((target, buf));
+        };
+        let token = self.next_uring_token;
+        if let Err(NotForRing::Unaligned(buf)) = uring.push(token, offset, buf) {
+            return Err((target, buf));
+        }
+        self.next_uring_token += 1;
+        self.uring_targets.insert(token, target);
+        if !self.uring_submit_scheduled {
+            self.uring_submit_scheduled = true;
+            // Spawned items run after the mailbox is drained, in the same wake-up.
+            ctx.spawn(actix::fut::ready(()).map(|(), actor: &mut DeviceActor, _| {
+                actor.uring_submit_scheduled = false;
+                if let Some(uring) = actor.uring.as_mut() {
+                    uring.submit();
+                }
+            }));
+        }
+        Ok(())
+    }
+
+    /// Feeds the core every completion the ring has posted.
+    fn reap_ring(&mut self, ctx: &mut Context<Self>) {
+        let Some(uring) = self.uring.as_mut() else {
+            return;
+        };
+        let mut done = Vec::new();
+        uring.reap(&mut done);
+        // Short transfers resubmitted by the reap must reach the kernel too.
+        let resubmit = uring.has_unsubmitted();
+        for UringDone { token, buf, result } in done {
+            let Some(target) = self.uring_targets.remove(&token) else {
+                continue;
+            };
+            let now = self.now();
+            match target {
+                UringTarget::Local { id, offset } => {
+                    if let (Some(pending), UringBuf::Read(buf)) = (self.pending.get_mut(&id), buf) {
+                        pending.op = Some(IoOp::Read { offset, buf });
+                    }
+                    if let Err(errno) = result {
+                        tracing::error!(device = %self.name, id, errno, "local I/O failed");
+                    }
+                    self.core.handle(
+                        now,
+                        Input::LocalDone {
+                            id,
+                            result: result.map_err(IoFault::LocalIo),
+                        },
+                    );
+                }
+                UringTarget::PeerWrite {
+                    peer, conn, seq, ..
+                } => {
+                    if let Err(errno) = result {
+                        tracing::error!(device = %self.name, peer, seq, errno,
+                            "applying a peer's write failed");
+                    }
+                    self.core.handle(
+                        now,
+                        Input::PeerWriteApplied {
+                            peer,
+                            conn,
+                            seq,
+                            result,
+                        },
+                    );
+                }
+                UringTarget::Flush(input) => {
+                    if let Err(errno) = result {
+                        tracing::error!(device = %self.name, errno, "flush failed");
+                    }
+                    self.core.handle(now, input(result));
+                }
+            }
+        }
+        self.run_effects(Some(ctx));
+        if resubmit {
+            if let Some(uring) = self.uring.as_mut() {
+                uring.submit();
+            }
+        }
     }
 
     fn complete(&mut self, id: RequestId, result: Result<(), IoFault>) {
@@ -761,6 +970,18 @@ impl Actor for DeviceActor {
         ctx.run_interval(TICK_INTERVAL, |actor, ctx| {
             actor.feed(Input::Tick, Some(ctx))
         });
+        if let Some(access) = self.store.direct_access() {
+            match UringEngine::new(access) {
+                Ok(engine) => {
+                    ctx.add_stream(engine.readiness());
+                    self.uring = Some(engine);
+                }
+                Err(error) => {
+                    tracing::warn!(device = %self.name, %error,
+                        "io_uring unavailable; local I/O uses the blocking pool")
+                }
+            }
+        }
         // Effects queued by the core when it was created (mark in use, first dials).
         actor_start(self, ctx);
         tracing::debug!(device = %self.name, size = self.core.config().size_bytes, "device actor started");
@@ -769,6 +990,19 @@ impl Actor for DeviceActor {
 
 fn actor_start(actor: &mut DeviceActor, ctx: &mut Context<DeviceActor>) {
     actor.feed(Input::Tick, Some(ctx));
+}
+
+/// The ring may have posted completions.
+impl StreamHandler<()> for DeviceActor {
+    fn handle(&mut self, (): (), ctx: &mut Context<Self>) {
+        self.reap_ring(ctx);
+    }
+
+    fn finished(&mut self, _: &mut Context<Self>) {
+        // Only a failing reactor ends the stream. The device must not stop with it (the
+        // default): its requests would vanish instead of failing.
+        tracing::error!(device = %self.name, "io_uring completions can no longer be watched");
+    }
 }
 
 impl Handler<SubmitIo> for DeviceActor {

@@ -15,3 +15,4 @@ pub mod retry;
 pub mod status;
 pub mod supervisor;
 pub mod testing;
+pub mod uring;

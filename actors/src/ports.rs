@@ -21,6 +21,21 @@ pub trait BlockStore: Send + Sync + 'static {
     fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
     /// Makes every write that completed before this call durable.
     fn flush(&self) -> io::Result<()>;
+
+    /// A descriptor on which the device may submit its own reads, writes and `fdatasync`s
+    /// (through io_uring), for whole 4 KiB blocks in aligned buffers below the returned limit.
+    /// `None` (the default) sends every request through the methods above.
+    fn direct_access(&self) -> Option<DirectAccess> {
+        None
+    }
+}
+
+/// See [`BlockStore::direct_access`]. The descriptor stays open as long as the store lives.
+#[derive(Debug, Clone, Copy)]
+pub struct DirectAccess {
+    pub fd: std::os::fd::RawFd,
+    /// Requests must end at or below this byte (the store's size rounded down to 4 KiB).
+    pub limit: u64,
 }
 
 /// Errors of a metadata store.
