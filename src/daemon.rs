@@ -126,8 +126,13 @@ fn replication_endpoint(config: &QrbdConfig) -> anyhow::Result<Option<quinn::End
         );
     };
     let identity = transport::load_identity(tls).context("cannot load the TLS identity")?;
-    let endpoint = transport::make_endpoint_on_transport_runtime(config.node.listen, &identity)
-        .with_context(|| format!("cannot listen for peers on {}", config.node.listen))?;
+    let endpoint = if std::env::var_os("QRBD_EXPERIMENT_QUIC_ON_ACTORS").is_some() {
+        transport::make_endpoint(config.node.listen, &identity)
+    } else {
+        transport::make_endpoint_on_transport_runtime(config.node.listen, &identity)
+    };
+    let endpoint =
+        endpoint.with_context(|| format!("cannot listen for peers on {}", config.node.listen))?;
     Ok(Some(endpoint))
 }
 

@@ -1,7 +1,8 @@
 //! The DeviceActor: one per resource's volume. A thin shell around the resource's
 //! [`ResourceCore`]: it feeds the core every input (application requests, peer messages, I/O
 //! and metadata completions, timer ticks, administrator commands) and carries out the effects
-//! the core returns: local I/O on a bounded blocking pool, replies to the application, messages
+//! the core returns: local I/O (io_uring, see [`crate::uring`], or a bounded blocking pool for
+//! what the ring does not take), replies to the application, messages
 //! to the peers' links, metadata saves, and handing postponed requests to the [`RetryActor`].
 //! It keeps no protocol state of its own, only the payloads and reply paths the core refers to.
 
@@ -25,7 +26,8 @@ use crate::ports::BlockStore;
 use crate::retry::{PostponedIo, Resubmit, RetryActor, RetryPostponed};
 use crate::uring::{NotForRing, UringBuf, UringDone, UringEngine};
 
-/// How many local I/O operations of one volume run at once on the blocking pool.
+/// How many local I/O operations of one volume run at once on the blocking pool (requests the
+/// ring does not take).
 pub const LOCAL_IO_SLOTS: usize = 32;
 
 pub use crate::io::{IoDone, IoOp, IoReply, SharedBuf};
