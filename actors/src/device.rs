@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use tokio::sync::{broadcast, oneshot, OwnedSemaphorePermit, Semaphore};
 
+use crate::buffer::PooledBuf;
 use crate::core::messages::{Epoch, PeerMessage};
 use crate::core::replication::{Outgoing, PeerId};
 use crate::core::resource::{
@@ -120,6 +121,18 @@ pub enum LinkEvent {
         /// sender.
         budget: Option<OwnedSemaphorePermit>,
     },
+    /// A replicated write as received: its payload in a 4 KiB-aligned buffer from the link's
+    /// receive pool, so the local store can write it as is (O_DIRECT, no bounce copy).
+    Data {
+        conn: u64,
+        seq: u64,
+        epoch: Epoch,
+        request: RequestId,
+        offset: u64,
+        data: PooledBuf,
+        /// As for [`LinkEvent::Message`]; it covers the buffer's whole capacity.
+        budget: Option<OwnedSemaphorePermit>,
+    },
     /// A protocol-A write was handed to the transport.
     Sent {
         request: RequestId,
@@ -134,6 +147,15 @@ pub struct FromPeer {
     pub event: LinkEvent,
 }
 
+/// Everything the link of `peer` had to report at one wake-up (the frames of one stream read,
+/// the writes of one stream write), handled in order and followed by one round of effects.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct FromPeerBatch {
+    pub peer: PeerId,
+    pub events: Vec<LinkEvent>,
+}
+
 /// Registers the link actor of a peer.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -144,8 +166,18 @@ pub struct AttachLink {
 
 /// A received write waiting to be applied.
 struct Payload {
-    data: Option<Vec<u8>>,
+    /// Aligned for O_DIRECT; `None` for a discard. Declared before the budget so that the
+    /// buffer is back in its pool before the budget it counted against is released.
+    data: Option<PooledBuf>,
     _budget: Option<OwnedSemaphorePermit>,
+}
+
+impl Payload {
+    /// The bytes to write; `None` for a discard.
+    #[allow(dead_code)] // for the local I/O path, which may borrow the buffer itself instead
+    fn payload_bytes(&self) -> Option<&[u8]> {
+        self.data.as_deref()
+    }
 }
 
 /// Shared, always-current view of a device for status readers.
@@ -635,7 +667,25 @@ impl DeviceActor {
     }
 
     fn link_event(&mut self, peer: PeerId, event: LinkEvent, ctx: &mut Context<Self>) {
-        let input = match event {
+        let input = self.link_input(peer, event);
+        self.feed(input, Some(ctx));
+    }
+
+    /// Feeds a link's batch to the core in order, then carries out the effects of all of it
+    /// at once: one publish, and one message per peer link for everything the batch made the
+    /// core send.
+    fn link_events(&mut self, peer: PeerId, events: Vec<LinkEvent>, ctx: &mut Context<Self>) {
+        for event in events {
+            let input = self.link_input(peer, event);
+            let now = self.now();
+            self.core.handle(now, input);
+        }
+        self.run_effects(Some(ctx));
+    }
+
+    /// The core's input for a link's report; a received write's payload is kept aside.
+    fn link_input(&mut self, peer: PeerId, event: LinkEvent) -> Input {
+        match event {
             LinkEvent::TransportUp { conn } => {
                 // Payloads of older connections will never be applied.
                 self.payloads
@@ -647,29 +697,32 @@ impl DeviceActor {
             }
             LinkEvent::DialFailed { reason } => Input::DialFailed { peer, reason },
             LinkEvent::Sent { request } => Input::PeerSent { peer, request },
+            LinkEvent::Data {
+                conn,
+                seq,
+                epoch,
+                request,
+                offset,
+                data,
+                budget,
+            } => {
+                let write = PeerWrite {
+                    seq,
+                    epoch,
+                    request,
+                    offset,
+                    len: data.len() as u64,
+                    discard: false,
+                };
+                self.keep_payload(peer, conn, write, Some(data), budget)
+            }
             LinkEvent::Message {
                 conn,
                 message,
                 budget,
             } => match message {
-                PeerMessage::Data {
-                    seq,
-                    epoch,
-                    request,
-                    offset,
-                    data,
-                } => {
-                    let len = data.len() as u64;
-                    let write = PeerWrite {
-                        seq,
-                        epoch,
-                        request,
-                        offset,
-                        len,
-                        discard: false,
-                    };
-                    self.keep_payload(peer, conn, write, Some(data), budget)
-                }
+                // A `Data` message (its payload not in an aligned buffer) is not what a link
+                // delivers; the core refuses it as a protocol error.
                 PeerMessage::Discard {
                     seq,
                     epoch,
@@ -693,8 +746,7 @@ impl DeviceActor {
                     message,
                 },
             },
-        };
-        self.feed(input, Some(ctx));
+        }
     }
 
     /// Keeps a received write's payload (and its share of the receive budget) for the core,
@@ -704,7 +756,7 @@ impl DeviceActor {
         peer: PeerId,
         conn: u64,
         write: PeerWrite,
-        data: Option<Vec<u8>>,
+        data: Option<PooledBuf>,
         budget: Option<OwnedSemaphorePermit>,
     ) -> Input {
         self.payloads.insert(
@@ -866,6 +918,13 @@ impl Handler<FromPeer> for DeviceActor {
     type Result = ();
     fn handle(&mut self, msg: FromPeer, ctx: &mut Context<Self>) {
         self.link_event(msg.peer, msg.event, ctx);
+    }
+}
+
+impl Handler<FromPeerBatch> for DeviceActor {
+    type Result = ();
+    fn handle(&mut self, msg: FromPeerBatch, ctx: &mut Context<Self>) {
+        self.link_events(msg.peer, msg.events, ctx);
     }
 }
 
