@@ -253,7 +253,15 @@ impl Handler<Established> for PeerActor {
 
 impl Handler<ToPeer> for PeerActor {
     type Result = ();
-    fn handle(&mut self, ToPeer(outbound): ToPeer, ctx: &mut Context<Self>) {
+    fn handle(&mut self, ToPeer(batch): ToPeer, ctx: &mut Context<Self>) {
+        for outbound in batch {
+            self.outbound(outbound, ctx);
+        }
+    }
+}
+
+impl PeerActor {
+    fn outbound(&mut self, outbound: PeerOutbound, ctx: &mut Context<Self>) {
         match outbound {
             PeerOutbound::Dial => self.dial(ctx),
             PeerOutbound::Close { conn, reason } => {

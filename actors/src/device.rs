@@ -96,10 +96,10 @@ pub enum PeerOutbound {
     Close { conn: u64, reason: String },
 }
 
-/// Delivered to a peer's link actor.
+/// Delivered to a peer's link actor: everything one wake-up of the device has for it, in order.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct ToPeer(pub PeerOutbound);
+pub struct ToPeer(pub Vec<PeerOutbound>);
 
 /// What a peer's link reports.
 pub enum LinkEvent {
@@ -205,6 +205,8 @@ pub struct DeviceActor {
     snapshot: SharedSnapshot,
     clock_origin: Instant,
     links: BTreeMap<PeerId, Recipient<ToPeer>>,
+    /// What the effects being carried out have for each link, sent as one message per link.
+    outbox: BTreeMap<PeerId, Vec<PeerOutbound>>,
     payloads: BTreeMap<(PeerId, u64, u64), Payload>,
     meta_actor: Option<Addr<MetaActor>>,
     commands: BTreeMap<CommandId, oneshot::Sender<Result<String, CommandError>>>,
@@ -238,6 +240,7 @@ impl DeviceActor {
             snapshot: Arc::new(Mutex::new(DeviceSnapshot::default())),
             clock_origin,
             links: BTreeMap::new(),
+            outbox: BTreeMap::new(),
             payloads: BTreeMap::new(),
             meta_actor: setup.meta_actor,
             commands: BTreeMap::new(),
@@ -321,6 +324,7 @@ impl DeviceActor {
             let now = self.now();
             self.core.handle(now, next);
         }
+        self.flush_outbox();
         self.publish();
     }
 
@@ -362,7 +366,9 @@ impl DeviceActor {
                 }
             }
             Effect::SendData { peer, outgoing } => self.send_data(peer, outgoing),
-            Effect::Send { peer, message } => self.to_link(peer, PeerOutbound::Message(message)),
+            Effect::Send { peer, message } => {
+                self.queue_for_link(peer, PeerOutbound::Message(message))
+            }
             Effect::ApplyPeerWrite { peer, conn, write } => {
                 if let Some(ctx) = ctx {
                     self.apply_peer_write(peer, conn, write, ctx)
@@ -387,7 +393,7 @@ impl DeviceActor {
             Effect::Persist { version, meta } => self.persist(version, meta, ctx),
             Effect::Dial { peer } => {
                 if self.links.contains_key(&peer) {
-                    self.to_link(peer, PeerOutbound::Dial);
+                    self.queue_for_link(peer, PeerOutbound::Dial);
                 } else {
                     // The link starts right after the device; it dials once attached.
                     self.dial_on_attach.insert(peer);
@@ -396,7 +402,7 @@ impl DeviceActor {
             Effect::CloseConnection { peer, conn, reason } => {
                 self.payloads
                     .retain(|(p, c, _), _| !(*p == peer && *c == conn));
-                self.to_link(peer, PeerOutbound::Close { conn, reason });
+                self.queue_for_link(peer, PeerOutbound::Close { conn, reason });
             }
             Effect::CommandDone { id, result } => {
                 if let Some(reply) = self.commands.remove(&id) {
@@ -414,9 +420,20 @@ impl DeviceActor {
         }
     }
 
-    fn to_link(&self, peer: PeerId, outbound: PeerOutbound) {
-        if let Some(link) = self.links.get(&peer) {
-            link.do_send(ToPeer(outbound));
+    /// Queues `outbound` for the peer's link until the effects of this wake-up are carried
+    /// out ([`Self::flush_outbox`]).
+    fn queue_for_link(&mut self, peer: PeerId, outbound: PeerOutbound) {
+        if self.links.contains_key(&peer) {
+            self.outbox.entry(peer).or_default().push(outbound);
+        }
+    }
+
+    /// Hands every link what was queued for it, as one message per link.
+    fn flush_outbox(&mut self) {
+        for (peer, outbound) in std::mem::take(&mut self.outbox) {
+            if let Some(link) = self.links.get(&peer) {
+                link.do_send(ToPeer(outbound));
+            }
         }
     }
 
@@ -627,7 +644,7 @@ impl DeviceActor {
                 }
             },
         };
-        self.to_link(peer, message);
+        self.queue_for_link(peer, message);
     }
 
     /// Runs after every batch of effects, so it updates the shared snapshot in place.
@@ -908,7 +925,7 @@ impl Handler<AttachLink> for DeviceActor {
     fn handle(&mut self, msg: AttachLink, ctx: &mut Context<Self>) {
         self.links.insert(msg.peer, msg.link);
         if self.dial_on_attach.remove(&msg.peer) {
-            self.to_link(msg.peer, PeerOutbound::Dial);
+            self.queue_for_link(msg.peer, PeerOutbound::Dial);
         }
         self.feed(Input::Tick, Some(ctx));
     }
@@ -953,9 +970,10 @@ impl Handler<SendRawData> for DeviceActor {
     type Result = ();
     fn handle(&mut self, msg: SendRawData, _: &mut Context<Self>) {
         tracing::warn!(device = %self.name, offset = msg.offset, len = msg.data.len(), "test hook: sending raw data to the peers");
-        for peer in self.links.keys() {
-            self.to_link(
-                *peer,
+        let peers: Vec<PeerId> = self.links.keys().copied().collect();
+        for peer in peers {
+            self.queue_for_link(
+                peer,
                 PeerOutbound::Message(PeerMessage::Data {
                     seq: 1,
                     epoch: 1,
@@ -965,5 +983,6 @@ impl Handler<SendRawData> for DeviceActor {
                 }),
             );
         }
+        self.flush_outbox();
     }
 }
