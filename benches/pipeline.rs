@@ -1,5 +1,6 @@
-//! Micro-benchmarks of the deterministic core and the buffer pool: the per-request CPU cost that
-//! the DeviceActor's thread pays on top of the actual I/O. See benches/README.md.
+//! Micro-benchmarks of the deterministic core, the buffer pool and the replication codec: the
+//! per-request CPU cost that the DeviceActor's thread and a peer link pay on top of the actual
+//! I/O. See benches/README.md.
 //!
 //! `cargo bench --bench pipeline` (add `-- <filter>` to run a subset).
 
@@ -7,8 +8,10 @@ use std::collections::VecDeque;
 use std::hint::black_box;
 use std::time::Duration;
 
+use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use qrbd_actors::buffer::BufferPool;
+use qrbd::transport::{encode, encode_data_header, FrameBatch, FrameParser, Parsed};
+use qrbd_actors::buffer::{BufferPool, PooledBuf};
 use qrbd_actors::core::generation::JUST_CREATED_UUID;
 use qrbd_actors::core::messages::PeerMessage;
 use qrbd_actors::core::replication::Outgoing;
@@ -317,6 +320,84 @@ fn buffer_pool(c: &mut Criterion) {
     assert_eq!(pool.usage().bytes_in_use, 0);
 }
 
+/// The replication codec per batch: what a link's writer pays to encode one wake-up's worth of
+/// 4 KiB writes for one stream write, and what its reader pays to parse them out of the chunks
+/// quinn hands over (about one packet each) into aligned, pooled buffers. Per frame.
+fn codec(c: &mut Criterion) {
+    const PAYLOAD: usize = 4096;
+    /// Stream data per QUIC packet on loopback, roughly: the size of the chunks a reader gets.
+    const CHUNK: usize = 1200;
+    let payload = Bytes::from(vec![0x5au8; PAYLOAD]);
+    let mut encode_group = c.benchmark_group("codec_encode_batch");
+    for frames in [1u64, 16, 64] {
+        encode_group.throughput(Throughput::Elements(frames));
+        encode_group.bench_with_input(BenchmarkId::new("data_4KiB", frames), &frames, |b, &n| {
+            let mut batch = FrameBatch::new();
+            let mut chunks = Vec::new();
+            b.iter(|| {
+                for seq in 0..n {
+                    batch
+                        .push_data(seq, 1, seq, seq * 4096, payload.clone())
+                        .expect("a 4 KiB payload fits");
+                }
+                batch.take_chunks(&mut chunks);
+                black_box(&chunks);
+                // Dropped here, as quinn drops them once the peer acknowledged them.
+                chunks.clear();
+            });
+        });
+    }
+    // Before batching: a header of its own per frame, and two stream writes per frame.
+    encode_group.throughput(Throughput::Elements(1));
+    encode_group.bench_function("data_4KiB_header_per_frame", |b| {
+        b.iter(|| black_box(encode_data_header(1, 1, 1, 4096, PAYLOAD).expect("fits")))
+    });
+    encode_group.finish();
+
+    let mut decode_group = c.benchmark_group("codec_decode_batch");
+    let pool = BufferPool::new(64 << 20);
+    for frames in [1u64, 16, 64] {
+        let mut stream = Vec::new();
+        for seq in 0..frames {
+            stream.extend(encode(&PeerMessage::Data {
+                seq,
+                epoch: 1,
+                request: seq,
+                offset: seq * 4096,
+                data: vec![0xa5; PAYLOAD],
+            }));
+        }
+        let chunks: Vec<Bytes> = stream.chunks(CHUNK).map(Bytes::copy_from_slice).collect();
+        decode_group.throughput(Throughput::Elements(frames));
+        decode_group.bench_with_input(BenchmarkId::new("data_4KiB", frames), &frames, |b, &n| {
+            let mut parser = FrameParser::<PooledBuf>::new();
+            let mut received = Vec::with_capacity(n as usize);
+            b.iter(|| {
+                for chunk in &chunks {
+                    let mut rest = &chunk[..];
+                    while let Some(parsed) = parser.next(&mut rest).expect("valid frames") {
+                        match parsed {
+                            Parsed::NeedPayload { len } => {
+                                let buf = pool.try_acquire(len).expect("the pool has room");
+                                parser.provide(buf).expect("the size asked for");
+                            }
+                            Parsed::Data { header, payload } => received.push((header, payload)),
+                            Parsed::Message(message) => {
+                                black_box(message);
+                            }
+                        }
+                    }
+                }
+                assert_eq!(received.len(), n as usize);
+                // Dropped here, as the device drops them once written.
+                received.clear();
+            });
+        });
+    }
+    decode_group.finish();
+    assert_eq!(pool.usage().bytes_in_use, 0);
+}
+
 fn quick() -> Criterion {
     Criterion::default()
         .warm_up_time(Duration::from_millis(300))
@@ -328,6 +409,6 @@ fn quick() -> Criterion {
 criterion_group! {
     name = benches;
     config = quick();
-    targets = device_core, resource_core, buffer_pool
+    targets = device_core, resource_core, buffer_pool, codec
 }
 criterion_main!(benches);

@@ -14,17 +14,31 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
+use bytes::Bytes;
+use futures::FutureExt;
+use qrbd_actors::buffer::{pooled_capacity, BufferPool, PooledBuf};
 use qrbd_actors::core::messages::PeerMessage;
 use qrbd_actors::core::replication::PeerId;
 use qrbd_actors::core::ReplicationProtocol;
-use qrbd_actors::device::{DeviceActor, FromPeer, LinkEvent, PeerOutbound, ToPeer};
-use tokio::sync::mpsc;
+use qrbd_actors::device::{
+    DeviceActor, FromPeer, FromPeerBatch, LinkEvent, PeerOutbound, SharedBuf, ToPeer,
+};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::QrbdConfig;
-use crate::transport::{self, read_message, write_data, write_message};
+#[cfg(test)]
+use crate::transport::ZERO_COPY_MIN;
+use crate::transport::{
+    self, read_message, write_batch, write_message, FrameBatch, FrameParser, Parsed, WireError,
+};
 
 /// Bytes received from a peer and not yet written locally, at most (in KiB permits).
 pub const RECEIVE_BUDGET_KIB: usize = 64 << 10;
+/// A stream write carries at most about this much (everything queued, up to this), and a
+/// stream read hands the device at most about this much at once.
+const MAX_BATCH_BYTES: usize = 1 << 20;
+/// Chunks taken from quinn per read call.
+const READ_CHUNKS: usize = 32;
 /// An accepted connection must say hello within this time.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a closing connection may take to deliver what was queued (a refusal's reason).
@@ -205,7 +219,7 @@ impl Handler<Established> for PeerActor {
             )),
         ];
         let reader = StreamReader {
-            device: device.clone(),
+            device: device.clone().recipient(),
             connection: connection.clone(),
             peer,
             conn,
@@ -239,7 +253,15 @@ impl Handler<Established> for PeerActor {
 
 impl Handler<ToPeer> for PeerActor {
     type Result = ();
-    fn handle(&mut self, ToPeer(outbound): ToPeer, ctx: &mut Context<Self>) {
+    fn handle(&mut self, ToPeer(batch): ToPeer, ctx: &mut Context<Self>) {
+        for outbound in batch {
+            self.outbound(outbound, ctx);
+        }
+    }
+}
+
+impl PeerActor {
+    fn outbound(&mut self, outbound: PeerOutbound, ctx: &mut Context<Self>) {
         match outbound {
             PeerOutbound::Dial => self.dial(ctx),
             PeerOutbound::Close { conn, reason } => {
@@ -263,13 +285,25 @@ impl Handler<ToPeer> for PeerActor {
     }
 }
 
+/// Writes what the link queued, everything queued at each wake-up in one stream write.
 async fn control_writer(
     mut send: quinn::SendStream,
     mut rx: mpsc::UnboundedReceiver<PeerMessage>,
     lost: impl Fn(String),
 ) {
-    while let Some(message) = rx.recv().await {
-        if let Err(error) = write_message(&mut send, &message).await {
+    let mut batch = FrameBatch::new();
+    let mut chunks = Vec::new();
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(message) = next.take() {
+            if let Err(error) = batch.push_message(&message) {
+                return lost(format!("control stream: {error}"));
+            }
+            if batch.len() < MAX_BATCH_BYTES {
+                next = rx.try_recv().ok();
+            }
+        }
+        if let Err(error) = write_batch(&mut send, &mut batch, &mut chunks).await {
             return lost(format!("control stream: {error}"));
         }
     }
@@ -286,6 +320,18 @@ struct DataWriterContext {
     report_sent: bool,
 }
 
+/// A write's bytes, shared with the local store and the other peers; a large payload goes to
+/// quinn without a copy.
+struct SharedPayload(SharedBuf);
+
+impl AsRef<[u8]> for SharedPayload {
+    fn as_ref(&self) -> &[u8] {
+        &self.0[..]
+    }
+}
+
+/// Writes the data stream: everything queued at each wake-up (up to [`MAX_BATCH_BYTES`]) in
+/// one stream write, then one report of the protocol-A writes it carried.
 async fn data_writer(
     context: DataWriterContext,
     mut rx: mpsc::UnboundedReceiver<PeerOutbound>,
@@ -301,34 +347,52 @@ async fn data_writer(
         Ok(send) => send,
         Err(error) => return lost(format!("data stream: {error}")),
     };
-    while let Some(outbound) = rx.recv().await {
-        let (result, sent) = match outbound {
-            PeerOutbound::Data {
-                seq,
-                epoch,
-                request,
-                offset,
-                data,
-            } => (
-                write_data(&mut send, seq, epoch, request, offset, &data).await,
-                Some(request),
-            ),
-            PeerOutbound::Message(message) => {
-                let request = match &message {
-                    PeerMessage::Discard { request, .. } => Some(*request),
-                    _ => None,
-                };
-                (write_message(&mut send, &message).await, request)
+    let mut batch = FrameBatch::new();
+    let mut chunks = Vec::new();
+    let mut sent = Vec::new();
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(outbound) = next.take() {
+            let (result, request) = match outbound {
+                PeerOutbound::Data {
+                    seq,
+                    epoch,
+                    request,
+                    offset,
+                    data,
+                } => (
+                    batch.push_data(seq, epoch, request, offset, SharedPayload(data)),
+                    Some(request),
+                ),
+                PeerOutbound::Message(message) => {
+                    let request = match &message {
+                        PeerMessage::Discard { request, .. } => Some(*request),
+                        _ => None,
+                    };
+                    (batch.push_message(&message), request)
+                }
+                PeerOutbound::Dial | PeerOutbound::Close { .. } => (Ok(()), None),
+            };
+            if let Err(error) = result {
+                return lost(format!("data stream: {error}"));
             }
-            PeerOutbound::Dial | PeerOutbound::Close { .. } => (Ok(()), None),
-        };
-        if let Err(error) = result {
+            if let (Some(request), true) = (request, report_sent) {
+                sent.push(LinkEvent::Sent { request });
+            }
+            if batch.len() < MAX_BATCH_BYTES {
+                next = rx.try_recv().ok();
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        if let Err(error) = write_batch(&mut send, &mut batch, &mut chunks).await {
             return lost(format!("data stream: {error}"));
         }
-        if let (Some(request), true) = (sent, report_sent) {
-            device.do_send(FromPeer {
+        if !sent.is_empty() {
+            device.do_send(FromPeerBatch {
                 peer,
-                event: LinkEvent::Sent { request },
+                events: std::mem::take(&mut sent),
             });
         }
     }
@@ -337,89 +401,240 @@ async fn data_writer(
 
 #[derive(Clone)]
 struct StreamReader {
-    device: Addr<DeviceActor>,
+    device: Recipient<FromPeerBatch>,
     connection: quinn::Connection,
     peer: PeerId,
     conn: u64,
 }
 
 impl StreamReader {
-    fn deliver(&self, message: PeerMessage, budget: Option<tokio::sync::OwnedSemaphorePermit>) {
-        self.device.do_send(FromPeer {
+    /// Hands what was read so far to the device, as one message.
+    fn deliver(&self, events: &mut Vec<LinkEvent>) {
+        if events.is_empty() {
+            return;
+        }
+        self.device.do_send(FromPeerBatch {
             peer: self.peer,
-            event: LinkEvent::Message {
-                conn: self.conn,
-                message,
-                budget,
-            },
+            events: std::mem::take(events),
         });
     }
 }
 
-async fn control_reader(mut recv: quinn::RecvStream, reader: StreamReader, lost: impl Fn(String)) {
-    loop {
-        match next_message(&mut recv, &reader.connection, "control").await {
-            Ok(message) if message.on_data_stream() => {
-                return lost(format!(
-                    "protocol error: {} on the control stream",
-                    message.name()
-                ))
-            }
-            Ok(message) => reader.deliver(message, None),
-            Err(reason) => return lost(reason),
+/// A received payload's buffer with the share of the receive budget that covers it. The
+/// buffer is declared first so that it is back in its pool before the budget is released.
+struct ReceiveBuf {
+    buf: PooledBuf,
+    budget: OwnedSemaphorePermit,
+}
+
+impl AsMut<[u8]> for ReceiveBuf {
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.buf
+    }
+}
+
+/// The data stream's bound on bytes received and not yet written locally ([`RECEIVE_BUDGET_KIB`]
+/// permits of 1 KiB, held until the write is applied), and the pool of aligned buffers the
+/// payloads land in.
+struct ReceiveBudget {
+    permits: Arc<Semaphore>,
+    total_kib: usize,
+    /// Every buffer is taken under permits for its whole capacity, so the permits are what
+    /// bounds it; its own budget is slack, so that taking a buffer never has to wait.
+    pool: BufferPool,
+}
+
+impl ReceiveBudget {
+    fn new(kib: usize) -> Self {
+        ReceiveBudget {
+            permits: Arc::new(Semaphore::new(kib)),
+            total_kib: kib,
+            pool: BufferPool::new(2 * (kib << 10)),
         }
     }
-}
 
-async fn data_reader(connection: quinn::Connection, reader: StreamReader, lost: impl Fn(String)) {
-    let budget = Arc::new(tokio::sync::Semaphore::new(RECEIVE_BUDGET_KIB));
-    let mut recv = match connection.accept_uni().await {
-        Ok(recv) => recv,
-        Err(error) => return lost(format!("data stream: {error}")),
-    };
-    loop {
-        let message = match next_message(&mut recv, &reader.connection, "data").await {
-            Ok(message) if message.on_data_stream() => message,
-            Ok(other) => {
-                return lost(format!(
-                    "protocol error: {} on the data stream",
-                    other.name()
-                ))
-            }
-            Err(reason) => return lost(reason),
-        };
-        let kib = match &message {
-            PeerMessage::Data { data, .. } => data.len().div_ceil(1024).max(1),
-            _ => 1,
-        };
-        let permits = u32::try_from(kib.min(RECEIVE_BUDGET_KIB)).unwrap_or(u32::MAX);
-        // Waits while the local disk is behind; the stream stops being read meanwhile.
-        let Ok(permit) = budget.clone().acquire_many_owned(permits).await else {
-            return;
-        };
-        reader.deliver(message, Some(permit));
+    /// Takes `kib` permits. While the budget is spent, the stream is not read (QUIC flow
+    /// control then throttles the sender); `hand_over` first gives the device what the reader
+    /// holds, as only applying those writes frees the budget.
+    async fn take(
+        &self,
+        kib: usize,
+        hand_over: impl FnOnce(),
+    ) -> Result<OwnedSemaphorePermit, String> {
+        // A payload larger than the whole budget waits until nothing else holds any of it.
+        let permits = u32::try_from(kib.clamp(1, self.total_kib)).unwrap_or(u32::MAX);
+        if let Ok(permit) = self.permits.clone().try_acquire_many_owned(permits) {
+            return Ok(permit);
+        }
+        hand_over();
+        self.permits
+            .clone()
+            .acquire_many_owned(permits)
+            .await
+            .map_err(|_| "the receive budget was closed".to_owned())
+    }
+
+    async fn payload_buffer(
+        &self,
+        len: usize,
+        reader: &StreamReader,
+        events: &mut Vec<LinkEvent>,
+    ) -> Result<ReceiveBuf, String> {
+        let budget = self
+            .take(pooled_capacity(len) >> 10, || reader.deliver(events))
+            .await?;
+        let buf = self.pool.try_acquire(len).ok_or_else(|| {
+            let usage = self.pool.usage();
+            format!(
+                "receive buffer pool exhausted ({} of {} bytes in use) for a payload of {len} bytes",
+                usage.bytes_in_use, usage.budget_bytes
+            )
+        })?;
+        Ok(ReceiveBuf { buf, budget })
     }
 }
 
-/// The next message of a stream; its end or a bad frame is the end of the connection.
+/// Parses the frames of one chunk of a stream into link events.
+async fn intake(
+    parser: &mut FrameParser<ReceiveBuf>,
+    chunk: &[u8],
+    stream: &str,
+    budget: Option<&ReceiveBudget>,
+    reader: &StreamReader,
+    events: &mut Vec<LinkEvent>,
+) -> Result<(), String> {
+    let mut rest = chunk;
+    while let Some(parsed) = parser
+        .next(&mut rest)
+        .map_err(|error| format!("{stream} stream: {error}"))?
+    {
+        match parsed {
+            Parsed::NeedPayload { len } => {
+                let Some(budget) = budget else {
+                    return Err(format!("protocol error: Data on the {stream} stream"));
+                };
+                let buf = budget.payload_buffer(len, reader, events).await?;
+                parser
+                    .provide(buf)
+                    .map_err(|error| format!("{stream} stream: {error}"))?;
+            }
+            Parsed::Data { header, payload } => events.push(LinkEvent::Data {
+                conn: reader.conn,
+                seq: header.seq,
+                epoch: header.epoch,
+                request: header.request,
+                offset: header.offset,
+                data: payload.buf,
+                budget: Some(payload.budget),
+            }),
+            Parsed::Message(message) => {
+                let budget = match (budget, message.on_data_stream()) {
+                    (Some(budget), true) => Some(budget.take(1, || reader.deliver(events)).await?),
+                    (None, false) => None,
+                    _ => {
+                        return Err(format!(
+                            "protocol error: {} on the {stream} stream",
+                            message.name()
+                        ))
+                    }
+                };
+                events.push(LinkEvent::Message {
+                    conn: reader.conn,
+                    message,
+                    budget,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads a stream in large chunks and hands the device every whole frame that arrived by one
+/// wake-up as one batch. Its end or a bad frame is the end of the connection.
 ///
 /// A peer that closes finishes its streams first and closes the connection a moment later
 /// (after its last words, e.g. a refusal, went out on the other stream), so a finished stream
 /// waits for that close: the other stream's messages reach the core before the loss does, and
 /// the loss carries the peer's reason.
-async fn next_message(
-    recv: &mut quinn::RecvStream,
-    connection: &quinn::Connection,
-    stream: &str,
-) -> Result<PeerMessage, String> {
-    match read_message(recv).await {
-        Ok(Some(message)) => Ok(message),
-        Ok(None) => {
-            let closed = connection.closed().await;
-            Err(format!("peer closed the {stream} stream ({closed})"))
+async fn read_stream(
+    mut recv: quinn::RecvStream,
+    stream: &'static str,
+    budget: Option<ReceiveBudget>,
+    reader: StreamReader,
+    lost: impl Fn(String),
+) {
+    let mut parser = FrameParser::new();
+    let mut chunks = vec![Bytes::new(); READ_CHUNKS];
+    let mut events = Vec::new();
+    loop {
+        let mut read = 0;
+        let mut ended = false;
+        let mut wait = true;
+        // Everything that is there already, up to a cap, then the batch goes to the device.
+        while read < MAX_BATCH_BYTES {
+            let result = if wait {
+                recv.read_chunks(&mut chunks).await
+            } else {
+                // Cancel-safe: not ready means nothing was taken.
+                match recv.read_chunks(&mut chunks).now_or_never() {
+                    Some(result) => result,
+                    None => break,
+                }
+            };
+            wait = false;
+            let count = match result {
+                Ok(Some(count)) => count,
+                Ok(None) => {
+                    ended = true;
+                    break;
+                }
+                Err(error) => {
+                    reader.deliver(&mut events);
+                    return lost(format!("{stream} stream: {}", WireError::Read(error)));
+                }
+            };
+            for chunk in &mut chunks[..count] {
+                read += chunk.len();
+                let chunk = std::mem::take(chunk);
+                let taken = intake(
+                    &mut parser,
+                    &chunk,
+                    stream,
+                    budget.as_ref(),
+                    &reader,
+                    &mut events,
+                );
+                if let Err(reason) = taken.await {
+                    reader.deliver(&mut events);
+                    return lost(reason);
+                }
+            }
         }
-        Err(error) => Err(format!("{stream} stream: {error}")),
+        reader.deliver(&mut events);
+        if ended {
+            let reason = match parser.finish() {
+                Err(error) => format!("{stream} stream: {error}"),
+                Ok(()) => {
+                    let closed = reader.connection.closed().await;
+                    format!("peer closed the {stream} stream ({closed})")
+                }
+            };
+            return lost(reason);
+        }
     }
+}
+
+async fn control_reader(recv: quinn::RecvStream, reader: StreamReader, lost: impl Fn(String)) {
+    read_stream(recv, "control", None, reader, lost).await
+}
+
+async fn data_reader(connection: quinn::Connection, reader: StreamReader, lost: impl Fn(String)) {
+    let recv = match connection.accept_uni().await {
+        Ok(recv) => recv,
+        Err(error) => return lost(format!("data stream: {error}")),
+    };
+    let budget = ReceiveBudget::new(RECEIVE_BUDGET_KIB);
+    read_stream(recv, "data", Some(budget), reader, lost).await
 }
 
 /// Finds the running link for an incoming connection.
@@ -575,4 +790,314 @@ async fn refuse(
     let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
     connection.close(CLOSE_PROTOCOL.into(), reason.as_bytes());
     Err(reason)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+    use std::net::SocketAddr;
+    use std::path::Path;
+
+    use qrbd_actors::core::messages::PeerMessage;
+    use tokio::time::timeout;
+
+    use super::*;
+    use crate::config::TlsConfig;
+    use crate::transport::{encode, generate_certificates, load_identity, make_endpoint};
+
+    const LIMIT: Duration = Duration::from_secs(30);
+
+    #[tokio::test]
+    async fn a_spent_budget_hands_over_what_the_reader_holds_before_it_waits() {
+        let budget = ReceiveBudget::new(8);
+        let handed = Cell::new(0);
+        let first = budget.take(8, || handed.set(handed.get() + 1)).await;
+        let first = first.expect("the budget is free");
+        assert_eq!(
+            handed.get(),
+            0,
+            "nothing to hand over while the budget lasts"
+        );
+        let mut second = Box::pin(budget.take(4, || handed.set(handed.get() + 1)));
+        assert!(
+            (&mut second).now_or_never().is_none(),
+            "the budget is spent"
+        );
+        assert_eq!(handed.get(), 1, "the held events went to the device first");
+        drop(first);
+        drop(second.await.expect("released budget"));
+        // More than the whole budget: waits for all of it, not forever.
+        assert_eq!(budget.take(1 << 20, || ()).await.unwrap().num_permits(), 8);
+    }
+
+    enum Report {
+        Batch(Vec<LinkEvent>),
+        Lost(String),
+    }
+
+    /// Collects what a stream reader hands the device, and the loss, in the order the device
+    /// would see them (one mailbox).
+    struct Collector(mpsc::UnboundedSender<Report>);
+
+    impl Actor for Collector {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<FromPeerBatch> for Collector {
+        type Result = ();
+        fn handle(&mut self, msg: FromPeerBatch, _: &mut Context<Self>) {
+            let _ = self.0.send(Report::Batch(msg.events));
+        }
+    }
+
+    #[derive(Message)]
+    #[rtype(result = "()")]
+    struct Lost(String);
+
+    impl Handler<Lost> for Collector {
+        type Result = ();
+        fn handle(&mut self, Lost(reason): Lost, _: &mut Context<Self>) {
+            let _ = self.0.send(Report::Lost(reason));
+        }
+    }
+
+    fn identity(dir: &Path, name: &str) -> crate::transport::TlsIdentity {
+        generate_certificates(dir, Some(name)).unwrap();
+        load_identity(&TlsConfig {
+            ca: dir.join("ca.crt"),
+            cert: dir.join(format!("{name}.crt")),
+            key: dir.join(format!("{name}.key")),
+        })
+        .unwrap()
+    }
+
+    /// A QUIC connection on loopback: (dialer's side, acceptor's side).
+    async fn connected_pair(dir: &Path) -> (quinn::Connection, quinn::Connection) {
+        let localhost: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let alpha = make_endpoint(localhost, &identity(dir, "alpha")).unwrap();
+        let beta = make_endpoint(localhost, &identity(dir, "beta")).unwrap();
+        let address = alpha.local_addr().unwrap();
+        let accepted = tokio::spawn(async move {
+            let incoming = alpha.accept().await.unwrap();
+            transport::accept_checked(incoming, &["beta"])
+                .await
+                .unwrap()
+                .0
+        });
+        let dialed = transport::connect(&beta, address, "alpha").await.unwrap();
+        (dialed, accepted.await.unwrap())
+    }
+
+    struct Reading(mpsc::UnboundedReceiver<Report>);
+
+    impl Reading {
+        async fn next(&mut self) -> Report {
+            self.0.recv().await.expect("the collector stopped")
+        }
+    }
+
+    /// Runs `read_stream` on the next stream `accept` gives, reporting to a collector.
+    fn read_from<F>(
+        connection: &quinn::Connection,
+        budget: Option<ReceiveBudget>,
+        accept: F,
+    ) -> Reading
+    where
+        F: std::future::Future<Output = quinn::RecvStream> + 'static,
+    {
+        let (reports, reading) = mpsc::unbounded_channel();
+        let collector = Collector(reports).start();
+        let reader = StreamReader {
+            device: collector.clone().recipient(),
+            connection: connection.clone(),
+            peer: 1,
+            conn: 7,
+        };
+        let stream = if budget.is_some() { "data" } else { "control" };
+        actix::spawn(async move {
+            let recv = accept.await;
+            read_stream(recv, stream, budget, reader, move |reason| {
+                collector.do_send(Lost(reason))
+            })
+            .await
+        });
+        Reading(reading)
+    }
+
+    fn payload(seq: u64, len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i as u64 * 7 + seq) as u8).collect()
+    }
+
+    #[actix_rt::test]
+    async fn batches_arrive_as_aligned_writes_within_the_budget() {
+        timeout(LIMIT, async {
+            let dir = tempfile::tempdir().unwrap();
+            let (dialer, acceptor) = connected_pair(dir.path()).await;
+            const BUDGET_KIB: usize = 64;
+            let accepting = acceptor.clone();
+            let mut reading = read_from(
+                &acceptor,
+                Some(ReceiveBudget::new(BUDGET_KIB)),
+                async move { accepting.accept_uni().await.unwrap() },
+            );
+
+            // Writes of several sizes (one shared rather than copied, one larger than the
+            // whole budget), then a barrier, in two stream writes.
+            let sizes = [4096, 4096, 12288, 0, ZERO_COPY_MIN, 4096, 1 << 20, 8192];
+            let mut expected = Vec::new();
+            let mut send = dialer.open_uni().await.unwrap();
+            let mut batch = FrameBatch::new();
+            let mut chunks = Vec::new();
+            for round in 0..2u64 {
+                for (i, len) in sizes.iter().enumerate() {
+                    let seq = round * 100 + i as u64 + 1;
+                    batch
+                        .push_data(seq, 1, seq + 1000, seq * 4096, payload(seq, *len))
+                        .unwrap();
+                    expected.push((seq, *len));
+                }
+                write_batch(&mut send, &mut batch, &mut chunks)
+                    .await
+                    .unwrap();
+            }
+            let barrier = PeerMessage::Barrier {
+                seq: 999,
+                epoch: 1,
+                writes: 16,
+                flush: true,
+            };
+            batch.push_message(&barrier).unwrap();
+            write_batch(&mut send, &mut batch, &mut chunks)
+                .await
+                .unwrap();
+            send.finish().unwrap();
+
+            let mut got = Vec::new();
+            while got.len() < expected.len() + 1 {
+                let Report::Batch(events) = reading.next().await else {
+                    panic!("the link was lost before the last write arrived");
+                };
+                // Every event of a batch holds its budget at once, so no batch can hold more
+                // than the whole budget (the oversized write comes alone).
+                let mut held = 0;
+                for event in events {
+                    match event {
+                        LinkEvent::Data {
+                            conn,
+                            seq,
+                            epoch,
+                            request,
+                            offset,
+                            data,
+                            budget,
+                        } => {
+                            assert_eq!(
+                                (conn, epoch, request, offset),
+                                (7, 1, seq + 1000, seq * 4096)
+                            );
+                            assert_eq!(data.as_ptr() as usize % 4096, 0, "payload not aligned");
+                            assert!(
+                                data[..] == payload(seq, data.len())[..],
+                                "seq {seq} altered"
+                            );
+                            let budget = budget.expect("a write holds budget");
+                            assert!(
+                                budget.num_permits() * 1024
+                                    >= pooled_capacity(data.len()).min(BUDGET_KIB << 10)
+                            );
+                            held += budget.num_permits();
+                            got.push((seq, data.len()));
+                        }
+                        LinkEvent::Message {
+                            conn: 7,
+                            message,
+                            budget: Some(_),
+                        } => {
+                            assert_eq!(message, barrier);
+                            held += 1;
+                            got.push((999, 0));
+                        }
+                        _ => panic!("unexpected event"),
+                    }
+                }
+                assert!(held <= BUDGET_KIB, "one batch held {held} KiB");
+            }
+            expected.push((999, 0));
+            assert_eq!(got, expected);
+
+            // The stream's end waits for the peer's close, and says so.
+            dialer.close(0u32.into(), b"done");
+            match reading.next().await {
+                Report::Lost(reason) => {
+                    assert!(reason.contains("peer closed the data stream"), "{reason}")
+                }
+                Report::Batch(_) => panic!("a batch after the end of the stream"),
+            }
+        })
+        .await
+        .expect("test timed out");
+    }
+
+    /// Sends `bytes` on a new stream to a reader of that kind; returns why the link was lost.
+    async fn lost_after(bytes: Vec<u8>, data_stream: bool) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let (dialer, acceptor) = connected_pair(dir.path()).await;
+        let accepting = acceptor.clone();
+        let mut reading = if data_stream {
+            read_from(&acceptor, Some(ReceiveBudget::new(64)), async move {
+                accepting.accept_uni().await.unwrap()
+            })
+        } else {
+            read_from(&acceptor, None, async move {
+                accepting.accept_bi().await.unwrap().1
+            })
+        };
+        let mut send = if data_stream {
+            dialer.open_uni().await.unwrap()
+        } else {
+            dialer.open_bi().await.unwrap().0
+        };
+        send.write_all(&bytes).await.unwrap();
+        // What came before the bad frame is handed over first, then the loss.
+        let mut before = 0;
+        loop {
+            match reading.next().await {
+                Report::Batch(events) => before += events.len(),
+                Report::Lost(reason) => {
+                    assert_eq!(before, 1, "{reason}");
+                    return reason;
+                }
+            }
+        }
+    }
+
+    #[actix_rt::test]
+    async fn bad_frames_end_the_link_with_the_reason() {
+        timeout(LIMIT, async {
+            let ping = encode(&PeerMessage::Ping { nonce: 1 });
+            let data = encode(&PeerMessage::Data {
+                seq: 1,
+                epoch: 1,
+                request: 1,
+                offset: 0,
+                data: vec![1; 4096],
+            });
+            let reason = lost_after([ping.clone(), data].concat(), false).await;
+            assert_eq!(reason, "protocol error: Data on the control stream");
+
+            let barrier = encode(&PeerMessage::Barrier {
+                seq: 1,
+                epoch: 1,
+                writes: 0,
+                flush: false,
+            });
+            let reason = lost_after([barrier.clone(), ping].concat(), true).await;
+            assert_eq!(reason, "protocol error: Ping on the data stream");
+
+            let reason = lost_after([barrier, vec![0, 0, 0, 2, 99, 0]].concat(), true).await;
+            assert_eq!(reason, "data stream: unknown message tag 99");
+        })
+        .await
+        .expect("test timed out");
+    }
 }

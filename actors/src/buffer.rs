@@ -224,6 +224,11 @@ impl BufferPool {
     }
 }
 
+/// The capacity, hence the share of a pool's budget, of a pooled buffer of `len` bytes.
+pub fn pooled_capacity(len: usize) -> usize {
+    class_capacity(len)
+}
+
 fn class_capacity(len: usize) -> usize {
     round_up(len.max(1), IO_ALIGN).next_power_of_two()
 }
@@ -267,6 +272,18 @@ impl DerefMut for PooledBuf {
             Some(buf) => buf,
             None => &mut [],
         }
+    }
+}
+
+impl AsRef<[u8]> for PooledBuf {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
+impl AsMut<[u8]> for PooledBuf {
+    fn as_mut(&mut self) -> &mut [u8] {
+        self
     }
 }
 

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use tokio::sync::{broadcast, oneshot, OwnedSemaphorePermit, Semaphore};
 
+use crate::buffer::PooledBuf;
 use crate::core::messages::{Epoch, PeerMessage};
 use crate::core::replication::{Outgoing, PeerId};
 use crate::core::resource::{
@@ -98,10 +99,10 @@ pub enum PeerOutbound {
     Close { conn: u64, reason: String },
 }
 
-/// Delivered to a peer's link actor.
+/// Delivered to a peer's link actor: everything one wake-up of the device has for it, in order.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct ToPeer(pub PeerOutbound);
+pub struct ToPeer(pub Vec<PeerOutbound>);
 
 /// What a peer's link reports.
 pub enum LinkEvent {
@@ -123,6 +124,18 @@ pub enum LinkEvent {
         /// sender.
         budget: Option<OwnedSemaphorePermit>,
     },
+    /// A replicated write as received: its payload in a 4 KiB-aligned buffer from the link's
+    /// receive pool, so the local store can write it as is (O_DIRECT, no bounce copy).
+    Data {
+        conn: u64,
+        seq: u64,
+        epoch: Epoch,
+        request: RequestId,
+        offset: u64,
+        data: PooledBuf,
+        /// As for [`LinkEvent::Message`]; it covers the buffer's whole capacity.
+        budget: Option<OwnedSemaphorePermit>,
+    },
     /// A protocol-A write was handed to the transport.
     Sent {
         request: RequestId,
@@ -137,6 +150,15 @@ pub struct FromPeer {
     pub event: LinkEvent,
 }
 
+/// Everything the link of `peer` had to report at one wake-up (the frames of one stream read,
+/// the writes of one stream write), handled in order and followed by one round of effects.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct FromPeerBatch {
+    pub peer: PeerId,
+    pub events: Vec<LinkEvent>,
+}
+
 /// Registers the link actor of a peer.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -147,8 +169,18 @@ pub struct AttachLink {
 
 /// A received write waiting to be applied.
 struct Payload {
-    data: Option<Vec<u8>>,
+    /// Aligned for O_DIRECT; `None` for a discard. Declared before the budget so that the
+    /// buffer is back in its pool before the budget it counted against is released.
+    data: Option<PooledBuf>,
     _budget: Option<OwnedSemaphorePermit>,
+}
+
+impl Payload {
+    /// The bytes to write; `None` for a discard.
+    #[allow(dead_code)] // for the local I/O path, which may borrow the buffer itself instead
+    fn payload_bytes(&self) -> Option<&[u8]> {
+        self.data.as_deref()
+    }
 }
 
 /// Shared, always-current view of a device for status readers.
@@ -176,6 +208,8 @@ pub struct DeviceActor {
     snapshot: SharedSnapshot,
     clock_origin: Instant,
     links: BTreeMap<PeerId, Recipient<ToPeer>>,
+    /// What the effects being carried out have for each link, sent as one message per link.
+    outbox: BTreeMap<PeerId, Vec<PeerOutbound>>,
     payloads: BTreeMap<(PeerId, u64, u64), Payload>,
     meta_actor: Option<Addr<MetaActor>>,
     commands: BTreeMap<CommandId, oneshot::Sender<Result<String, CommandError>>>,
@@ -232,6 +266,7 @@ impl DeviceActor {
             snapshot: Arc::new(Mutex::new(DeviceSnapshot::default())),
             clock_origin,
             links: BTreeMap::new(),
+            outbox: BTreeMap::new(),
             payloads: BTreeMap::new(),
             meta_actor: setup.meta_actor,
             commands: BTreeMap::new(),
@@ -319,6 +354,7 @@ impl DeviceActor {
             let now = self.now();
             self.core.handle(now, next);
         }
+        self.flush_outbox();
         self.publish();
     }
 
@@ -360,7 +396,9 @@ impl DeviceActor {
                 }
             }
             Effect::SendData { peer, outgoing } => self.send_data(peer, outgoing),
-            Effect::Send { peer, message } => self.to_link(peer, PeerOutbound::Message(message)),
+            Effect::Send { peer, message } => {
+                self.queue_for_link(peer, PeerOutbound::Message(message))
+            }
             Effect::ApplyPeerWrite { peer, conn, write } => {
                 if let Some(ctx) = ctx {
                     self.apply_peer_write(peer, conn, write, ctx)
@@ -385,7 +423,7 @@ impl DeviceActor {
             Effect::Persist { version, meta } => self.persist(version, meta, ctx),
             Effect::Dial { peer } => {
                 if self.links.contains_key(&peer) {
-                    self.to_link(peer, PeerOutbound::Dial);
+                    self.queue_for_link(peer, PeerOutbound::Dial);
                 } else {
                     // The link starts right after the device; it dials once attached.
                     self.dial_on_attach.insert(peer);
@@ -394,7 +432,7 @@ impl DeviceActor {
             Effect::CloseConnection { peer, conn, reason } => {
                 self.payloads
                     .retain(|(p, c, _), _| !(*p == peer && *c == conn));
-                self.to_link(peer, PeerOutbound::Close { conn, reason });
+                self.queue_for_link(peer, PeerOutbound::Close { conn, reason });
             }
             Effect::CommandDone { id, result } => {
                 if let Some(reply) = self.commands.remove(&id) {
@@ -412,9 +450,20 @@ impl DeviceActor {
         }
     }
 
-    fn to_link(&self, peer: PeerId, outbound: PeerOutbound) {
-        if let Some(link) = self.links.get(&peer) {
-            link.do_send(ToPeer(outbound));
+    /// Queues `outbound` for the peer's link until the effects of this wake-up are carried
+    /// out ([`Self::flush_outbox`]).
+    fn queue_for_link(&mut self, peer: PeerId, outbound: PeerOutbound) {
+        if self.links.contains_key(&peer) {
+            self.outbox.entry(peer).or_default().push(outbound);
+        }
+    }
+
+    /// Hands every link what was queued for it, as one message per link.
+    fn flush_outbox(&mut self) {
+        for (peer, outbound) in std::mem::take(&mut self.outbox) {
+            if let Some(link) = self.links.get(&peer) {
+                link.do_send(ToPeer(outbound));
+            }
         }
     }
 
@@ -806,7 +855,7 @@ impl DeviceActor {
                 }
             },
         };
-        self.to_link(peer, message);
+        self.queue_for_link(peer, message);
     }
 
     /// Runs after every batch of effects, so it updates the shared snapshot in place.
@@ -846,7 +895,25 @@ impl DeviceActor {
     }
 
     fn link_event(&mut self, peer: PeerId, event: LinkEvent, ctx: &mut Context<Self>) {
-        let input = match event {
+        let input = self.link_input(peer, event);
+        self.feed(input, Some(ctx));
+    }
+
+    /// Feeds a link's batch to the core in order, then carries out the effects of all of it
+    /// at once: one publish, and one message per peer link for everything the batch made the
+    /// core send.
+    fn link_events(&mut self, peer: PeerId, events: Vec<LinkEvent>, ctx: &mut Context<Self>) {
+        for event in events {
+            let input = self.link_input(peer, event);
+            let now = self.now();
+            self.core.handle(now, input);
+        }
+        self.run_effects(Some(ctx));
+    }
+
+    /// The core's input for a link's report; a received write's payload is kept aside.
+    fn link_input(&mut self, peer: PeerId, event: LinkEvent) -> Input {
+        match event {
             LinkEvent::TransportUp { conn } => {
                 // Payloads of older connections will never be applied.
                 self.payloads
@@ -858,29 +925,32 @@ impl DeviceActor {
             }
             LinkEvent::DialFailed { reason } => Input::DialFailed { peer, reason },
             LinkEvent::Sent { request } => Input::PeerSent { peer, request },
+            LinkEvent::Data {
+                conn,
+                seq,
+                epoch,
+                request,
+                offset,
+                data,
+                budget,
+            } => {
+                let write = PeerWrite {
+                    seq,
+                    epoch,
+                    request,
+                    offset,
+                    len: data.len() as u64,
+                    discard: false,
+                };
+                self.keep_payload(peer, conn, write, Some(data), budget)
+            }
             LinkEvent::Message {
                 conn,
                 message,
                 budget,
             } => match message {
-                PeerMessage::Data {
-                    seq,
-                    epoch,
-                    request,
-                    offset,
-                    data,
-                } => {
-                    let len = data.len() as u64;
-                    let write = PeerWrite {
-                        seq,
-                        epoch,
-                        request,
-                        offset,
-                        len,
-                        discard: false,
-                    };
-                    self.keep_payload(peer, conn, write, Some(data), budget)
-                }
+                // A `Data` message (its payload not in an aligned buffer) is not what a link
+                // delivers; the core refuses it as a protocol error.
                 PeerMessage::Discard {
                     seq,
                     epoch,
@@ -904,8 +974,7 @@ impl DeviceActor {
                     message,
                 },
             },
-        };
-        self.feed(input, Some(ctx));
+        }
     }
 
     /// Keeps a received write's payload (and its share of the receive budget) for the core,
@@ -915,7 +984,7 @@ impl DeviceActor {
         peer: PeerId,
         conn: u64,
         write: PeerWrite,
-        data: Option<Vec<u8>>,
+        data: Option<PooledBuf>,
         budget: Option<OwnedSemaphorePermit>,
     ) -> Input {
         self.payloads.insert(
@@ -1092,7 +1161,7 @@ impl Handler<AttachLink> for DeviceActor {
     fn handle(&mut self, msg: AttachLink, ctx: &mut Context<Self>) {
         self.links.insert(msg.peer, msg.link);
         if self.dial_on_attach.remove(&msg.peer) {
-            self.to_link(msg.peer, PeerOutbound::Dial);
+            self.queue_for_link(msg.peer, PeerOutbound::Dial);
         }
         self.feed(Input::Tick, Some(ctx));
     }
@@ -1102,6 +1171,13 @@ impl Handler<FromPeer> for DeviceActor {
     type Result = ();
     fn handle(&mut self, msg: FromPeer, ctx: &mut Context<Self>) {
         self.link_event(msg.peer, msg.event, ctx);
+    }
+}
+
+impl Handler<FromPeerBatch> for DeviceActor {
+    type Result = ();
+    fn handle(&mut self, msg: FromPeerBatch, ctx: &mut Context<Self>) {
+        self.link_events(msg.peer, msg.events, ctx);
     }
 }
 
@@ -1130,9 +1206,10 @@ impl Handler<SendRawData> for DeviceActor {
     type Result = ();
     fn handle(&mut self, msg: SendRawData, _: &mut Context<Self>) {
         tracing::warn!(device = %self.name, offset = msg.offset, len = msg.data.len(), "test hook: sending raw data to the peers");
-        for peer in self.links.keys() {
-            self.to_link(
-                *peer,
+        let peers: Vec<PeerId> = self.links.keys().copied().collect();
+        for peer in peers {
+            self.queue_for_link(
+                peer,
                 PeerOutbound::Message(PeerMessage::Data {
                     seq: 1,
                     epoch: 1,
@@ -1142,5 +1219,6 @@ impl Handler<SendRawData> for DeviceActor {
                 }),
             );
         }
+        self.flush_outbox();
     }
 }

@@ -28,6 +28,7 @@ pub use tls::{
     peer_certificate_names, server_crypto, verify_peer_name, TlsError, TlsIdentity, ALPN_PROTOCOL,
 };
 pub use wire::{
-    decode_frame_body, encode, encode_data_header, read_message, write_data, write_message,
-    WireError, DATA_HEADER_LEN, MAX_DATA_PAYLOAD, MAX_FRAME_BODY,
+    decode_frame_body, encode, encode_data_header, encode_into, read_message, write_batch,
+    write_data, write_message, DataHeader, FrameBatch, FrameParser, Parsed, WireError,
+    DATA_HEADER_LEN, MAX_DATA_PAYLOAD, MAX_FRAME_BODY, ZERO_COPY_MIN,
 };

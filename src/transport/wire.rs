@@ -9,6 +9,9 @@
 //! before anything is allocated, and any malformed frame decodes to a [`WireError`], never a
 //! panic.
 
+use std::ops::DerefMut;
+
+use bytes::{BufMut, Bytes, BytesMut};
 use qrbd_actors::core::messages::{PeerMessage, PROTOCOL_VERSION};
 use qrbd_actors::core::{DiskState, ReplicationProtocol, Role};
 
@@ -82,6 +85,8 @@ pub enum WireError {
         got: usize,
         wanted: usize,
     },
+    #[error("payload buffer of {got} bytes given to a frame parser that wanted {wanted:?}")]
+    UnexpectedPayloadBuffer { wanted: Option<usize>, got: usize },
     #[error("reading from the peer failed: {0}")]
     Read(#[from] quinn::ReadError),
     #[error("writing to the peer failed: {0}")]
@@ -153,7 +158,12 @@ fn disk_from(code: u8) -> Option<DiskState> {
 // Encoding
 // ---------------------------------------------------------------------------------------------
 
-fn put_str(out: &mut Vec<u8>, text: &str) {
+/// Where frames are encoded: a `Vec<u8>` for one frame, a `BytesMut` for a batch. The length
+/// prefix is patched in place once the body is known, hence the slice access.
+pub trait FrameBuf: BufMut + DerefMut<Target = [u8]> {}
+impl<T: BufMut + DerefMut<Target = [u8]>> FrameBuf for T {}
+
+fn put_str(out: &mut impl FrameBuf, text: &str) {
     // Strings are names (at most 64 characters) and refusal reasons; cutting an absurdly long
     // reason is better than failing to say why we refuse.
     let mut end = text.len().min(usize::from(u16::MAX));
@@ -161,27 +171,26 @@ fn put_str(out: &mut Vec<u8>, text: &str) {
         end -= 1;
     }
     let len = u16::try_from(end).unwrap_or(u16::MAX);
-    out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(&text.as_bytes()[..usize::from(len)]);
+    out.put_u16(len);
+    out.put_slice(&text.as_bytes()[..usize::from(len)]);
 }
 
 /// A list: a u16 count, then the items; more than [`MAX_HISTORY`] items are cut (a peer would
 /// refuse the message, and no list the core keeps grows that long).
-fn put_list<T>(out: &mut Vec<u8>, items: &[T], mut put: impl FnMut(&mut Vec<u8>, &T)) {
+fn put_list<B: FrameBuf, T>(out: &mut B, items: &[T], mut put: impl FnMut(&mut B, &T)) {
     let items = &items[..items.len().min(usize::from(MAX_HISTORY))];
-    out.extend_from_slice(&(items.len() as u16).to_be_bytes());
+    out.put_u16(items.len() as u16);
     for item in items {
         put(out, item);
     }
 }
 
-/// Writes the length prefix once the frame is complete.
-fn finish_frame(mut frame: Vec<u8>) -> Vec<u8> {
+/// Writes the length prefix of the frame that starts at `start` once the frame is complete.
+fn finish_frame(out: &mut impl FrameBuf, start: usize) {
     // Only an oversized Data payload can exceed u32; such a frame is refused by every
-    // receiver, and `write_message` refuses to send it.
-    let len = u32::try_from(frame.len() - 4).unwrap_or(u32::MAX);
-    frame[..4].copy_from_slice(&len.to_be_bytes());
-    frame
+    // receiver, and the senders refuse to send it.
+    let len = u32::try_from(out.len() - start - 4).unwrap_or(u32::MAX);
+    out[start..start + 4].copy_from_slice(&len.to_be_bytes());
 }
 
 /// Encodes `msg` as one complete frame, length prefix included.
@@ -194,7 +203,14 @@ pub fn encode(msg: &PeerMessage) -> Vec<u8> {
         _ => 64,
     };
     let mut out = Vec::with_capacity(capacity);
-    out.extend_from_slice(&[0; 4]);
+    encode_into(&mut out, msg);
+    out
+}
+
+/// Appends `msg` as one complete frame, length prefix included, to `out`.
+pub fn encode_into(out: &mut impl FrameBuf, msg: &PeerMessage) {
+    let start = out.len();
+    out.put_u32(0);
     match msg {
         PeerMessage::Hello {
             protocol_version,
@@ -210,57 +226,57 @@ pub fn encode(msg: &PeerMessage) -> Vec<u8> {
             history_uuids,
             receiver_missing_bytes,
         } => {
-            out.push(TAG_HELLO);
+            out.put_u8(TAG_HELLO);
             // The version comes first so any later layout can still be recognised as a version
             // mismatch.
-            out.extend_from_slice(&protocol_version.to_be_bytes());
-            out.push(*node_id);
-            put_str(&mut out, node_name);
-            put_str(&mut out, resource);
-            out.extend_from_slice(&size_bytes.to_be_bytes());
-            out.push(protocol_code(*protocol));
-            out.push(role_code(*role));
-            out.push(disk_code(*disk));
-            out.extend_from_slice(&current_uuid.to_be_bytes());
-            out.extend_from_slice(&bitmap_uuid.to_be_bytes());
-            put_list(&mut out, history_uuids, |out, uuid| {
-                out.extend_from_slice(&uuid.to_be_bytes())
+            out.put_slice(&protocol_version.to_be_bytes());
+            out.put_u8(*node_id);
+            put_str(out, node_name);
+            put_str(out, resource);
+            out.put_slice(&size_bytes.to_be_bytes());
+            out.put_u8(protocol_code(*protocol));
+            out.put_u8(role_code(*role));
+            out.put_u8(disk_code(*disk));
+            out.put_slice(&current_uuid.to_be_bytes());
+            out.put_slice(&bitmap_uuid.to_be_bytes());
+            put_list(out, history_uuids, |out, uuid| {
+                out.put_slice(&uuid.to_be_bytes())
             });
-            out.extend_from_slice(&receiver_missing_bytes.to_be_bytes());
+            out.put_slice(&receiver_missing_bytes.to_be_bytes());
         }
         PeerMessage::Refused { reason, standalone } => {
-            out.push(TAG_REFUSED);
-            put_str(&mut out, reason);
-            out.push(u8::from(*standalone));
+            out.put_u8(TAG_REFUSED);
+            put_str(out, reason);
+            out.put_u8(u8::from(*standalone));
         }
         PeerMessage::StatePrepare {
             transaction,
             node,
             outdate_peers,
         } => {
-            out.push(TAG_STATE_PREPARE);
-            out.extend_from_slice(&transaction.to_be_bytes());
-            out.push(*node);
-            out.push(u8::from(*outdate_peers));
+            out.put_u8(TAG_STATE_PREPARE);
+            out.put_slice(&transaction.to_be_bytes());
+            out.put_u8(*node);
+            out.put_u8(u8::from(*outdate_peers));
         }
         PeerMessage::StateReply {
             transaction,
             refusal,
         } => {
-            out.push(TAG_STATE_REPLY);
-            out.extend_from_slice(&transaction.to_be_bytes());
-            out.push(u8::from(refusal.is_some()));
+            out.put_u8(TAG_STATE_REPLY);
+            out.put_slice(&transaction.to_be_bytes());
+            out.put_u8(u8::from(refusal.is_some()));
             if let Some(reason) = refusal {
-                put_str(&mut out, reason);
+                put_str(out, reason);
             }
         }
         PeerMessage::StateCommit { transaction } => {
-            out.push(TAG_STATE_COMMIT);
-            out.extend_from_slice(&transaction.to_be_bytes());
+            out.put_u8(TAG_STATE_COMMIT);
+            out.put_slice(&transaction.to_be_bytes());
         }
         PeerMessage::StateAbort { transaction } => {
-            out.push(TAG_STATE_ABORT);
-            out.extend_from_slice(&transaction.to_be_bytes());
+            out.put_u8(TAG_STATE_ABORT);
+            out.put_slice(&transaction.to_be_bytes());
         }
         PeerMessage::State {
             role,
@@ -270,18 +286,18 @@ pub fn encode(msg: &PeerMessage) -> Vec<u8> {
             history_uuids,
             receiver_missing_bytes,
         } => {
-            out.push(TAG_STATE);
-            out.push(role_code(*role));
-            out.push(disk_code(*disk));
-            out.extend_from_slice(&current_uuid.to_be_bytes());
-            put_list(&mut out, bitmap_uuids, |out, (node, uuid)| {
-                out.push(*node);
-                out.extend_from_slice(&uuid.to_be_bytes());
+            out.put_u8(TAG_STATE);
+            out.put_u8(role_code(*role));
+            out.put_u8(disk_code(*disk));
+            out.put_slice(&current_uuid.to_be_bytes());
+            put_list(out, bitmap_uuids, |out, (node, uuid)| {
+                out.put_u8(*node);
+                out.put_slice(&uuid.to_be_bytes());
             });
-            put_list(&mut out, history_uuids, |out, uuid| {
-                out.extend_from_slice(&uuid.to_be_bytes())
+            put_list(out, history_uuids, |out, uuid| {
+                out.put_slice(&uuid.to_be_bytes())
             });
-            out.extend_from_slice(&receiver_missing_bytes.to_be_bytes());
+            out.put_slice(&receiver_missing_bytes.to_be_bytes());
         }
         PeerMessage::Data {
             seq,
@@ -290,8 +306,8 @@ pub fn encode(msg: &PeerMessage) -> Vec<u8> {
             offset,
             data,
         } => {
-            push_data_fields(&mut out, *seq, *epoch, *request, *offset);
-            out.extend_from_slice(data);
+            push_data_fields(out, *seq, *epoch, *request, *offset);
+            out.put_slice(data);
         }
         PeerMessage::Discard {
             seq,
@@ -300,9 +316,9 @@ pub fn encode(msg: &PeerMessage) -> Vec<u8> {
             offset,
             len,
         } => {
-            out.push(TAG_DISCARD);
+            out.put_u8(TAG_DISCARD);
             for value in [seq, epoch, request, offset, len] {
-                out.extend_from_slice(&value.to_be_bytes());
+                out.put_slice(&value.to_be_bytes());
             }
         }
         PeerMessage::Barrier {
@@ -311,46 +327,46 @@ pub fn encode(msg: &PeerMessage) -> Vec<u8> {
             writes,
             flush,
         } => {
-            out.push(TAG_BARRIER);
-            out.extend_from_slice(&seq.to_be_bytes());
-            out.extend_from_slice(&epoch.to_be_bytes());
-            out.extend_from_slice(&writes.to_be_bytes());
-            out.push(u8::from(*flush));
+            out.put_u8(TAG_BARRIER);
+            out.put_slice(&seq.to_be_bytes());
+            out.put_slice(&epoch.to_be_bytes());
+            out.put_slice(&writes.to_be_bytes());
+            out.put_u8(u8::from(*flush));
         }
         PeerMessage::RecvAck { request } => {
-            out.push(TAG_RECV_ACK);
-            out.extend_from_slice(&request.to_be_bytes());
+            out.put_u8(TAG_RECV_ACK);
+            out.put_slice(&request.to_be_bytes());
         }
         PeerMessage::WriteAck { request } => {
-            out.push(TAG_WRITE_ACK);
-            out.extend_from_slice(&request.to_be_bytes());
+            out.put_u8(TAG_WRITE_ACK);
+            out.put_slice(&request.to_be_bytes());
         }
         PeerMessage::NegAck { request, errno } => {
-            out.push(TAG_NEG_ACK);
-            out.extend_from_slice(&request.to_be_bytes());
-            out.extend_from_slice(&errno.to_be_bytes());
+            out.put_u8(TAG_NEG_ACK);
+            out.put_slice(&request.to_be_bytes());
+            out.put_slice(&errno.to_be_bytes());
         }
         PeerMessage::BarrierAck { epoch, writes } => {
-            out.push(TAG_BARRIER_ACK);
-            out.extend_from_slice(&epoch.to_be_bytes());
-            out.extend_from_slice(&writes.to_be_bytes());
+            out.put_u8(TAG_BARRIER_ACK);
+            out.put_slice(&epoch.to_be_bytes());
+            out.put_slice(&writes.to_be_bytes());
         }
         PeerMessage::Ping { nonce } => {
-            out.push(TAG_PING);
-            out.extend_from_slice(&nonce.to_be_bytes());
+            out.put_u8(TAG_PING);
+            out.put_slice(&nonce.to_be_bytes());
         }
         PeerMessage::PingAck { nonce } => {
-            out.push(TAG_PING_ACK);
-            out.extend_from_slice(&nonce.to_be_bytes());
+            out.put_u8(TAG_PING_ACK);
+            out.put_slice(&nonce.to_be_bytes());
         }
     }
-    finish_frame(out)
+    finish_frame(out, start);
 }
 
-fn push_data_fields(out: &mut Vec<u8>, seq: u64, epoch: u64, request: u64, offset: u64) {
-    out.push(TAG_DATA);
+fn push_data_fields(out: &mut impl FrameBuf, seq: u64, epoch: u64, request: u64, offset: u64) {
+    out.put_u8(TAG_DATA);
     for value in [seq, epoch, request, offset] {
-        out.extend_from_slice(&value.to_be_bytes());
+        out.put_u64(value);
     }
 }
 
@@ -363,17 +379,29 @@ pub fn encode_data_header(
     offset: u64,
     payload_len: usize,
 ) -> Result<Vec<u8>, WireError> {
-    if payload_len > MAX_DATA_PAYLOAD {
-        return Err(WireError::FrameTooLarge {
-            len: (DATA_BODY_MIN + payload_len) as u64,
-        });
-    }
-    let body_len = u32::try_from(DATA_BODY_MIN + payload_len)
-        .map_err(|_| WireError::FrameTooLarge { len: u64::MAX })?;
     let mut header = Vec::with_capacity(DATA_HEADER_LEN);
-    header.extend_from_slice(&body_len.to_be_bytes());
-    push_data_fields(&mut header, seq, epoch, request, offset);
+    encode_data_header_into(&mut header, seq, epoch, request, offset, payload_len)?;
     Ok(header)
+}
+
+/// Appends what [`encode_data_header`] returns to `out`.
+pub fn encode_data_header_into(
+    out: &mut impl FrameBuf,
+    seq: u64,
+    epoch: u64,
+    request: u64,
+    offset: u64,
+    payload_len: usize,
+) -> Result<(), WireError> {
+    let body_len = u32::try_from(DATA_BODY_MIN + payload_len)
+        .ok()
+        .filter(|_| payload_len <= MAX_DATA_PAYLOAD)
+        .ok_or(WireError::FrameTooLarge {
+            len: (DATA_BODY_MIN + payload_len) as u64,
+        })?;
+    out.put_u32(body_len);
+    push_data_fields(out, seq, epoch, request, offset);
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -797,6 +825,331 @@ pub async fn write_data(
     Ok(())
 }
 
+// ---------------------------------------------------------------------------------------------
+// Batches: many frames per stream write, many frames per stream read
+// ---------------------------------------------------------------------------------------------
+
+/// Payloads at least this large travel as chunks of their own, without a copy; smaller ones are
+/// copied into the batch's buffer. quinn keeps every chunk until the peer acknowledged it and
+/// finds a packet's bytes by walking its chunks from the oldest, so a window full of 4 KiB
+/// chunks would cost more than copying them does.
+pub const ZERO_COPY_MIN: usize = 64 << 10;
+
+/// Frames encoded for one stream write.
+pub struct FrameBatch {
+    /// Frames (and small payloads) not yet cut into a chunk.
+    buf: BytesMut,
+    chunks: Vec<Bytes>,
+    bytes: usize,
+    frames: usize,
+}
+
+impl Default for FrameBatch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FrameBatch {
+    pub fn new() -> Self {
+        FrameBatch {
+            buf: BytesMut::with_capacity(64 << 10),
+            chunks: Vec::new(),
+            bytes: 0,
+            frames: 0,
+        }
+    }
+
+    /// Bytes in the batch.
+    pub fn len(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.frames == 0
+    }
+
+    pub fn frames(&self) -> usize {
+        self.frames
+    }
+
+    /// Adds `msg` as one frame (a `Data` payload is copied: use [`Self::push_data`] to share
+    /// a large one).
+    pub fn push_message(&mut self, msg: &PeerMessage) -> Result<(), WireError> {
+        let start = self.buf.len();
+        encode_into(&mut self.buf, msg);
+        let body = self.buf.len() - start - 4;
+        if body > MAX_FRAME_BODY {
+            self.buf.truncate(start);
+            return Err(WireError::FrameTooLarge { len: body as u64 });
+        }
+        self.bytes += body + 4;
+        self.frames += 1;
+        Ok(())
+    }
+
+    /// Adds a `Data` frame; a payload of [`ZERO_COPY_MIN`] bytes or more is kept by reference
+    /// (and lives until the peer acknowledged it at the QUIC level).
+    pub fn push_data<P>(
+        &mut self,
+        seq: u64,
+        epoch: u64,
+        request: u64,
+        offset: u64,
+        payload: P,
+    ) -> Result<(), WireError>
+    where
+        P: AsRef<[u8]> + Send + 'static,
+    {
+        let len = payload.as_ref().len();
+        encode_data_header_into(&mut self.buf, seq, epoch, request, offset, len)?;
+        if len >= ZERO_COPY_MIN {
+            self.chunks.push(self.buf.split().freeze());
+            self.chunks.push(Bytes::from_owner(payload));
+        } else {
+            self.buf.put_slice(payload.as_ref());
+        }
+        self.bytes += DATA_HEADER_LEN + len;
+        self.frames += 1;
+        Ok(())
+    }
+
+    /// Moves the batch into `out` as chunks for one `write_all_chunks`, leaving it empty. Its
+    /// buffer is reused once quinn released the previous batch's bytes.
+    pub fn take_chunks(&mut self, out: &mut Vec<Bytes>) {
+        if !self.buf.is_empty() {
+            self.chunks.push(self.buf.split().freeze());
+        }
+        out.append(&mut self.chunks);
+        self.bytes = 0;
+        self.frames = 0;
+    }
+}
+
+/// Writes a whole batch with one stream write (one wake-up of the connection's driver).
+pub async fn write_batch(
+    stream: &mut quinn::SendStream,
+    batch: &mut FrameBatch,
+    chunks: &mut Vec<Bytes>,
+) -> Result<(), WireError> {
+    batch.take_chunks(chunks);
+    let result = stream.write_all_chunks(chunks).await;
+    chunks.clear();
+    result.map_err(WireError::from)
+}
+
+/// The fixed fields of a `Data` frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataHeader {
+    pub seq: u64,
+    pub epoch: u64,
+    pub request: u64,
+    pub offset: u64,
+}
+
+/// What [`FrameParser::next`] found.
+#[derive(Debug)]
+pub enum Parsed<B> {
+    /// Any message but `Data`.
+    Message(PeerMessage),
+    /// A `Data` header arrived: the parser needs a buffer of exactly `len` bytes for the
+    /// payload ([`FrameParser::provide`]) before it takes more input.
+    NeedPayload { len: usize },
+    /// A whole `Data` frame, its payload in the buffer that was provided.
+    Data { header: DataHeader, payload: B },
+}
+
+enum ParseState<B> {
+    Head,
+    AwaitPayload {
+        header: DataHeader,
+        len: usize,
+    },
+    Payload {
+        header: DataHeader,
+        buf: B,
+        filled: usize,
+        len: usize,
+    },
+}
+
+/// Parses frames out of chunks of a stream as they come, whatever their boundaries: a stream
+/// is read in large chunks, and every whole frame in them is handled in one go. Small frames
+/// are decoded in place (copied only when a chunk boundary splits them); a `Data` payload is
+/// copied once, into a buffer of the caller's choosing (aligned, counted against a budget).
+///
+/// A malformed frame is an error, never a panic; after an error the stream's framing is lost
+/// and the parser must not be used again.
+pub struct FrameParser<B> {
+    /// The start of a frame split across chunks.
+    partial: Vec<u8>,
+    state: ParseState<B>,
+}
+
+impl<B: AsMut<[u8]>> Default for FrameParser<B> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<B: AsMut<[u8]>> FrameParser<B> {
+    pub fn new() -> Self {
+        FrameParser {
+            partial: Vec::new(),
+            state: ParseState::Head,
+        }
+    }
+
+    /// The next item from `input` (advanced past what was used); `None` once `input` is used
+    /// up without completing one.
+    pub fn next(&mut self, input: &mut &[u8]) -> Result<Option<Parsed<B>>, WireError> {
+        match std::mem::replace(&mut self.state, ParseState::Head) {
+            ParseState::Head => self.head(input),
+            ParseState::AwaitPayload { header, len } => {
+                self.state = ParseState::AwaitPayload { header, len };
+                Ok(Some(Parsed::NeedPayload { len }))
+            }
+            ParseState::Payload {
+                header,
+                mut buf,
+                mut filled,
+                len,
+            } => {
+                // `provide` checked that the buffer is exactly `len` bytes.
+                let target = &mut buf.as_mut()[filled..len];
+                let n = target.len().min(input.len());
+                target[..n].copy_from_slice(&input[..n]);
+                *input = &input[n..];
+                filled += n;
+                if filled < len {
+                    self.state = ParseState::Payload {
+                        header,
+                        buf,
+                        filled,
+                        len,
+                    };
+                    return Ok(None);
+                }
+                Ok(Some(Parsed::Data {
+                    header,
+                    payload: buf,
+                }))
+            }
+        }
+    }
+
+    /// Gives the parser the buffer for the payload it asked for with [`Parsed::NeedPayload`].
+    pub fn provide(&mut self, mut buf: B) -> Result<(), WireError> {
+        let got = buf.as_mut().len();
+        match std::mem::replace(&mut self.state, ParseState::Head) {
+            ParseState::AwaitPayload { header, len } if got == len => {
+                self.state = ParseState::Payload {
+                    header,
+                    buf,
+                    filled: 0,
+                    len,
+                };
+                Ok(())
+            }
+            other => {
+                let wanted = match &other {
+                    ParseState::AwaitPayload { len, .. } => Some(*len),
+                    _ => None,
+                };
+                self.state = other;
+                Err(WireError::UnexpectedPayloadBuffer { wanted, got })
+            }
+        }
+    }
+
+    /// The stream ended: an error unless that was between frames.
+    pub fn finish(&self) -> Result<(), WireError> {
+        let (what, got, wanted) = match &self.state {
+            ParseState::Head if self.partial.is_empty() => return Ok(()),
+            ParseState::Head if self.partial.len() < 4 => ("frame length", self.partial.len(), 4),
+            ParseState::Head => {
+                let len = u32::from_be_bytes([
+                    self.partial[0],
+                    self.partial[1],
+                    self.partial[2],
+                    self.partial[3],
+                ]) as usize;
+                ("frame", self.partial.len(), 4 + len)
+            }
+            ParseState::AwaitPayload { len, .. } => ("Data payload", 0, *len),
+            ParseState::Payload { filled, len, .. } => ("Data payload", *filled, *len),
+        };
+        Err(WireError::StreamEnded { what, got, wanted })
+    }
+
+    fn head(&mut self, input: &mut &[u8]) -> Result<Option<Parsed<B>>, WireError> {
+        if !self.gather(input, 4) {
+            return Ok(None);
+        }
+        let view = self.view(input);
+        let len = u32::from_be_bytes([view[0], view[1], view[2], view[3]]);
+        // Checked before anything is buffered: the length is the peer's word.
+        let len = usize::try_from(len)
+            .ok()
+            .filter(|&len| len <= MAX_FRAME_BODY)
+            .ok_or(WireError::FrameTooLarge { len: len.into() })?;
+        if len == 0 {
+            return Err(WireError::EmptyFrame);
+        }
+        if !self.gather(input, 5) {
+            return Ok(None);
+        }
+        let data = self.view(input)[4] == TAG_DATA && len >= DATA_BODY_MIN;
+        // A Data frame's head is its fixed fields; the payload goes straight to its buffer.
+        let head_len = if data { 4 + DATA_BODY_MIN } else { 4 + len };
+        if !self.gather(input, head_len) {
+            return Ok(None);
+        }
+        let body = &self.view(input)[4..head_len];
+        let parsed = if data {
+            let f = data_fields(&mut Reader::new("Data", &body[1..]))?;
+            let header = DataHeader {
+                seq: f.seq,
+                epoch: f.epoch,
+                request: f.request,
+                offset: f.offset,
+            };
+            let len = len - DATA_BODY_MIN;
+            self.state = ParseState::AwaitPayload { header, len };
+            Parsed::NeedPayload { len }
+        } else {
+            Parsed::Message(decode_frame_body(body)?)
+        };
+        if self.partial.is_empty() {
+            *input = &input[head_len..];
+        } else {
+            self.partial.clear();
+        }
+        Ok(Some(parsed))
+    }
+
+    /// Makes the frame's first `need` bytes readable through [`Self::view`]: in place when
+    /// `input` holds them and nothing is buffered, else collected in `partial`. False when
+    /// `input` ran out first (all of it is then in `partial`).
+    fn gather(&mut self, input: &mut &[u8], need: usize) -> bool {
+        if self.partial.is_empty() && input.len() >= need {
+            return true;
+        }
+        let take = need.saturating_sub(self.partial.len()).min(input.len());
+        self.partial.extend_from_slice(&input[..take]);
+        *input = &input[take..];
+        self.partial.len() >= need
+    }
+
+    fn view<'s>(&'s self, input: &'s [u8]) -> &'s [u8] {
+        if self.partial.is_empty() {
+            input
+        } else {
+            &self.partial
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -965,6 +1318,268 @@ mod tests {
             }
             Ok(out)
         })
+    }
+
+    /// Runs a stream, delivered as `chunks`, through a [`FrameParser`] with plain vectors as
+    /// payload buffers, and gives back the messages (Data rebuilt as the core's message).
+    fn parse_chunks(chunks: &[&[u8]]) -> Result<Vec<PeerMessage>, WireError> {
+        let mut parser = FrameParser::<Vec<u8>>::new();
+        let mut out = Vec::new();
+        for chunk in chunks {
+            let mut rest = *chunk;
+            while let Some(parsed) = parser.next(&mut rest)? {
+                match parsed {
+                    Parsed::Message(message) => {
+                        assert!(!matches!(message, PeerMessage::Data { .. }));
+                        out.push(message)
+                    }
+                    Parsed::NeedPayload { len } => parser.provide(vec![0; len])?,
+                    Parsed::Data { header, payload } => out.push(PeerMessage::Data {
+                        seq: header.seq,
+                        epoch: header.epoch,
+                        request: header.request,
+                        offset: header.offset,
+                        data: payload,
+                    }),
+                }
+            }
+            assert!(rest.is_empty(), "the parser left input behind");
+        }
+        parser.finish()?;
+        Ok(out)
+    }
+
+    /// A batch as a sender writes it: small messages and payloads of every size class,
+    /// including one large enough to travel as its own chunk.
+    fn batch_messages() -> Vec<PeerMessage> {
+        let mut msgs = samples();
+        for (seq, len) in [
+            (100, 4096),
+            (101, 0),
+            (102, 12288),
+            (103, ZERO_COPY_MIN + 4096),
+        ] {
+            msgs.push(PeerMessage::Data {
+                seq,
+                epoch: 3,
+                request: seq * 2,
+                offset: seq * 4096,
+                data: (0..len).map(|i| (i * 31 + seq as usize) as u8).collect(),
+            });
+            msgs.push(PeerMessage::Ping { nonce: seq });
+        }
+        msgs
+    }
+
+    fn encode_batch(msgs: &[PeerMessage]) -> Vec<Bytes> {
+        let mut batch = FrameBatch::new();
+        for msg in msgs {
+            match msg {
+                PeerMessage::Data {
+                    seq,
+                    epoch,
+                    request,
+                    offset,
+                    data,
+                } => batch
+                    .push_data(*seq, *epoch, *request, *offset, data.clone())
+                    .unwrap(),
+                other => batch.push_message(other).unwrap(),
+            }
+        }
+        assert_eq!(batch.frames(), msgs.len());
+        let expected_len: usize = msgs.iter().map(|m| encode(m).len()).sum();
+        assert_eq!(batch.len(), expected_len);
+        let mut chunks = Vec::new();
+        batch.take_chunks(&mut chunks);
+        assert!(batch.is_empty());
+        chunks
+    }
+
+    #[test]
+    fn a_batch_is_the_frames_back_to_back() {
+        let msgs = batch_messages();
+        let chunks = encode_batch(&msgs);
+        // The large payload is shared, not copied: the batch is more than one chunk.
+        assert!(chunks.len() >= 3, "{} chunks", chunks.len());
+        let joined: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
+        let expected: Vec<u8> = msgs.iter().flat_map(encode).collect();
+        assert_eq!(joined, expected);
+        // The next batch starts empty and reuses the encoder.
+        let again = encode_batch(&msgs[..2]);
+        let joined: Vec<u8> = again.iter().flat_map(|c| c.iter().copied()).collect();
+        assert_eq!(joined, [encode(&msgs[0]), encode(&msgs[1])].concat());
+    }
+
+    #[test]
+    fn an_oversized_payload_is_refused_and_leaves_the_batch_intact() {
+        let mut batch = FrameBatch::new();
+        batch.push_message(&PeerMessage::Ping { nonce: 1 }).unwrap();
+        let err = batch
+            .push_data(1, 1, 1, 0, vec![0u8; MAX_DATA_PAYLOAD + 1])
+            .unwrap_err();
+        assert!(matches!(err, WireError::FrameTooLarge { .. }), "{err}");
+        let err = batch
+            .push_message(&PeerMessage::Data {
+                seq: 1,
+                epoch: 1,
+                request: 1,
+                offset: 0,
+                data: vec![0u8; MAX_DATA_PAYLOAD + 1],
+            })
+            .unwrap_err();
+        assert!(matches!(err, WireError::FrameTooLarge { .. }), "{err}");
+        let mut chunks = Vec::new();
+        batch.take_chunks(&mut chunks);
+        let joined: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
+        assert_eq!(joined, encode(&PeerMessage::Ping { nonce: 1 }));
+    }
+
+    #[test]
+    fn a_batch_split_anywhere_parses_to_the_same_messages() {
+        let msgs = batch_messages();
+        let stream: Vec<u8> = msgs.iter().flat_map(encode).collect();
+        assert_eq!(parse_chunks(&[&stream]).unwrap(), msgs);
+        // Two chunks, split at every byte.
+        for cut in 0..=stream.len() {
+            let (a, b) = stream.split_at(cut);
+            assert_eq!(parse_chunks(&[a, b]).unwrap(), msgs, "split at {cut}");
+        }
+        // Byte by byte, and in uneven pieces.
+        let bytes: Vec<&[u8]> = stream.chunks(1).collect();
+        assert_eq!(parse_chunks(&bytes).unwrap(), msgs);
+        for size in [3, 41, 1200, 4097] {
+            let pieces: Vec<&[u8]> = stream.chunks(size).collect();
+            assert_eq!(parse_chunks(&pieces).unwrap(), msgs, "chunks of {size}");
+        }
+        // As the sender's chunks, the way quinn may hand them over.
+        let chunks = encode_batch(&msgs);
+        let chunks: Vec<&[u8]> = chunks.iter().map(|c| &c[..]).collect();
+        assert_eq!(parse_chunks(&chunks).unwrap(), msgs);
+    }
+
+    #[test]
+    fn a_batch_cut_short_is_an_error() {
+        let msgs = batch_messages();
+        let frames: Vec<Vec<u8>> = msgs.iter().map(encode).collect();
+        let stream = frames.concat();
+        let mut boundaries = vec![0];
+        for frame in &frames {
+            boundaries.push(boundaries.last().unwrap() + frame.len());
+        }
+        for cut in 0..stream.len() {
+            let (a, b) = stream[..cut].split_at(cut / 2);
+            let result = parse_chunks(&[a, b]);
+            match boundaries.iter().position(|&at| at == cut) {
+                // Between frames: the messages so far, and a clean end.
+                Some(whole) => assert_eq!(result.unwrap(), msgs[..whole], "cut at {cut}"),
+                None => assert!(
+                    matches!(result, Err(WireError::StreamEnded { .. })),
+                    "cut at {cut}: {result:?}"
+                ),
+            }
+        }
+    }
+
+    #[test]
+    fn bad_frames_in_a_batch_are_errors() {
+        let good = encode(&PeerMessage::Ping { nonce: 1 });
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            ([good.clone(), vec![0, 0, 0, 0]].concat(), "empty frame"),
+            (
+                [
+                    good.clone(),
+                    ((MAX_FRAME_BODY + 1) as u32).to_be_bytes().to_vec(),
+                ]
+                .concat(),
+                "exceeds the maximum",
+            ),
+            (
+                [good.clone(), vec![0, 0, 0, 2, 99, 0]].concat(),
+                "unknown message tag 99",
+            ),
+            (
+                // A Data frame too short for its fixed fields.
+                [good.clone(), vec![0, 0, 0, 3, TAG_DATA, 0, 0]].concat(),
+                "truncated Data message",
+            ),
+            (
+                [
+                    good.clone(),
+                    vec![0, 0, 0, 10, TAG_PING, 0, 0, 0, 0, 0, 0, 0, 0, 7],
+                ]
+                .concat(),
+                "unexpected bytes",
+            ),
+        ];
+        for (stream, expected) in cases {
+            for cut in 0..=stream.len() {
+                let (a, b) = stream.split_at(cut);
+                let err = parse_chunks(&[a, b]).unwrap_err();
+                assert!(err.to_string().contains(expected), "{err}");
+            }
+        }
+        // A buffer of the wrong size, or one nobody asked for, is refused.
+        let mut parser = FrameParser::<Vec<u8>>::new();
+        assert!(parser.provide(vec![0; 4]).is_err());
+        let frame = encode(&PeerMessage::Data {
+            seq: 1,
+            epoch: 1,
+            request: 1,
+            offset: 0,
+            data: vec![9; 8],
+        });
+        let mut input = &frame[..];
+        assert!(matches!(
+            parser.next(&mut input).unwrap(),
+            Some(Parsed::NeedPayload { len: 8 })
+        ));
+        // Asking again without a buffer repeats the request and takes no input.
+        assert!(matches!(
+            parser.next(&mut input).unwrap(),
+            Some(Parsed::NeedPayload { len: 8 })
+        ));
+        assert_eq!(input.len(), 8);
+        assert!(matches!(
+            parser.provide(vec![0; 7]),
+            Err(WireError::UnexpectedPayloadBuffer {
+                wanted: Some(8),
+                got: 7
+            })
+        ));
+        parser.provide(vec![0; 8]).unwrap();
+        match parser.next(&mut input).unwrap() {
+            Some(Parsed::Data { payload, .. }) => assert_eq!(payload, vec![9; 8]),
+            other => panic!("{other:?}"),
+        }
+        parser.finish().unwrap();
+    }
+
+    #[test]
+    fn garbage_batches_never_panic() {
+        let mut rng = XorShift(0x2545_F491_4F6C_DD1D);
+        let valid: Vec<u8> = batch_messages()[..6].iter().flat_map(encode).collect();
+        for _ in 0..3_000 {
+            let mut stream = valid.clone();
+            for _ in 0..=rng.below(4) {
+                let at = rng.below(stream.len() as u64) as usize;
+                stream[at] ^= (rng.below(255) + 1) as u8;
+            }
+            let cut = rng.below(stream.len() as u64 + 1) as usize;
+            let (a, b) = stream.split_at(cut);
+            // Decoded or refused: the property is that nothing panics.
+            let _ = parse_chunks(&[a, b]);
+        }
+        for _ in 0..2_000 {
+            let len = rng.below(400) as usize;
+            let mut bytes = rng.bytes(len);
+            if bytes.len() >= 5 && rng.below(2) == 0 {
+                let small = rng.below(80) as u32;
+                bytes[..4].copy_from_slice(&small.to_be_bytes());
+                bytes[4] = rng.below(18) as u8;
+            }
+            let _ = parse_chunks(&[&bytes]);
+        }
     }
 
     #[test]
