@@ -581,7 +581,7 @@ impl DeviceActor {
             tracing::error!(device = %self.name, peer, seq, "received write has no payload");
             return;
         };
-        let in_ring = |data: &Option<Vec<u8>>| match (data, &self.uring) {
+        let in_ring = |data: &Option<PooledBuf>| match (data, &self.uring) {
             (Some(data), Some(uring)) => !discard && uring.accepts_write(offset, data),
             _ => false,
         };
