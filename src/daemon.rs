@@ -126,11 +126,12 @@ fn replication_endpoint(config: &QrbdConfig) -> anyhow::Result<Option<quinn::End
         );
     };
     let identity = transport::load_identity(tls).context("cannot load the TLS identity")?;
-    let endpoint = if std::env::var_os("QRBD_EXPERIMENT_QUIC_ON_ACTORS").is_some() {
-        transport::make_endpoint(config.node.listen, &identity)
-    } else {
-        transport::make_endpoint_on_transport_runtime(config.node.listen, &identity)
-    };
+    // On the actor thread: quinn drives its connections and the UDP socket on the runtime that
+    // creates the endpoint. Sharing the thread with the DeviceActors means a write crosses no
+    // thread between the request pipeline and the wire; a transport runtime of its own cost
+    // more in wake-ups and lock contention than it gained in parallelism on two cores
+    // (benches/README.md).
+    let endpoint = transport::make_endpoint(config.node.listen, &identity);
     let endpoint =
         endpoint.with_context(|| format!("cannot listen for peers on {}", config.node.listen))?;
     Ok(Some(endpoint))

@@ -135,13 +135,8 @@ impl PeerActor {
         let address = self.setup.peer_address;
         let peer_name = self.setup.peer_name.clone();
         let dial = async move {
-            let connect = {
-                let (endpoint, peer_name) = (endpoint.clone(), peer_name.clone());
-                async move { transport::connect(&endpoint, address, &peer_name).await }
-            };
-            let connection = transport::on_transport(connect)
+            let connection = transport::connect(&endpoint, address, &peer_name)
                 .await
-                .map_err(|error| format!("{error:#}"))?
                 .map_err(|error| format!("{error:#}"))?;
             match connection.open_bi().await {
                 Ok((send, recv)) => Ok(Established {
@@ -677,9 +672,8 @@ async fn accept_one(
     config: &QrbdConfig,
     find: &Recipient<FindPeerLink>,
 ) -> Result<(), String> {
-    let connection = transport::on_transport(async move { incoming.await })
+    let connection = incoming
         .await
-        .map_err(|error| format!("{error:#}"))?
         .map_err(|error| format!("TLS/QUIC handshake failed: {error}"))?;
     let names =
         transport::peer_certificate_names(&connection).map_err(|error| error.to_string())?;

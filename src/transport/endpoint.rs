@@ -1,9 +1,8 @@
 //! The quinn endpoint: one UDP socket per node that both accepts connections from peers and
 //! connects to them, with mutual TLS from [`super::tls`].
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -86,49 +85,6 @@ pub fn make_endpoint(listen: SocketAddr, identity: &TlsIdentity) -> anyhow::Resu
         .with_context(|| format!("cannot listen for peers on UDP {listen}"))?;
     endpoint.set_default_client_config(client);
     Ok(endpoint)
-}
-
-/// QUIC's packet work (encryption, acknowledgements, pacing, UDP I/O) runs on this runtime of
-/// its own, so that it does not share the actor thread with the request pipeline: quinn runs a
-/// connection's driver on the runtime that creates the connection.
-static TRANSPORT_RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-
-fn transport_runtime() -> anyhow::Result<&'static tokio::runtime::Runtime> {
-    if let Some(runtime) = TRANSPORT_RUNTIME.get() {
-        return Ok(runtime);
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("qrbd-quic")
-        .enable_all()
-        .build()
-        .context("cannot start the transport runtime")?;
-    // A concurrent first call may have won; either runtime will do, the loser is dropped here,
-    // outside any async context.
-    let _ = TRANSPORT_RUNTIME.set(runtime);
-    TRANSPORT_RUNTIME
-        .get()
-        .context("the transport runtime vanished")
-}
-
-/// [`make_endpoint`] on the transport runtime (the daemon's way; tests use their own runtime).
-pub fn make_endpoint_on_transport_runtime(
-    listen: SocketAddr,
-    identity: &TlsIdentity,
-) -> anyhow::Result<Endpoint> {
-    let _entered = transport_runtime()?.enter();
-    make_endpoint(listen, identity)
-}
-
-/// Runs `future` on the transport runtime if the daemon started one, else in place. Creating
-/// or accepting a connection there puts its driver there.
-pub async fn on_transport<T: Send + 'static>(
-    future: impl Future<Output = T> + Send + 'static,
-) -> anyhow::Result<T> {
-    match TRANSPORT_RUNTIME.get() {
-        Some(runtime) => runtime.spawn(future).await.context("transport task failed"),
-        None => Ok(future.await),
-    }
 }
 
 /// Connects to the peer `peer_name` at `addr`. TLS checks that its certificate chains to our

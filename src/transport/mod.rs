@@ -20,8 +20,7 @@ pub mod tls;
 pub mod wire;
 
 pub use endpoint::{
-    accept_checked, connect, make_endpoint, make_endpoint_on_transport_runtime, on_transport,
-    transport_config, EndpointError, CLOSE_REJECTED_PEER,
+    accept_checked, connect, make_endpoint, transport_config, EndpointError, CLOSE_REJECTED_PEER,
 };
 pub use tls::{
     check_certificate_name, client_crypto, generate_certificates, load_identity, match_peer_name,
