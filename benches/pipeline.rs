@@ -126,9 +126,11 @@ fn device_core(c: &mut Criterion) {
 /// answers every barrier with its ack. The per-write CPU the protocol costs a Primary's actor.
 struct Replicated {
     core: ResourceCore,
-    in_flight: VecDeque<RequestId>,
+    /// Requests in flight, with the data-stream sequence number each was sent under.
+    in_flight: VecDeque<(RequestId, u64)>,
     next: RequestId,
     tick: u64,
+    last_sent_seq: u64,
 }
 
 impl Replicated {
@@ -153,6 +155,7 @@ impl Replicated {
             in_flight: VecDeque::new(),
             next: 1,
             tick: 1,
+            last_sent_seq: 0,
         };
         bench.settle();
         // Connect, handshake with the peer's Hello, promote; all metadata durable at once.
@@ -228,6 +231,13 @@ impl Replicated {
                 conn: 1,
                 message: PeerMessage::BarrierAck { epoch, writes },
             },
+            CoreEffect::SendData {
+                outgoing: Outgoing::Data { seq, .. },
+                ..
+            } => {
+                self.last_sent_seq = seq;
+                return;
+            }
             other => {
                 black_box(other);
                 return;
@@ -251,11 +261,11 @@ impl Replicated {
             },
         );
         self.settle();
-        self.in_flight.push_back(id);
+        self.in_flight.push_back((id, self.last_sent_seq));
     }
 
     fn complete_oldest(&mut self) {
-        let Some(id) = self.in_flight.pop_front() else {
+        let Some((id, seq)) = self.in_flight.pop_front() else {
             return;
         };
         self.tick += 1;
@@ -266,7 +276,7 @@ impl Replicated {
             Input::PeerMessage {
                 peer: 1,
                 conn: 1,
-                message: PeerMessage::WriteAck { request: id },
+                message: PeerMessage::WriteAck { up_to: seq },
             },
         );
         self.settle();
