@@ -264,6 +264,32 @@ impl Replicated {
         self.in_flight.push_back((id, self.last_sent_seq));
     }
 
+    /// Completes the `count` oldest writes locally, then acknowledges them all with one
+    /// WriteAck.
+    fn complete_oldest_batch(&mut self, count: usize) {
+        self.tick += 1;
+        let mut up_to = None;
+        for _ in 0..count {
+            let Some((id, seq)) = self.in_flight.pop_front() else {
+                break;
+            };
+            self.core
+                .handle(self.tick, Input::LocalDone { id, result: Ok(()) });
+            up_to = Some(seq);
+        }
+        if let Some(up_to) = up_to {
+            self.core.handle(
+                self.tick,
+                Input::PeerMessage {
+                    peer: 1,
+                    conn: 1,
+                    message: PeerMessage::WriteAck { up_to },
+                },
+            );
+        }
+        self.settle();
+    }
+
     fn complete_oldest(&mut self) {
         let Some((id, seq)) = self.in_flight.pop_front() else {
             return;
@@ -298,6 +324,25 @@ fn resource_core(c: &mut Criterion) {
                     bench.complete_oldest();
                 });
                 assert_eq!(bench.core.device().app_in_flight(), depth as u64);
+            },
+        );
+    }
+    // A batch of writes per wake-up, as the peer's acknowledgements arrive batched: the
+    // local completions of the batch, then one cumulative WriteAck for all of it.
+    for batch in [16usize, 64] {
+        group.throughput(Throughput::Elements(batch as u64));
+        group.bench_with_input(
+            BenchmarkId::new("protocol_c_one_ack_per_batch", batch),
+            &batch,
+            |b, &batch| {
+                let mut bench = Replicated::new(batch);
+                b.iter(|| {
+                    for _ in 0..batch {
+                        bench.submit();
+                    }
+                    bench.complete_oldest_batch(batch);
+                });
+                assert_eq!(bench.core.device().app_in_flight(), batch as u64);
             },
         );
     }
