@@ -126,9 +126,11 @@ fn device_core(c: &mut Criterion) {
 /// answers every barrier with its ack. The per-write CPU the protocol costs a Primary's actor.
 struct Replicated {
     core: ResourceCore,
-    in_flight: VecDeque<RequestId>,
+    /// Requests in flight, with the data-stream sequence number each was sent under.
+    in_flight: VecDeque<(RequestId, u64)>,
     next: RequestId,
     tick: u64,
+    last_sent_seq: u64,
 }
 
 impl Replicated {
@@ -153,6 +155,7 @@ impl Replicated {
             in_flight: VecDeque::new(),
             next: 1,
             tick: 1,
+            last_sent_seq: 0,
         };
         bench.settle();
         // Connect, handshake with the peer's Hello, promote; all metadata durable at once.
@@ -228,6 +231,13 @@ impl Replicated {
                 conn: 1,
                 message: PeerMessage::BarrierAck { epoch, writes },
             },
+            CoreEffect::SendData {
+                outgoing: Outgoing::Data { seq, .. },
+                ..
+            } => {
+                self.last_sent_seq = seq;
+                return;
+            }
             other => {
                 black_box(other);
                 return;
@@ -251,11 +261,37 @@ impl Replicated {
             },
         );
         self.settle();
-        self.in_flight.push_back(id);
+        self.in_flight.push_back((id, self.last_sent_seq));
+    }
+
+    /// Completes the `count` oldest writes locally, then acknowledges them all with one
+    /// WriteAck.
+    fn complete_oldest_batch(&mut self, count: usize) {
+        self.tick += 1;
+        let mut up_to = None;
+        for _ in 0..count {
+            let Some((id, seq)) = self.in_flight.pop_front() else {
+                break;
+            };
+            self.core
+                .handle(self.tick, Input::LocalDone { id, result: Ok(()) });
+            up_to = Some(seq);
+        }
+        if let Some(up_to) = up_to {
+            self.core.handle(
+                self.tick,
+                Input::PeerMessage {
+                    peer: 1,
+                    conn: 1,
+                    message: PeerMessage::WriteAck { up_to },
+                },
+            );
+        }
+        self.settle();
     }
 
     fn complete_oldest(&mut self) {
-        let Some(id) = self.in_flight.pop_front() else {
+        let Some((id, seq)) = self.in_flight.pop_front() else {
             return;
         };
         self.tick += 1;
@@ -266,7 +302,7 @@ impl Replicated {
             Input::PeerMessage {
                 peer: 1,
                 conn: 1,
-                message: PeerMessage::WriteAck { request: id },
+                message: PeerMessage::WriteAck { up_to: seq },
             },
         );
         self.settle();
@@ -288,6 +324,25 @@ fn resource_core(c: &mut Criterion) {
                     bench.complete_oldest();
                 });
                 assert_eq!(bench.core.device().app_in_flight(), depth as u64);
+            },
+        );
+    }
+    // A batch of writes per wake-up, as the peer's acknowledgements arrive batched: the
+    // local completions of the batch, then one cumulative WriteAck for all of it.
+    for batch in [16usize, 64] {
+        group.throughput(Throughput::Elements(batch as u64));
+        group.bench_with_input(
+            BenchmarkId::new("protocol_c_one_ack_per_batch", batch),
+            &batch,
+            |b, &batch| {
+                let mut bench = Replicated::new(batch);
+                b.iter(|| {
+                    for _ in 0..batch {
+                        bench.submit();
+                    }
+                    bench.complete_oldest_batch(batch);
+                });
+                assert_eq!(bench.core.device().app_in_flight(), batch as u64);
             },
         );
     }

@@ -23,7 +23,7 @@ use qrbd_actors::core::ReplicationProtocol;
 use qrbd_actors::device::{
     DeviceActor, FromPeer, FromPeerBatch, LinkEvent, PeerOutbound, SharedBuf, ToPeer,
 };
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::QrbdConfig;
 #[cfg(test)]
@@ -219,13 +219,20 @@ impl Handler<Established> for PeerActor {
             peer,
             conn,
         };
+        let (control_done, control_done_rx) = oneshot::channel();
         let readers = vec![
             tokio::spawn(control_reader(
                 msg.control_recv,
                 reader.clone(),
                 lost.clone(),
+                control_done,
             )),
-            tokio::spawn(data_reader(connection.clone(), reader, lost)),
+            tokio::spawn(data_reader(
+                connection.clone(),
+                reader,
+                lost,
+                control_done_rx,
+            )),
         ];
         self.live = Some(Live {
             conn,
@@ -544,8 +551,17 @@ async fn intake(
     Ok(())
 }
 
+/// How reading a stream ended.
+enum ReadEnd {
+    /// The connection ended (the peer closed it, or it was lost): the reason is the
+    /// connection's.
+    Closed(String),
+    /// This stream failed: a bad frame, a message on the wrong stream, a reset.
+    Failed(String),
+}
+
 /// Reads a stream in large chunks and hands the device every whole frame that arrived by one
-/// wake-up as one batch. Its end or a bad frame is the end of the connection.
+/// wake-up as one batch, until the stream or the connection ends or a frame is bad.
 ///
 /// A peer that closes finishes its streams first and closes the connection a moment later
 /// (after its last words, e.g. a refusal, went out on the other stream), so a finished stream
@@ -555,9 +571,8 @@ async fn read_stream(
     mut recv: quinn::RecvStream,
     stream: &'static str,
     budget: Option<ReceiveBudget>,
-    reader: StreamReader,
-    lost: impl Fn(String),
-) {
+    reader: &StreamReader,
+) -> ReadEnd {
     let mut parser = FrameParser::new();
     let mut chunks = vec![Bytes::new(); READ_CHUNKS];
     let mut events = Vec::new();
@@ -585,7 +600,11 @@ async fn read_stream(
                 }
                 Err(error) => {
                     reader.deliver(&mut events);
-                    return lost(format!("{stream} stream: {}", WireError::Read(error)));
+                    let reason = format!("{stream} stream: {}", WireError::Read(error.clone()));
+                    return match error {
+                        quinn::ReadError::ConnectionLost(_) => ReadEnd::Closed(reason),
+                        _ => ReadEnd::Failed(reason),
+                    };
                 }
             };
             for chunk in &mut chunks[..count] {
@@ -596,40 +615,64 @@ async fn read_stream(
                     &chunk,
                     stream,
                     budget.as_ref(),
-                    &reader,
+                    reader,
                     &mut events,
                 );
                 if let Err(reason) = taken.await {
                     reader.deliver(&mut events);
-                    return lost(reason);
+                    return ReadEnd::Failed(reason);
                 }
             }
         }
         reader.deliver(&mut events);
         if ended {
-            let reason = match parser.finish() {
-                Err(error) => format!("{stream} stream: {error}"),
+            return match parser.finish() {
+                Err(error) => ReadEnd::Failed(format!("{stream} stream: {error}")),
                 Ok(()) => {
                     let closed = reader.connection.closed().await;
-                    format!("peer closed the {stream} stream ({closed})")
+                    ReadEnd::Closed(format!("peer closed the {stream} stream ({closed})"))
                 }
             };
-            return lost(reason);
         }
     }
 }
 
-async fn control_reader(recv: quinn::RecvStream, reader: StreamReader, lost: impl Fn(String)) {
-    read_stream(recv, "control", None, reader, lost).await
+/// Reads the control stream. `_done` is dropped when it ends, after the loss was reported.
+async fn control_reader(
+    recv: quinn::RecvStream,
+    reader: StreamReader,
+    lost: impl Fn(String),
+    _done: oneshot::Sender<()>,
+) {
+    let (ReadEnd::Closed(reason) | ReadEnd::Failed(reason)) =
+        read_stream(recv, "control", None, &reader).await;
+    lost(reason);
 }
 
-async fn data_reader(connection: quinn::Connection, reader: StreamReader, lost: impl Fn(String)) {
-    let recv = match connection.accept_uni().await {
-        Ok(recv) => recv,
-        Err(error) => return lost(format!("data stream: {error}")),
+/// Reads the data stream. When the connection ends, the loss is reported only once the control
+/// reader is done (`control_done`), at most [`CLOSE_GRACE`] later: the peer's last words on the
+/// control stream (a refusal) may have arrived just before the close, and must reach the core
+/// before the loss does, whichever reader the runtime happens to wake first.
+async fn data_reader(
+    connection: quinn::Connection,
+    reader: StreamReader,
+    lost: impl Fn(String),
+    control_done: oneshot::Receiver<()>,
+) {
+    let end = match connection.accept_uni().await {
+        Ok(recv) => {
+            let budget = ReceiveBudget::new(RECEIVE_BUDGET_KIB);
+            read_stream(recv, "data", Some(budget), &reader).await
+        }
+        Err(error) => ReadEnd::Closed(format!("data stream: {error}")),
     };
-    let budget = ReceiveBudget::new(RECEIVE_BUDGET_KIB);
-    read_stream(recv, "data", Some(budget), reader, lost).await
+    match end {
+        ReadEnd::Failed(reason) => lost(reason),
+        ReadEnd::Closed(reason) => {
+            let _ = tokio::time::timeout(CLOSE_GRACE, control_done).await;
+            lost(reason)
+        }
+    }
 }
 
 /// Finds the running link for an incoming connection.
@@ -910,10 +953,9 @@ mod tests {
         let stream = if budget.is_some() { "data" } else { "control" };
         actix::spawn(async move {
             let recv = accept.await;
-            read_stream(recv, stream, budget, reader, move |reason| {
-                collector.do_send(Lost(reason))
-            })
-            .await
+            let (ReadEnd::Closed(reason) | ReadEnd::Failed(reason)) =
+                read_stream(recv, stream, budget, &reader).await;
+            collector.do_send(Lost(reason))
         });
         Reading(reading)
     }
@@ -1026,6 +1068,65 @@ mod tests {
                     assert!(reason.contains("peer closed the data stream"), "{reason}")
                 }
                 Report::Batch(_) => panic!("a batch after the end of the stream"),
+            }
+        })
+        .await
+        .expect("test timed out");
+    }
+
+    #[actix_rt::test]
+    async fn the_peers_last_words_reach_the_device_before_the_loss() {
+        timeout(LIMIT, async {
+            let dir = tempfile::tempdir().unwrap();
+            let (peer, ours) = connected_pair(dir.path()).await;
+            // The peer refuses, finishes its streams, and closes once the refusal is acked.
+            let refusal = PeerMessage::Refused {
+                reason: "split brain".into(),
+                standalone: true,
+            };
+            let (mut control, _) = peer.open_bi().await.unwrap();
+            control.write_all(&encode(&refusal)).await.unwrap();
+            control.finish().unwrap();
+            let mut data = peer.open_uni().await.unwrap();
+            data.finish().unwrap();
+            let (_, control_recv) = ours.accept_bi().await.unwrap();
+            control.stopped().await.unwrap();
+            peer.close(2u32.into(), b"split brain");
+
+            let (reports, mut reading) = mpsc::unbounded_channel();
+            let collector = Collector(reports).start();
+            let reader = StreamReader {
+                device: collector.clone().recipient(),
+                connection: ours.clone(),
+                peer: 1,
+                conn: 7,
+            };
+            let lost = move |reason| collector.do_send(Lost(reason));
+            let (done, control_done) = oneshot::channel();
+            actix::spawn(data_reader(
+                ours.clone(),
+                reader.clone(),
+                lost.clone(),
+                control_done,
+            ));
+            // The control reader runs late: only once the close has arrived.
+            ours.closed().await;
+            actix::spawn(control_reader(control_recv, reader, lost, done));
+
+            let Some(Report::Batch(events)) = reading.recv().await else {
+                panic!("the loss was reported before the refusal reached the device");
+            };
+            match &events[..] {
+                [LinkEvent::Message { message, .. }] => assert_eq!(message, &refusal),
+                _ => panic!("expected the refusal alone"),
+            }
+            for _ in 0..2 {
+                match reading.recv().await {
+                    Some(Report::Lost(reason)) => {
+                        assert!(reason.contains("split brain"), "{reason}")
+                    }
+                    _ => panic!("expected both readers to report the loss"),
+                }
             }
         })
         .await

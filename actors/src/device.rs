@@ -454,7 +454,7 @@ impl DeviceActor {
     /// out ([`Self::flush_outbox`]).
     fn queue_for_link(&mut self, peer: PeerId, outbound: PeerOutbound) {
         if self.links.contains_key(&peer) {
-            self.outbox.entry(peer).or_default().push(outbound);
+            queue_outbound(self.outbox.entry(peer).or_default(), outbound);
         }
     }
 
@@ -1013,6 +1013,40 @@ impl DeviceActor {
     }
 }
 
+/// Appends `outbound` to a link's queue. Acknowledgements are cumulative (docs/protocol.md,
+/// "Completion"), so a RecvAck/WriteAck replaces one of the same kind queued before it, unless
+/// another control-stream message (a NegAck must stay ahead of the ack that covers its write)
+/// or a connection change lies between them. Only data-stream messages, whose order relative
+/// to the control stream nothing relies on, may lie between.
+fn queue_outbound(queue: &mut Vec<PeerOutbound>, outbound: PeerOutbound) {
+    if let PeerOutbound::Message(PeerMessage::RecvAck { up_to } | PeerMessage::WriteAck { up_to }) =
+        &outbound
+    {
+        let earlier = queue.iter_mut().rev().find(|queued| match queued {
+            PeerOutbound::Data { .. } => false,
+            PeerOutbound::Message(message) => !message.on_data_stream(),
+            PeerOutbound::Dial | PeerOutbound::Close { .. } => true,
+        });
+        if let Some(PeerOutbound::Message(earlier)) = earlier {
+            match (earlier, &outbound) {
+                (
+                    PeerMessage::RecvAck { up_to: covered },
+                    PeerOutbound::Message(PeerMessage::RecvAck { .. }),
+                )
+                | (
+                    PeerMessage::WriteAck { up_to: covered },
+                    PeerOutbound::Message(PeerMessage::WriteAck { .. }),
+                ) => {
+                    *covered = (*covered).max(*up_to);
+                    return;
+                }
+                _ => {}
+            }
+        }
+    }
+    queue.push(outbound);
+}
+
 /// errno values (this crate does not link libc).
 const EIO: i32 = 5;
 const EINVAL: i32 = 22;
@@ -1220,5 +1254,75 @@ impl Handler<SendRawData> for DeviceActor {
             );
         }
         self.flush_outbox();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn acks(queue: &[PeerOutbound]) -> Vec<String> {
+        queue
+            .iter()
+            .map(|queued| match queued {
+                PeerOutbound::Message(message) => format!("{message:?}"),
+                PeerOutbound::Data { seq, .. } => format!("Data {seq}"),
+                PeerOutbound::Dial => "Dial".into(),
+                PeerOutbound::Close { conn, .. } => format!("Close {conn}"),
+            })
+            .collect()
+    }
+
+    fn message(message: PeerMessage) -> PeerOutbound {
+        PeerOutbound::Message(message)
+    }
+
+    #[test]
+    fn queued_cumulative_acks_merge_but_never_across_a_neg_ack_or_a_close() {
+        let mut queue = Vec::new();
+        queue_outbound(&mut queue, message(PeerMessage::WriteAck { up_to: 1 }));
+        queue_outbound(&mut queue, message(PeerMessage::WriteAck { up_to: 3 }));
+        // Data-stream messages may lie between.
+        queue_outbound(
+            &mut queue,
+            message(PeerMessage::Barrier {
+                seq: 9,
+                epoch: 1,
+                writes: 0,
+                flush: false,
+            }),
+        );
+        queue_outbound(&mut queue, message(PeerMessage::WriteAck { up_to: 4 }));
+        queue_outbound(
+            &mut queue,
+            message(PeerMessage::NegAck {
+                request: 7,
+                errno: 5,
+            }),
+        );
+        queue_outbound(&mut queue, message(PeerMessage::WriteAck { up_to: 6 }));
+        queue_outbound(&mut queue, message(PeerMessage::WriteAck { up_to: 8 }));
+        queue_outbound(
+            &mut queue,
+            PeerOutbound::Close {
+                conn: 1,
+                reason: "gone".into(),
+            },
+        );
+        queue_outbound(&mut queue, message(PeerMessage::WriteAck { up_to: 2 }));
+        queue_outbound(&mut queue, message(PeerMessage::RecvAck { up_to: 5 }));
+        queue_outbound(&mut queue, message(PeerMessage::RecvAck { up_to: 6 }));
+        assert_eq!(
+            acks(&queue),
+            [
+                "WriteAck { up_to: 4 }",
+                "Barrier { seq: 9, epoch: 1, writes: 0, flush: false }",
+                "NegAck { request: 7, errno: 5 }",
+                "WriteAck { up_to: 8 }",
+                "Close 1",
+                "WriteAck { up_to: 2 }",
+                "RecvAck { up_to: 6 }",
+            ]
+        );
     }
 }

@@ -391,7 +391,7 @@ mod tests {
                 while let Some(msg) = read_message(&mut recv).await.unwrap() {
                     let reply = match msg {
                         PeerMessage::Ping { nonce } => PeerMessage::PingAck { nonce },
-                        PeerMessage::Data { request, .. } => PeerMessage::WriteAck { request },
+                        PeerMessage::Data { seq, .. } => PeerMessage::WriteAck { up_to: seq },
                         other => panic!("unexpected {other:?}"),
                     };
                     write_message(&mut send, &reply).await.unwrap();
@@ -454,7 +454,7 @@ mod tests {
             write_message(&mut send, &megabyte()).await.unwrap();
             assert_eq!(
                 read_message(&mut recv).await.unwrap(),
-                Some(PeerMessage::WriteAck { request: 99 })
+                Some(PeerMessage::WriteAck { up_to: 7 })
             );
             send.finish().unwrap();
             assert_eq!(read_message(&mut recv).await.unwrap(), None);

@@ -34,8 +34,9 @@ const TAG_STATE: u8 = 3;
 const TAG_DATA: u8 = 4;
 const TAG_DISCARD: u8 = 5;
 const TAG_BARRIER: u8 = 6;
-const TAG_RECV_ACK: u8 = 7;
-const TAG_WRITE_ACK: u8 = 8;
+// Tags 7 and 8 were the per-request RecvAck and WriteAck of protocol version 2; never reuse them.
+const TAG_RECV_ACK: u8 = 17;
+const TAG_WRITE_ACK: u8 = 18;
 const TAG_NEG_ACK: u8 = 9;
 const TAG_BARRIER_ACK: u8 = 10;
 const TAG_PING: u8 = 11;
@@ -333,13 +334,13 @@ pub fn encode_into(out: &mut impl FrameBuf, msg: &PeerMessage) {
             out.put_slice(&writes.to_be_bytes());
             out.put_u8(u8::from(*flush));
         }
-        PeerMessage::RecvAck { request } => {
+        PeerMessage::RecvAck { up_to } => {
             out.put_u8(TAG_RECV_ACK);
-            out.put_slice(&request.to_be_bytes());
+            out.put_u64(*up_to);
         }
-        PeerMessage::WriteAck { request } => {
+        PeerMessage::WriteAck { up_to } => {
             out.put_u8(TAG_WRITE_ACK);
-            out.put_slice(&request.to_be_bytes());
+            out.put_u64(*up_to);
         }
         PeerMessage::NegAck { request, errno } => {
             out.put_u8(TAG_NEG_ACK);
@@ -671,10 +672,10 @@ pub fn decode_frame_body(body: &[u8]) -> Result<PeerMessage, WireError> {
             flush: r.bool("flush")?,
         },
         TAG_RECV_ACK => PeerMessage::RecvAck {
-            request: r.u64("request")?,
+            up_to: r.u64("up_to")?,
         },
         TAG_WRITE_ACK => PeerMessage::WriteAck {
-            request: r.u64("request")?,
+            up_to: r.u64("up_to")?,
         },
         TAG_NEG_ACK => PeerMessage::NegAck {
             request: r.u64("request")?,
@@ -1290,8 +1291,8 @@ mod tests {
                 writes: 0,
                 flush: false,
             },
-            PeerMessage::RecvAck { request: 12 },
-            PeerMessage::WriteAck { request: 13 },
+            PeerMessage::RecvAck { up_to: 12 },
+            PeerMessage::WriteAck { up_to: 13 },
             PeerMessage::NegAck {
                 request: 14,
                 errno: -5,
@@ -1732,7 +1733,7 @@ mod tests {
             "{err}"
         );
 
-        for tag in [0, 17, 255] {
+        for tag in [0, 7, 8, 19, 255] {
             let err = decode_frame_body(&[tag, 0, 0]).unwrap_err();
             assert!(matches!(err, WireError::UnknownTag(t) if t == tag), "{err}");
         }
@@ -1824,7 +1825,7 @@ mod tests {
             let mut body = rng.bytes(len);
             // Mostly valid tags, so the field decoders get exercised rather than the tag check.
             if let Some(first) = body.first_mut() {
-                *first = rng.below(14) as u8;
+                *first = rng.below(20) as u8;
             }
             if decode_frame_body(&body).is_ok() {
                 decoded += 1;

@@ -259,13 +259,29 @@ impl DeviceCore {
     ) -> Result<Vec<VolumeEffect>, ProtocolError> {
         let mut effects = Vec::new();
         match *message {
-            PeerMessage::RecvAck { request } => {
-                self.satisfy(request, peer, |need| need == PeerNeed::RecvAck);
-                self.try_finish(request, now, &mut effects);
-            }
-            PeerMessage::WriteAck { request } => {
-                self.satisfy(request, peer, |need| need == PeerNeed::WriteAck);
-                self.try_finish(request, now, &mut effects);
+            PeerMessage::RecvAck { up_to } | PeerMessage::WriteAck { up_to } => {
+                let need = match message {
+                    PeerMessage::RecvAck { .. } => PeerNeed::RecvAck,
+                    _ => PeerNeed::WriteAck,
+                };
+                let Some(sender) = self.peers.get_mut(&peer) else {
+                    return Err(ProtocolError(format!(
+                        "acknowledgement from unknown peer {peer}"
+                    )));
+                };
+                // An acknowledgement of the other protocol's kind satisfies nothing, as before
+                // acknowledgements were cumulative; it must not use up what it covers either.
+                let wanted = match sender.protocol {
+                    ReplicationProtocol::B => PeerNeed::RecvAck,
+                    ReplicationProtocol::C => PeerNeed::WriteAck,
+                    ReplicationProtocol::A => PeerNeed::Sent,
+                };
+                if need == wanted {
+                    for request in sender.acked_up_to(up_to)? {
+                        self.satisfy(request, peer, |n| n == need);
+                        self.try_finish(request, now, &mut effects);
+                    }
+                }
             }
             PeerMessage::NegAck { request, errno } => {
                 tracing::warn!(
@@ -955,9 +971,9 @@ mod replication_tests {
         );
         assert!(completed(&core.local_done(id, Ok(()), 1)).is_empty());
         // Protocol B's ack is not enough for protocol C.
-        let effects = core.peer_ack(PEER, &PeerMessage::RecvAck { request: id }, 2);
+        let effects = core.peer_ack(PEER, &PeerMessage::RecvAck { up_to: 1 }, 2);
         assert!(completed(&effects.expect("the call under test succeeds")).is_empty());
-        let effects = core.peer_ack(PEER, &PeerMessage::WriteAck { request: id }, 3);
+        let effects = core.peer_ack(PEER, &PeerMessage::WriteAck { up_to: 1 }, 3);
         assert_eq!(
             completed(&effects.expect("the call under test succeeds")),
             vec![id]
@@ -968,7 +984,7 @@ mod replication_tests {
     fn ack_before_local_completion_waits_for_the_local_write() {
         let mut core = connected_core(ReplicationProtocol::B);
         let (id, _) = core.submit(IoKind::Write, ByteRange::new(0, 4096), 0);
-        let effects = core.peer_ack(PEER, &PeerMessage::RecvAck { request: id }, 1);
+        let effects = core.peer_ack(PEER, &PeerMessage::RecvAck { up_to: 1 }, 1);
         assert!(completed(&effects.expect("the call under test succeeds")).is_empty());
         assert_eq!(completed(&core.local_done(id, Ok(()), 2)), vec![id]);
     }
@@ -996,7 +1012,7 @@ mod replication_tests {
             }]
         );
         core.local_done(write, Ok(()), 1);
-        let effects = core.peer_ack(PEER, &PeerMessage::WriteAck { request: write }, 2);
+        let effects = core.peer_ack(PEER, &PeerMessage::WriteAck { up_to: 1 }, 2);
         assert_eq!(
             completed(&effects.expect("the call under test succeeds")),
             vec![write]
@@ -1034,7 +1050,7 @@ mod replication_tests {
         let (second, _) = core.submit(IoKind::Write, ByteRange::new(8192, 4096), 0);
         core.local_done(first, Ok(()), 1);
         let effects = core
-            .peer_ack(PEER, &PeerMessage::WriteAck { request: first }, 2)
+            .peer_ack(PEER, &PeerMessage::WriteAck { up_to: 1 }, 2)
             .expect("the call under test succeeds");
         // A write is still in flight: no barrier yet, but the epoch is marked for closing.
         assert!(sent(&effects).is_empty());
@@ -1056,11 +1072,11 @@ mod replication_tests {
             ]
         );
         core.local_done(second, Ok(()), 4);
-        core.peer_ack(PEER, &PeerMessage::WriteAck { request: second }, 5)
+        core.peer_ack(PEER, &PeerMessage::WriteAck { up_to: 2 }, 5)
             .expect("the ack is accepted");
         core.local_done(third, Ok(()), 6);
         let effects = core
-            .peer_ack(PEER, &PeerMessage::WriteAck { request: third }, 7)
+            .peer_ack(PEER, &PeerMessage::WriteAck { up_to: 4 }, 7)
             .expect("the call under test succeeds");
         // Idle now: the open epoch is closed at once so that the peer can acknowledge it.
         assert_eq!(
@@ -1125,7 +1141,7 @@ mod replication_tests {
         core.local_done(first, Ok(()), 1);
         assert_eq!(core.stage(second), Some(Stage::WaitingForConflict));
         let effects = core
-            .peer_ack(PEER, &PeerMessage::WriteAck { request: first }, 2)
+            .peer_ack(PEER, &PeerMessage::WriteAck { up_to: 1 }, 2)
             .expect("the call under test succeeds");
         // The second write goes out in a later epoch than the first.
         assert_eq!(

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use super::{DiskState, ReplicationProtocol, Role};
 
 /// Bumped on any incompatible change of the messages or their meaning.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Identifies a replicated request on the sending node (its DeviceCore request id).
 pub type PeerRequestId = u64;
@@ -78,13 +78,15 @@ pub enum PeerMessage {
         writes: u32,
         flush: bool,
     },
-    /// Protocol B: the write was received.
+    /// Protocol B: every write of the data stream numbered up to `up_to` was received. One
+    /// acknowledgement covers many writes (docs/protocol.md, "Completion").
     RecvAck {
-        request: PeerRequestId,
+        up_to: u64,
     },
-    /// Protocol C: the write is on the peer's backing store.
+    /// Protocol C: every write of the data stream numbered up to `up_to` is on the peer's
+    /// backing store, or was refused with a `NegAck` sent before this acknowledgement.
     WriteAck {
-        request: PeerRequestId,
+        up_to: u64,
     },
     /// The peer failed to write it (its local I/O error, errno).
     NegAck {

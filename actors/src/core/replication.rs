@@ -119,6 +119,9 @@ pub struct PeerSender {
     unacked: BTreeMap<Epoch, Vec<ByteRange>>,
     /// The number of ranges in `unacked`, kept so status need not count them per request.
     unacked_count: u64,
+    /// Protocols B and C: the writes not yet covered by a (cumulative) RecvAck/WriteAck, as
+    /// (sequence number, request), in sequence order.
+    awaiting_ack: VecDeque<(u64, RequestId)>,
     pub out_of_sync: OutOfSync,
     pub sent_bytes: u64,
 }
@@ -134,6 +137,7 @@ impl PeerSender {
             seq: 0,
             unacked: BTreeMap::new(),
             unacked_count: 0,
+            awaiting_ack: VecDeque::new(),
             out_of_sync: OutOfSync::new(size_bytes),
             sent_bytes: 0,
         }
@@ -152,12 +156,14 @@ impl PeerSender {
         self.seq = 0;
         self.unacked.clear();
         self.unacked_count = 0;
+        self.awaiting_ack.clear();
     }
 
     /// The connection is gone: whatever the peer did not barrier-ack may be missing there.
     pub fn disconnect(&mut self) {
         self.connected = false;
         self.unacked_count = 0;
+        self.awaiting_ack.clear();
         for ranges in std::mem::take(&mut self.unacked).into_values() {
             for range in ranges {
                 self.out_of_sync.mark(range);
@@ -218,6 +224,9 @@ impl PeerSender {
             }
         });
         self.writes_in_epoch += 1;
+        if self.protocol != ReplicationProtocol::A {
+            self.awaiting_ack.push_back((seq, request));
+        }
         self.unacked.entry(epoch).or_default().push(range);
         self.unacked_count += 1;
         self.sent_bytes += if is_discard { 0 } else { range.len };
@@ -247,6 +256,27 @@ impl PeerSender {
     /// A write completed upward: the next write goes into a new epoch.
     pub fn note_completion(&mut self) {
         self.close_before_next_write = true;
+    }
+
+    /// A cumulative RecvAck/WriteAck up to `up_to`: the requests it covers, oldest first. An
+    /// acknowledgement of a number not sent yet is a protocol error; one that covers nothing
+    /// new is not.
+    pub fn acked_up_to(&mut self, up_to: u64) -> Result<Vec<RequestId>, ProtocolError> {
+        if up_to > self.seq {
+            return Err(ProtocolError(format!(
+                "acknowledgement up to sequence number {up_to}, only {} were sent",
+                self.seq
+            )));
+        }
+        let mut acked = Vec::new();
+        while let Some(&(seq, request)) = self.awaiting_ack.front() {
+            if seq > up_to {
+                break;
+            }
+            self.awaiting_ack.pop_front();
+            acked.push(request);
+        }
+        Ok(acked)
     }
 
     /// Checks and applies a barrier ack; epochs are acked in order.
@@ -317,6 +347,8 @@ pub struct PeerReceiver {
     /// barrier (epoch, writes).
     queued: VecDeque<Queued>,
     active: BTreeMap<u64, Received>,
+    /// Protocol C: the highest sequence number a WriteAck covered so far.
+    write_acked: u64,
     pub received_bytes: u64,
 }
 
@@ -343,6 +375,7 @@ impl PeerReceiver {
             disk_flushes: true,
             queued: VecDeque::new(),
             active: BTreeMap::new(),
+            write_acked: 0,
             received_bytes: 0,
         }
     }
@@ -396,7 +429,8 @@ impl PeerReceiver {
         self.active.insert(local, Received { request, epoch });
         let mut effects = Vec::new();
         if self.protocol == ReplicationProtocol::B {
-            effects.push(ReceiverEffect::Ack(PeerMessage::RecvAck { request }));
+            // Sequence numbers arrive in order, so everything up to this one was received.
+            effects.push(ReceiverEffect::Ack(PeerMessage::RecvAck { up_to: seq }));
         }
         if epoch == self.epoch && self.closing.is_none() {
             self.started_in_epoch += 1;
@@ -492,20 +526,33 @@ impl PeerReceiver {
         if received.epoch == self.epoch {
             self.done_in_epoch += 1;
         }
-        match (result, self.protocol) {
-            (Err(errno), _) => effects.push(ReceiverEffect::Ack(PeerMessage::NegAck {
+        if let Err(errno) = result {
+            // Before any WriteAck that covers it: the sender must learn that the write is
+            // missing here before it counts it as written.
+            effects.push(ReceiverEffect::Ack(PeerMessage::NegAck {
                 request: received.request,
                 errno,
-            })),
-            (Ok(()), ReplicationProtocol::C) => {
-                effects.push(ReceiverEffect::Ack(PeerMessage::WriteAck {
-                    request: received.request,
-                }))
-            }
-            (Ok(()), _) => {}
+            }));
+        }
+        if self.protocol == ReplicationProtocol::C {
+            self.ack_written_prefix(&mut effects);
         }
         self.maybe_flush(&mut effects);
         effects
+    }
+
+    /// Acknowledges the longest run of sequence numbers from the start of the connection that
+    /// holds no write still being received or written (barriers count as done), if it grew.
+    /// Writes of one epoch finish in any order, so one WriteAck may cover several.
+    fn ack_written_prefix(&mut self, effects: &mut Vec<ReceiverEffect>) {
+        let prefix = match self.active.keys().next() {
+            Some(&oldest) => oldest - 1,
+            None => self.expected_seq - 1,
+        };
+        if prefix > self.write_acked {
+            self.write_acked = prefix;
+            effects.push(ReceiverEffect::Ack(PeerMessage::WriteAck { up_to: prefix }));
+        }
     }
 
     /// The flush for `epoch` finished: ack it and start the next epoch's queued work.
@@ -630,11 +677,12 @@ mod tests {
             .on_write(3, 2, 11, 4096)
             .expect("the call under test succeeds");
         assert!(effects.is_empty());
+        // Up to the barrier (2): the write of epoch 2 (3) is received but not written.
         let effects = receiver.local_done(a, Ok(()));
         assert_eq!(
             effects,
             vec![
-                ReceiverEffect::Ack(PeerMessage::WriteAck { request: 10 }),
+                ReceiverEffect::Ack(PeerMessage::WriteAck { up_to: 2 }),
                 ReceiverEffect::Flush(1)
             ]
         );
@@ -651,6 +699,74 @@ mod tests {
                 ReceiverEffect::Apply(b)
             ]
         );
+    }
+
+    #[test]
+    fn write_acks_cover_the_written_prefix_and_follow_neg_acks() {
+        let mut receiver = PeerReceiver::new(ReplicationProtocol::C);
+        let mut locals = Vec::new();
+        for seq in 1..=4 {
+            let (local, _) = receiver
+                .on_write(seq, 1, 100 + seq, 4096)
+                .expect("in order");
+            locals.push(local);
+        }
+        // Out of order: nothing is acknowledged while an earlier write is still pending.
+        assert!(receiver.local_done(locals[2], Ok(())).is_empty());
+        assert!(receiver
+            .local_done(locals[1], Err(5))
+            .iter()
+            .all(|effect| !matches!(effect, ReceiverEffect::Ack(PeerMessage::WriteAck { .. }))));
+        // The first write finishes: one ack covers the first three, after the NegAck.
+        assert_eq!(
+            receiver.local_done(locals[0], Ok(())),
+            vec![ReceiverEffect::Ack(PeerMessage::WriteAck { up_to: 3 })]
+        );
+        // A barrier's number counts as done; a failed write at the front still acks after
+        // its NegAck.
+        assert!(receiver
+            .on_barrier(5, 1, 4, false)
+            .expect("count")
+            .is_empty());
+        assert_eq!(
+            receiver.local_done(locals[3], Err(5)),
+            vec![
+                ReceiverEffect::Ack(PeerMessage::NegAck {
+                    request: 104,
+                    errno: 5
+                }),
+                ReceiverEffect::Ack(PeerMessage::WriteAck { up_to: 5 }),
+                ReceiverEffect::Flush(1),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_cumulative_ack_completes_every_request_it_covers_once() {
+        let mut sender = PeerSender::new(ReplicationProtocol::C, 1 << 20);
+        sender.connect();
+        let mut out = Vec::new();
+        for request in 1..=3 {
+            sender.replicate(
+                request,
+                ByteRange::new(request * 4096, 4096),
+                false,
+                &mut out,
+            );
+        }
+        sender.flush(&mut out);
+        sender.replicate(9, ByteRange::new(0, 4096), true, &mut out);
+        assert_eq!(sender.acked_up_to(2), Ok(vec![1, 2]));
+        assert_eq!(sender.acked_up_to(2), Ok(vec![]), "already covered");
+        // Up to the barrier (4) covers no further write; 5 is the discard.
+        assert_eq!(sender.acked_up_to(4), Ok(vec![3]));
+        assert!(sender.acked_up_to(6).is_err(), "never sent");
+        assert_eq!(sender.acked_up_to(5), Ok(vec![9]));
+        // Protocol A waits for no acknowledgement.
+        let mut sender = PeerSender::new(ReplicationProtocol::A, 1 << 20);
+        sender.connect();
+        sender.replicate(1, ByteRange::new(0, 4096), false, &mut out);
+        assert_eq!(sender.acked_up_to(1), Ok(vec![]));
     }
 
     #[test]
@@ -671,7 +787,7 @@ mod tests {
         assert_eq!(
             effects,
             vec![
-                ReceiverEffect::Ack(PeerMessage::RecvAck { request: 7 }),
+                ReceiverEffect::Ack(PeerMessage::RecvAck { up_to: 1 }),
                 ReceiverEffect::Apply(local)
             ]
         );

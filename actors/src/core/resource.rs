@@ -357,9 +357,10 @@ struct Link {
     last_ping: Tick,
     ping_nonce: u64,
     ping_outstanding: Option<Tick>,
-    /// Replicated requests (protocols B and C) and barriers not yet answered, with when
-    /// they were sent. Ids and epochs grow with time, so the first entry is the oldest.
-    awaiting_requests: BTreeMap<RequestId, Tick>,
+    /// Replicated writes (protocols B and C, by data-stream sequence number) and barriers
+    /// not yet answered, with when they were sent. Numbers and epochs grow with time, so the
+    /// first entry is the oldest.
+    awaiting_writes: BTreeMap<u64, Tick>,
     awaiting_barriers: BTreeMap<Epoch, Tick>,
     /// Data-stream messages that overtook the peer's Hello (the streams are independent:
     /// the peer may have finished its side of the handshake and sent its State, or even
@@ -518,7 +519,7 @@ impl ResourceCore {
                     last_ping: now,
                     ping_nonce: 0,
                     ping_outstanding: None,
-                    awaiting_requests: BTreeMap::new(),
+                    awaiting_writes: BTreeMap::new(),
                     awaiting_barriers: BTreeMap::new(),
                     early: Vec::new(),
                     deferred_hello: None,
@@ -777,10 +778,10 @@ impl ResourceCore {
                 VolumeEffect::Send(peer, outgoing) => {
                     if let Some(link) = self.links.get_mut(&peer) {
                         match outgoing {
-                            Outgoing::Data { request, .. } | Outgoing::Discard { request, .. }
+                            Outgoing::Data { seq, .. } | Outgoing::Discard { seq, .. }
                                 if self.config.protocol != ReplicationProtocol::A =>
                             {
-                                link.awaiting_requests.insert(request, now);
+                                link.awaiting_writes.insert(seq, now);
                             }
                             Outgoing::Barrier { epoch, .. } => {
                                 link.awaiting_barriers.insert(epoch, now);
@@ -968,11 +969,13 @@ impl ResourceCore {
             | PeerMessage::BarrierAck { .. }) => {
                 if let Some(link) = self.links.get_mut(&peer) {
                     match ack {
-                        PeerMessage::RecvAck { request }
-                        | PeerMessage::WriteAck { request }
-                        | PeerMessage::NegAck { request, .. } => {
-                            link.awaiting_requests.remove(&request);
+                        PeerMessage::RecvAck { up_to } | PeerMessage::WriteAck { up_to } => {
+                            // A number never sent is refused by the device core below.
+                            link.awaiting_writes =
+                                link.awaiting_writes.split_off(&up_to.saturating_add(1));
                         }
+                        // The WriteAck that follows covers it (docs/protocol.md, "Completion").
+                        PeerMessage::NegAck { .. } => {}
                         PeerMessage::BarrierAck { epoch, .. } => {
                             link.awaiting_barriers.retain(|e, _| *e > epoch);
                         }
@@ -1398,7 +1401,7 @@ impl ResourceCore {
         link.last_error = None;
         link.last_ping = now;
         link.ping_outstanding = None;
-        link.awaiting_requests.clear();
+        link.awaiting_writes.clear();
         link.awaiting_barriers.clear();
         let name = link.name.clone();
         self.device.peer_connected(peer);
@@ -1461,7 +1464,7 @@ impl ResourceCore {
         link.role = None;
         link.disk = None;
         link.ping_outstanding = None;
-        link.awaiting_requests.clear();
+        link.awaiting_writes.clear();
         link.awaiting_barriers.clear();
         link.last_error = Some(reason);
         link.next_dial = now.saturating_add(link.backoff);
@@ -1615,7 +1618,7 @@ impl ResourceCore {
                 });
             }
             let oldest = link
-                .awaiting_requests
+                .awaiting_writes
                 .values()
                 .next()
                 .into_iter()
