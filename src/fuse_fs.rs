@@ -6,8 +6,8 @@
 //! pool's budget bounds what the image has in flight, which bounds the daemon's memory and
 //! throttles writers when the disk (or a peer) is slow.
 //!
-//! Every image has a budget of its own, and a session thread never waits for one: the two
-//! session threads serve every image, so one of them waiting for the buffers of an image whose
+//! Every image has a budget of its own, and the session thread never waits for one: it serves
+//! every image, so waiting for the buffers of an image whose
 //! requests are held (`suspend-io`, a stuck disk) would stall every other image too. A request
 //! that finds its image's budget spent is queued instead, and a thread of that image takes
 //! buffers for the queue, in order, as the image's requests complete (see [`ImageBuffers`]).
@@ -787,8 +787,15 @@ impl DiskFs {
     }
 }
 
-/// Mounts the filesystem with the session settings that measured best here (two session
-/// threads, each with its own /dev/fuse descriptor).
+/// Mounts the filesystem with one session thread.
+///
+/// Why one: a session thread only copies a request's data into a pooled buffer and hands it to
+/// the device actor, and it never waits (see the module docs), so one keeps up with the whole
+/// pipeline. A second one mostly added wake-ups: with two, replicated 4 KiB random writes cost
+/// the Primary about 17 % more CPU per write in three back-to-back comparisons, with no gain
+/// elsewhere beyond the noise (benches/README.md).
+const SESSION_THREADS: usize = 1;
+
 pub fn mount(fs: DiskFs, mount_dir: &Path) -> io::Result<fuser::BackgroundSession> {
     let mut config = fuser::Config::default();
     config.mount_options = vec![
@@ -799,7 +806,6 @@ pub fn mount(fs: DiskFs, mount_dir: &Path) -> io::Result<fuser::BackgroundSessio
         fuser::MountOption::NoSuid,
         fuser::MountOption::NoDev,
     ];
-    config.n_threads = Some(2);
-    config.clone_fd = true;
+    config.n_threads = Some(SESSION_THREADS);
     fuser::Session::new(fs, mount_dir, &config)?.spawn()
 }
