@@ -735,6 +735,20 @@ async fn fill_exact<S: ByteSource>(
     }
 }
 
+/// The body length a frame's 4-byte prefix announces, refused when empty or beyond
+/// [`MAX_FRAME_BODY`].
+fn frame_body_len(prefix: [u8; 4]) -> Result<usize, WireError> {
+    let len = u32::from_be_bytes(prefix);
+    let len = usize::try_from(len)
+        .ok()
+        .filter(|&len| len <= MAX_FRAME_BODY)
+        .ok_or(WireError::FrameTooLarge { len: len.into() })?;
+    if len == 0 {
+        return Err(WireError::EmptyFrame);
+    }
+    Ok(len)
+}
+
 async fn read_frame<S: ByteSource>(source: &mut S) -> Result<Option<PeerMessage>, WireError> {
     let mut prefix = [0; 4];
     match source.fill(&mut prefix).await? {
@@ -748,15 +762,8 @@ async fn read_frame<S: ByteSource>(source: &mut S) -> Result<Option<PeerMessage>
             })
         }
     }
-    let len = u32::from_be_bytes(prefix);
     // Checked before allocating: the length is the peer's word.
-    let len = usize::try_from(len)
-        .ok()
-        .filter(|&len| len <= MAX_FRAME_BODY)
-        .ok_or(WireError::FrameTooLarge { len: len.into() })?;
-    if len == 0 {
-        return Err(WireError::EmptyFrame);
-    }
+    let len = frame_body_len(prefix)?;
 
     let mut tag = [0; 1];
     fill_exact(source, &mut tag, "message tag").await?;
@@ -1088,15 +1095,8 @@ impl<B: AsMut<[u8]>> FrameParser<B> {
             return Ok(None);
         }
         let view = self.view(input);
-        let len = u32::from_be_bytes([view[0], view[1], view[2], view[3]]);
         // Checked before anything is buffered: the length is the peer's word.
-        let len = usize::try_from(len)
-            .ok()
-            .filter(|&len| len <= MAX_FRAME_BODY)
-            .ok_or(WireError::FrameTooLarge { len: len.into() })?;
-        if len == 0 {
-            return Err(WireError::EmptyFrame);
-        }
+        let len = frame_body_len([view[0], view[1], view[2], view[3]])?;
         if !self.gather(input, 5) {
             return Ok(None);
         }
