@@ -25,7 +25,7 @@ use crate::meta::DeviceMeta;
 use crate::metadata::{MetaActor, SaveMeta};
 use crate::ports::BlockStore;
 use crate::retry::{PostponedIo, Resubmit, RetryActor, RetryPostponed};
-use crate::uring::{NotForRing, UringBuf, UringDone, UringEngine};
+use crate::uring::{UringBuf, UringDone, UringEngine};
 
 /// How many local I/O operations of one volume run at once on the blocking pool (requests the
 /// ring does not take).
@@ -175,14 +175,6 @@ struct Payload {
     _budget: Option<OwnedSemaphorePermit>,
 }
 
-impl Payload {
-    /// The bytes to write; `None` for a discard.
-    #[allow(dead_code)] // for the local I/O path, which may borrow the buffer itself instead
-    fn payload_bytes(&self) -> Option<&[u8]> {
-        self.data.as_deref()
-    }
-}
-
 /// Shared, always-current view of a device for status readers.
 pub type SharedSnapshot = Arc<Mutex<DeviceSnapshot>>;
 
@@ -222,14 +214,14 @@ pub struct DeviceActor {
     /// Local I/O through io_uring, when the store offers a descriptor for it.
     uring: Option<UringEngine>,
     /// What each operation in the ring completes, by token.
-    uring_targets: BTreeMap<u64, UringTarget>,
+    uring_targets: BTreeMap<u64, IoTarget>,
     next_uring_token: u64,
     /// A submit of the ring's queued entries is scheduled for the end of this wake-up.
     uring_submit_scheduled: bool,
 }
 
-/// What a completed ring operation is for.
-enum UringTarget {
+/// What a local operation completes, whichever way (ring or blocking pool) it ran.
+enum IoTarget {
     Local {
         id: RequestId,
         offset: u64,
@@ -492,37 +484,44 @@ impl DeviceActor {
         ctx: &mut Context<Self>,
         input: impl FnOnce(Result<(), i32>) -> Input + 'static,
     ) {
+        let target = IoTarget::Flush(Box::new(input));
         if self.uring.is_some() {
             // The ring has no ordering between entries, but the core asks for a flush only
             // once the writes it must cover have completed.
-            match self.push_to_ring(UringTarget::Flush(Box::new(input)), 0, UringBuf::Flush, ctx) {
-                Ok(()) => return,
-                Err((UringTarget::Flush(input), _)) => return self.flush_blocking(ctx, input),
-                Err(_) => return,
-            }
+            return self.push_to_ring(target, 0, UringBuf::Flush, ctx);
         }
-        self.flush_blocking(ctx, Box::new(input))
+        let store = self.store.clone();
+        self.run_blocking(target, move || (None, store.flush()), ctx);
     }
 
-    fn flush_blocking(
+    /// Runs `io` on the bounded blocking pool (what the ring does not take) and reports it
+    /// done to `target`, with the request it hands back.
+    fn run_blocking(
         &mut self,
+        target: IoTarget,
+        io: impl FnOnce() -> (Option<IoOp>, std::io::Result<()>) + Send + 'static,
         ctx: &mut Context<Self>,
-        input: Box<dyn FnOnce(Result<(), i32>) -> Input>,
     ) {
-        let store = self.store.clone();
-        let flush = async move {
-            match tokio::task::spawn_blocking(move || store.flush()).await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(error)) => Err(error.raw_os_error().unwrap_or(EIO)),
-                Err(_) => Err(EIO),
+        let slots = self.local_slots.clone();
+        let local_io = async move {
+            // The semaphore is never closed, so acquiring only waits.
+            let _slot = slots.acquire_owned().await.ok();
+            match tokio::task::spawn_blocking(io).await {
+                Ok((op, result)) => (op, result.map_err(|e| e.raw_os_error().unwrap_or(EIO))),
+                Err(join_error) => {
+                    tracing::error!(%join_error, "local I/O task failed");
+                    (None, Err(EIO))
+                }
             }
         };
-        ctx.spawn(flush.into_actor(self).map(move |result, actor, ctx| {
-            if let Err(errno) = result {
-                tracing::error!(device = %actor.name, errno, "flush failed");
-            }
-            actor.feed(input(result), Some(ctx));
-        }));
+        ctx.spawn(
+            local_io
+                .into_actor(self)
+                .map(move |(op, result), actor, ctx| {
+                    actor.local_io_done(target, op, result);
+                    actor.run_effects(Some(ctx));
+                }),
+        );
     }
 
     fn start_local(&mut self, id: RequestId, ctx: &mut Context<Self>) {
@@ -534,33 +533,31 @@ impl DeviceActor {
             tracing::error!(device = %self.name, id, "request to start has no data");
             return;
         };
-        let op = match self.start_local_in_ring(id, op, ctx) {
-            Some(op) => op,
-            None => return,
-        };
-        let store = self.store.clone();
-        let slots = self.local_slots.clone();
-        let local_io = async move {
-            // The semaphore is never closed, so acquiring only waits.
-            let _slot = slots.acquire_owned().await.ok();
-            match tokio::task::spawn_blocking(move || run_local(store.as_ref(), op)).await {
-                Ok((op, result)) => (Some(op), result),
-                Err(join_error) => {
-                    tracing::error!(%join_error, "local I/O task failed");
-                    (None, Err(IoFault::LocalIo(EIO)))
-                }
+        let (offset, buf) = match op {
+            IoOp::Read { offset, buf } if self.ring_accepts(offset, &buf) => {
+                (offset, UringBuf::Read(buf))
+            }
+            IoOp::Write { offset, data } if self.ring_accepts(offset, &data) => {
+                // The request keeps its own reference for the reply.
+                let in_ring = UringBuf::Write(Box::new(data.clone()));
+                self.restore_op(id, IoOp::Write { offset, data });
+                (offset, in_ring)
+            }
+            IoOp::Flush if self.uring.is_some() => {
+                self.restore_op(id, IoOp::Flush);
+                (0, UringBuf::Flush)
+            }
+            op => {
+                let offset = op.kind_and_range().1.offset;
+                let store = self.store.clone();
+                let io = move || {
+                    let (op, result) = run_local(store.as_ref(), op);
+                    (Some(op), result)
+                };
+                return self.run_blocking(IoTarget::Local { id, offset }, io, ctx);
             }
         };
-        ctx.spawn(
-            local_io
-                .into_actor(self)
-                .map(move |(op, result), actor, ctx| {
-                    if let Some(pending) = actor.pending.get_mut(&id) {
-                        pending.op = op;
-                    }
-                    actor.feed(Input::LocalDone { id, result }, Some(ctx));
-                }),
-        );
+        self.push_to_ring(IoTarget::Local { id, offset }, offset, buf, ctx);
     }
 
     fn apply_peer_write(
@@ -577,120 +574,68 @@ impl DeviceActor {
             discard,
             ..
         } = write;
-        let Some(mut payload) = self.payloads.remove(&(peer, conn, seq)) else {
+        let Some(Payload { data, _budget }) = self.payloads.remove(&(peer, conn, seq)) else {
             tracing::error!(device = %self.name, peer, seq, "received write has no payload");
             return;
         };
-        let in_ring = |data: &Option<PooledBuf>| match (data, &self.uring) {
-            (Some(data), Some(uring)) => !discard && uring.accepts_write(offset, data),
-            _ => false,
+        let target = IoTarget::PeerWrite {
+            peer,
+            conn,
+            seq,
+            _budget,
         };
-        if in_ring(&payload.data) {
-            if let Some(data) = payload.data.take() {
-                let target = UringTarget::PeerWrite {
-                    peer,
-                    conn,
-                    seq,
-                    _budget: payload._budget.take(),
+        match data {
+            Some(data) if !discard && self.ring_accepts(offset, &data) => {
+                self.push_to_ring(target, offset, UringBuf::Write(Box::new(data)), ctx)
+            }
+            data => {
+                let store = self.store.clone();
+                let io = move || {
+                    let result = match (&data, discard) {
+                        (_, true) => store.discard(offset, len),
+                        (Some(data), false) => store.write_at(offset, data),
+                        (None, false) => Err(std::io::Error::from_raw_os_error(EINVAL)),
+                    };
+                    (None, result)
                 };
-                let buf = UringBuf::Write(Box::new(data));
-                if self.push_to_ring(target, offset, buf, ctx).is_err() {
-                    // Checked above, so this is a bug; the write fails rather than vanishes.
-                    tracing::error!(device = %self.name, peer, seq, "ring refused a peer write");
-                    self.follow_ups.push_back(Input::PeerWriteApplied {
-                        peer,
-                        conn,
-                        seq,
-                        result: Err(EIO),
-                    });
-                }
-                return;
+                self.run_blocking(target, io, ctx)
             }
-        }
-        let store = self.store.clone();
-        let slots = self.local_slots.clone();
-        let local_io = async move {
-            let _slot = slots.acquire_owned().await.ok();
-            let result = tokio::task::spawn_blocking(move || {
-                let result = match (&payload.data, discard) {
-                    (_, true) => store.discard(offset, len),
-                    (Some(data), false) => store.write_at(offset, data),
-                    (None, false) => return Err(EINVAL),
-                };
-                drop(payload);
-                result.map_err(|error| error.raw_os_error().unwrap_or(EIO))
-            })
-            .await;
-            result.unwrap_or(Err(EIO))
-        };
-        ctx.spawn(local_io.into_actor(self).map(move |result, actor, ctx| {
-            actor.feed(
-                Input::PeerWriteApplied {
-                    peer,
-                    conn,
-                    seq,
-                    result,
-                },
-                Some(ctx),
-            );
-        }));
-    }
-
-    /// Starts a request's local I/O in the ring; gives the request back when it must take the
-    /// blocking path instead (no ring, a discard, unaligned).
-    fn start_local_in_ring(
-        &mut self,
-        id: RequestId,
-        op: IoOp,
-        ctx: &mut Context<Self>,
-    ) -> Option<IoOp> {
-        if self.uring.is_none() {
-            return Some(op);
-        }
-        let (offset, buf) = match op {
-            IoOp::Read { offset, buf } => (offset, UringBuf::Read(buf)),
-            IoOp::Write { offset, data } => {
-                // The request keeps its own reference for the reply.
-                let ring_data = Box::new(data.clone());
-                if let Some(pending) = self.pending.get_mut(&id) {
-                    pending.op = Some(IoOp::Write { offset, data });
-                }
-                (offset, UringBuf::Write(ring_data))
-            }
-            IoOp::Flush => {
-                if let Some(pending) = self.pending.get_mut(&id) {
-                    pending.op = Some(IoOp::Flush);
-                }
-                (0, UringBuf::Flush)
-            }
-            discard @ IoOp::Discard { .. } => return Some(discard),
-        };
-        match self.push_to_ring(UringTarget::Local { id, offset }, offset, buf, ctx) {
-            Ok(()) => None,
-            Err((_, UringBuf::Read(buf))) => Some(IoOp::Read { offset, buf }),
-            Err((_, UringBuf::Flush)) => Some(IoOp::Flush),
-            Err((_, UringBuf::Write(_))) => self
-                .pending
-                .get_mut(&id)
-                .and_then(|pending| pending.op.take()),
         }
     }
 
-    /// Queues one operation in the ring and makes sure it is submitted before this wake-up
-    /// ends: everything queued by the messages handled in one wake-up goes in one system call.
+    /// Whether the ring takes I/O of `bytes` at `offset` (aligned, below the store's limit).
+    fn ring_accepts(&self, offset: u64, bytes: &[u8]) -> bool {
+        self.uring
+            .as_ref()
+            .is_some_and(|uring| uring.accepts(offset, bytes))
+    }
+
+    fn restore_op(&mut self, id: RequestId, op: IoOp) {
+        if let Some(pending) = self.pending.get_mut(&id) {
+            pending.op = Some(op);
+        }
+    }
+
+    /// Queues one operation the ring accepts (see [`DeviceActor::ring_accepts`]) and makes
+    /// sure it is submitted before this wake-up ends: everything queued by the messages
+    /// handled in one wake-up goes in one system call.
     fn push_to_ring(
         &mut self,
-        target: UringTarget,
+        target: IoTarget,
         offset: u64,
         buf: UringBuf,
         ctx: &mut Context<Self>,
-    ) -> Result<(), (UringTarget, UringBuf)> {
-        let Some(uring) = self.uring.as_mut() else {
-            return Err((target, buf));
-        };
+    ) {
         let token = self.next_uring_token;
-        if let Err(NotForRing::Unaligned(buf)) = uring.push(token, offset, buf) {
-            return Err((target, buf));
+        let pushed = match self.uring.as_mut() {
+            Some(uring) => uring.push(token, offset, buf).is_ok(),
+            None => false,
+        };
+        if !pushed {
+            // Checked by the caller, so this is a bug: the operation fails rather than vanishes.
+            tracing::error!(device = %self.name, offset, "the ring refused an operation");
+            self.local_io_done(target, None, Err(EIO));
+            return;
         }
         self.next_uring_token += 1;
         self.uring_targets.insert(token, target);
@@ -704,7 +649,6 @@ impl DeviceActor {
                 }
             }));
         }
-        Ok(())
     }
 
     /// Feeds the core every completion the ring has posted.
@@ -715,57 +659,61 @@ impl DeviceActor {
         let mut done = Vec::new();
         uring.reap(&mut done);
         // Short transfers resubmitted by the reap must reach the kernel too.
-        let resubmit = uring.has_unsubmitted();
+        if uring.has_unsubmitted() {
+            uring.submit();
+        }
         for UringDone { token, buf, result } in done {
-            let Some(target) = self.uring_targets.remove(&token) else {
-                continue;
-            };
-            let now = self.now();
-            match target {
-                UringTarget::Local { id, offset } => {
-                    if let (Some(pending), UringBuf::Read(buf)) = (self.pending.get_mut(&id), buf) {
-                        pending.op = Some(IoOp::Read { offset, buf });
-                    }
-                    if let Err(errno) = result {
-                        tracing::error!(device = %self.name, id, errno, "local I/O failed");
-                    }
-                    self.core.handle(
-                        now,
-                        Input::LocalDone {
-                            id,
-                            result: result.map_err(IoFault::LocalIo),
-                        },
-                    );
-                }
-                UringTarget::PeerWrite {
-                    peer, conn, seq, ..
-                } => {
-                    if let Err(errno) = result {
-                        tracing::error!(device = %self.name, peer, seq, errno,
-                            "applying a peer's write failed");
-                    }
-                    self.core.handle(
-                        now,
-                        Input::PeerWriteApplied {
-                            peer,
-                            conn,
-                            seq,
-                            result,
-                        },
-                    );
-                }
-                UringTarget::Flush(input) => {
-                    if let Err(errno) = result {
-                        tracing::error!(device = %self.name, errno, "flush failed");
-                    }
-                    self.core.handle(now, input(result));
-                }
+            if let Some(target) = self.uring_targets.remove(&token) {
+                let returned = match (&target, buf) {
+                    (IoTarget::Local { offset, .. }, UringBuf::Read(buf)) => Some(IoOp::Read {
+                        offset: *offset,
+                        buf,
+                    }),
+                    _ => None,
+                };
+                self.local_io_done(target, returned, result);
             }
         }
         self.run_effects(Some(ctx));
-        if resubmit {
-            if let Some(uring) = self.uring.as_mut() {
-                uring.submit();
+    }
+
+    /// One local operation finished, in the ring or on the blocking pool: gives the request
+    /// back what it lent (`returned`) and tells the core. The caller runs the effects.
+    fn local_io_done(&mut self, target: IoTarget, returned: Option<IoOp>, result: Result<(), i32>) {
+        let now = self.now();
+        match target {
+            IoTarget::Local { id, offset } => {
+                if let Some(op) = returned {
+                    self.restore_op(id, op);
+                }
+                if let Err(errno) = result {
+                    tracing::error!(device = %self.name, id, offset, errno, "local I/O failed");
+                }
+                let result = result.map_err(IoFault::LocalIo);
+                self.core.handle(now, Input::LocalDone { id, result });
+            }
+            IoTarget::PeerWrite {
+                peer, conn, seq, ..
+            } => {
+                if let Err(errno) = result {
+                    tracing::error!(device = %self.name, peer, seq, errno,
+                        "applying a peer's write failed");
+                }
+                self.core.handle(
+                    now,
+                    Input::PeerWriteApplied {
+                        peer,
+                        conn,
+                        seq,
+                        result,
+                    },
+                );
+            }
+            IoTarget::Flush(input) => {
+                if let Err(errno) = result {
+                    tracing::error!(device = %self.name, errno, "flush failed");
+                }
+                self.core.handle(now, input(result));
             }
         }
     }
@@ -1051,17 +999,13 @@ fn queue_outbound(queue: &mut Vec<PeerOutbound>, outbound: PeerOutbound) {
 const EIO: i32 = 5;
 const EINVAL: i32 = 22;
 
-fn run_local(store: &dyn BlockStore, mut op: IoOp) -> (IoOp, Result<(), IoFault>) {
+fn run_local(store: &dyn BlockStore, mut op: IoOp) -> (IoOp, std::io::Result<()>) {
     let result = match &mut op {
         IoOp::Read { offset, buf } => store.read_at(*offset, buf),
         IoOp::Write { offset, data } => store.write_at(*offset, &data[..]),
         IoOp::Discard { offset, len } => store.discard(*offset, *len),
         IoOp::Flush => store.flush(),
     };
-    let result = result.map_err(|error| {
-        tracing::error!(%error, op = ?op, "local I/O failed");
-        IoFault::LocalIo(error.raw_os_error().unwrap_or(EIO))
-    });
     (op, result)
 }
 

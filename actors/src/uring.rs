@@ -51,14 +51,6 @@ unsafe impl StableBytes for SharedBuf {
     }
 }
 
-// SAFETY: a Vec's heap buffer does not move while the Vec is not modified, and the engine
-// never modifies what it holds.
-unsafe impl StableBytes for Vec<u8> {
-    fn as_bytes(&self) -> &[u8] {
-        self
-    }
-}
-
 /// What one ring operation reads into or writes from; handed back on completion.
 pub enum UringBuf {
     /// A read fills the whole buffer.
@@ -139,11 +131,6 @@ pub struct UringEngine {
     unsubmitted: usize,
 }
 
-/// Why an operation cannot go through the ring; the caller uses the store's methods instead.
-pub enum NotForRing {
-    Unaligned(UringBuf),
-}
-
 impl UringEngine {
     /// A ring for the store behind `access`, registered with the current tokio reactor. Must be
     /// called on the thread that will use it (inside the actor's runtime).
@@ -165,35 +152,30 @@ impl UringEngine {
         })
     }
 
-    /// Whether writing `bytes` at `offset` may go through the ring.
-    pub fn accepts_write(&self, offset: u64, bytes: &[u8]) -> bool {
-        self.fits(offset, bytes.len(), bytes.as_ptr())
-    }
-
-    /// Whether `[offset, offset + len)` in a buffer at `ptr` may go through the ring.
-    fn fits(&self, offset: u64, len: usize, ptr: *const u8) -> bool {
+    /// Whether reading into or writing from `bytes` at `offset` may go through the ring:
+    /// whole 4 KiB blocks, an aligned buffer, below the store's limit.
+    pub fn accepts(&self, offset: u64, bytes: &[u8]) -> bool {
         let align = IO_ALIGN as u64;
+        let len = bytes.len() as u64;
         len > 0
             && offset % align == 0
-            && (len as u64) % align == 0
-            && (ptr as usize) % IO_ALIGN == 0
+            && len % align == 0
+            && (bytes.as_ptr() as usize) % IO_ALIGN == 0
             && offset
-                .checked_add(len as u64)
+                .checked_add(len)
                 .is_some_and(|end| end <= self.access.limit)
     }
 
-    /// Queues an operation; it reaches the kernel at the next [`UringEngine::submit`].
-    pub fn push(&mut self, token: u64, offset: u64, buf: UringBuf) -> Result<(), NotForRing> {
-        let fits = match &buf {
-            UringBuf::Read(read) => self.fits(offset, read.len(), read.as_ptr()),
-            UringBuf::Write(data) => {
-                let bytes = data.as_bytes();
-                self.fits(offset, bytes.len(), bytes.as_ptr())
-            }
+    /// Queues an operation; it reaches the kernel at the next [`UringEngine::submit`]. An
+    /// operation the ring does not accept ([`UringEngine::accepts`]) is handed back.
+    pub fn push(&mut self, token: u64, offset: u64, buf: UringBuf) -> Result<(), UringBuf> {
+        let accepted = match &buf {
+            UringBuf::Read(read) => self.accepts(offset, read),
+            UringBuf::Write(data) => self.accepts(offset, data.as_bytes()),
             UringBuf::Flush => true,
         };
-        if !fits {
-            return Err(NotForRing::Unaligned(buf));
+        if !accepted {
+            return Err(buf);
         }
         self.waiting.push_back((
             token,
@@ -251,7 +233,7 @@ impl UringEngine {
                     self.unsubmitted = 0;
                     return Ok(());
                 }
-                Err(error) if error.raw_os_error() == Some(libc_eintr()) => continue,
+                Err(error) if error.raw_os_error() == Some(EINTR) => continue,
                 Err(error) => return Err(error),
             }
         }
@@ -339,7 +321,7 @@ impl Drop for UringEngine {
         while !self.in_flight.is_empty() {
             let waited = self.ring.get_ref().0.borrow().submit_and_wait(1);
             if let Err(error) = waited {
-                if error.raw_os_error() != Some(libc_eintr()) {
+                if error.raw_os_error() != Some(EINTR) {
                     tracing::error!(%error, pending = self.in_flight.len(),
                         "cannot wait for io_uring operations; leaking their buffers");
                     for (_, op) in std::mem::take(&mut self.in_flight) {
@@ -356,11 +338,8 @@ impl Drop for UringEngine {
 }
 
 /// errno values (this crate does not link libc).
+const EINTR: i32 = 4;
 const EIO: i32 = 5;
-
-fn libc_eintr() -> i32 {
-    4
-}
 
 #[cfg(test)]
 mod tests {
@@ -439,13 +418,15 @@ mod tests {
             limit: 8192,
         })
         .expect("ring");
-        let unaligned = engine.push(1, 512, UringBuf::Write(Box::new(vec![0u8; 4096])));
-        assert!(matches!(unaligned, Err(NotForRing::Unaligned(_))));
         let pool = BufferPool::new(1 << 20);
+        let mut block = pool.acquire(4096);
+        block.set_len(4096);
+        let unaligned = engine.push(1, 512, UringBuf::Write(Box::new(block)));
+        assert!(matches!(unaligned, Err(UringBuf::Write(_))));
         let mut buf = pool.acquire(4096);
         buf.set_len(4096);
         let beyond = engine.push(2, 8192, UringBuf::Read(buf));
-        assert!(matches!(beyond, Err(NotForRing::Unaligned(_))));
+        assert!(matches!(beyond, Err(UringBuf::Read(_))));
         assert_eq!(engine.outstanding(), 0);
     }
 
