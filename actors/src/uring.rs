@@ -129,6 +129,8 @@ pub struct UringEngine {
     waiting: VecDeque<(u64, Op)>,
     /// Entries pushed since the last submit.
     unsubmitted: usize,
+    /// Scratch for the completion queue's entries, kept to spare an allocation per reap.
+    posted: Vec<(u64, i32)>,
 }
 
 impl UringEngine {
@@ -149,6 +151,7 @@ impl UringEngine {
             in_flight: BTreeMap::new(),
             waiting: VecDeque::new(),
             unsubmitted: 0,
+            posted: Vec::new(),
         })
     }
 
@@ -247,14 +250,12 @@ impl UringEngine {
     /// Collects every posted completion. Short transfers are resubmitted for their rest and
     /// reported only when whole.
     pub fn reap(&mut self, done: &mut Vec<UringDone>) {
-        let mut finished = Vec::new();
+        let mut finished = std::mem::take(&mut self.posted);
         {
             let mut ring = self.ring.get_ref().0.borrow_mut();
-            for cqe in ring.completion() {
-                finished.push((cqe.user_data(), cqe.result()));
-            }
+            finished.extend(ring.completion().map(|cqe| (cqe.user_data(), cqe.result())));
         }
-        for (token, result) in finished {
+        for (token, result) in finished.drain(..) {
             let Some(mut op) = self.in_flight.remove(&token) else {
                 tracing::error!(token, "io_uring completion for an unknown operation");
                 continue;
@@ -282,6 +283,7 @@ impl UringEngine {
                 result: outcome,
             });
         }
+        self.posted = finished;
         self.fill();
     }
 
