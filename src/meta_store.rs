@@ -6,7 +6,9 @@ use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use qrbd_actors::meta::{DeviceMeta, META_FORMAT_VERSION};
+use qrbd_actors::meta::{
+    BitmapChunk, BitmapUpdate, DeviceMeta, StoredBitmaps, META_FORMAT_VERSION, WORDS_PER_EXTENT,
+};
 use qrbd_actors::ports::{MetaError, MetaStore};
 
 const DEVICE_META_KEY: &str = "device-meta";
@@ -207,6 +209,85 @@ impl MetaStore for SledMetaStore {
             .map_err(|e| MetaError::Backend(format!("encoding device metadata: {e}")))?;
         self.put_durable(DEVICE_META_KEY, &json, "writing device metadata")
     }
+
+    fn save_bitmaps(&mut self, update: &BitmapUpdate) -> Result<(), MetaError> {
+        // One sled batch: after a crash the activity log and the pieces it went with are
+        // either all there or all not.
+        let mut batch = sled::Batch::default();
+        if let Some(hot) = &update.activity_log {
+            let bytes: Vec<u8> = hot.iter().flat_map(|extent| extent.to_le_bytes()).collect();
+            batch.insert(ACTIVITY_LOG_KEY, bytes);
+        }
+        for chunk in &update.chunks {
+            let key = bitmap_key(chunk.peer, chunk.extent);
+            if chunk.is_clean() {
+                batch.remove(key.as_bytes());
+            } else {
+                let bytes: Vec<u8> = chunk.words.iter().flat_map(|w| w.to_le_bytes()).collect();
+                batch.insert(key.as_bytes(), bytes);
+            }
+        }
+        self.db
+            .apply_batch(batch)
+            .map_err(|e| sled_error(e, &self.dir, "writing bitmaps"))?;
+        self.db
+            .flush()
+            .map_err(|e| sled_error(e, &self.dir, "flushing metadata database"))?;
+        self.sync()
+    }
+
+    fn load_bitmaps(&self) -> Result<StoredBitmaps, MetaError> {
+        let corrupt =
+            |what: String| MetaError::Corrupt(format!("{what} in {}", self.dir.display()));
+        let mut stored = StoredBitmaps::default();
+        if let Some(raw) = self
+            .db
+            .get(ACTIVITY_LOG_KEY)
+            .map_err(|e| sled_error(e, &self.dir, "reading the activity log"))?
+        {
+            if raw.len() % 8 != 0 {
+                return Err(corrupt(format!("activity log of {} bytes", raw.len())));
+            }
+            stored.activity_log = raw
+                .chunks_exact(8)
+                .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
+                .collect();
+        }
+        for entry in self.db.scan_prefix(BITMAP_PREFIX) {
+            let (key, value) = entry.map_err(|e| sled_error(e, &self.dir, "reading bitmaps"))?;
+            let key = String::from_utf8_lossy(&key).into_owned();
+            let (peer, extent) =
+                parse_bitmap_key(&key).ok_or_else(|| corrupt(format!("bitmap key {key:?}")))?;
+            if value.len() != WORDS_PER_EXTENT * 8 {
+                return Err(corrupt(format!(
+                    "bitmap piece {key:?} of {} bytes",
+                    value.len()
+                )));
+            }
+            let mut words = [0u64; WORDS_PER_EXTENT];
+            for (word, bytes) in words.iter_mut().zip(value.chunks_exact(8)) {
+                *word = u64::from_le_bytes(bytes.try_into().unwrap_or_default());
+            }
+            stored.chunks.push(BitmapChunk {
+                peer,
+                extent,
+                words,
+            });
+        }
+        Ok(stored)
+    }
+}
+
+const ACTIVITY_LOG_KEY: &str = "activity-log";
+const BITMAP_PREFIX: &str = "bitmap/";
+
+fn bitmap_key(peer: u8, extent: u64) -> String {
+    format!("{BITMAP_PREFIX}{peer:03}/{extent:016x}")
+}
+
+fn parse_bitmap_key(key: &str) -> Option<(u8, u64)> {
+    let (peer, extent) = key.strip_prefix(BITMAP_PREFIX)?.split_once('/')?;
+    Some((peer.parse().ok()?, u64::from_str_radix(extent, 16).ok()?))
 }
 
 fn blob_key(key: &str) -> String {

@@ -416,6 +416,14 @@ impl DeviceActor {
                 }
             }
             Effect::Persist { version, meta } => self.persist(version, meta, ctx),
+            Effect::PersistBitmaps { version, update } => {
+                // Wired to the metadata actor in the next step.
+                let _ = update;
+                self.follow_ups.push_back(Input::BitmapsPersisted {
+                    version,
+                    result: Ok(()),
+                });
+            }
             Effect::Dial { peer } => {
                 if self.links.contains_key(&peer) {
                     self.queue_for_link(peer, PeerOutbound::Dial);

@@ -69,3 +69,49 @@ impl DeviceMeta {
         }
     }
 }
+
+/// The activity log's unit (4 MiB), and the unit in which the out-of-sync bitmaps are stored.
+pub const EXTENT_BYTES: u64 = 4 << 20;
+/// Bitmap words (64 blocks of 4 KiB each) per extent.
+pub const WORDS_PER_EXTENT: usize = (EXTENT_BYTES / 4096 / 64) as usize;
+
+/// One extent's piece of one peer's out-of-sync bitmap: bit `b` of word `w` stands for the
+/// 4 KiB block `extent * 1024 + w * 64 + b`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapChunk {
+    pub peer: u8,
+    pub extent: u64,
+    pub words: [u64; WORDS_PER_EXTENT],
+}
+
+impl BitmapChunk {
+    pub fn is_clean(&self) -> bool {
+        self.words.iter().all(|word| *word == 0)
+    }
+}
+
+/// One durable transaction of the bitmaps and the activity log (docs/protocol.md, "The
+/// activity log and the bitmap"). Stored atomically: after a crash either all of it is there or
+/// none of it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BitmapUpdate {
+    /// The activity log's hot extents after this transaction, when it changed them.
+    pub activity_log: Option<Vec<u64>>,
+    /// Bitmap pieces to store, replacing what was stored for the same peer and extent. A clean
+    /// piece may be stored as "nothing".
+    pub chunks: Vec<BitmapChunk>,
+}
+
+impl BitmapUpdate {
+    pub fn is_empty(&self) -> bool {
+        self.activity_log.is_none() && self.chunks.is_empty()
+    }
+}
+
+/// What [`crate::ports::MetaStore::load_bitmaps`] finds: the hot extents and every stored
+/// bitmap piece that is not clean.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoredBitmaps {
+    pub activity_log: Vec<u64>,
+    pub chunks: Vec<BitmapChunk>,
+}

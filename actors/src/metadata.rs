@@ -3,7 +3,7 @@
 
 use actix::prelude::*;
 
-use crate::meta::DeviceMeta;
+use crate::meta::{BitmapUpdate, DeviceMeta, StoredBitmaps};
 use crate::ports::{MetaError, MetaStore};
 
 pub struct MetaActor {
@@ -49,6 +49,12 @@ impl MetaStore for NoStore {
         Err(MetaError::Backend("metadata store was lost".into()))
     }
     fn save(&mut self, _: &DeviceMeta) -> Result<(), MetaError> {
+        Err(MetaError::Backend("metadata store was lost".into()))
+    }
+    fn save_bitmaps(&mut self, _: &BitmapUpdate) -> Result<(), MetaError> {
+        Err(MetaError::Backend("metadata store was lost".into()))
+    }
+    fn load_bitmaps(&self) -> Result<StoredBitmaps, MetaError> {
         Err(MetaError::Backend("metadata store was lost".into()))
     }
 }

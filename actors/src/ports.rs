@@ -3,7 +3,7 @@
 
 use std::io;
 
-use crate::meta::DeviceMeta;
+use crate::meta::{BitmapUpdate, DeviceMeta, StoredBitmaps};
 
 /// The local backing store of one volume: a fixed-size array of bytes.
 ///
@@ -56,4 +56,9 @@ pub trait MetaStore: Send + 'static {
     /// Replaces the stored metadata. Returns only once the new value is durable (fsynced):
     /// callers acknowledge things that rely on it right after.
     fn save(&mut self, meta: &DeviceMeta) -> Result<(), MetaError>;
+    /// Applies one transaction of the out-of-sync bitmaps and the activity log, atomically.
+    /// Returns only once it is durable.
+    fn save_bitmaps(&mut self, update: &BitmapUpdate) -> Result<(), MetaError>;
+    /// The stored activity log and every stored bitmap piece that is not clean.
+    fn load_bitmaps(&self) -> Result<StoredBitmaps, MetaError>;
 }

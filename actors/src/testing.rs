@@ -17,6 +17,7 @@
 //!
 //! [`MemMetaStore`] is a [`MetaStore`] that keeps every saved value, in order.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
@@ -26,7 +27,7 @@ use tokio::sync::{oneshot, watch};
 use crate::buffer::{BufferPool, PooledBuf};
 use crate::core::IoFault;
 use crate::device::{IoDone, IoReply};
-use crate::meta::DeviceMeta;
+use crate::meta::{BitmapChunk, BitmapUpdate, DeviceMeta, StoredBitmaps};
 use crate::ports::{BlockStore, MetaError, MetaStore};
 
 /// What kind of operation reached a [`MemStore`].
@@ -376,6 +377,8 @@ struct MetaState {
     stored: Option<DeviceMeta>,
     saves: Vec<DeviceMeta>,
     fail_next: u64,
+    activity_log: Vec<u64>,
+    chunks: BTreeMap<(u8, u64), BitmapChunk>,
 }
 
 /// An in-memory [`MetaStore`] that records every save. Clones share the same state, so a test
@@ -429,6 +432,31 @@ impl MetaStore for MemMetaStore {
         state.stored = Some(meta.clone());
         state.saves.push(meta.clone());
         Ok(())
+    }
+
+    fn save_bitmaps(&mut self, update: &BitmapUpdate) -> Result<(), MetaError> {
+        let mut state = self.lock();
+        if let Some(hot) = &update.activity_log {
+            state.activity_log = hot.clone();
+        }
+        for chunk in &update.chunks {
+            if chunk.is_clean() {
+                state.chunks.remove(&(chunk.peer, chunk.extent));
+            } else {
+                state
+                    .chunks
+                    .insert((chunk.peer, chunk.extent), chunk.clone());
+            }
+        }
+        Ok(())
+    }
+
+    fn load_bitmaps(&self) -> Result<StoredBitmaps, MetaError> {
+        let state = self.lock();
+        Ok(StoredBitmaps {
+            activity_log: state.activity_log.clone(),
+            chunks: state.chunks.values().cloned().collect(),
+        })
     }
 }
 

@@ -16,7 +16,7 @@ use super::{
     ByteRange, ConnectionState, DiskState, IoFault, IoKind, ReplicationProtocol, RequestId, Role,
     Tick,
 };
-use crate::meta::DeviceMeta;
+use crate::meta::{BitmapUpdate, DeviceMeta, StoredBitmaps};
 
 /// One second in ticks (nanoseconds).
 pub const SECOND: Tick = 1_000_000_000;
@@ -210,6 +210,11 @@ pub enum Input {
         version: u64,
         result: Result<(), String>,
     },
+    /// A [`Effect::PersistBitmaps`] finished.
+    BitmapsPersisted {
+        version: u64,
+        result: Result<(), String>,
+    },
     /// Time passed (timers fire).
     Tick,
     /// An administrator's command.
@@ -249,6 +254,10 @@ pub enum Effect {
     FlushLocal { token: u64 },
     /// Make this metadata durable, then report [`Input::Persisted`] with `version`.
     Persist { version: u64, meta: DeviceMeta },
+    /// Make this transaction of the bitmaps and the activity log durable, then report
+    /// [`Input::BitmapsPersisted`] with `version`. Versions increase; the shell carries out
+    /// these transactions in order.
+    PersistBitmaps { version: u64, update: BitmapUpdate },
     /// Open a transport connection to the peer (report [`Input::TransportUp`] or
     /// [`Input::DialFailed`]).
     Dial { peer: PeerId },
@@ -475,6 +484,12 @@ impl ResourceCore {
     /// A resource coming up with its stored metadata. It comes up Secondary; the first
     /// effects mark the metadata in use (I/O waits until that is durable) and dial the peers.
     pub fn new(config: CoreConfig, meta: DeviceMeta, now: Tick) -> Self {
+        Self::restore(config, meta, StoredBitmaps::default(), now)
+    }
+
+    /// Like [`Self::new`], with the stored out-of-sync bitmaps and activity log.
+    pub fn restore(config: CoreConfig, meta: DeviceMeta, stored: StoredBitmaps, now: Tick) -> Self {
+        let _ = stored;
         let mut device = DeviceCore::new(config.size_bytes, false);
         for peer in &config.peers {
             device.add_peer(peer.id, config.protocol);
@@ -697,6 +712,9 @@ impl ResourceCore {
             }
             Input::LocalFlushed { token, result } => self.local_flushed(token, result, now),
             Input::Persisted { version, result } => self.persisted(version, result, now),
+            Input::BitmapsPersisted { version, result } => {
+                self.bitmaps_persisted(version, result, now)
+            }
             Input::Tick => self.tick(now),
             Input::Command { id, command } => self.command(id, command, now),
         }
@@ -2111,6 +2129,10 @@ impl ResourceCore {
             meta: self.meta.clone(),
         });
         version
+    }
+
+    fn bitmaps_persisted(&mut self, version: u64, result: Result<(), String>, _now: Tick) {
+        let _ = (version, result);
     }
 
     fn persisted(&mut self, version: u64, result: Result<(), String>, now: Tick) {
