@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use qrbd_actors::core::generation::JUST_CREATED_UUID;
-use qrbd_actors::core::resource::Timing;
+use qrbd_actors::core::resource::{SyncConfig, Timing};
 use qrbd_actors::meta::DeviceMeta;
 use qrbd_actors::ports::MetaStore;
 use qrbd_actors::supervisor::{PeerSetup, ResourceSetup};
@@ -181,5 +181,6 @@ pub fn open_resource(
             .collect(),
         events,
         disk_flushes: resource.disk_flushes,
+        sync: SyncConfig::default(),
     })
 }

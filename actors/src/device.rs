@@ -18,7 +18,7 @@ use crate::core::messages::{Epoch, PeerMessage};
 use crate::core::replication::{Outgoing, PeerId};
 use crate::core::resource::{
     Command, CommandError, CommandId, CoreConfig, Effect, Input, LinkStatus, PeerWrite,
-    ResourceCore, Timing,
+    ResourceCore, SyncConfig, Timing,
 };
 use crate::core::{DeviceStats, DiskState, IoFault, ReplicationProtocol, RequestId, Role, Tick};
 use crate::meta::DeviceMeta;
@@ -290,6 +290,7 @@ impl DeviceActor {
             peers: Vec::new(),
             timing: Timing::default(),
             seed: 1,
+            sync: SyncConfig::default(),
         };
         let meta = DeviceMeta::new(name, 0, size, crate::core::generation::JUST_CREATED_UUID);
         let mut actor = DeviceActor::with_setup(
@@ -416,6 +417,35 @@ impl DeviceActor {
                 }
             }
             Effect::Persist { version, meta } => self.persist(version, meta, ctx),
+            Effect::SendResyncData {
+                peer,
+                conn,
+                offset,
+                len,
+            } => {
+                // Wired to the store and the transport in the next step.
+                self.follow_ups.push_back(Input::ResyncSent {
+                    peer,
+                    conn,
+                    offset,
+                    len,
+                    result: Err(95),
+                });
+            }
+            Effect::ApplyResyncWrite {
+                peer,
+                conn,
+                offset,
+                len,
+            } => {
+                self.follow_ups.push_back(Input::ResyncWriteDone {
+                    peer,
+                    conn,
+                    offset,
+                    len,
+                    result: Err(95),
+                });
+            }
             Effect::PersistBitmaps { version, update } => {
                 // Wired to the metadata actor in the next step.
                 let _ = update;

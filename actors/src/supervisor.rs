@@ -12,7 +12,7 @@ use tokio::sync::{broadcast, oneshot};
 
 use crate::core::replication::PeerId;
 use crate::core::resource::{
-    describe_lines, Command, CommandError, CoreConfig, PeerConfig, Timing,
+    describe_lines, Command, CommandError, CoreConfig, PeerConfig, SyncConfig, Timing,
 };
 use crate::core::{ConnectionState, ReplicationProtocol};
 use crate::device::{DeviceActor, DeviceSetup, RunCommand, SharedSnapshot, StopDevice};
@@ -49,6 +49,8 @@ pub struct ResourceSetup {
     pub timing: Timing,
     /// Seeds the core's generator of generation identifiers.
     pub seed: u64,
+    /// The activity log and resync settings.
+    pub sync: SyncConfig,
 }
 
 /// A configured peer of a resource.
@@ -101,6 +103,7 @@ impl ResourceSupervisor {
                 .collect(),
             timing: setup.timing,
             seed: setup.seed,
+            sync: setup.sync,
         };
         let device_actor = DeviceActor::with_setup(
             setup.store,

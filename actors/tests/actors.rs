@@ -693,6 +693,7 @@ async fn supervisor_role_changes_drain_and_shutdown() {
         peers: Vec::new(),
         events: None,
         disk_flushes: true,
+        sync: Default::default(),
     });
     let supervisor = handle.supervisor.clone();
     let device = handle.device.clone();

@@ -351,6 +351,7 @@ fn config(id: u8, nodes: u8, protocol: ReplicationProtocol, seed: u64) -> CoreCo
             ..Timing::default()
         },
         seed,
+        sync: Default::default(),
     }
 }
 

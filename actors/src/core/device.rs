@@ -4,12 +4,13 @@
 //! The [`crate::device::DeviceActor`] owns the data and reply of each request; this core only
 //! knows each request's kind, range and stage, and answers every event with [`VolumeEffect`]s.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
+use super::activity_log::{extents_of, ActivityLog, DEFAULT_AL_EXTENTS};
 use super::messages::PeerMessage;
-use super::replication::{Outgoing, PeerId, PeerNeed, PeerSender, ProtocolError};
+use super::replication::{OutOfSync, Outgoing, PeerId, PeerNeed, PeerSender, ProtocolError};
 use super::ReplicationProtocol;
 use super::BLOCK_SIZE;
 
@@ -86,6 +87,8 @@ pub enum Stage {
     Held,
     /// Admitted; waits for an overlapping earlier write to finish.
     WaitingForConflict,
+    /// Admitted; waits for its extents to be made hot in the activity log.
+    WaitingForActivityLog,
     /// Submitted to the local store.
     Local,
     /// Local part finished; completion waits for the rest of the rule (peers, suspension).
@@ -167,7 +170,16 @@ pub struct DeviceCore {
     peers: BTreeMap<PeerId, PeerSender>,
     /// Accepted writes and discards not yet finished (held ones included).
     modifying_in_flight: u64,
+    activity_log: ActivityLog,
+    /// Writes waiting for the activity log, in arrival order.
+    al_waiters: VecDeque<RequestId>,
+    /// Spans held by resync reads (docs/protocol.md, "Resync"), by lock id.
+    resync_locks: BTreeMap<u64, (u64, u64)>,
+    next_resync_lock: u64,
 }
+
+/// Resync locks share `active_spans` with requests; their ids never collide with request ids.
+const RESYNC_LOCK_BASE: u64 = 1 << 63;
 
 impl DeviceCore {
     pub fn new(size: u64, writable: bool) -> Self {
@@ -185,7 +197,105 @@ impl DeviceCore {
             stats: DeviceStats::default(),
             peers: BTreeMap::new(),
             modifying_in_flight: 0,
+            activity_log: ActivityLog::new(DEFAULT_AL_EXTENTS, &[]),
+            al_waiters: VecDeque::new(),
+            resync_locks: BTreeMap::new(),
+            next_resync_lock: RESYNC_LOCK_BASE,
         }
+    }
+
+    pub fn set_activity_log(&mut self, log: ActivityLog) {
+        self.activity_log = log;
+    }
+
+    pub fn activity_log(&self) -> &ActivityLog {
+        &self.activity_log
+    }
+
+    pub fn activity_log_mut(&mut self) -> &mut ActivityLog {
+        &mut self.activity_log
+    }
+
+    pub fn out_of_sync_mut(&mut self, peer: PeerId) -> Option<&mut OutOfSync> {
+        self.peers
+            .get_mut(&peer)
+            .map(|sender| &mut sender.out_of_sync)
+    }
+
+    pub fn peer_ids(&self) -> impl Iterator<Item = PeerId> + '_ {
+        self.peers.keys().copied()
+    }
+
+    /// Extents something may still be landing in: writes in the pipeline and writes some
+    /// connected peer has not barrier-acknowledged. The activity log keeps them hot.
+    pub fn busy_extents(&self) -> BTreeSet<u64> {
+        let mut busy = BTreeSet::new();
+        let ranges = self
+            .requests
+            .values()
+            .filter(|r| r.kind.modifies_data())
+            .map(|r| r.range)
+            .chain(self.peers.values().flat_map(|s| s.unacked_ranges()));
+        for range in ranges {
+            if let Some((first, last)) = extents_of(range) {
+                busy.extend(first..=last);
+            }
+        }
+        busy
+    }
+
+    /// The activity log's transaction is durable: start the writes it made hot.
+    pub fn activity_log_committed(&mut self) -> Vec<VolumeEffect> {
+        self.activity_log.committed();
+        let mut effects = Vec::new();
+        for id in std::mem::take(&mut self.al_waiters) {
+            self.start(id, &mut effects);
+        }
+        effects
+    }
+
+    /// The activity log's transaction failed: the writes waiting for it fail, unwritten.
+    pub fn activity_log_failed(&mut self, errno: i32, now: Tick) -> Vec<VolumeEffect> {
+        self.activity_log.failed();
+        let mut effects = Vec::new();
+        for id in std::mem::take(&mut self.al_waiters) {
+            if let Some(request) = self.requests.get_mut(&id) {
+                request.local_result = Some(Err(IoFault::LocalIo(errno)));
+                request.stage = Stage::ReadyToComplete;
+            }
+            self.try_finish(id, now, &mut effects);
+        }
+        effects
+    }
+
+    /// Takes the blocks of `range` for a resync read, unless a write to them is in the
+    /// pipeline (then `None`: ask again later). Writes to them wait until the lock is released.
+    pub fn lock_for_resync(&mut self, range: ByteRange) -> Option<u64> {
+        let span = range.block_span();
+        if span.0 >= span.1 || self.overlaps_active(span) || self.overlaps_waiter(span) {
+            return None;
+        }
+        let lock = self.next_resync_lock;
+        self.next_resync_lock += 1;
+        self.active_spans.insert(span.0, (span.1, lock));
+        self.resync_locks.insert(lock, span);
+        Some(lock)
+    }
+
+    /// Releases a resync lock; writes that waited for it start.
+    pub fn unlock_resync(&mut self, lock: u64) -> Vec<VolumeEffect> {
+        let mut effects = Vec::new();
+        if let Some((start, _)) = self.resync_locks.remove(&lock) {
+            if self
+                .active_spans
+                .get(&start)
+                .is_some_and(|(_, owner)| *owner == lock)
+            {
+                self.active_spans.remove(&start);
+            }
+            self.start_unblocked_waiters(&mut effects);
+        }
+        effects
     }
 
     /// Declares a configured peer (initially disconnected: writes are counted out of sync).
@@ -567,6 +677,19 @@ impl DeviceCore {
     }
 
     fn start(&mut self, id: RequestId, effects: &mut Vec<VolumeEffect>) {
+        let Some(request) = self.requests.get(&id) else {
+            return;
+        };
+        if request.kind.modifies_data() {
+            let range = request.range;
+            if !self.activity_log.covers(range) {
+                self.activity_log.want(range);
+                self.set_stage(id, Stage::WaitingForActivityLog);
+                self.al_waiters.push_back(id);
+                return;
+            }
+            self.activity_log.touch(range);
+        }
         self.set_stage(id, Stage::Local);
         self.replicate(id, effects);
         effects.push(VolumeEffect::StartLocal(id));

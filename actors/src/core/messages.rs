@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use super::{DiskState, ReplicationProtocol, Role};
 
 /// Bumped on any incompatible change of the messages or their meaning.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Identifies a replicated request on the sending node (its DeviceCore request id).
 pub type PeerRequestId = u64;
@@ -125,6 +125,47 @@ pub enum PeerMessage {
     PingAck {
         nonce: u64,
     },
+
+    /// Resync (docs/protocol.md, "Resync"): a part of the sender's out-of-sync bitmap for the
+    /// receiver, as runs of (first block, count) in order; `last` ends the exchange.
+    SyncBitmap {
+        runs: Vec<(u64, u64)>,
+        last: bool,
+    },
+    /// The sync target asks for these blocks (4 KiB aligned).
+    ResyncRequest {
+        offset: u64,
+        len: u64,
+    },
+    /// The sync source's data for a request (the shell holds the payload: the core sees the
+    /// header only, as [`crate::core::resource::Input::ResyncData`]).
+    ResyncData {
+        offset: u64,
+        data: Vec<u8>,
+    },
+    /// The sync source could not read the blocks (its errno).
+    ResyncFailed {
+        offset: u64,
+        len: u64,
+        errno: i32,
+    },
+    /// The sync target wrote the blocks (`ok`), or failed to.
+    ResyncWritten {
+        offset: u64,
+        len: u64,
+        ok: bool,
+    },
+}
+
+/// The stream a message travels on (docs/protocol.md, "Streams").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamKind {
+    /// Acknowledgements, pings and the handshake.
+    Control,
+    /// Writes, barriers and state announcements, in order.
+    Data,
+    /// Resync traffic, so that it never queues behind application writes.
+    Resync,
 }
 
 impl PeerMessage {
@@ -147,6 +188,11 @@ impl PeerMessage {
             PeerMessage::StateReply { .. } => "StateReply",
             PeerMessage::StateCommit { .. } => "StateCommit",
             PeerMessage::StateAbort { .. } => "StateAbort",
+            PeerMessage::SyncBitmap { .. } => "SyncBitmap",
+            PeerMessage::ResyncRequest { .. } => "ResyncRequest",
+            PeerMessage::ResyncData { .. } => "ResyncData",
+            PeerMessage::ResyncFailed { .. } => "ResyncFailed",
+            PeerMessage::ResyncWritten { .. } => "ResyncWritten",
         }
     }
 
@@ -154,7 +200,21 @@ impl PeerMessage {
     /// travel there too, so that a peer learns that this node became Primary before it sees
     /// the first write of that Primary (docs/protocol.md, "Streams").
     pub fn on_data_stream(&self) -> bool {
-        matches!(
+        self.stream() == StreamKind::Data
+    }
+
+    pub fn stream(&self) -> StreamKind {
+        if matches!(
+            self,
+            PeerMessage::SyncBitmap { .. }
+                | PeerMessage::ResyncRequest { .. }
+                | PeerMessage::ResyncData { .. }
+                | PeerMessage::ResyncFailed { .. }
+                | PeerMessage::ResyncWritten { .. }
+        ) {
+            return StreamKind::Resync;
+        }
+        let data = matches!(
             self,
             PeerMessage::Data { .. }
                 | PeerMessage::Discard { .. }
@@ -163,6 +223,11 @@ impl PeerMessage {
                 | PeerMessage::StatePrepare { .. }
                 | PeerMessage::StateCommit { .. }
                 | PeerMessage::StateAbort { .. }
-        )
+        );
+        if data {
+            StreamKind::Data
+        } else {
+            StreamKind::Control
+        }
     }
 }

@@ -9,6 +9,7 @@
 //! - [`replication`]: the per-peer sending and receiving sides (epochs, barriers, acks), and
 //! - [`generation`]: data-generation identifiers and the connect-time comparison.
 
+pub mod activity_log;
 pub mod device;
 pub mod generation;
 pub mod messages;

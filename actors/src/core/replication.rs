@@ -3,12 +3,13 @@
 //! out-of-sync blocks) and the receiving side per connection (applying writes in epoch order
 //! and acknowledging as the protocol says). Rules: docs/protocol.md, "Completion", "Epochs and barriers" and "Out of sync".
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use super::device::{ByteRange, RequestId};
 use super::messages::{Epoch, PeerMessage, PeerRequestId};
 use super::ReplicationProtocol;
 use super::BLOCK_SIZE;
+use crate::meta::{BitmapChunk, EXTENT_BYTES, WORDS_PER_EXTENT};
 
 /// Peers are named by node id.
 pub type PeerId = u8;
@@ -23,12 +24,16 @@ const BLOCK: u64 = BLOCK_SIZE;
 #[error("protocol error from peer: {0}")]
 pub struct ProtocolError(pub String);
 
-/// The out-of-sync blocks (4 KiB each) of one peer: blocks written here that the peer may lack.
+/// The out-of-sync blocks (4 KiB each) of one peer: blocks where the peer's data may differ
+/// from this node's. It remembers which 4 MiB extents changed since they were last stored
+/// (docs/protocol.md, "The activity log and the bitmap").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutOfSync {
     words: Vec<u64>,
     blocks: u64,
     dirty: u64,
+    /// Extents whose bits changed since they were last handed out for storing.
+    changed: BTreeSet<u64>,
 }
 
 impl OutOfSync {
@@ -38,21 +43,69 @@ impl OutOfSync {
             words: vec![0; blocks.div_ceil(64) as usize],
             blocks,
             dirty: 0,
+            changed: BTreeSet::new(),
         }
     }
 
-    pub fn mark(&mut self, range: ByteRange) {
+    /// The blocks a byte range touches, clipped to the volume: (first, end).
+    fn blocks_of(&self, range: ByteRange) -> (u64, u64) {
         if range.len == 0 {
-            return;
+            return (0, 0);
         }
         let first = range.offset / BLOCK;
-        let last = (range.offset.saturating_add(range.len) - 1) / BLOCK;
-        for block in first..=last.min(self.blocks.saturating_sub(1)) {
+        let end = range.offset.saturating_add(range.len).div_ceil(BLOCK);
+        (first.min(self.blocks), end.min(self.blocks))
+    }
+
+    pub fn mark(&mut self, range: ByteRange) {
+        let (first, end) = self.blocks_of(range);
+        self.set_blocks(first, end, true);
+    }
+
+    /// Clears the blocks a byte range touches (they are known to be in sync now).
+    pub fn clear(&mut self, range: ByteRange) {
+        let (first, end) = self.blocks_of(range);
+        self.set_blocks(first, end, false);
+    }
+
+    /// Marks every block of the volume.
+    pub fn mark_all(&mut self) {
+        self.set_blocks(0, self.blocks, true);
+    }
+
+    /// Marks every block of a 4 MiB extent.
+    pub fn mark_extent(&mut self, extent: u64) {
+        let first = extent.saturating_mul(BLOCKS_PER_EXTENT).min(self.blocks);
+        let end = first.saturating_add(BLOCKS_PER_EXTENT).min(self.blocks);
+        self.set_blocks(first, end, true);
+    }
+
+    pub fn mark_blocks(&mut self, first: u64, count: u64) {
+        let first = first.min(self.blocks);
+        let end = first.saturating_add(count).min(self.blocks);
+        self.set_blocks(first, end, true);
+    }
+
+    fn set_blocks(&mut self, first: u64, end: u64, dirty: bool) {
+        let mut block = first;
+        while block < end {
             let (word, bit) = ((block / 64) as usize, block % 64);
-            if self.words[word] & (1 << bit) == 0 {
-                self.words[word] |= 1 << bit;
-                self.dirty += 1;
+            // Whole words at a time where the range covers them.
+            let span = (64 - bit).min(end - block);
+            let mask = if span == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << span) - 1) << bit
+            };
+            let before = self.words[word];
+            let after = if dirty { before | mask } else { before & !mask };
+            if after != before {
+                self.words[word] = after;
+                let (was, is) = (before.count_ones() as u64, after.count_ones() as u64);
+                self.dirty = self.dirty + is - was;
+                self.changed.insert(block / BLOCKS_PER_EXTENT);
             }
+            block += span;
         }
     }
 
@@ -69,7 +122,101 @@ impl OutOfSync {
             .get((block / 64) as usize)
             .is_some_and(|word| word & (1 << (block % 64)) != 0)
     }
+
+    /// The volume's size in blocks.
+    pub fn blocks(&self) -> u64 {
+        self.blocks
+    }
+
+    /// The first run of dirty blocks at or after `from`, at most `max` long: (first, count).
+    pub fn next_dirty_run(&self, from: u64, max: u64) -> Option<(u64, u64)> {
+        let mut block = from;
+        let first = loop {
+            if block >= self.blocks {
+                return None;
+            }
+            let word = self.words[(block / 64) as usize] >> (block % 64);
+            if word == 0 {
+                block = (block / 64 + 1) * 64;
+                continue;
+            }
+            block += u64::from(word.trailing_zeros());
+            break block;
+        };
+        let mut end = first;
+        while end < self.blocks && end - first < max && self.is_dirty(end) {
+            end += 1;
+        }
+        Some((first, end - first))
+    }
+
+    /// Every run of dirty blocks, in order: (first, count).
+    pub fn runs(&self) -> Vec<(u64, u64)> {
+        let mut runs = Vec::new();
+        let mut from = 0;
+        while let Some((first, count)) = self.next_dirty_run(from, u64::MAX) {
+            runs.push((first, count));
+            from = first + count;
+        }
+        runs
+    }
+
+    /// This peer's piece of the bitmap for one extent, as stored.
+    pub fn chunk(&self, peer: PeerId, extent: u64) -> BitmapChunk {
+        let mut words = [0u64; WORDS_PER_EXTENT];
+        let start = extent as usize * WORDS_PER_EXTENT;
+        for (i, word) in words.iter_mut().enumerate() {
+            *word = self.words.get(start + i).copied().unwrap_or(0);
+        }
+        BitmapChunk {
+            peer,
+            extent,
+            words,
+        }
+    }
+
+    /// Adds a stored piece's dirty blocks (bits beyond the volume's end are ignored).
+    pub fn load(&mut self, chunk: &BitmapChunk) {
+        let start = chunk.extent.saturating_mul(WORDS_PER_EXTENT as u64);
+        for (i, stored) in chunk.words.iter().enumerate() {
+            let index = start.saturating_add(i as u64);
+            let Some(word) = usize::try_from(index)
+                .ok()
+                .and_then(|i| self.words.get_mut(i))
+            else {
+                break;
+            };
+            let first_block = index * 64;
+            let valid = self.blocks.saturating_sub(first_block).min(64);
+            let mask = if valid == 64 {
+                u64::MAX
+            } else {
+                (1u64 << valid) - 1
+            };
+            let after = *word | (stored & mask);
+            self.dirty += u64::from(after.count_ones() - word.count_ones());
+            *word = after;
+        }
+    }
+
+    /// Extents changed since they were last handed out by [`Self::take_changed`].
+    pub fn changed_extents(&self) -> &BTreeSet<u64> {
+        &self.changed
+    }
+
+    /// Remembers that `extent` changed (storing its piece failed).
+    pub fn note_changed(&mut self, extent: u64) {
+        self.changed.insert(extent);
+    }
+
+    /// Forgets that `extent` changed (its piece is being stored).
+    pub fn take_changed(&mut self, extent: u64) -> bool {
+        self.changed.remove(&extent)
+    }
 }
+
+/// 4 KiB blocks per 4 MiB extent.
+pub const BLOCKS_PER_EXTENT: u64 = EXTENT_BYTES / BLOCK;
 
 /// What a replicated request still needs from one peer before it may complete.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,6 +316,11 @@ impl PeerSender {
                 self.out_of_sync.mark(range);
             }
         }
+    }
+
+    /// The ranges of the writes not yet barrier-acked.
+    pub fn unacked_ranges(&self) -> impl Iterator<Item = ByteRange> + '_ {
+        self.unacked.values().flatten().copied()
     }
 
     /// Pending writes not yet barrier-acked.

@@ -8,9 +8,16 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+mod bitmaps;
+mod resync;
+
+use resync::Resync;
+pub use resync::{resync_direction, SideFacts, SyncConfig, SyncRole, SyncStatus};
+
+use super::activity_log::ActivityLog;
 use super::device::{DeviceCore, VolumeEffect, HOLD_METADATA};
 use super::generation::{compare_generations, Generations, SyncDecision, UuidSource};
-use super::messages::{Epoch, PeerMessage, PROTOCOL_VERSION};
+use super::messages::{Epoch, PeerMessage, StreamKind, PROTOCOL_VERSION};
 use super::replication::{Outgoing, PeerId, PeerReceiver, ReceiverEffect};
 use super::{
     ByteRange, ConnectionState, DiskState, IoFault, IoKind, ReplicationProtocol, RequestId, Role,
@@ -90,6 +97,8 @@ pub struct CoreConfig {
     pub timing: Timing,
     /// Seeds the generator of new generation identifiers.
     pub seed: u64,
+    /// The activity log and resync.
+    pub sync: SyncConfig,
 }
 
 /// An administrator's command.
@@ -210,6 +219,31 @@ pub enum Input {
         version: u64,
         result: Result<(), String>,
     },
+    /// A [`Effect::SendResyncData`] finished: the blocks were read and handed to the
+    /// transport, or the read failed (errno).
+    ResyncSent {
+        peer: PeerId,
+        conn: u64,
+        offset: u64,
+        len: u64,
+        result: Result<(), i32>,
+    },
+    /// A sync source's `ResyncData` arrived on connection `conn`; the shell holds its payload
+    /// under `(peer, conn, offset)`.
+    ResyncData {
+        peer: PeerId,
+        conn: u64,
+        offset: u64,
+        len: u64,
+    },
+    /// A [`Effect::ApplyResyncWrite`] finished.
+    ResyncWriteDone {
+        peer: PeerId,
+        conn: u64,
+        offset: u64,
+        len: u64,
+        result: Result<(), i32>,
+    },
     /// A [`Effect::PersistBitmaps`] finished.
     BitmapsPersisted {
         version: u64,
@@ -241,6 +275,22 @@ pub enum Effect {
         peer: PeerId,
         conn: u64,
         write: PeerWrite,
+    },
+    /// Sync source: read these blocks from the local store and send them to the peer as
+    /// `ResyncData` on connection `conn`, then report [`Input::ResyncSent`].
+    SendResyncData {
+        peer: PeerId,
+        conn: u64,
+        offset: u64,
+        len: u64,
+    },
+    /// Sync target: write the received resync payload `(peer, conn, offset)` to the local
+    /// store (and drop it), then report [`Input::ResyncWriteDone`].
+    ApplyResyncWrite {
+        peer: PeerId,
+        conn: u64,
+        offset: u64,
+        len: u64,
     },
     /// The received payload `(peer, conn, seq)` will never be applied: drop it.
     ForgetPayload { peer: PeerId, conn: u64, seq: u64 },
@@ -377,6 +427,9 @@ struct Link {
     early: Vec<Early>,
     /// The peer's Hello, waiting for the writes of a lost connection to land.
     deferred_hello: Option<PeerMessage>,
+    /// The peer's generation history (from its Hello and State): a sync target adopts it.
+    peer_history: Vec<u64>,
+    resync: Option<Resync>,
 }
 
 /// A data-stream arrival kept until the handshake completes.
@@ -439,6 +492,8 @@ enum Change {
 enum DrainStep {
     Draining,
     Flushing(u64),
+    /// A clean shutdown stores every changed piece of the bitmaps first.
+    StoringBitmaps,
     Persisting(u64),
 }
 
@@ -447,6 +502,8 @@ enum DrainStep {
 enum MetaWaiter {
     /// I/O held until a new generation (or the in-use mark) is durable.
     ReleaseIo,
+    /// A sync target's Inconsistent mark must be durable before its first resync write.
+    ResyncTarget(PeerId),
 }
 
 /// The protocol of one resource.
@@ -478,6 +535,7 @@ pub struct ResourceCore {
     effects: VecDeque<Effect>,
     /// The time of the input being handled.
     now: Tick,
+    bitmap_writer: bitmaps::BitmapWriter,
 }
 
 impl ResourceCore {
@@ -489,10 +547,32 @@ impl ResourceCore {
 
     /// Like [`Self::new`], with the stored out-of-sync bitmaps and activity log.
     pub fn restore(config: CoreConfig, meta: DeviceMeta, stored: StoredBitmaps, now: Tick) -> Self {
-        let _ = stored;
         let mut device = DeviceCore::new(config.size_bytes, false);
         for peer in &config.peers {
             device.add_peer(peer.id, config.protocol);
+        }
+        device.set_activity_log(ActivityLog::new(
+            config.sync.al_extents,
+            &stored.activity_log,
+        ));
+        for chunk in &stored.chunks {
+            match device.out_of_sync_mut(chunk.peer) {
+                Some(bitmap) => bitmap.load(chunk),
+                None => tracing::warn!(resource = %config.resource, node = chunk.peer,
+                    "ignoring the stored bitmap of a node that is no longer a peer"),
+            }
+        }
+        if !meta.flags.clean_shutdown {
+            // Writes may have been in flight in every hot extent: out of sync for every peer.
+            let hot: Vec<u64> = device.activity_log().hot_extents().collect();
+            let peers: Vec<PeerId> = device.peer_ids().collect();
+            for peer in peers {
+                if let Some(bitmap) = device.out_of_sync_mut(peer) {
+                    for extent in &hot {
+                        bitmap.mark_extent(*extent);
+                    }
+                }
+            }
         }
         let mut meta = meta;
         let crashed = !meta.flags.clean_shutdown;
@@ -538,6 +618,8 @@ impl ResourceCore {
                     awaiting_barriers: BTreeMap::new(),
                     early: Vec::new(),
                     deferred_hello: None,
+                    peer_history: Vec::new(),
+                    resync: None,
                 };
                 (peer.id, link)
             })
@@ -564,6 +646,7 @@ impl ResourceCore {
             at_store: BTreeSet::new(),
             effects: VecDeque::new(),
             now,
+            bitmap_writer: bitmaps::BitmapWriter::default(),
         };
         if crashed {
             tracing::warn!(resource = %core.config.resource, "the previous run did not shut down cleanly");
@@ -715,9 +798,31 @@ impl ResourceCore {
             Input::BitmapsPersisted { version, result } => {
                 self.bitmaps_persisted(version, result, now)
             }
+            Input::ResyncSent {
+                peer,
+                conn,
+                offset,
+                len,
+                result,
+            } => self.resync_sent(peer, conn, offset, len, result, now),
+            Input::ResyncData {
+                peer,
+                conn,
+                offset,
+                len,
+            } => self.resync_data(peer, conn, offset, len, now),
+            Input::ResyncWriteDone {
+                peer,
+                conn,
+                offset,
+                len,
+                result,
+            } => self.resync_write_done(peer, conn, offset, len, result, now),
             Input::Tick => self.tick(now),
             Input::Command { id, command } => self.command(id, command, now),
         }
+        self.resync_after_input();
+        self.pump_bitmaps(now);
         self.progress_drain(now);
     }
 
@@ -939,7 +1044,7 @@ impl ResourceCore {
                 self.refused(peer, reason, standalone, now);
             }
             _ if !connected
-                && message.on_data_stream()
+                && message.stream() != StreamKind::Control
                 && self.links.get(&peer).is_some_and(|link| {
                     link.handshake_since.is_some() && link.early.len() < MAX_EARLY
                 }) =>
@@ -1028,6 +1133,21 @@ impl ResourceCore {
             other @ (PeerMessage::Data { .. }
             | PeerMessage::Discard { .. }
             | PeerMessage::Barrier { .. }) => self.data_stream_message(peer, other, now),
+            PeerMessage::SyncBitmap { runs, last } => {
+                self.sync_bitmap_received(peer, runs, last, now)
+            }
+            PeerMessage::ResyncRequest { offset, len } => {
+                self.resync_requested(peer, offset, len, now)
+            }
+            PeerMessage::ResyncData { .. } => {
+                self.protocol_error(peer, "ResyncData must arrive with its payload".into(), now)
+            }
+            PeerMessage::ResyncFailed { offset, len, errno } => {
+                self.resync_failed(peer, offset, len, errno)
+            }
+            PeerMessage::ResyncWritten { offset, len, ok } => {
+                self.resync_written(peer, offset, len, ok, now)
+            }
         }
     }
 
@@ -2098,6 +2218,16 @@ impl ResourceCore {
             self.abandon_drain();
             return self.done(command, Err(CommandError::LocalIo(fault)));
         }
+        if matches!(self.change, Change::ShuttingDown { .. }) {
+            // The bitmaps before the clean mark: a restart that finds the mark trusts them.
+            self.set_drain_step(DrainStep::StoringBitmaps);
+            self.store_all_bitmaps();
+            return;
+        }
+        self.persist_after_drain();
+    }
+
+    fn persist_after_drain(&mut self) {
         self.meta.flags.was_primary = false;
         if matches!(self.change, Change::ShuttingDown { .. }) {
             self.meta.flags.clean_shutdown = true;
@@ -2131,10 +2261,6 @@ impl ResourceCore {
         version
     }
 
-    fn bitmaps_persisted(&mut self, version: u64, result: Result<(), String>, _now: Tick) {
-        let _ = (version, result);
-    }
-
     fn persisted(&mut self, version: u64, result: Result<(), String>, now: Tick) {
         if let Err(error) = &result {
             tracing::error!(resource = %self.config.resource, %error, "metadata update failed");
@@ -2163,6 +2289,12 @@ impl ResourceCore {
                     // The new generation is not durable: I/O stays held and the update is
                     // tried again, so that no write completes on a generation a crash forgets.
                     self.persist(Some(MetaWaiter::ReleaseIo));
+                }
+                MetaWaiter::ResyncTarget(peer) if result.is_ok() => {
+                    self.resync_target_ready(peer, now)
+                }
+                MetaWaiter::ResyncTarget(peer) => {
+                    self.persist(Some(MetaWaiter::ResyncTarget(peer)));
                 }
             }
         }
@@ -2446,6 +2578,7 @@ mod tests {
             }],
             timing: Timing::default(),
             seed: u64::from(id),
+            sync: SyncConfig::default(),
         }
     }
 

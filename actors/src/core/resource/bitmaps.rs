@@ -1,0 +1,183 @@
+//! Storing the out-of-sync bitmaps and the activity log (docs/protocol.md, "The activity log
+//! and the bitmap"). One transaction is in flight at a time; the activity log's transactions
+//! come first, since writes wait for them. Pieces of cold extents that changed (bits a resync
+//! cleared, a bitmap exchange added) are stored lazily, and all of them at a clean shutdown.
+
+use super::{DrainStep, Effect, ResourceCore};
+use crate::core::replication::PeerId;
+use crate::core::Tick;
+use crate::meta::{BitmapChunk, BitmapUpdate};
+
+/// How often changed pieces of cold extents are stored.
+const LAZY_INTERVAL: Tick = 1_000_000_000;
+/// Pieces per lazy transaction.
+const LAZY_CHUNKS: usize = 1024;
+/// errno reported to writes whose activity-log transaction failed.
+const EIO: i32 = 5;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    /// Makes extents hot; writes wait for it.
+    ActivityLog,
+    /// Changed pieces of cold extents.
+    Lazy,
+    /// Every changed piece: a clean shutdown waits for it.
+    All,
+}
+
+#[derive(Debug)]
+struct InFlight {
+    version: u64,
+    purpose: Purpose,
+    pieces: Vec<(PeerId, u64)>,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct BitmapWriter {
+    version: u64,
+    in_flight: Option<InFlight>,
+    last_lazy: Tick,
+    write_all: bool,
+}
+
+impl ResourceCore {
+    /// Hands out the next transaction of the bitmaps, if one is due and none is in flight.
+    pub(super) fn pump_bitmaps(&mut self, now: Tick) {
+        if self.bitmap_writer.in_flight.is_some() {
+            return;
+        }
+        let (purpose, activity_log, pieces) = if self.bitmap_writer.write_all {
+            self.bitmap_writer.write_all = false;
+            let hot: Vec<u64> = self.device.activity_log().hot_extents().collect();
+            (
+                Purpose::All,
+                Some(hot),
+                self.changed_pieces(usize::MAX, false),
+            )
+        } else if self.device.activity_log().needs_transaction() {
+            let busy = self.device.busy_extents();
+            let Some(tx) = self.device.activity_log_mut().begin(&busy) else {
+                return;
+            };
+            let mut pieces = Vec::new();
+            let peers: Vec<PeerId> = self.device.peer_ids().collect();
+            for extent in &tx.evicted {
+                for peer in &peers {
+                    pieces.push((*peer, *extent));
+                }
+            }
+            (Purpose::ActivityLog, Some(tx.hot), pieces)
+        } else if now.saturating_sub(self.bitmap_writer.last_lazy) >= LAZY_INTERVAL {
+            self.bitmap_writer.last_lazy = now;
+            let pieces = self.changed_pieces(LAZY_CHUNKS, true);
+            if pieces.is_empty() {
+                return;
+            }
+            (Purpose::Lazy, None, pieces)
+        } else {
+            return;
+        };
+        let mut chunks: Vec<BitmapChunk> = Vec::with_capacity(pieces.len());
+        for (peer, extent) in &pieces {
+            if let Some(bitmap) = self.device.out_of_sync_mut(*peer) {
+                bitmap.take_changed(*extent);
+                chunks.push(bitmap.chunk(*peer, *extent));
+            }
+        }
+        self.bitmap_writer.version += 1;
+        let version = self.bitmap_writer.version;
+        self.bitmap_writer.in_flight = Some(InFlight {
+            version,
+            purpose,
+            pieces,
+        });
+        self.effects.push_back(Effect::PersistBitmaps {
+            version,
+            update: BitmapUpdate {
+                activity_log,
+                chunks,
+            },
+        });
+    }
+
+    /// Changed pieces, at most `limit`; with `cold_only`, only of extents that are not hot
+    /// (a hot extent counts as wholly out of sync after a crash, so its piece may wait).
+    fn changed_pieces(&self, limit: usize, cold_only: bool) -> Vec<(PeerId, u64)> {
+        let log = self.device.activity_log();
+        let hot: std::collections::BTreeSet<u64> = log.hot_extents().collect();
+        let mut pieces = Vec::new();
+        for peer in self.device.peer_ids() {
+            let Some(sender) = self.device.peer(peer) else {
+                continue;
+            };
+            for extent in sender.out_of_sync.changed_extents() {
+                if pieces.len() >= limit {
+                    return pieces;
+                }
+                if !cold_only || !hot.contains(extent) {
+                    pieces.push((peer, *extent));
+                }
+            }
+        }
+        pieces
+    }
+
+    pub(super) fn bitmaps_persisted(
+        &mut self,
+        version: u64,
+        result: Result<(), String>,
+        now: Tick,
+    ) {
+        let Some(in_flight) = self
+            .bitmap_writer
+            .in_flight
+            .take_if(|f| f.version == version)
+        else {
+            return;
+        };
+        if let Err(error) = &result {
+            tracing::error!(resource = %self.config.resource, %error, "storing the bitmaps failed");
+            self.emit(format!(
+                "change resource name:{} metadata-error:{error:?}",
+                self.config.resource
+            ));
+            // What was not stored is still changed.
+            for (peer, extent) in &in_flight.pieces {
+                if let Some(bitmap) = self.device.out_of_sync_mut(*peer) {
+                    bitmap.note_changed(*extent);
+                }
+            }
+        }
+        match in_flight.purpose {
+            Purpose::ActivityLog => {
+                let effects = match result {
+                    Ok(()) => self.device.activity_log_committed(),
+                    Err(_) => self.device.activity_log_failed(EIO, now),
+                };
+                self.volume_effects(effects, now);
+            }
+            Purpose::Lazy => {}
+            Purpose::All => self.all_bitmaps_stored(result),
+        }
+    }
+
+    /// A clean shutdown asks for every changed piece to be stored.
+    pub(super) fn store_all_bitmaps(&mut self) {
+        self.bitmap_writer.write_all = true;
+    }
+
+    fn all_bitmaps_stored(&mut self, result: Result<(), String>) {
+        if let super::Change::ShuttingDown { command, step } = &self.change {
+            if *step == DrainStep::StoringBitmaps {
+                let command = *command;
+                match result {
+                    Ok(()) => self.persist_after_drain(),
+                    Err(error) => {
+                        self.abandon_drain();
+                        self.done(command, Err(super::CommandError::Meta(error)));
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,798 @@
+//! Resync (docs/protocol.md, "Resync"): after the handshake decided that one side lacks what
+//! the other wrote, both send their out-of-sync bitmap for the other, both take the union, and
+//! the sync target pulls the dirty blocks in linear order on the resync stream. A bit clears
+//! on the target once it wrote the block, and on the source once the target said so. The
+//! source reads under a lock of the volume's conflict domain, so an application write to the
+//! same blocks lands after the resync write on the target, never before it.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use super::{Effect, Link, MetaWaiter, ResourceCore};
+use crate::core::device::ByteRange;
+use crate::core::messages::PeerMessage;
+use crate::core::replication::PeerId;
+use crate::core::{DiskState, Role, Tick, BLOCK_SIZE};
+
+/// Runs per `SyncBitmap` message.
+const RUNS_PER_MESSAGE: usize = 4096;
+/// The largest request a source serves.
+pub const MAX_RESYNC_REQUEST: u64 = 1 << 20;
+
+/// How a resync runs; settable per resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncConfig {
+    /// Activity-log extents kept hot (DRBD's `al-extents`).
+    pub al_extents: usize,
+    /// Bytes per resync request.
+    pub request_bytes: u64,
+    /// Bytes the target keeps requested and not yet written.
+    pub window_bytes: u64,
+    /// Upper bound of the resync rate in bytes per second (0: none).
+    pub max_rate: u64,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig {
+            al_extents: crate::core::activity_log::DEFAULT_AL_EXTENTS,
+            request_bytes: 256 << 10,
+            window_bytes: 8 << 20,
+            max_rate: 0,
+        }
+    }
+}
+
+/// Which side of a resync this node is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum SyncRole {
+    Source,
+    Target,
+}
+
+impl std::fmt::Display for SyncRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SyncRole::Source => "SyncSource",
+            SyncRole::Target => "SyncTarget",
+        })
+    }
+}
+
+/// What one side knows of itself at connect time, for [`resync_direction`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SideFacts {
+    pub role: Role,
+    pub disk: DiskState,
+    /// Bytes this side counts out of sync for the other.
+    pub bits_for_other: u64,
+}
+
+/// The direction of the resync when both sides are in the same data generation: who has the
+/// blocks the other may lack. Both sides compute it from the same facts, mirrored, and reach
+/// mirrored answers; `None` when there is nothing to sync or no side has the better claim.
+pub fn resync_direction(
+    local: SideFacts,
+    local_id: u8,
+    peer: SideFacts,
+    peer_id: u8,
+) -> Option<SyncRole> {
+    if local.bits_for_other == 0 && peer.bits_for_other == 0 {
+        return None;
+    }
+    let strong = |disk: DiskState| disk == DiskState::UpToDate;
+    match (strong(local.disk), strong(peer.disk)) {
+        (true, false) => return Some(SyncRole::Source),
+        (false, true) => return Some(SyncRole::Target),
+        (false, false) => return None,
+        (true, true) => {}
+    }
+    match (local.bits_for_other > 0, peer.bits_for_other > 0) {
+        (true, false) => Some(SyncRole::Source),
+        (false, true) => Some(SyncRole::Target),
+        _ => {
+            // Both count blocks for the other: the Primary's data wins, else the lower id's.
+            let local_first = match (local.role, peer.role) {
+                (Role::Primary, Role::Secondary) => true,
+                (Role::Secondary, Role::Primary) => false,
+                _ => local_id < peer_id,
+            };
+            Some(if local_first {
+                SyncRole::Source
+            } else {
+                SyncRole::Target
+            })
+        }
+    }
+}
+
+/// The resync with one peer, on one connection.
+#[derive(Debug)]
+pub struct Resync {
+    pub role: SyncRole,
+    received_bitmap: bool,
+    /// The transfer runs (bitmaps exchanged, and on the target the Inconsistent mark durable).
+    running: bool,
+    /// Target: the next block to look at.
+    cursor: u64,
+    /// Target: requested and not yet written, offset -> len.
+    requested: BTreeMap<u64, u64>,
+    requested_bytes: u64,
+    /// Source: requests being read, sent or written on the target: offset -> (len, lock).
+    serving: BTreeMap<u64, (u64, u64)>,
+    /// Source: requests waiting for application writes to the same blocks.
+    blocked: VecDeque<(u64, u64)>,
+    /// Out-of-sync blocks when the transfer started (plus any found later).
+    pub total_blocks: u64,
+    /// Blocks written on the target so far.
+    pub done_blocks: u64,
+    pub moved_bytes: u64,
+    pub started: Tick,
+    pub last_progress: Tick,
+    /// Why the resync cannot go on, when it cannot.
+    pub stalled: Option<String>,
+    /// Target: bytes the rate limit still allows, and when it was last topped up.
+    allowance: u64,
+    allowance_at: Tick,
+}
+
+/// The observable state of a resync.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SyncStatus {
+    pub role: SyncRole,
+    pub running: bool,
+    pub total_bytes: u64,
+    pub done_bytes: u64,
+    pub moved_bytes: u64,
+    pub started: Tick,
+    pub last_progress: Tick,
+    pub stalled: Option<String>,
+}
+
+impl Resync {
+    fn new(role: SyncRole, now: Tick) -> Self {
+        Resync {
+            role,
+            received_bitmap: false,
+            running: false,
+            cursor: 0,
+            requested: BTreeMap::new(),
+            requested_bytes: 0,
+            serving: BTreeMap::new(),
+            blocked: VecDeque::new(),
+            total_blocks: 0,
+            done_blocks: 0,
+            moved_bytes: 0,
+            started: now,
+            last_progress: now,
+            stalled: None,
+            allowance: 0,
+            allowance_at: now,
+        }
+    }
+
+    pub fn status(&self) -> SyncStatus {
+        SyncStatus {
+            role: self.role,
+            running: self.running,
+            total_bytes: self.total_blocks * BLOCK_SIZE,
+            done_bytes: self.done_blocks * BLOCK_SIZE,
+            moved_bytes: self.moved_bytes,
+            started: self.started,
+            last_progress: self.last_progress,
+            stalled: self.stalled.clone(),
+        }
+    }
+}
+
+impl ResourceCore {
+    /// The handshake decided on a resync with `peer`: send our bitmap for it.
+    pub(super) fn start_resync(&mut self, peer: PeerId, role: SyncRole, now: Tick) {
+        let runs = self
+            .device
+            .peer(peer)
+            .map(|sender| sender.out_of_sync.runs())
+            .unwrap_or_default();
+        let Some(link) = self.links.get_mut(&peer) else {
+            return;
+        };
+        tracing::info!(resource = %self.config.resource, peer = %link.name, %role, "resync decided; exchanging bitmaps");
+        link.resync = Some(Resync::new(role, now));
+        let name = link.name.clone();
+        let mut parts = runs.chunks(RUNS_PER_MESSAGE).peekable();
+        if parts.peek().is_none() {
+            self.effects.push_back(Effect::Send {
+                peer,
+                message: PeerMessage::SyncBitmap {
+                    runs: Vec::new(),
+                    last: true,
+                },
+            });
+        }
+        while let Some(part) = parts.next() {
+            self.effects.push_back(Effect::Send {
+                peer,
+                message: PeerMessage::SyncBitmap {
+                    runs: part.to_vec(),
+                    last: parts.peek().is_none(),
+                },
+            });
+        }
+        self.emit(format!(
+            "change peer-device name:{} peer-node-id:{peer} conn-name:{name} replication:{role}",
+            self.config.resource
+        ));
+    }
+
+    pub(super) fn sync_bitmap_received(
+        &mut self,
+        peer: PeerId,
+        runs: Vec<(u64, u64)>,
+        last: bool,
+        now: Tick,
+    ) {
+        let in_resync = self
+            .links
+            .get(&peer)
+            .and_then(|link| link.resync.as_ref())
+            .is_some_and(|resync| !resync.received_bitmap);
+        if !in_resync {
+            return self.protocol_error(peer, "SyncBitmap outside a bitmap exchange".into(), now);
+        }
+        let Some(bitmap) = self.device.out_of_sync_mut(peer) else {
+            return;
+        };
+        let blocks = bitmap.blocks();
+        for (first, count) in runs {
+            if first >= blocks || count > blocks - first {
+                return self.protocol_error(
+                    peer,
+                    format!("SyncBitmap run of {count} blocks at block {first} is beyond the end"),
+                    now,
+                );
+            }
+            bitmap.mark_blocks(first, count);
+        }
+        if last {
+            if let Some(resync) = self.links.get_mut(&peer).and_then(|l| l.resync.as_mut()) {
+                resync.received_bitmap = true;
+            }
+            self.begin_transfer(peer, now);
+        }
+    }
+
+    /// Both bitmaps are in: the target makes its disk Inconsistent (durably) before the first
+    /// resync write; the source waits for requests.
+    fn begin_transfer(&mut self, peer: PeerId, now: Tick) {
+        let dirty = self
+            .device
+            .peer(peer)
+            .map_or(0, |sender| sender.out_of_sync.dirty_blocks());
+        let role = {
+            let Some(resync) = self.links.get_mut(&peer).and_then(|l| l.resync.as_mut()) else {
+                return;
+            };
+            resync.total_blocks = dirty;
+            resync.started = now;
+            resync.last_progress = now;
+            resync.role
+        };
+        tracing::info!(resource = %self.config.resource, peer = %self.peer_name(peer), %role, dirty_bytes = dirty * BLOCK_SIZE, "resync starts");
+        match role {
+            SyncRole::Source => {
+                if let Some(resync) = self.links.get_mut(&peer).and_then(|l| l.resync.as_mut()) {
+                    resync.running = true;
+                }
+            }
+            SyncRole::Target if dirty == 0 => self.finish_resync_as_target(peer, now),
+            SyncRole::Target => {
+                self.meta.flags.consistent = false;
+                self.meta.flags.up_to_date = false;
+                self.set_disk(DiskState::Inconsistent, false);
+                self.persist(Some(MetaWaiter::ResyncTarget(peer)));
+            }
+        }
+    }
+
+    /// The target's Inconsistent mark is durable: the transfer may start.
+    pub(super) fn resync_target_ready(&mut self, peer: PeerId, now: Tick) {
+        if let Some(resync) = self.links.get_mut(&peer).and_then(|l| l.resync.as_mut()) {
+            if resync.role == SyncRole::Target {
+                resync.running = true;
+                resync.allowance_at = now;
+                self.request_more(peer, now);
+            }
+        }
+    }
+
+    /// Target: keeps the window of requests full, in linear order, within the rate limit.
+    pub(super) fn request_more(&mut self, peer: PeerId, now: Tick) {
+        let sync = self.config.sync;
+        let Some(conn) = self.current_conn(peer) else {
+            return;
+        };
+        let mut sends = Vec::new();
+        let finished = {
+            let Some(bitmap) = self.device.peer(peer).map(|s| &s.out_of_sync) else {
+                return;
+            };
+            let Some(resync) = self.links.get_mut(&peer).and_then(|l| l.resync.as_mut()) else {
+                return;
+            };
+            if resync.role != SyncRole::Target || !resync.running || resync.stalled.is_some() {
+                return;
+            }
+            if sync.max_rate > 0 {
+                let elapsed = now.saturating_sub(resync.allowance_at);
+                let earned = (elapsed as u128 * sync.max_rate as u128 / 1_000_000_000) as u64;
+                // At most a tenth of a second's worth saved up.
+                resync.allowance =
+                    (resync.allowance + earned).min((sync.max_rate / 10).max(sync.request_bytes));
+                resync.allowance_at = now;
+            }
+            let max_blocks = (sync.request_bytes / BLOCK_SIZE).max(1);
+            while resync.requested_bytes < sync.window_bytes {
+                if sync.max_rate > 0
+                    && resync.allowance < sync.request_bytes.min(MAX_RESYNC_REQUEST)
+                {
+                    break;
+                }
+                let Some((first, count)) = bitmap.next_dirty_run(resync.cursor, max_blocks) else {
+                    break;
+                };
+                // Runs already requested are skipped (their bits clear when written).
+                let offset = first * BLOCK_SIZE;
+                let len = count * BLOCK_SIZE;
+                resync.cursor = first + count;
+                resync.requested.insert(offset, len);
+                resync.requested_bytes += len;
+                if sync.max_rate > 0 {
+                    resync.allowance = resync.allowance.saturating_sub(len);
+                }
+                sends.push(PeerMessage::ResyncRequest { offset, len });
+            }
+            let done = resync.requested.is_empty() && sends.is_empty();
+            if done && bitmap.dirty_blocks() > 0 {
+                // Blocks behind the cursor are dirty again (a failed write): another pass.
+                if resync.cursor > 0 {
+                    resync.cursor = 0;
+                }
+                false
+            } else {
+                done
+            }
+        };
+        let _ = conn;
+        for message in sends {
+            self.effects.push_back(Effect::Send { peer, message });
+        }
+        if finished {
+            self.finish_resync_as_target(peer, now);
+        } else if self.resync_wants_another_pass(peer) {
+            self.request_more(peer, now);
+        }
+    }
+
+    fn resync_wants_another_pass(&self, peer: PeerId) -> bool {
+        let dirty = self
+            .device
+            .peer(peer)
+            .is_some_and(|s| s.out_of_sync.dirty_blocks() > 0);
+        self.links
+            .get(&peer)
+            .and_then(|l| l.resync.as_ref())
+            .is_some_and(|r| {
+                r.requested.is_empty() && r.cursor == 0 && dirty && r.running && r.stalled.is_none()
+            })
+    }
+
+    /// Target: every block is written. Adopt the source's generation and become UpToDate.
+    fn finish_resync_as_target(&mut self, peer: PeerId, now: Tick) {
+        let _ = now;
+        let Some(link) = self.links.get_mut(&peer) else {
+            return;
+        };
+        let Some(resync) = link.resync.take() else {
+            return;
+        };
+        let name = link.name.clone();
+        let source_uuid = link.current_uuid;
+        let source_history = link.peer_history.clone();
+        tracing::info!(resource = %self.config.resource, peer = %name, moved_bytes = resync.moved_bytes, "resync finished; this node is UpToDate");
+        if source_uuid != 0 {
+            self.meta.current_uuid = source_uuid;
+            self.meta.history_uuids = source_history;
+        }
+        self.meta.bitmap_uuids.remove(&peer);
+        self.set_disk(DiskState::UpToDate, true);
+        self.emit(format!(
+            "change peer-device name:{} peer-node-id:{peer} conn-name:{name} replication:Established moved:{}",
+            self.config.resource, resync.moved_bytes
+        ));
+    }
+
+    /// Source: the target announced it is UpToDate: the resync is over.
+    pub(super) fn finish_resync_as_source(&mut self, peer: PeerId) {
+        let Some(link) = self.links.get_mut(&peer) else {
+            return;
+        };
+        if !link
+            .resync
+            .as_ref()
+            .is_some_and(|r| r.role == SyncRole::Source && r.running)
+        {
+            return;
+        }
+        let resync = link.resync.take();
+        let name = link.name.clone();
+        let moved = resync.map_or(0, |r| r.moved_bytes);
+        let locks: Vec<u64> = Vec::new();
+        let _ = locks;
+        tracing::info!(resource = %self.config.resource, peer = %name, moved_bytes = moved, "resync finished; the peer is UpToDate");
+        if self.meta.bitmap_uuids.remove(&peer).is_some() {
+            self.persist(None);
+        }
+        self.emit(format!(
+            "change peer-device name:{} peer-node-id:{peer} conn-name:{name} replication:Established moved:{moved}",
+            self.config.resource
+        ));
+    }
+
+    /// Source: the target asks for blocks.
+    pub(super) fn resync_requested(&mut self, peer: PeerId, offset: u64, len: u64, now: Tick) {
+        let serving = self
+            .links
+            .get(&peer)
+            .and_then(|l| l.resync.as_ref())
+            .is_some_and(|r| r.role == SyncRole::Source && r.running);
+        let valid = len > 0
+            && len <= MAX_RESYNC_REQUEST
+            && offset % BLOCK_SIZE == 0
+            && len % BLOCK_SIZE == 0
+            && offset
+                .checked_add(len)
+                .is_some_and(|end| end <= self.config.size_bytes);
+        if !serving || !valid {
+            return self.protocol_error(
+                peer,
+                format!("ResyncRequest of {len} bytes at {offset} is not valid here"),
+                now,
+            );
+        }
+        if let Some(resync) = self.links.get_mut(&peer).and_then(|l| l.resync.as_mut()) {
+            resync.blocked.push_back((offset, len));
+        }
+        self.serve_blocked(peer);
+    }
+
+    /// Source: starts every waiting request whose blocks no write holds.
+    pub(super) fn serve_blocked(&mut self, peer: PeerId) {
+        let Some(conn) = self.current_conn(peer) else {
+            return;
+        };
+        let Some(resync) = self.links.get_mut(&peer).and_then(|l| l.resync.as_mut()) else {
+            return;
+        };
+        let mut still = VecDeque::new();
+        let mut starts = Vec::new();
+        while let Some((offset, len)) = resync.blocked.pop_front() {
+            if !still.is_empty() {
+                still.push_back((offset, len));
+                continue;
+            }
+            match self.device.lock_for_resync(ByteRange::new(offset, len)) {
+                Some(lock) => {
+                    resync.serving.insert(offset, (len, lock));
+                    starts.push((offset, len));
+                }
+                None => still.push_back((offset, len)),
+            }
+        }
+        resync.blocked = still;
+        for (offset, len) in starts {
+            self.effects.push_back(Effect::SendResyncData {
+                peer,
+                conn,
+                offset,
+                len,
+            });
+        }
+    }
+
+    /// Source: the blocks were read and sent, or the read failed.
+    pub(super) fn resync_sent(
+        &mut self,
+        peer: PeerId,
+        conn: u64,
+        offset: u64,
+        len: u64,
+        result: Result<(), i32>,
+        now: Tick,
+    ) {
+        if self.current_conn(peer) != Some(conn) {
+            return;
+        }
+        if let Err(errno) = result {
+            tracing::warn!(resource = %self.config.resource, peer = %self.peer_name(peer), offset, len, errno, "resync read failed");
+            self.release_resync_lock(peer, offset, now);
+            self.effects.push_back(Effect::Send {
+                peer,
+                message: PeerMessage::ResyncFailed { offset, len, errno },
+            });
+        }
+    }
+
+    fn release_resync_lock(&mut self, peer: PeerId, offset: u64, now: Tick) -> Option<u64> {
+        let (len, lock) = self
+            .links
+            .get_mut(&peer)
+            .and_then(|l| l.resync.as_mut())
+            .and_then(|r| r.serving.remove(&offset))?;
+        let effects = self.device.unlock_resync(lock);
+        self.volume_effects(effects, now);
+        Some(len)
+    }
+
+    /// Source: the target wrote (or failed to write) the blocks.
+    pub(super) fn resync_written(
+        &mut self,
+        peer: PeerId,
+        offset: u64,
+        len: u64,
+        ok: bool,
+        now: Tick,
+    ) {
+        let Some(served) = self.release_resync_lock(peer, offset, now) else {
+            return self.protocol_error(
+                peer,
+                format!("ResyncWritten for {len} bytes at {offset}, which were not sent"),
+                now,
+            );
+        };
+        if served != len {
+            return self.protocol_error(
+                peer,
+                format!("ResyncWritten for {len} bytes at {offset}; {served} were sent"),
+                now,
+            );
+        }
+        if ok {
+            if let Some(bitmap) = self.device.out_of_sync_mut(peer) {
+                bitmap.clear(ByteRange::new(offset, len));
+            }
+            if let Some(resync) = self.links.get_mut(&peer).and_then(|l| l.resync.as_mut()) {
+                resync.done_blocks += len / BLOCK_SIZE;
+                resync.moved_bytes += len;
+                resync.last_progress = now;
+            }
+        }
+        self.serve_blocked(peer);
+    }
+
+    /// Target: the source's data for a request arrived.
+    pub(super) fn resync_data(
+        &mut self,
+        peer: PeerId,
+        conn: u64,
+        offset: u64,
+        len: u64,
+        now: Tick,
+    ) {
+        if self.current_conn(peer) != Some(conn) {
+            return;
+        }
+        let expected = self
+            .links
+            .get(&peer)
+            .and_then(|l| l.resync.as_ref())
+            .and_then(|r| r.requested.get(&offset))
+            .is_some_and(|requested| *requested == len);
+        if !expected {
+            return self.protocol_error(
+                peer,
+                format!("ResyncData of {len} bytes at {offset} was not requested"),
+                now,
+            );
+        }
+        self.effects.push_back(Effect::ApplyResyncWrite {
+            peer,
+            conn,
+            offset,
+            len,
+        });
+    }
+
+    /// Target: the source could not read the blocks; the resync stalls until reconnected.
+    pub(super) fn resync_failed(&mut self, peer: PeerId, offset: u64, len: u64, errno: i32) {
+        let name = self.peer_name(peer);
+        if let Some(resync) = self.links.get_mut(&peer).and_then(|l| l.resync.as_mut()) {
+            if let Some(requested) = resync.requested.remove(&offset) {
+                resync.requested_bytes -= requested;
+            }
+            resync.stalled = Some(format!(
+                "{name} could not read {len} bytes at {offset} (errno {errno})"
+            ));
+        }
+        tracing::error!(resource = %self.config.resource, peer = %name, offset, len, errno, "the sync source failed to read; resync stalled");
+    }
+
+    /// Target: a resync write finished.
+    pub(super) fn resync_write_done(
+        &mut self,
+        peer: PeerId,
+        conn: u64,
+        offset: u64,
+        len: u64,
+        result: Result<(), i32>,
+        now: Tick,
+    ) {
+        if self.current_conn(peer) != Some(conn) {
+            return;
+        }
+        let name = self.peer_name(peer);
+        let Some(resync) = self.links.get_mut(&peer).and_then(|l| l.resync.as_mut()) else {
+            return;
+        };
+        let Some(requested) = resync.requested.remove(&offset) else {
+            return;
+        };
+        resync.requested_bytes -= requested;
+        let ok = result.is_ok();
+        match result {
+            Ok(()) => {
+                resync.done_blocks += len / BLOCK_SIZE;
+                resync.moved_bytes += len;
+                resync.last_progress = now;
+                if let Some(bitmap) = self.device.out_of_sync_mut(peer) {
+                    bitmap.clear(ByteRange::new(offset, len));
+                }
+            }
+            Err(errno) => {
+                resync.stalled = Some(format!(
+                    "writing {len} bytes at {offset} failed here (errno {errno})"
+                ));
+                tracing::error!(resource = %self.config.resource, peer = %name, offset, len, errno, "resync write failed; resync stalled");
+            }
+        }
+        self.effects.push_back(Effect::Send {
+            peer,
+            message: PeerMessage::ResyncWritten { offset, len, ok },
+        });
+        self.request_more(peer, now);
+    }
+
+    /// The connection is gone: locks go, the bits stay for the next connection.
+    pub(super) fn abandon_resync(&mut self, peer: PeerId, now: Tick) {
+        let Some(resync) = self.links.get_mut(&peer).and_then(|l| l.resync.take()) else {
+            return;
+        };
+        for (_, (_, lock)) in resync.serving {
+            let effects = self.device.unlock_resync(lock);
+            self.volume_effects(effects, now);
+        }
+        tracing::info!(resource = %self.config.resource, peer = %self.peer_name(peer), moved_bytes = resync.moved_bytes, "resync interrupted; it resumes from the bitmap on reconnect");
+    }
+
+    /// Time passed: the rate limit may allow more requests.
+    pub(super) fn resync_tick(&mut self, now: Tick) {
+        let peers: Vec<PeerId> = self
+            .links
+            .values()
+            .filter(|l| {
+                l.resync
+                    .as_ref()
+                    .is_some_and(|r| r.role == SyncRole::Target && r.running)
+            })
+            .map(|l| l.id)
+            .collect();
+        for peer in peers {
+            self.request_more(peer, now);
+        }
+    }
+
+    /// After any input: source requests blocked by writes may go now.
+    pub(super) fn resync_after_input(&mut self) {
+        let peers: Vec<PeerId> = self
+            .links
+            .values()
+            .filter(|l| l.resync.as_ref().is_some_and(|r| !r.blocked.is_empty()))
+            .map(|l| l.id)
+            .collect();
+        for peer in peers {
+            self.serve_blocked(peer);
+        }
+    }
+}
+
+impl Link {
+    pub(super) fn sync_status(&self) -> Option<SyncStatus> {
+        self.resync.as_ref().map(Resync::status)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts(role: Role, disk: DiskState, bits: u64) -> SideFacts {
+        SideFacts {
+            role,
+            disk,
+            bits_for_other: bits,
+        }
+    }
+
+    /// Every row is checked from both sides: the answers must mirror.
+    #[test]
+    fn the_direction_rules_mirror() {
+        use DiskState::*;
+        use Role::*;
+        let rows: Vec<(SideFacts, SideFacts, Option<SyncRole>, &str)> = vec![
+            (
+                facts(Primary, UpToDate, 0),
+                facts(Secondary, UpToDate, 0),
+                None,
+                "nothing to sync",
+            ),
+            (
+                facts(Primary, UpToDate, 8192),
+                facts(Secondary, UpToDate, 0),
+                Some(SyncRole::Source),
+                "only one side counts blocks",
+            ),
+            (
+                facts(Secondary, UpToDate, 0),
+                facts(Secondary, UpToDate, 4096),
+                Some(SyncRole::Target),
+                "the peer counts blocks",
+            ),
+            (
+                facts(Secondary, UpToDate, 4096),
+                facts(Primary, UpToDate, 4096),
+                Some(SyncRole::Target),
+                "both count: the Primary wins",
+            ),
+            (
+                facts(Secondary, UpToDate, 4096),
+                facts(Secondary, UpToDate, 4096),
+                Some(SyncRole::Source),
+                "both count, both Secondary: the lower id wins",
+            ),
+            (
+                facts(Secondary, Consistent, 4096),
+                facts(Secondary, UpToDate, 0),
+                Some(SyncRole::Target),
+                "a crashed node's hot extents come from the UpToDate peer",
+            ),
+            (
+                facts(Secondary, UpToDate, 0),
+                facts(Secondary, Consistent, 4096),
+                Some(SyncRole::Source),
+                "mirror of the above",
+            ),
+            (
+                facts(Secondary, Outdated, 0),
+                facts(Primary, UpToDate, 4096),
+                Some(SyncRole::Target),
+                "an Outdated node catches up",
+            ),
+            (
+                facts(Secondary, Inconsistent, 4096),
+                facts(Secondary, Inconsistent, 4096),
+                None,
+                "neither has a claim",
+            ),
+        ];
+        for (local, peer, expected, why) in rows {
+            assert_eq!(resync_direction(local, 1, peer, 2), expected, "{why}");
+            let mirrored = expected.map(|role| match role {
+                SyncRole::Source => SyncRole::Target,
+                SyncRole::Target => SyncRole::Source,
+            });
+            assert_eq!(
+                resync_direction(peer, 2, local, 1),
+                mirrored,
+                "{why} (mirrored)"
+            );
+        }
+    }
+}
