@@ -48,7 +48,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt::Write as _;
 
 use qrbd_actors::core::generation::JUST_CREATED_UUID;
-use qrbd_actors::core::messages::PeerMessage;
+use qrbd_actors::core::messages::{PeerMessage, StreamKind};
 use qrbd_actors::core::replication::Outgoing;
 use qrbd_actors::core::resource::{
     Command, CommandError, CommandId, CoreConfig, Effect, Input, PeerConfig, PeerWrite,
@@ -57,7 +57,7 @@ use qrbd_actors::core::resource::{
 use qrbd_actors::core::{
     ByteRange, ConnectionState, DiskState, IoKind, ReplicationProtocol, RequestId, Role, Tick,
 };
-use qrbd_actors::meta::DeviceMeta;
+use qrbd_actors::meta::{BitmapChunk, BitmapUpdate, DeviceMeta, StoredBitmaps};
 
 const BLOCK: u64 = 4096;
 const BLOCKS: u64 = 32;
@@ -248,6 +248,20 @@ enum Work {
     },
     LocalFlush(u64),
     Persist(u64, Box<DeviceMeta>),
+    PersistBitmaps(u64, Box<BitmapUpdate>),
+    /// Read blocks for a resync and send them.
+    ResyncRead {
+        peer: u8,
+        conn: u64,
+        offset: u64,
+        len: u64,
+    },
+    ResyncWrite {
+        peer: u8,
+        conn: u64,
+        offset: u64,
+        blocks: Vec<u64>,
+    },
 }
 
 struct Node {
@@ -268,6 +282,40 @@ struct Node {
     next_conn: u64,
     /// Completed writes (block, version) no completed flush covers yet.
     unflushed: Vec<(u64, u64)>,
+    /// What is durable of the bitmaps and the activity log.
+    bitmaps: StoredBitmapsModel,
+    /// Resync payloads received, by (peer, conn, offset).
+    resync_payloads: BTreeMap<(u8, u64, u64), Vec<u64>>,
+}
+
+/// The durable bitmaps, like a metadata store keeps them.
+#[derive(Debug, Clone, Default)]
+struct StoredBitmapsModel {
+    activity_log: Vec<u64>,
+    chunks: BTreeMap<(u8, u64), BitmapChunk>,
+}
+
+impl StoredBitmapsModel {
+    fn apply(&mut self, update: &BitmapUpdate) {
+        if let Some(hot) = &update.activity_log {
+            self.activity_log = hot.clone();
+        }
+        for chunk in &update.chunks {
+            if chunk.is_clean() {
+                self.chunks.remove(&(chunk.peer, chunk.extent));
+            } else {
+                self.chunks
+                    .insert((chunk.peer, chunk.extent), chunk.clone());
+            }
+        }
+    }
+
+    fn stored(&self) -> StoredBitmaps {
+        StoredBitmaps {
+            activity_log: self.activity_log.clone(),
+            chunks: self.chunks.values().cloned().collect(),
+        }
+    }
 }
 
 /// A message in flight.
@@ -275,6 +323,23 @@ struct Node {
 enum Wire {
     Message(PeerMessage),
     Write(PeerWrite, u64),
+    /// A sync source's blocks: the write id held by each block it read.
+    ResyncData {
+        offset: u64,
+        blocks: Vec<u64>,
+    },
+}
+
+const STREAM_CONTROL: u8 = 0;
+const STREAM_DATA: u8 = 1;
+const STREAM_RESYNC: u8 = 2;
+
+fn stream_of(message: &PeerMessage) -> u8 {
+    match message.stream() {
+        StreamKind::Control => STREAM_CONTROL,
+        StreamKind::Data => STREAM_DATA,
+        StreamKind::Resync => STREAM_RESYNC,
+    }
 }
 
 struct Connection {
@@ -300,7 +365,7 @@ struct Sim {
     conns: BTreeMap<u64, Connection>,
     next_gid: u64,
     /// (connection, from node, data stream) -> FIFO of (send order, message).
-    streams: BTreeMap<(u64, u8, bool), VecDeque<(u64, Wire)>>,
+    streams: BTreeMap<(u64, u8, u8), VecDeque<(u64, Wire)>>,
     next_send: u64,
     dials: Vec<(u8, u8)>,
     partitioned: BTreeSet<(u8, u8)>,
@@ -385,6 +450,8 @@ impl Sim {
                     current: BTreeMap::new(),
                     next_conn: 1,
                     unflushed: Vec::new(),
+                    bitmaps: StoredBitmapsModel::default(),
+                    resync_payloads: BTreeMap::new(),
                 }
             })
             .collect();
@@ -544,15 +611,15 @@ impl Sim {
                         None,
                     ),
                 };
-                self.send(id, peer, true, wire);
+                self.send(id, peer, STREAM_DATA, wire);
                 if let (Some(request), ReplicationProtocol::A) = (request, self.protocol) {
                     self.queue
                         .push_back((id, Input::PeerSent { peer, request }));
                 }
             }
             Effect::Send { peer, message } => {
-                let data = message.on_data_stream();
-                self.send(id, peer, data, Wire::Message(message));
+                let stream = stream_of(&message);
+                self.send(id, peer, stream, Wire::Message(message));
             }
             Effect::ApplyPeerWrite { peer, conn, write } => {
                 let PeerWrite {
@@ -619,6 +686,50 @@ impl Sim {
                 .node(id)
                 .work
                 .push(Work::Persist(version, Box::new(meta))),
+            Effect::PersistBitmaps { version, update } => self
+                .node(id)
+                .work
+                .push(Work::PersistBitmaps(version, Box::new(update))),
+            Effect::SendResyncData {
+                peer,
+                conn,
+                offset,
+                len,
+            } => self.node(id).work.push(Work::ResyncRead {
+                peer,
+                conn,
+                offset,
+                len,
+            }),
+            Effect::ApplyResyncWrite {
+                peer,
+                conn,
+                offset,
+                len,
+            } => {
+                let Some(blocks) = self.node(id).resync_payloads.remove(&(peer, conn, offset))
+                else {
+                    self.fail(&format!(
+                        "n{id}: applies unknown resync payload {peer}/{conn}/{offset}"
+                    ));
+                };
+                self.ensure(blocks.len() as u64 * BLOCK == len, || {
+                    format!(
+                        "n{id}: resync payload of {} blocks for {len} bytes",
+                        blocks.len()
+                    )
+                });
+                let role = self.node(id).core.role();
+                self.ensure(role != Role::Primary, || {
+                    format!("n{id} applies a resync write while Primary")
+                });
+                self.node(id).work.push(Work::ResyncWrite {
+                    peer,
+                    conn,
+                    offset,
+                    blocks,
+                });
+            }
             Effect::Dial { peer } => self.dials.push((id, peer)),
             Effect::CloseConnection { peer, conn, reason } => {
                 let gid = self.node(id).current.get(&peer).copied();
@@ -656,14 +767,14 @@ impl Sim {
         self.log(format!("n{id} event {short}"));
     }
 
-    fn send(&mut self, from: u8, to: u8, data: bool, wire: Wire) {
+    fn send(&mut self, from: u8, to: u8, stream: u8, wire: Wire) {
         let Some((_, gid)) = self.node(from).current.get(&to).copied() else {
             return;
         };
         let order = self.next_send;
         self.next_send += 1;
         self.streams
-            .entry((gid, from, data))
+            .entry((gid, from, stream))
             .or_default()
             .push_back((order, wire));
     }
@@ -681,6 +792,8 @@ impl Sim {
                 n.current.remove(&peer);
             }
             n.payloads
+                .retain(|(p, c, _), _| !(*p == peer && *c == local));
+            n.resync_payloads
                 .retain(|(p, c, _), _| !(*p == peer && *c == local));
             self.queue.push_back((
                 node,
@@ -986,6 +1099,14 @@ impl Sim {
                 .position(|w| matches!(w, Work::Persist(..)))
                 .unwrap_or(index);
         }
+        if matches!(self.node(id).work[index], Work::PersistBitmaps(..)) {
+            index = self
+                .node(id)
+                .work
+                .iter()
+                .position(|w| matches!(w, Work::PersistBitmaps(..)))
+                .unwrap_or(index);
+        }
         let work = self.node(id).work.remove(index);
         match work {
             Work::Local(rid) => {
@@ -1073,6 +1194,74 @@ impl Sim {
                     },
                 );
             }
+            Work::PersistBitmaps(version, update) => {
+                self.node(id).bitmaps.apply(&update);
+                self.log(format!("n{id} stored bitmaps v{version}"));
+                self.feed(
+                    id,
+                    Input::BitmapsPersisted {
+                        version,
+                        result: Ok(()),
+                    },
+                );
+            }
+            Work::ResyncRead {
+                peer,
+                conn,
+                offset,
+                len,
+            } => {
+                let blocks: Vec<u64> = (offset / BLOCK..(offset + len) / BLOCK)
+                    .map(|block| self.node(id).store.read(block))
+                    .collect();
+                self.log(format!(
+                    "n{id} resync read {}+{} for n{peer}: {blocks:?}",
+                    offset / BLOCK,
+                    len / BLOCK
+                ));
+                let current = self.node(id).current.get(&peer).map(|(c, _)| *c);
+                if current == Some(conn) {
+                    self.send(id, peer, STREAM_RESYNC, Wire::ResyncData { offset, blocks });
+                }
+                self.feed(
+                    id,
+                    Input::ResyncSent {
+                        peer,
+                        conn,
+                        offset,
+                        len,
+                        result: Ok(()),
+                    },
+                );
+            }
+            Work::ResyncWrite {
+                peer,
+                conn,
+                offset,
+                blocks,
+            } => {
+                let len = blocks.len() as u64 * BLOCK;
+                for (i, wid) in blocks.iter().enumerate() {
+                    self.node(id)
+                        .store
+                        .write(offset + i as u64 * BLOCK, BLOCK, *wid);
+                }
+                self.log(format!(
+                    "n{id} resync wrote {}+{} from n{peer}",
+                    offset / BLOCK,
+                    len / BLOCK
+                ));
+                self.feed(
+                    id,
+                    Input::ResyncWriteDone {
+                        peer,
+                        conn,
+                        offset,
+                        len,
+                        result: Ok(()),
+                    },
+                );
+            }
             Work::Persist(version, meta) => {
                 self.node(id).persisted = *meta;
                 self.log(format!("n{id} persisted metadata v{version}"));
@@ -1093,7 +1282,7 @@ impl Sim {
     }
 
     fn deliver(&mut self) {
-        let keys: Vec<(u64, u8, bool)> = self
+        let keys: Vec<(u64, u8, u8)> = self
             .streams
             .iter()
             .filter(|(_, q)| !q.is_empty())
@@ -1153,6 +1342,26 @@ impl Sim {
                         peer: from,
                         conn: local,
                         write,
+                    },
+                );
+            }
+            Wire::ResyncData { offset, blocks } => {
+                self.log(format!(
+                    "n{to} <- n{from}: ResyncData {}+{} {blocks:?}",
+                    offset / BLOCK,
+                    blocks.len()
+                ));
+                let len = blocks.len() as u64 * BLOCK;
+                self.node(to)
+                    .resync_payloads
+                    .insert((from, local, offset), blocks);
+                self.feed(
+                    to,
+                    Input::ResyncData {
+                        peer: from,
+                        conn: local,
+                        offset,
+                        len,
                     },
                 );
             }
@@ -1323,7 +1532,9 @@ impl Sim {
         n.requests.clear();
         let meta = n.persisted.clone();
         let core_seed = seed ^ u64::from(id) << 32 ^ n.incarnation << 48;
-        n.core = ResourceCore::new(config(id, count, protocol, core_seed), meta, now);
+        n.resync_payloads.clear();
+        let stored = n.bitmaps.stored();
+        n.core = ResourceCore::restore(config(id, count, protocol, core_seed), meta, stored, now);
         if crash {
             self.racing_blocks.extend(in_flight_blocks);
         }

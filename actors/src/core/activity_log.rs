@@ -53,6 +53,8 @@ pub struct ActivityLog {
     /// Extents being made hot by the transaction in flight.
     committing: Option<Vec<u64>>,
     stats: ActivityLogStats,
+    /// No peers: nothing to track, every extent counts as hot.
+    disabled: bool,
 }
 
 impl ActivityLog {
@@ -66,12 +68,21 @@ impl ActivityLog {
             wanted: BTreeSet::new(),
             committing: None,
             stats: ActivityLogStats::default(),
+            disabled: false,
         };
         for extent in stored {
             log.clock += 1;
             log.hot.insert(*extent, log.clock);
         }
         log
+    }
+
+    /// An activity log for a volume without peers: no write waits, nothing is stored.
+    pub fn disabled() -> Self {
+        ActivityLog {
+            disabled: true,
+            ..ActivityLog::new(1, &[])
+        }
     }
 
     pub fn hot_extents(&self) -> impl Iterator<Item = u64> + '_ {
@@ -91,8 +102,9 @@ impl ActivityLog {
     }
 
     pub fn covers(&self, range: ByteRange) -> bool {
-        extents_of(range)
-            .is_none_or(|(first, last)| (first..=last).all(|e| self.hot.contains_key(&e)))
+        self.disabled
+            || extents_of(range)
+                .is_none_or(|(first, last)| (first..=last).all(|e| self.hot.contains_key(&e)))
     }
 
     /// A write into hot extents starts: they are the most recently used.

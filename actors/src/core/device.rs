@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use super::activity_log::{extents_of, ActivityLog, DEFAULT_AL_EXTENTS};
+use super::activity_log::{extents_of, ActivityLog};
 use super::messages::PeerMessage;
 use super::replication::{OutOfSync, Outgoing, PeerId, PeerNeed, PeerSender, ProtocolError};
 use super::ReplicationProtocol;
@@ -197,7 +197,7 @@ impl DeviceCore {
             stats: DeviceStats::default(),
             peers: BTreeMap::new(),
             modifying_in_flight: 0,
-            activity_log: ActivityLog::new(DEFAULT_AL_EXTENTS, &[]),
+            activity_log: ActivityLog::disabled(),
             al_waiters: VecDeque::new(),
             resync_locks: BTreeMap::new(),
             next_resync_lock: RESYNC_LOCK_BASE,

@@ -155,6 +155,11 @@ pub enum PeerMessage {
         len: u64,
         ok: bool,
     },
+    /// The sync target has every block: the resync is over. It follows the target's last
+    /// `ResyncWritten` on the resync stream, so the source has seen them all.
+    ResyncDone {
+        moved_bytes: u64,
+    },
 }
 
 /// The stream a message travels on (docs/protocol.md, "Streams").
@@ -193,6 +198,7 @@ impl PeerMessage {
             PeerMessage::ResyncData { .. } => "ResyncData",
             PeerMessage::ResyncFailed { .. } => "ResyncFailed",
             PeerMessage::ResyncWritten { .. } => "ResyncWritten",
+            PeerMessage::ResyncDone { .. } => "ResyncDone",
         }
     }
 
@@ -211,6 +217,7 @@ impl PeerMessage {
                 | PeerMessage::ResyncData { .. }
                 | PeerMessage::ResyncFailed { .. }
                 | PeerMessage::ResyncWritten { .. }
+                | PeerMessage::ResyncDone { .. }
         ) {
             return StreamKind::Resync;
         }

@@ -135,6 +135,8 @@ pub enum CommandError {
     NoPeerConnected,
     #[error("writes from peer {0} are still being applied here; try again")]
     ApplyingPeerWrites(String),
+    #[error("this node is catching up from {0} (SyncTarget); wait for the resync to finish, or disconnect first")]
+    SyncTarget(String),
     #[error("metadata update failed: {0}")]
     Meta(String),
     #[error("local I/O failed: {0}")]
@@ -342,6 +344,8 @@ pub struct LinkStatus {
     pub pending: u64,
     pub sent_bytes: u64,
     pub received_bytes: u64,
+    /// The resync with this peer, while one runs.
+    pub sync: Option<SyncStatus>,
 }
 
 /// A borrowed view of one link's observable state.
@@ -365,6 +369,7 @@ impl LinkView<'_> {
             pending: 0,
             sent_bytes: 0,
             received_bytes: 0,
+            sync: None,
         };
         self.update(&mut status);
         status
@@ -389,6 +394,10 @@ impl LinkView<'_> {
         status.pending = link.receiver.pending();
         status.sent_bytes = sender.map_or(0, |s| s.sent_bytes);
         status.received_bytes = link.receiver.received_bytes;
+        match (&mut status.sync, link.resync.as_ref()) {
+            (Some(shown), Some(resync)) => resync.update_status(shown),
+            (shown, resync) => *shown = resync.map(|r| r.status()),
+        }
     }
 }
 
@@ -536,6 +545,8 @@ pub struct ResourceCore {
     /// The time of the input being handled.
     now: Tick,
     bitmap_writer: bitmaps::BitmapWriter,
+    /// Resync writes waiting for the activity log: (peer, conn, offset, len).
+    resync_writes_waiting: Vec<(PeerId, u64, u64, u64)>,
 }
 
 impl ResourceCore {
@@ -551,10 +562,12 @@ impl ResourceCore {
         for peer in &config.peers {
             device.add_peer(peer.id, config.protocol);
         }
-        device.set_activity_log(ActivityLog::new(
-            config.sync.al_extents,
-            &stored.activity_log,
-        ));
+        if !config.peers.is_empty() {
+            device.set_activity_log(ActivityLog::new(
+                config.sync.al_extents,
+                &stored.activity_log,
+            ));
+        }
         for chunk in &stored.chunks {
             match device.out_of_sync_mut(chunk.peer) {
                 Some(bitmap) => bitmap.load(chunk),
@@ -647,6 +660,7 @@ impl ResourceCore {
             effects: VecDeque::new(),
             now,
             bitmap_writer: bitmaps::BitmapWriter::default(),
+            resync_writes_waiting: Vec::new(),
         };
         if crashed {
             tracing::warn!(resource = %core.config.resource, "the previous run did not shut down cleanly");
@@ -1004,6 +1018,17 @@ impl ResourceCore {
                 ReceiverEffect::Apply(seq) => {
                     if let Some(write) = self.received_writes.remove(&(peer, seq)) {
                         self.at_store.insert((peer, conn, seq));
+                        if self.disk != DiskState::UpToDate {
+                            // This node's generation does not describe its data while it is
+                            // not UpToDate: what it takes from one peer may differ from what
+                            // another has.
+                            let range = ByteRange::new(write.offset, write.len);
+                            let others: Vec<PeerId> =
+                                self.device.peer_ids().filter(|p| *p != peer).collect();
+                            for other in others {
+                                self.device.mark_out_of_sync(other, range);
+                            }
+                        }
                         self.effects
                             .push_back(Effect::ApplyPeerWrite { peer, conn, write });
                     }
@@ -1148,6 +1173,9 @@ impl ResourceCore {
             PeerMessage::ResyncWritten { offset, len, ok } => {
                 self.resync_written(peer, offset, len, ok, now)
             }
+            PeerMessage::ResyncDone { moved_bytes } => {
+                self.finish_resync_as_source(peer, moved_bytes, now)
+            }
         }
     }
 
@@ -1218,6 +1246,13 @@ impl ResourceCore {
                 link.name
             );
             self.emit(line);
+        }
+        if let Some(link) = self.links.get_mut(&peer) {
+            link.peer_history = remote.history.clone();
+        }
+        if self.links.get(&peer).is_some_and(|l| l.resync.is_some()) {
+            // The resync decides what this node lacks.
+            return;
         }
         if missing > 0 && self.role == Role::Secondary {
             self.become_outdated(peer, missing);
@@ -1478,28 +1513,70 @@ impl ResourceCore {
             _ => {}
         }
         self.establish(peer, *role, *disk, *current_uuid, now);
-        let peer_up_to_date = *disk == DiskState::UpToDate;
-        match decision {
-            SyncDecision::LocalBehind { .. } => self.become_outdated(peer, 0),
-            SyncDecision::Same if *receiver_missing_bytes > 0 && self.role == Role::Secondary => {
-                self.become_outdated(peer, *receiver_missing_bytes)
+        if let Some(link) = self.links.get_mut(&peer) {
+            link.peer_history = history_uuids.clone();
+        }
+        let target_without_resync = matches!(decision, SyncDecision::LocalBehind { .. })
+            || (decision == SyncDecision::Same
+                && *receiver_missing_bytes > 0
+                && self.role == Role::Secondary);
+        let sync = match decision {
+            SyncDecision::LocalBehind { full } => {
+                if full {
+                    // No bitmap tracks the difference: every block comes from the peer.
+                    self.device
+                        .mark_out_of_sync(peer, ByteRange::new(0, self.config.size_bytes));
+                }
+                Some(SyncRole::Target)
             }
-            SyncDecision::Same if self.disk == DiskState::Consistent && peer_up_to_date => {
-                if self.meta_was_primary_before_crash() {
-                    // A Primary that crashed may hold in-flight writes its peer never got.
-                    self.become_outdated(peer, 0);
-                } else {
+            SyncDecision::PeerBehind { full } => {
+                if full {
+                    self.device
+                        .mark_out_of_sync(peer, ByteRange::new(0, self.config.size_bytes));
+                }
+                Some(SyncRole::Source)
+            }
+            SyncDecision::Same => {
+                let local = SideFacts {
+                    role: self.role,
+                    disk: self.disk,
+                    bits_for_other: self.missing_for(peer),
+                };
+                let remote = SideFacts {
+                    role: *role,
+                    disk: *disk,
+                    bits_for_other: *receiver_missing_bytes,
+                };
+                let direction = resync_direction(local, self.config.node_id, remote, peer);
+                if direction.is_none()
+                    && self.disk == DiskState::Consistent
+                    && *disk == DiskState::UpToDate
+                {
+                    // Nothing was in flight here when it stopped (no hot extent): the data
+                    // is what the peer has.
                     self.set_disk(DiskState::UpToDate, true);
                 }
+                direction
             }
-            SyncDecision::PeerBehind { full: true } => {
-                // No bitmap tracks the difference: all of it is out of sync for the peer.
-                self.device
-                    .mark_out_of_sync(peer, ByteRange::new(0, self.config.size_bytes));
-            }
-            _ => {}
+            SyncDecision::SplitBrain | SyncDecision::Unrelated => None,
+        };
+        let source_is_primary = match sync {
+            Some(SyncRole::Source) => self.role == Role::Primary,
+            Some(SyncRole::Target) => *role == Role::Primary,
+            None => false,
+        };
+        // A Secondary source's reads are not ordered against a third node's Primary writes,
+        // which reach source and target on their own streams: with more than one peer, only a
+        // Primary serves a resync (docs/protocol.md, "Resync"). Both sides know the roles and
+        // the cluster's size, so both decide alike.
+        let sync = sync.filter(|_| source_is_primary || self.config.peers.len() == 1);
+        if sync == Some(SyncRole::Target) || (sync.is_none() && target_without_resync) {
+            self.become_outdated(peer, *receiver_missing_bytes);
         }
         self.announce_state();
+        if let Some(role) = sync {
+            self.start_resync(peer, role, now);
+        }
         self.replay_early(peer, now);
     }
 
@@ -1518,10 +1595,6 @@ impl ResourceCore {
                 Early::Write(write) => self.peer_write(peer, conn, write, now),
             }
         }
-    }
-
-    fn meta_was_primary_before_crash(&self) -> bool {
-        self.meta.flags.crashed_primary
     }
 
     fn establish(&mut self, peer: PeerId, role: Role, disk: DiskState, uuid: u64, now: Tick) {
@@ -1599,6 +1672,10 @@ impl ResourceCore {
         link.handshake_since = None;
         link.early.clear();
         link.deferred_hello = None;
+        self.abandon_resync(peer, now);
+        let Some(link) = self.links.get_mut(&peer) else {
+            return;
+        };
         link.role = None;
         link.disk = None;
         link.ping_outstanding = None;
@@ -1721,6 +1798,7 @@ impl ResourceCore {
     // ----- timers -----
 
     fn tick(&mut self, now: Tick) {
+        self.resync_tick(now);
         let timing = self.config.timing;
         let mut drops = Vec::new();
         for link in self.links.values_mut() {
@@ -1884,6 +1962,15 @@ impl ResourceCore {
         }
         if let Some(name) = self.peer_with_pending_writes() {
             return self.done(id, Err(CommandError::ApplyingPeerWrites(name)));
+        }
+        if let Some(link) = self.links.values().find(|l| {
+            l.resync
+                .as_ref()
+                .is_some_and(|r| r.role == SyncRole::Target)
+        }) {
+            // Its resync writes would land under the application's writes.
+            let name = link.name.clone();
+            return self.done(id, Err(CommandError::SyncTarget(name)));
         }
         let connected: BTreeSet<PeerId> = self
             .links

@@ -55,7 +55,8 @@ impl ResourceCore {
                 self.changed_pieces(usize::MAX, false),
             )
         } else if self.device.activity_log().needs_transaction() {
-            let busy = self.device.busy_extents();
+            let mut busy = self.device.busy_extents();
+            self.resync_busy_extents(&mut busy);
             let Some(tx) = self.device.activity_log_mut().begin(&busy) else {
                 return;
             };
@@ -150,11 +151,13 @@ impl ResourceCore {
         }
         match in_flight.purpose {
             Purpose::ActivityLog => {
+                let committed = result.is_ok();
                 let effects = match result {
                     Ok(()) => self.device.activity_log_committed(),
                     Err(_) => self.device.activity_log_failed(EIO, now),
                 };
                 self.volume_effects(effects, now);
+                self.release_resync_writes(committed, now);
             }
             Purpose::Lazy => {}
             Purpose::All => self.all_bitmaps_stored(result),

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use super::{Effect, Link, MetaWaiter, ResourceCore};
+use super::{Effect, MetaWaiter, ResourceCore};
 use crate::core::device::ByteRange;
 use crate::core::messages::PeerMessage;
 use crate::core::replication::PeerId;
@@ -170,6 +170,20 @@ impl Resync {
         }
     }
 
+    /// Brings `status` up to date without allocating unless the stall reason changed.
+    pub fn update_status(&self, status: &mut SyncStatus) {
+        status.role = self.role;
+        status.running = self.running;
+        status.total_bytes = self.total_blocks * BLOCK_SIZE;
+        status.done_bytes = self.done_blocks * BLOCK_SIZE;
+        status.moved_bytes = self.moved_bytes;
+        status.started = self.started;
+        status.last_progress = self.last_progress;
+        if status.stalled != self.stalled {
+            status.stalled.clone_from(&self.stalled);
+        }
+    }
+
     pub fn status(&self) -> SyncStatus {
         SyncStatus {
             role: self.role,
@@ -187,6 +201,7 @@ impl Resync {
 impl ResourceCore {
     /// The handshake decided on a resync with `peer`: send our bitmap for it.
     pub(super) fn start_resync(&mut self, peer: PeerId, role: SyncRole, now: Tick) {
+        self.abandon_resync(peer, now);
         let runs = self
             .device
             .peer(peer)
@@ -403,6 +418,12 @@ impl ResourceCore {
             self.meta.history_uuids = source_history;
         }
         self.meta.bitmap_uuids.remove(&peer);
+        self.effects.push_back(Effect::Send {
+            peer,
+            message: PeerMessage::ResyncDone {
+                moved_bytes: resync.moved_bytes,
+            },
+        });
         self.set_disk(DiskState::UpToDate, true);
         self.emit(format!(
             "change peer-device name:{} peer-node-id:{peer} conn-name:{name} replication:Established moved:{}",
@@ -410,29 +431,30 @@ impl ResourceCore {
         ));
     }
 
-    /// Source: the target announced it is UpToDate: the resync is over.
-    pub(super) fn finish_resync_as_source(&mut self, peer: PeerId) {
-        let Some(link) = self.links.get_mut(&peer) else {
+    /// Source: the target has every block.
+    pub(super) fn finish_resync_as_source(&mut self, peer: PeerId, moved_bytes: u64, now: Tick) {
+        let is_source = self
+            .links
+            .get(&peer)
+            .and_then(|l| l.resync.as_ref())
+            .is_some_and(|r| r.role == SyncRole::Source && r.received_bitmap);
+        if !is_source {
+            return self.protocol_error(peer, "ResyncDone outside a resync".into(), now);
+        }
+        let Some(resync) = self.links.get_mut(&peer).and_then(|l| l.resync.take()) else {
             return;
         };
-        if !link
-            .resync
-            .as_ref()
-            .is_some_and(|r| r.role == SyncRole::Source && r.running)
-        {
-            return;
+        for (_, (_, lock)) in resync.serving {
+            let effects = self.device.unlock_resync(lock);
+            self.volume_effects(effects, now);
         }
-        let resync = link.resync.take();
-        let name = link.name.clone();
-        let moved = resync.map_or(0, |r| r.moved_bytes);
-        let locks: Vec<u64> = Vec::new();
-        let _ = locks;
-        tracing::info!(resource = %self.config.resource, peer = %name, moved_bytes = moved, "resync finished; the peer is UpToDate");
+        let name = self.peer_name(peer);
+        tracing::info!(resource = %self.config.resource, peer = %name, moved_bytes, "resync finished; the peer is UpToDate");
         if self.meta.bitmap_uuids.remove(&peer).is_some() {
             self.persist(None);
         }
         self.emit(format!(
-            "change peer-device name:{} peer-node-id:{peer} conn-name:{name} replication:Established moved:{moved}",
+            "change peer-device name:{} peer-node-id:{peer} conn-name:{name} replication:Established moved:{moved_bytes}",
             self.config.resource
         ));
     }
@@ -593,12 +615,73 @@ impl ResourceCore {
                 now,
             );
         }
+        // The blocks change under every other peer: the activity log covers them first, so a
+        // crash here leaves them out of sync for every peer, not silently different.
+        let range = ByteRange::new(offset, len);
+        if self.device.activity_log().covers(range) {
+            self.apply_resync_write(peer, conn, offset, len);
+        } else {
+            self.device.activity_log_mut().want(range);
+            self.resync_writes_waiting.push((peer, conn, offset, len));
+        }
+    }
+
+    /// Issues a resync write. The other peers did not get this data from here: counted out of
+    /// sync for them before it lands (a write that lands after its connection is gone counts
+    /// too).
+    fn apply_resync_write(&mut self, peer: PeerId, conn: u64, offset: u64, len: u64) {
+        let range = ByteRange::new(offset, len);
+        self.device.activity_log_mut().touch(range);
+        let others: Vec<PeerId> = self.device.peer_ids().filter(|p| *p != peer).collect();
+        for other in others {
+            self.device.mark_out_of_sync(other, range);
+        }
         self.effects.push_back(Effect::ApplyResyncWrite {
             peer,
             conn,
             offset,
             len,
         });
+    }
+
+    /// The activity log's transaction is durable (or failed): resync writes it held go on.
+    pub(super) fn release_resync_writes(&mut self, committed: bool, now: Tick) {
+        for (peer, conn, offset, len) in std::mem::take(&mut self.resync_writes_waiting) {
+            let range = ByteRange::new(offset, len);
+            let still_wanted = self.current_conn(peer) == Some(conn)
+                && self
+                    .links
+                    .get(&peer)
+                    .and_then(|l| l.resync.as_ref())
+                    .is_some_and(|r| r.requested.get(&offset) == Some(&len));
+            if !still_wanted {
+                // The connection (and the payload with it) is gone.
+                continue;
+            }
+            if !committed {
+                self.resync_write_done(peer, conn, offset, len, Err(5), now);
+            } else if self.device.activity_log().covers(range) {
+                self.apply_resync_write(peer, conn, offset, len);
+            } else {
+                self.device.activity_log_mut().want(range);
+                self.resync_writes_waiting.push((peer, conn, offset, len));
+            }
+        }
+    }
+
+    /// Extents resync writes may be landing in (requested on this target).
+    pub(super) fn resync_busy_extents(&self, busy: &mut std::collections::BTreeSet<u64>) {
+        for link in self.links.values() {
+            if let Some(resync) = &link.resync {
+                for (offset, len) in &resync.requested {
+                    if let Some((first, last)) =
+                        crate::core::activity_log::extents_of(ByteRange::new(*offset, *len))
+                    {
+                        busy.extend(first..=last);
+                    }
+                }
+            }
+        }
     }
 
     /// Target: the source could not read the blocks; the resync stalls until reconnected.
@@ -700,12 +783,6 @@ impl ResourceCore {
         for peer in peers {
             self.serve_blocked(peer);
         }
-    }
-}
-
-impl Link {
-    pub(super) fn sync_status(&self) -> Option<SyncStatus> {
-        self.resync.as_ref().map(Resync::status)
     }
 }
 
