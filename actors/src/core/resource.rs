@@ -1569,7 +1569,11 @@ impl ResourceCore {
         // which reach source and target on their own streams: with more than one peer, only a
         // Primary serves a resync (docs/protocol.md, "Resync"). Both sides know the roles and
         // the cluster's size, so both decide alike.
-        let sync = sync.filter(|_| source_is_primary || self.config.peers.len() == 1);
+        // Until Secondaries learn what a Primary's other peers lack (out-of-sync notices),
+        // a node in a three-node cluster cannot tell from generations alone which of its
+        // blocks a third node wrote: resync is for two-node resources for now.
+        let _ = source_is_primary;
+        let sync = sync.filter(|_| self.config.peers.len() == 1);
         if sync == Some(SyncRole::Target) || (sync.is_none() && target_without_resync) {
             self.become_outdated(peer, *receiver_missing_bytes);
         }
