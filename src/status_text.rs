@@ -89,6 +89,24 @@ pub fn render(resources: &[ResourceStatus]) -> String {
                 peer.replication,
                 human_bytes(peer.out_of_sync_bytes)
             );
+            if let Some(sync) = &peer.sync {
+                let eta = sync
+                    .eta_seconds
+                    .map(|s| format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60))
+                    .unwrap_or_else(|| "unknown".into());
+                let _ = writeln!(
+                    out,
+                    "    {} done:{:.2}% ({} of {}) rate:{}/s eta:{eta}",
+                    sync.role,
+                    sync.done_percent(),
+                    human_bytes(sync.done_bytes),
+                    human_bytes(sync.total_bytes),
+                    human_bytes(sync.rate_bytes_per_sec),
+                );
+                if let Some(why) = &sync.stalled {
+                    let _ = writeln!(out, "    resync stalled: {why}");
+                }
+            }
             if let Some(reason) = &peer.last_error {
                 if peer.connection != "Connected" {
                     let _ = writeln!(out, "    last-error: {reason}");

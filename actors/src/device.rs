@@ -14,6 +14,7 @@ use actix::prelude::*;
 use tokio::sync::{broadcast, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::buffer::PooledBuf;
+use crate::core::activity_log::ActivityLogStats;
 use crate::core::messages::{Epoch, PeerMessage};
 use crate::core::replication::{Outgoing, PeerId};
 use crate::core::resource::{
@@ -59,6 +60,9 @@ pub struct DeviceSnapshot {
     pub changing: bool,
     pub down: bool,
     pub peers: Vec<LinkStatus>,
+    /// The core's time when this snapshot was taken (for rates and ages).
+    pub now: Tick,
+    pub activity_log: ActivityLogStats,
 }
 
 impl Default for DeviceSnapshot {
@@ -77,6 +81,8 @@ impl Default for DeviceSnapshot {
             changing: false,
             down: false,
             peers: Vec::new(),
+            now: 0,
+            activity_log: ActivityLogStats::default(),
         }
     }
 }
@@ -882,6 +888,8 @@ impl DeviceActor {
             index += 1;
         }
         snapshot.peers.truncate(index);
+        snapshot.activity_log = device.activity_log().stats();
+        snapshot.now = self.now();
     }
 
     fn link_event(&mut self, peer: PeerId, event: LinkEvent, ctx: &mut Context<Self>) {

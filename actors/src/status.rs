@@ -54,6 +54,14 @@ pub struct ResourceStatus {
     /// Earlier generations, newest first.
     #[serde(default)]
     pub history_uuids: Vec<String>,
+    /// Writes whose activity-log extents were hot already / had to be made hot, and the
+    /// transactions that did it.
+    #[serde(default)]
+    pub al_hits: u64,
+    #[serde(default)]
+    pub al_misses: u64,
+    #[serde(default)]
+    pub al_transactions: u64,
     pub peers: Vec<PeerStatus>,
 }
 
@@ -74,4 +82,38 @@ pub struct PeerStatus {
     /// Why the last handshake or connection failed (a refusal's reason, a timeout, ...).
     #[serde(default)]
     pub last_error: Option<String>,
+    /// The resync with this peer, while one runs.
+    #[serde(default)]
+    pub sync: Option<PeerSyncStatus>,
+}
+
+/// A resync in progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerSyncStatus {
+    /// `SyncSource` or `SyncTarget` (this node's side).
+    pub role: String,
+    /// Out-of-sync bytes when it started, and how many of them are written on the target.
+    pub total_bytes: u64,
+    pub done_bytes: u64,
+    /// Bytes sent or received by this resync.
+    pub moved_bytes: u64,
+    /// Average since it started.
+    pub rate_bytes_per_sec: u64,
+    pub eta_seconds: Option<u64>,
+    pub elapsed_seconds: u64,
+    /// Why it is not progressing, when it is not.
+    pub stalled: Option<String>,
+}
+
+/// A resync that moved nothing for this long says it is stalled.
+pub const STALL_AFTER_SECONDS: u64 = 10;
+
+impl PeerSyncStatus {
+    /// Done, in percent of what was out of sync when it started.
+    pub fn done_percent(&self) -> f64 {
+        if self.total_bytes == 0 {
+            return 100.0;
+        }
+        (self.done_bytes as f64 * 100.0 / self.total_bytes as f64).min(100.0)
+    }
 }

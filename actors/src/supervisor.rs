@@ -12,15 +12,15 @@ use tokio::sync::{broadcast, oneshot};
 
 use crate::core::replication::PeerId;
 use crate::core::resource::{
-    describe_lines, Command, CommandError, CoreConfig, PeerConfig, SyncConfig, Timing,
+    describe_lines, Command, CommandError, CoreConfig, PeerConfig, SyncConfig, SyncStatus, Timing,
 };
-use crate::core::{ConnectionState, ReplicationProtocol};
+use crate::core::{ConnectionState, ReplicationProtocol, Tick};
 use crate::device::{DeviceActor, DeviceSetup, RunCommand, SharedSnapshot, StopDevice};
 use crate::gate::{GateRefused, ImageGate};
 use crate::meta::DeviceMeta;
 use crate::metadata::{MetaActor, StopMeta};
 use crate::ports::{BlockStore, MetaStore};
-use crate::status::{PeerStatus, ResourceStatus};
+use crate::status::{PeerStatus, PeerSyncStatus, ResourceStatus, STALL_AFTER_SECONDS};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StateChangeError {
@@ -198,6 +198,9 @@ impl ResourceSupervisor {
                 .iter()
                 .map(|uuid| format!("{uuid:016X}"))
                 .collect(),
+            al_hits: device.activity_log.hits,
+            al_misses: device.activity_log.misses,
+            al_transactions: device.activity_log.transactions,
             peers: device
                 .peers
                 .iter()
@@ -207,10 +210,10 @@ impl ResourceSupervisor {
                     connection: link.connection.to_string(),
                     role: link.role,
                     disk: link.disk,
-                    replication: if link.connection == ConnectionState::Connected {
-                        "Established".into()
-                    } else {
-                        "Off".into()
+                    replication: match (&link.sync, link.connection) {
+                        (Some(sync), ConnectionState::Connected) => sync.role.to_string(),
+                        (None, ConnectionState::Connected) => "Established".into(),
+                        _ => "Off".into(),
                     },
                     sent_bytes: link.sent_bytes,
                     received_bytes: link.received_bytes,
@@ -218,9 +221,35 @@ impl ResourceSupervisor {
                     unacked: link.unacked,
                     out_of_sync_bytes: link.out_of_sync_bytes,
                     last_error: link.last_error.clone(),
+                    sync: link.sync.as_ref().map(|sync| sync_status(sync, device.now)),
                 })
                 .collect(),
         }
+    }
+}
+
+/// A resync as status shows it: rate and ETA from the core's ticks (nanoseconds).
+fn sync_status(sync: &SyncStatus, now: Tick) -> PeerSyncStatus {
+    const SECOND: u64 = 1_000_000_000;
+    let elapsed = now.saturating_sub(sync.started);
+    let rate = (u128::from(sync.moved_bytes) * u128::from(SECOND))
+        .checked_div(u128::from(elapsed))
+        .unwrap_or(0) as u64;
+    let remaining = sync.total_bytes.saturating_sub(sync.done_bytes);
+    let idle = now.saturating_sub(sync.last_progress) / SECOND;
+    let stalled = sync.stalled.clone().or_else(|| {
+        (sync.running && remaining > 0 && idle >= STALL_AFTER_SECONDS)
+            .then(|| format!("no progress for {idle} s"))
+    });
+    PeerSyncStatus {
+        role: sync.role.to_string(),
+        total_bytes: sync.total_bytes,
+        done_bytes: sync.done_bytes,
+        moved_bytes: sync.moved_bytes,
+        rate_bytes_per_sec: rate,
+        eta_seconds: remaining.checked_div(rate),
+        elapsed_seconds: elapsed / SECOND,
+        stalled,
     }
 }
 
