@@ -59,8 +59,12 @@ pub enum Command {
     Status {
         resource: Option<String>,
         /// Print JSON instead of text.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "watch")]
         json: bool,
+        /// Follow running resyncs (a progress bar on a terminal, plain lines otherwise) until
+        /// none is left, then print the status.
+        #[arg(long)]
+        watch: bool,
     },
     /// Hold new application I/O of a resource until `resume-io`.
     SuspendIo { resource: String },

@@ -93,7 +93,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             admin::stream_events(&config.node.admin_socket, &mut std::io::stdout())?;
             Ok(())
         }
-        Command::Status { resource, json } => {
+        Command::Status {
+            resource,
+            watch: true,
+            ..
+        } => {
+            let config = load_config(&cli)?;
+            qrbd::watch::watch(
+                &config.node.admin_socket,
+                resource.clone(),
+                &mut std::io::stdout(),
+            )
+        }
+        Command::Status { resource, json, .. } => {
             let config = load_config(&cli)?;
             let request = AdminRequest::Status {
                 resource: resource.clone(),

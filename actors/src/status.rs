@@ -85,6 +85,9 @@ pub struct PeerStatus {
     /// The resync with this peer, while one runs.
     #[serde(default)]
     pub sync: Option<PeerSyncStatus>,
+    /// Bytes resynced with this peer since the resource came up.
+    #[serde(default)]
+    pub resynced_bytes: u64,
 }
 
 /// A resync in progress.

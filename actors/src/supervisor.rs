@@ -222,6 +222,7 @@ impl ResourceSupervisor {
                     out_of_sync_bytes: link.out_of_sync_bytes,
                     last_error: link.last_error.clone(),
                     sync: link.sync.as_ref().map(|sync| sync_status(sync, device.now)),
+                    resynced_bytes: link.resynced_bytes,
                 })
                 .collect(),
         }

@@ -346,6 +346,9 @@ pub struct LinkStatus {
     pub received_bytes: u64,
     /// The resync with this peer, while one runs.
     pub sync: Option<SyncStatus>,
+    /// Bytes resynced with this peer since the resource came up (sent as source or written
+    /// as target), over every connection.
+    pub resynced_bytes: u64,
 }
 
 /// A borrowed view of one link's observable state.
@@ -370,6 +373,7 @@ impl LinkView<'_> {
             sent_bytes: 0,
             received_bytes: 0,
             sync: None,
+            resynced_bytes: 0,
         };
         self.update(&mut status);
         status
@@ -394,6 +398,7 @@ impl LinkView<'_> {
         status.pending = link.receiver.pending();
         status.sent_bytes = sender.map_or(0, |s| s.sent_bytes);
         status.received_bytes = link.receiver.received_bytes;
+        status.resynced_bytes = link.resynced_bytes;
         match (&mut status.sync, link.resync.as_ref()) {
             (Some(shown), Some(resync)) => resync.update_status(shown),
             (shown, resync) => *shown = resync.map(|r| r.status()),
@@ -439,6 +444,7 @@ struct Link {
     /// The peer's generation history (from its Hello and State): a sync target adopts it.
     peer_history: Vec<u64>,
     resync: Option<Resync>,
+    resynced_bytes: u64,
 }
 
 /// A data-stream arrival kept until the handshake completes.
@@ -633,6 +639,7 @@ impl ResourceCore {
                     deferred_hello: None,
                     peer_history: Vec::new(),
                     resync: None,
+                    resynced_bytes: 0,
                 };
                 (peer.id, link)
             })

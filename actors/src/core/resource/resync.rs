@@ -581,10 +581,13 @@ impl ResourceCore {
             if let Some(bitmap) = self.device.out_of_sync_mut(peer) {
                 bitmap.clear(ByteRange::new(offset, len));
             }
-            if let Some(resync) = self.links.get_mut(&peer).and_then(|l| l.resync.as_mut()) {
-                resync.done_blocks += len / BLOCK_SIZE;
-                resync.moved_bytes += len;
-                resync.last_progress = now;
+            if let Some(link) = self.links.get_mut(&peer) {
+                link.resynced_bytes += len;
+                if let Some(resync) = link.resync.as_mut() {
+                    resync.done_blocks += len / BLOCK_SIZE;
+                    resync.moved_bytes += len;
+                    resync.last_progress = now;
+                }
             }
         }
         self.serve_blocked(peer);
@@ -712,7 +715,13 @@ impl ResourceCore {
             return;
         }
         let name = self.peer_name(peer);
-        let Some(resync) = self.links.get_mut(&peer).and_then(|l| l.resync.as_mut()) else {
+        let Some(link) = self.links.get_mut(&peer) else {
+            return;
+        };
+        if result.is_ok() {
+            link.resynced_bytes += len;
+        }
+        let Some(resync) = link.resync.as_mut() else {
             return;
         };
         let Some(requested) = resync.requested.remove(&offset) else {
