@@ -113,6 +113,19 @@ impl SledMetaStore {
         Ok(value.map(|v| v.to_vec()))
     }
 
+    /// Stores `value` under the raw `key`, bypassing every encoding: lets tests elsewhere in
+    /// the crate plant damaged metadata.
+    #[cfg(test)]
+    pub(crate) fn insert_raw_for_test(&mut self, key: &str, value: &[u8]) -> Result<(), MetaError> {
+        self.put_durable(key, value, "writing a raw test value")
+    }
+
+    /// The raw key of one stored bitmap piece, for tests that damage it.
+    #[cfg(test)]
+    pub(crate) fn bitmap_key_for_test(peer: u8, extent: u64) -> String {
+        bitmap_key(peer, extent)
+    }
+
     fn put_durable(&mut self, key: &str, value: &[u8], what: &str) -> Result<(), MetaError> {
         self.db
             .insert(key, value)
@@ -487,5 +500,211 @@ mod tests {
         drop(store);
         let store = SledMetaStore::open(&dir).expect("reopen");
         assert_eq!(store.get_blob("bitmap/big").expect("get"), Some(big));
+    }
+
+    /// A piece with bits set in every word, distinct for each `seed`.
+    fn dirty_chunk(peer: u8, extent: u64, seed: u64) -> BitmapChunk {
+        let mut words = [0u64; WORDS_PER_EXTENT];
+        for (i, word) in words.iter_mut().enumerate() {
+            *word = seed.rotate_left(i as u32) | 1;
+        }
+        BitmapChunk {
+            peer,
+            extent,
+            words,
+        }
+    }
+
+    fn clean_chunk(peer: u8, extent: u64) -> BitmapChunk {
+        BitmapChunk {
+            peer,
+            extent,
+            words: [0; WORDS_PER_EXTENT],
+        }
+    }
+
+    /// The stored bitmaps with their pieces in (peer, extent) order, so that comparisons do not
+    /// depend on the order the store lists them in.
+    fn sorted(mut stored: StoredBitmaps) -> StoredBitmaps {
+        stored
+            .chunks
+            .sort_by_key(|chunk| (chunk.peer, chunk.extent));
+        stored
+    }
+
+    fn expect_corrupt(result: Result<StoredBitmaps, MetaError>, words: &[&str]) {
+        match result {
+            Err(MetaError::Corrupt(msg)) => {
+                for word in words {
+                    assert!(msg.contains(word), "{msg:?} lacks {word:?}");
+                }
+            }
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bitmaps_round_trip_and_clean_pieces_are_removed() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut store = SledMetaStore::open(&tmp.path().join("md")).expect("open");
+        assert_eq!(
+            store.load_bitmaps().expect("load empty"),
+            StoredBitmaps::default()
+        );
+
+        let hot = vec![3, 9, 0x1_0000_0000, u64::MAX];
+        let first = vec![
+            dirty_chunk(1, 0, 0xA5),
+            dirty_chunk(1, 5, 0x5A),
+            dirty_chunk(2, 0, 0x77),
+            // The largest extent and peer still get keys of their own.
+            dirty_chunk(u8::MAX, u64::MAX, 0x1234_5678_9ABC_DEF0),
+        ];
+        store
+            .save_bitmaps(&BitmapUpdate {
+                activity_log: Some(hot.clone()),
+                chunks: first.clone(),
+            })
+            .expect("save");
+        assert_eq!(
+            sorted(store.load_bitmaps().expect("load")),
+            StoredBitmaps {
+                activity_log: hot.clone(),
+                chunks: first.clone(),
+            }
+        );
+
+        // No activity log: the stored one stays. A clean piece removes the stored one, a dirty
+        // one replaces it, and a clean piece never stored is no error.
+        store
+            .save_bitmaps(&BitmapUpdate {
+                activity_log: None,
+                chunks: vec![
+                    clean_chunk(1, 5),
+                    dirty_chunk(1, 0, 0xFF00),
+                    clean_chunk(3, 42),
+                ],
+            })
+            .expect("save again");
+        assert_eq!(
+            sorted(store.load_bitmaps().expect("load")),
+            StoredBitmaps {
+                activity_log: hot,
+                chunks: vec![
+                    dirty_chunk(1, 0, 0xFF00),
+                    first[2].clone(),
+                    first[3].clone(),
+                ],
+            }
+        );
+
+        // An empty activity log is stored as such, not skipped.
+        store
+            .save_bitmaps(&BitmapUpdate {
+                activity_log: Some(Vec::new()),
+                chunks: Vec::new(),
+            })
+            .expect("clear the activity log");
+        assert!(store.load_bitmaps().expect("load").activity_log.is_empty());
+    }
+
+    #[test]
+    fn bitmaps_survive_drop_and_reopen() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("md");
+        let saved = StoredBitmaps {
+            activity_log: vec![7, 1, 4],
+            chunks: vec![dirty_chunk(0, 2, 0xBEEF), dirty_chunk(1, 2, 0xCAFE)],
+        };
+        {
+            let mut store = SledMetaStore::open(&dir).expect("open");
+            store
+                .save_bitmaps(&BitmapUpdate {
+                    activity_log: Some(saved.activity_log.clone()),
+                    chunks: saved.chunks.clone(),
+                })
+                .expect("save");
+        }
+        let store = SledMetaStore::open(&dir).expect("reopen");
+        assert_eq!(sorted(store.load_bitmaps().expect("load")), saved);
+        // Also in the order the activity log was given: it is a list, not a set.
+        assert_eq!(store.load_bitmaps().expect("load").activity_log, [7, 1, 4]);
+    }
+
+    #[test]
+    fn bitmaps_are_separate_from_meta_and_blobs() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("md");
+        let mut store = SledMetaStore::open(&dir).expect("open");
+        store.save(&sample()).expect("save meta");
+        // Blobs named like the bitmap keys: the blob prefix keeps them apart.
+        let piece_key = bitmap_key(1, 0);
+        store.put_blob(&piece_key, b"blob").expect("put blob");
+        store
+            .put_blob(ACTIVITY_LOG_KEY, b"blob too")
+            .expect("put blob");
+        assert_eq!(
+            store.load_bitmaps().expect("load bitmaps"),
+            StoredBitmaps::default()
+        );
+
+        let saved = StoredBitmaps {
+            activity_log: vec![5],
+            chunks: vec![dirty_chunk(1, 0, 0xD00D)],
+        };
+        store
+            .save_bitmaps(&BitmapUpdate {
+                activity_log: Some(saved.activity_log.clone()),
+                chunks: saved.chunks.clone(),
+            })
+            .expect("save bitmaps");
+        drop(store);
+
+        let store = SledMetaStore::open(&dir).expect("reopen");
+        assert_eq!(store.load().expect("load meta"), Some(sample()));
+        assert_eq!(
+            store.get_blob(&piece_key).expect("get"),
+            Some(b"blob".to_vec())
+        );
+        assert_eq!(
+            store.get_blob(ACTIVITY_LOG_KEY).expect("get"),
+            Some(b"blob too".to_vec())
+        );
+        assert_eq!(store.load_bitmaps().expect("load bitmaps"), saved);
+    }
+
+    #[test]
+    fn damaged_bitmap_pieces_are_corrupt() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut store = SledMetaStore::open(tmp.path()).expect("open");
+        store.save(&sample()).expect("save meta");
+
+        let piece_key = bitmap_key(1, 2);
+        store
+            .insert_raw_for_test(&piece_key, &[0; WORDS_PER_EXTENT * 8 - 1])
+            .expect("insert short piece");
+        expect_corrupt(store.load_bitmaps(), &[&piece_key, "127 bytes"]);
+        store
+            .insert_raw_for_test(&piece_key, &[0; WORDS_PER_EXTENT * 8 + 8])
+            .expect("insert long piece");
+        expect_corrupt(store.load_bitmaps(), &[&piece_key, "136 bytes"]);
+        store.db.remove(&piece_key).expect("remove");
+
+        store
+            .insert_raw_for_test("bitmap/one/0000000000000002", &[0; WORDS_PER_EXTENT * 8])
+            .expect("insert bad key");
+        expect_corrupt(store.load_bitmaps(), &["bitmap key", "bitmap/one"]);
+        store
+            .db
+            .remove("bitmap/one/0000000000000002")
+            .expect("remove");
+
+        store
+            .insert_raw_for_test(ACTIVITY_LOG_KEY, &[1; 12])
+            .expect("insert activity log");
+        expect_corrupt(store.load_bitmaps(), &["activity log of 12 bytes"]);
+
+        // The device metadata is not affected by damaged bitmaps.
+        assert_eq!(store.load().expect("load meta"), Some(sample()));
     }
 }

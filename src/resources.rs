@@ -139,6 +139,13 @@ pub fn open_resource(
                 resource.name
             )
         })?;
+    let bitmaps = meta_store.load_bitmaps().with_context(|| {
+        format!(
+            "resource {:?}: cannot read the out-of-sync bitmaps and activity log from {}",
+            resource.name,
+            meta_dir.display()
+        )
+    })?;
     if meta.size_bytes != resource.size_bytes {
         bail!(
             "resource {:?}: the configuration says {} bytes but the metadata says {} bytes; \
@@ -171,6 +178,7 @@ pub fn open_resource(
         store: Arc::new(store),
         meta_store: Box::new(meta_store),
         meta,
+        bitmaps,
         peers: resource
             .peers
             .iter()
@@ -183,4 +191,72 @@ pub fn open_resource(
         disk_flushes: resource.disk_flushes,
         sync: SyncConfig::default(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use qrbd_actors::meta::{BitmapChunk, BitmapUpdate, WORDS_PER_EXTENT};
+
+    use super::*;
+    use crate::config::load_from_str;
+
+    /// A configuration of one resource, `r0`, kept in `state_dir`, with its metadata created.
+    fn created(state_dir: &Path) -> QrbdConfig {
+        let text = format!(
+            "[node]\nname = \"alpha\"\nid = 0\nstate_dir = {:?}\n\n\
+             [[resource]]\nname = \"r0\"\nsize = \"8MiB\"\n",
+            state_dir.display().to_string()
+        );
+        let config = load_from_str(&text, &[]).expect("config");
+        create_metadata(&config, &config.resources[0], false).expect("create-md");
+        config
+    }
+
+    #[test]
+    fn up_reads_the_stored_bitmaps() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let config = created(tmp.path());
+        let chunk = BitmapChunk {
+            peer: 1,
+            extent: 1,
+            words: [0x0F; WORDS_PER_EXTENT],
+        };
+        {
+            let mut store = SledMetaStore::open(&config.meta_path("r0")).expect("open");
+            store
+                .save_bitmaps(&BitmapUpdate {
+                    activity_log: Some(vec![1]),
+                    chunks: vec![chunk.clone()],
+                })
+                .expect("save bitmaps");
+        }
+        let setup = open_resource(&config, &config.resources[0], None).expect("open_resource");
+        assert_eq!(setup.bitmaps.activity_log, [1]);
+        assert_eq!(setup.bitmaps.chunks, [chunk]);
+    }
+
+    #[test]
+    fn up_fails_on_damaged_bitmaps_and_says_where() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let config = created(tmp.path());
+        let meta_dir = config.meta_path("r0");
+        {
+            let mut store = SledMetaStore::open(&meta_dir).expect("open");
+            store
+                .insert_raw_for_test(&SledMetaStore::bitmap_key_for_test(1, 0), b"short")
+                .expect("plant a damaged piece");
+        }
+        let Err(error) = open_resource(&config, &config.resources[0], None) else {
+            panic!("open_resource accepted a damaged bitmap piece");
+        };
+        let message = format!("{error:#}");
+        for word in [
+            "\"r0\"",
+            "bitmaps",
+            &meta_dir.display().to_string(),
+            "corrupt",
+        ] {
+            assert!(message.contains(word), "{message:?} lacks {word:?}");
+        }
+    }
 }

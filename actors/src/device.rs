@@ -22,8 +22,8 @@ use crate::core::resource::{
     ResourceCore, SyncConfig, Timing,
 };
 use crate::core::{DeviceStats, DiskState, IoFault, ReplicationProtocol, RequestId, Role, Tick};
-use crate::meta::DeviceMeta;
-use crate::metadata::{MetaActor, SaveMeta};
+use crate::meta::{BitmapUpdate, DeviceMeta, StoredBitmaps};
+use crate::metadata::{MetaActor, SaveBitmaps, SaveMeta};
 use crate::ports::BlockStore;
 use crate::retry::{PostponedIo, Resubmit, RetryActor, RetryPostponed};
 use crate::uring::{UringBuf, UringDone, UringEngine};
@@ -191,6 +191,8 @@ pub const TICK_INTERVAL: Duration = Duration::from_millis(100);
 pub struct DeviceSetup {
     pub config: CoreConfig,
     pub meta: DeviceMeta,
+    /// The out-of-sync bitmaps and activity log found in the metadata store at `up`.
+    pub bitmaps: StoredBitmaps,
     /// Where metadata is made durable; None keeps it in memory (tests of the pipeline alone).
     pub meta_actor: Option<Addr<MetaActor>>,
     pub events: Option<broadcast::Sender<String>>,
@@ -255,7 +257,7 @@ impl DeviceActor {
     pub fn with_setup(store: Arc<dyn BlockStore>, setup: DeviceSetup) -> Self {
         let clock_origin = Instant::now();
         let name = setup.config.resource.clone();
-        let core = ResourceCore::new(setup.config, setup.meta, 0);
+        let core = ResourceCore::restore(setup.config, setup.meta, setup.bitmaps, 0);
         DeviceActor {
             name,
             core,
@@ -304,6 +306,7 @@ impl DeviceActor {
             DeviceSetup {
                 config,
                 meta,
+                bitmaps: StoredBitmaps::default(),
                 meta_actor: None,
                 events: None,
             },
@@ -453,12 +456,7 @@ impl DeviceActor {
                 });
             }
             Effect::PersistBitmaps { version, update } => {
-                // Wired to the metadata actor in the next step.
-                let _ = update;
-                self.follow_ups.push_back(Input::BitmapsPersisted {
-                    version,
-                    result: Ok(()),
-                });
+                self.persist_bitmaps(version, update, ctx)
             }
             Effect::Dial { peer } => {
                 if self.links.contains_key(&peer) {
@@ -523,6 +521,40 @@ impl DeviceActor {
         };
         ctx.spawn(save.into_actor(self).map(move |result, actor, ctx| {
             actor.feed(Input::Persisted { version, result }, Some(ctx));
+        }));
+    }
+
+    /// Hands one bitmap transaction to the metadata actor and reports
+    /// [`Input::BitmapsPersisted`] once it is durable.
+    fn persist_bitmaps(
+        &mut self,
+        version: u64,
+        update: BitmapUpdate,
+        ctx: Option<&mut Context<Self>>,
+    ) {
+        let (Some(meta_actor), Some(ctx)) = (self.meta_actor.as_ref(), ctx) else {
+            self.follow_ups.push_back(Input::BitmapsPersisted {
+                version,
+                result: Ok(()),
+            });
+            return;
+        };
+        // The core counts on its transactions reaching the store in version order. `send`
+        // queues the message right here (the metadata actor's SyncArbiter mailbox is
+        // unbounded, so it is never refused as full), and the metadata actor takes its
+        // messages in order on one thread; only the reply is awaited later. Should this actor
+        // stop first, the dropped request makes actix skip the save if it is still queued: it
+        // was never reported durable to the core.
+        let request = meta_actor.send(SaveBitmaps(update));
+        let save = async move {
+            match request.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(error)) => Err(error.to_string()),
+                Err(error) => Err(format!("metadata actor unavailable: {error}")),
+            }
+        };
+        ctx.spawn(save.into_actor(self).map(move |result, actor, ctx| {
+            actor.feed(Input::BitmapsPersisted { version, result }, Some(ctx));
         }));
     }
 

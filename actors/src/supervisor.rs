@@ -17,7 +17,7 @@ use crate::core::resource::{
 use crate::core::{ConnectionState, ReplicationProtocol, Tick};
 use crate::device::{DeviceActor, DeviceSetup, RunCommand, SharedSnapshot, StopDevice};
 use crate::gate::{GateRefused, ImageGate};
-use crate::meta::DeviceMeta;
+use crate::meta::{DeviceMeta, StoredBitmaps};
 use crate::metadata::{MetaActor, StopMeta};
 use crate::ports::{BlockStore, MetaStore};
 use crate::status::{PeerStatus, PeerSyncStatus, ResourceStatus, STALL_AFTER_SECONDS};
@@ -41,6 +41,8 @@ pub struct ResourceSetup {
     pub store: Arc<dyn BlockStore>,
     pub meta_store: Box<dyn MetaStore>,
     pub meta: DeviceMeta,
+    /// The out-of-sync bitmaps and activity log as stored, read at `up` with `meta`.
+    pub bitmaps: StoredBitmaps,
     pub peers: Vec<PeerSetup>,
     /// Where state changes are announced, one `drbdsetup events2`-like line each.
     pub events: Option<broadcast::Sender<String>>,
@@ -110,6 +112,7 @@ impl ResourceSupervisor {
             DeviceSetup {
                 config,
                 meta: setup.meta,
+                bitmaps: setup.bitmaps,
                 meta_actor: Some(meta_actor.clone()),
                 events: setup.events,
             },

@@ -20,7 +20,7 @@ use qrbd_actors::device::{
     SharedSnapshot, SubmitIo, SuspendIo,
 };
 use qrbd_actors::gate::{GateRefused, OpenRefused};
-use qrbd_actors::meta::DeviceMeta;
+use qrbd_actors::meta::{DeviceMeta, StoredBitmaps};
 use qrbd_actors::retry::{GetRetryStats, RetryActor, RetryStats};
 use qrbd_actors::supervisor::{
     Demote, GetStatus, Promote, ResourceSetup, ResourceSupervisor, SetSuspended, Shutdown,
@@ -690,6 +690,7 @@ async fn supervisor_role_changes_drain_and_shutdown() {
         store: store.clone(),
         meta_store: Box::new(meta_store.clone()),
         meta: DeviceMeta::new("r0", 1, SIZE, 0xC0FFEE),
+        bitmaps: StoredBitmaps::default(),
         peers: Vec::new(),
         events: None,
         disk_flushes: true,
