@@ -21,6 +21,8 @@
 //! name = "r0"
 //! size = "1GiB"
 //! protocol = "C"                  # default C
+//! al_extents = 1237               # default 1237, 7..=65534
+//! resync_rate = "100MiB"          # bytes per second; default 0 (unlimited)
 //!
 //!   [[resource.peer]]
 //!   name = "beta"
@@ -64,6 +66,16 @@ pub const MIN_BUFFER_BUDGET: u64 = 4 * MIB;
 pub const MAX_NODE_ID: u8 = 31;
 /// Every size in the configuration must be a multiple of this.
 pub const SIZE_ALIGNMENT: u64 = 4096;
+/// Default `[[resource]] al_extents` (DRBD's default `al-extents`).
+pub const DEFAULT_AL_EXTENTS: usize = 1237;
+/// Smallest accepted `[[resource]] al_extents`.
+pub const MIN_AL_EXTENTS: usize = 7;
+/// Largest accepted `[[resource]] al_extents`.
+pub const MAX_AL_EXTENTS: usize = 65534;
+/// Default `[[resource]] resync_rate`: 0, unlimited.
+pub const DEFAULT_RESYNC_RATE: u64 = 0;
+/// Smallest accepted `[[resource]] resync_rate` other than 0 (4 KiB per second: one block).
+pub const MIN_RESYNC_RATE: u64 = 4 * KIB;
 /// Resource, node and peer names are at most this many characters long.
 pub const MAX_NAME_LEN: usize = 64;
 /// Prefix of the environment variables that override configuration keys.
@@ -88,7 +100,15 @@ const NODE_KEYS: &[&str] = &[
     "buffer_budget",
 ];
 const TLS_KEYS: &[&str] = &["ca", "cert", "key"];
-const RESOURCE_KEYS: &[&str] = &["name", "size", "protocol", "disk_flushes", "peer"];
+const RESOURCE_KEYS: &[&str] = &[
+    "name",
+    "size",
+    "protocol",
+    "disk_flushes",
+    "al_extents",
+    "resync_rate",
+    "peer",
+];
 const PEER_KEYS: &[&str] = &["name", "id", "address"];
 /// Sections whose keys may be overridden from the environment, with their keys.
 const ENV_SECTIONS: &[(&str, &[&str])] = &[("node", NODE_KEYS), ("tls", TLS_KEYS)];
@@ -145,6 +165,16 @@ pub struct ResourceConfig {
     /// acknowledging it (default). Turn off only for storage with a non-volatile write cache;
     /// fsync on the image still flushes the peers.
     pub disk_flushes: bool,
+    /// Like DRBD's `al-extents`: how many 4 MiB extents the activity log keeps hot
+    /// (`MIN_AL_EXTENTS..=MAX_AL_EXTENTS`, default `DEFAULT_AL_EXTENTS`). As in DRBD, a write
+    /// to a cold extent waits for a metadata transaction that makes it hot, and after a Primary
+    /// crash every hot extent must be resynced: more extents mean fewer metadata writes under
+    /// scattered writes, fewer mean less to resync after a crash.
+    pub al_extents: usize,
+    /// Like DRBD's `resync-rate`: the upper bound of resync traffic in bytes per second, so
+    /// that a resync does not take the bandwidth and disk time the application needs. 0 (the
+    /// default) means unlimited; otherwise at least `MIN_RESYNC_RATE`.
+    pub resync_rate: u64,
     pub peers: Vec<PeerConfig>,
 }
 
@@ -601,6 +631,8 @@ struct RawResource {
     size: Option<SizeText>,
     protocol: Option<Text>,
     disk_flushes: Option<bool>,
+    al_extents: Option<Scalar>,
+    resync_rate: Option<Scalar>,
     #[serde(default)]
     peer: Vec<RawPeer>,
 }
@@ -687,6 +719,83 @@ impl<'de> Deserialize<'de> for SizeText {
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<SizeText, E> {
                 Ok(SizeText(v.to_string()))
+            }
+        }
+        deserializer.deserialize_any(V)
+    }
+}
+
+/// Any single value, kept as written: for keys whose wrong values (of any type) should all get
+/// one message from validation, saying what is valid, rather than the deserializer's
+/// "invalid type".
+#[derive(Debug)]
+enum Scalar {
+    Int(i128),
+    Text(String),
+    /// Anything else: how to show it, and what it is (e.g. "a floating-point number").
+    Other {
+        shown: String,
+        what: &'static str,
+    },
+}
+
+impl Scalar {
+    fn other(shown: impl Into<String>, what: &'static str) -> Self {
+        Self::Other {
+            shown: shown.into(),
+            what,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Scalar {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Scalar;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a single value")
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Scalar, E> {
+                Ok(Scalar::other(v.to_string(), "a boolean"))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Scalar, E> {
+                Ok(Scalar::Int(v.into()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Scalar, E> {
+                Ok(Scalar::Int(v.into()))
+            }
+            fn visit_i128<E: de::Error>(self, v: i128) -> Result<Scalar, E> {
+                Ok(Scalar::Int(v))
+            }
+            fn visit_u128<E: de::Error>(self, v: u128) -> Result<Scalar, E> {
+                Ok(i128::try_from(v).map_or_else(
+                    |_| Scalar::other(v.to_string(), "too large an integer"),
+                    Scalar::Int,
+                ))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Scalar, E> {
+                Ok(Scalar::other(format!("{v:?}"), "a floating-point number"))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Scalar, E> {
+                Ok(Scalar::Text(v.to_owned()))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Scalar, E> {
+                Ok(Scalar::Text(v))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Scalar, E> {
+                Ok(Scalar::other("(nothing)", "empty"))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Scalar, A::Error> {
+                while seq.next_element::<de::IgnoredAny>()?.is_some() {}
+                Ok(Scalar::other("[...]", "a list"))
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Scalar, A::Error> {
+                while map
+                    .next_entry::<de::IgnoredAny, de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(Scalar::other("{...}", "a table"))
             }
         }
         deserializer.deserialize_any(V)
@@ -990,6 +1099,14 @@ fn validate_resource(
             .parse()
             .map_err(|e| ctx.invalid(&place, format!("protocol: {e}")))?,
     };
+    let al_extents = match raw.al_extents {
+        None => DEFAULT_AL_EXTENTS,
+        Some(value) => check_al_extents(&value).map_err(|reason| ctx.invalid(&place, reason))?,
+    };
+    let resync_rate = match raw.resync_rate {
+        None => DEFAULT_RESYNC_RATE,
+        Some(value) => parse_resync_rate(&value).map_err(|reason| ctx.invalid(&place, reason))?,
+    };
 
     let mut peers: Vec<PeerConfig> = Vec::with_capacity(raw.peer.len());
     for (j, raw_peer) in raw.peer.into_iter().enumerate() {
@@ -1036,6 +1153,8 @@ fn validate_resource(
         size_bytes,
         protocol,
         disk_flushes: raw.disk_flushes.unwrap_or(true),
+        al_extents,
+        resync_rate,
         peers,
     })
 }
@@ -1097,6 +1216,47 @@ fn check_id(id: i64) -> Result<u8, String> {
         .ok_or_else(|| format!("is out of range (node ids are 0..={MAX_NODE_ID})"))
 }
 
+/// `[[resource]] al_extents`: an integer in `MIN_AL_EXTENTS..=MAX_AL_EXTENTS`. Returns the
+/// message on failure.
+fn check_al_extents(value: &Scalar) -> Result<usize, String> {
+    let valid = format!(
+        "give a whole number in {MIN_AL_EXTENTS}..={MAX_AL_EXTENTS} (default {DEFAULT_AL_EXTENTS})"
+    );
+    match value {
+        Scalar::Int(n) => usize::try_from(*n)
+            .ok()
+            .filter(|n| (MIN_AL_EXTENTS..=MAX_AL_EXTENTS).contains(n))
+            .ok_or_else(|| format!("al_extents {n} is out of range; {valid}")),
+        Scalar::Text(text) => Err(format!(
+            "al_extents {text:?} is a string; {valid}, without quotes"
+        )),
+        Scalar::Other { shown, what } => Err(format!("al_extents {shown} is {what}; {valid}")),
+    }
+}
+
+/// `[[resource]] resync_rate`: bytes per second written like a size (`"100MiB"`, `"1G"`, or a
+/// bare number of bytes), 0 for unlimited, otherwise at least `MIN_RESYNC_RATE`. Unlike a size
+/// it need not be a multiple of 4096. Returns the message on failure.
+fn parse_resync_rate(value: &Scalar) -> Result<u64, String> {
+    const UNITS: &str =
+        "resync_rate is in bytes per second, such as \"100MiB\" or \"512K\"; 0 means unlimited";
+    let text = match value {
+        Scalar::Int(n) => n.to_string(),
+        Scalar::Text(text) => text.clone(),
+        Scalar::Other { shown, what } => {
+            return Err(format!("resync_rate {shown} is {what} ({UNITS})"))
+        }
+    };
+    let bytes = parse_byte_count(&text)
+        .map_err(|reason| format!("resync_rate {text:?}: {reason} ({UNITS})"))?;
+    if bytes != 0 && bytes < MIN_RESYNC_RATE {
+        return Err(format!(
+            "resync_rate {text:?} is too small: the minimum is 4KiB per second (one block); 0 means unlimited"
+        ));
+    }
+    Ok(bytes)
+}
+
 fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
     text.trim().parse().map_err(|_| {
         "not a valid socket address; expected IP:PORT such as 192.0.2.2:7788 or [2001:db8::2]:7788 (host names are not resolved)".to_owned()
@@ -1111,49 +1271,7 @@ pub fn parse_size(text: &str) -> Result<u64, ConfigError> {
         text: text.to_owned(),
         reason,
     };
-    let trimmed = text.trim();
-    if trimmed.is_empty() {
-        return Err(fail(
-            "empty; give a whole number of bytes with an optional unit, such as 1GiB".to_owned(),
-        ));
-    }
-    if trimmed.starts_with('-') {
-        return Err(fail("negative sizes are not allowed".to_owned()));
-    }
-    let digits_end = trimmed
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(trimmed.len());
-    let (number, unit) = trimmed.split_at(digits_end);
-    if number.is_empty() {
-        return Err(fail(
-            "does not start with a number; write e.g. 1GiB or 4096".to_owned(),
-        ));
-    }
-    let unit = unit.trim_start();
-    if unit.starts_with('.') || unit.starts_with(',') {
-        return Err(fail(
-            "must be a whole number; use a smaller unit instead of a fraction (e.g. 1536MiB, not 1.5GiB)"
-                .to_owned(),
-        ));
-    }
-    let multiplier = match unit.to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kib" => KIB,
-        "m" | "mib" => MIB,
-        "g" | "gib" => GIB,
-        "t" | "tib" => TIB,
-        _ => {
-            return Err(fail(format!(
-                "unknown unit {unit:?} (use KiB, MiB, GiB or TiB)"
-            )))
-        }
-    };
-    let too_large = || fail("too large (it does not fit in 64 bits)".to_owned());
-    let bytes = number
-        .parse::<u64>()
-        .map_err(|_| too_large())?
-        .checked_mul(multiplier)
-        .ok_or_else(too_large)?;
+    let bytes = parse_byte_count(text).map_err(fail)?;
     if bytes == 0 {
         return Err(fail("must be greater than zero".to_owned()));
     }
@@ -1163,6 +1281,48 @@ pub fn parse_size(text: &str) -> Result<u64, ConfigError> {
         )));
     }
     Ok(bytes)
+}
+
+/// A whole number of bytes with an optional unit, as [`parse_size`] reads it, but 0 and any
+/// multiple are allowed. Returns the reason on failure.
+fn parse_byte_count(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return Err(
+            "empty; give a whole number of bytes with an optional unit, such as 1GiB".to_owned(),
+        );
+    }
+    if trimmed.starts_with('-') {
+        return Err("negative values are not allowed".to_owned());
+    }
+    let digits_end = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
+    let (number, unit) = trimmed.split_at(digits_end);
+    if number.is_empty() {
+        return Err("does not start with a number; write e.g. 1GiB or 4096".to_owned());
+    }
+    let unit = unit.trim_start();
+    if unit.starts_with('.') || unit.starts_with(',') {
+        return Err(
+            "must be a whole number; use a smaller unit instead of a fraction (e.g. 1536MiB, not 1.5GiB)"
+                .to_owned(),
+        );
+    }
+    let multiplier = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => KIB,
+        "m" | "mib" => MIB,
+        "g" | "gib" => GIB,
+        "t" | "tib" => TIB,
+        _ => return Err(format!("unknown unit {unit:?} (use KiB, MiB, GiB or TiB)")),
+    };
+    let too_large = || "too large (it does not fit in 64 bits)".to_owned();
+    number
+        .parse::<u64>()
+        .map_err(|_| too_large())?
+        .checked_mul(multiplier)
+        .ok_or_else(too_large)
 }
 
 #[cfg(test)]
@@ -1230,6 +1390,9 @@ mod tests {
         name = "r0"
         size = "1GiB"
         protocol = "A"
+        disk_flushes = false
+        al_extents = 3001
+        resync_rate = "100M"
 
           [[resource.peer]]
           name = "beta"
@@ -1336,6 +1499,11 @@ mod tests {
 
         let config = load_ok(&with_node("[[resource]]\nname = \"r0\"\nsize = \"1GiB\"\n"));
         assert_eq!(config.resources[0].protocol, ReplicationProtocol::C);
+        assert!(config.resources[0].disk_flushes);
+        assert_eq!(config.resources[0].al_extents, 1237);
+        assert_eq!(config.resources[0].al_extents, DEFAULT_AL_EXTENTS);
+        assert_eq!(config.resources[0].resync_rate, 0, "unlimited");
+        assert_eq!(config.resources[0].resync_rate, DEFAULT_RESYNC_RATE);
         assert!(config.resources[0].peers.is_empty());
     }
 
@@ -1390,7 +1558,9 @@ mod tests {
                     name: "r0".into(),
                     size_bytes: GIB,
                     protocol: ReplicationProtocol::A,
-                    disk_flushes: true,
+                    disk_flushes: false,
+                    al_extents: 3001,
+                    resync_rate: 100 * MIB,
                     peers: vec![
                         PeerConfig {
                             name: "beta".into(),
@@ -1409,6 +1579,8 @@ mod tests {
                     size_bytes: 8192,
                     protocol: ReplicationProtocol::C,
                     disk_flushes: true,
+                    al_extents: 1237,
+                    resync_rate: 0,
                     peers: vec![],
                 },
             ],
@@ -1550,7 +1722,34 @@ mod tests {
             &[
                 "resource \"r0\"",
                 "unknown key \"sise\"",
-                "name, size, protocol, disk_flushes, peer",
+                "name, size, protocol, disk_flushes, al_extents, resync_rate, peer",
+            ],
+        );
+        // DRBD's spellings and near misses of the new keys get a suggestion.
+        for (typo, key) in [
+            ("al-extents", "al_extents"),
+            ("al_extent", "al_extents"),
+            ("resync-rate", "resync_rate"),
+            ("resync_rat", "resync_rate"),
+        ] {
+            load_err(
+                &with_node(&format!(
+                    "[[resource]]\nname = \"r0\"\nsize = \"1GiB\"\n{typo} = 1\n"
+                )),
+                &[
+                    "resource \"r0\"",
+                    &format!("unknown key \"{typo}\""),
+                    &format!("did you mean \"{key}\""),
+                ],
+            );
+        }
+        // Keys that exist elsewhere are still unknown in a resource.
+        load_err(
+            &with_node("[[resource]]\nname = \"r0\"\nsize = \"1GiB\"\nbuffer_budget = \"8MiB\"\n"),
+            &[
+                "resource \"r0\"",
+                "unknown key \"buffer_budget\"",
+                "al_extents",
             ],
         );
         load_err(
@@ -1911,6 +2110,154 @@ mod tests {
         load_err(
             &with_node("[[resource]]\nname = \"r0\"\nsize = \"1GiB\"\nprotocol = \"D\"\n"),
             &["resource \"r0\"", "protocol", "\"D\"", "A, B or C"],
+        );
+    }
+
+    /// A resource `r0` with `key = value` added.
+    fn resource_with(key: &str, value: &str) -> String {
+        with_node(&format!(
+            "[[resource]]\nname = \"r0\"\nsize = \"1GiB\"\n{key} = {value}\n"
+        ))
+    }
+
+    #[test]
+    fn al_extents_values() {
+        for (value, expected) in [
+            ("7", 7),
+            ("8", 8),
+            ("1237", 1237),
+            ("3833", 3833),
+            ("65534", 65534),
+            ("+100", 100),
+            ("1_000", 1000),
+        ] {
+            let config = load_ok(&resource_with("al_extents", value));
+            assert_eq!(config.resources[0].al_extents, expected, "{value}");
+        }
+    }
+
+    #[test]
+    fn bad_al_extents() {
+        let range = "7..=65534";
+        let cases: &[(&str, &[&str])] = &[
+            ("0", &["al_extents 0 is out of range"]),
+            ("6", &["al_extents 6 is out of range"]),
+            ("-1", &["al_extents -1 is out of range"]),
+            ("-1237", &["al_extents -1237 is out of range"]),
+            ("65535", &["al_extents 65535 is out of range"]),
+            ("9223372036854775807", &["out of range"]),
+            (
+                "\"1237\"",
+                &["al_extents \"1237\" is a string", "without quotes"],
+            ),
+            ("\"many\"", &["al_extents \"many\" is a string"]),
+            ("\"\"", &["al_extents \"\" is a string"]),
+            ("1237.5", &["al_extents 1237.5 is a floating-point number"]),
+            ("1237.0", &["al_extents 1237.0 is a floating-point number"]),
+            ("1e3", &["floating-point number"]),
+            ("true", &["al_extents true is a boolean"]),
+            ("[1237]", &["is a list"]),
+            ("{ n = 1237 }", &["is a table"]),
+        ];
+        for (value, words) in cases {
+            let message = load_err(
+                &resource_with("al_extents", value),
+                &[
+                    "<inline>: resource \"r0\": al_extents",
+                    range,
+                    "default 1237",
+                ],
+            );
+            for word in *words {
+                assert!(
+                    message.contains(word),
+                    "{value}: {message:?} lacks {word:?}"
+                );
+            }
+        }
+        // Exactly, once:
+        assert_eq!(
+            load_err(&resource_with("al_extents", "0"), &[]),
+            "<inline>: resource \"r0\": al_extents 0 is out of range; give a whole number in 7..=65534 (default 1237)"
+        );
+        // The message names the resource at fault, here the second one.
+        load_err(
+            &with_node("[[resource]]\nname = \"r0\"\nsize = \"1GiB\"\n[[resource]]\nname = \"r1\"\nsize = \"1GiB\"\nal_extents = 70000\n"),
+            &["resource \"r1\": al_extents 70000 is out of range", range],
+        );
+    }
+
+    #[test]
+    fn resync_rate_values() {
+        for (value, expected) in [
+            ("\"0\"", 0),
+            ("0", 0),
+            ("\"0M\"", 0),
+            ("\"512K\"", 512 * KIB),
+            ("\"100M\"", 100 * MIB),
+            ("\"100MiB\"", 100 * MIB),
+            ("\"100 mib\"", 100 * MIB),
+            ("\"1G\"", GIB),
+            ("\"1GiB\"", GIB),
+            ("\"2T\"", 2 * TIB),
+            ("\"4K\"", 4 * KIB),
+            ("4096", 4096),
+            ("\"1000000\"", 1_000_000),
+            ("125000000", 125_000_000),
+        ] {
+            let config = load_ok(&resource_with("resync_rate", value));
+            assert_eq!(config.resources[0].resync_rate, expected, "{value}");
+        }
+    }
+
+    #[test]
+    fn bad_resync_rate() {
+        let cases: &[(&str, &[&str])] = &[
+            (
+                "\"fast\"",
+                &["resync_rate \"fast\"", "does not start with a number"],
+            ),
+            ("\"\"", &["resync_rate \"\"", "empty"]),
+            ("\"-1M\"", &["resync_rate \"-1M\"", "negative"]),
+            ("-1", &["resync_rate \"-1\"", "negative"]),
+            ("\"1.5G\"", &["resync_rate \"1.5G\"", "whole number"]),
+            (
+                "\"100MB/s\"",
+                &["resync_rate \"100MB/s\"", "unknown unit \"MB/s\""],
+            ),
+            ("\"10XB\"", &["unknown unit \"XB\""]),
+            ("\"99999999999T\"", &["too large"]),
+            ("99999999999999999999", &["TOML syntax error"]),
+            ("1.5", &["resync_rate 1.5 is a floating-point number"]),
+            ("true", &["resync_rate true is a boolean"]),
+            ("[\"100M\"]", &["resync_rate [...] is a list"]),
+            (
+                "\"100\"",
+                &[
+                    "resync_rate \"100\" is too small",
+                    "4KiB",
+                    "0 means unlimited",
+                ],
+            ),
+            ("4095", &["resync_rate \"4095\" is too small"]),
+        ];
+        for (value, words) in cases {
+            let message = load_err(&resource_with("resync_rate", value), words);
+            if !message.contains("TOML syntax error") {
+                for word in [
+                    "<inline>: resource \"r0\": resync_rate",
+                    "0 means unlimited",
+                ] {
+                    assert!(
+                        message.contains(word),
+                        "{value}: {message:?} lacks {word:?}"
+                    );
+                }
+            }
+        }
+        assert_eq!(
+            load_err(&resource_with("resync_rate", "\"fast\""), &[]),
+            "<inline>: resource \"r0\": resync_rate \"fast\": does not start with a number; write e.g. 1GiB or 4096 (resync_rate is in bytes per second, such as \"100MiB\" or \"512K\"; 0 means unlimited)"
         );
     }
 

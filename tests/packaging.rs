@@ -111,6 +111,8 @@ fn shipped_config_examples_are_valid() -> anyhow::Result<()> {
                     "address =",
                     "size =",
                     "protocol =",
+                    "al_extents =",
+                    "resync_rate =",
                     "metrics =",
                     "ca =",
                     "cert =",
@@ -131,6 +133,8 @@ fn shipped_config_examples_are_valid() -> anyhow::Result<()> {
     ensure!(config.tls.is_some());
     let resource = config.resource("r0").map_err(|e| anyhow::anyhow!("{e}"))?;
     ensure!(resource.size_bytes == 1 << 30 && resource.peers.len() == 1);
+    ensure!(resource.al_extents == config::DEFAULT_AL_EXTENTS);
+    ensure!(resource.resync_rate == 100 << 20);
     Ok(())
 }
 
