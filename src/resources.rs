@@ -189,7 +189,11 @@ pub fn open_resource(
             .collect(),
         events,
         disk_flushes: resource.disk_flushes,
-        sync: SyncConfig::default(),
+        sync: SyncConfig {
+            al_extents: resource.al_extents,
+            max_rate: resource.resync_rate,
+            ..SyncConfig::default()
+        },
     })
 }
 
