@@ -373,6 +373,7 @@ mod tests {
             .read(true)
             .write(true)
             .create(true)
+            .truncate(true)
             .custom_flags(0o40000) // O_DIRECT on x86_64 and aarch64
             .open(&path)
             .expect("open");

@@ -630,6 +630,20 @@ impl Sim {
             }
             Effect::CommandDone { id: cid, result } => self.command_done(id, cid, result),
             Effect::Event(line) => self.event(id, line),
+            // The bitmaps are kept in memory, as the DeviceActor does until the metadata
+            // actor stores them.
+            Effect::PersistBitmaps { version, .. } => self.queue.push_back((
+                id,
+                Input::BitmapsPersisted {
+                    version,
+                    result: Ok(()),
+                },
+            )),
+            // The handshake does not start a resync yet; simulating one comes with it.
+            Effect::SendResyncData { peer, offset, .. }
+            | Effect::ApplyResyncWrite { peer, offset, .. } => self.fail(&format!(
+                "n{id}: resync I/O with n{peer} at {offset}, which the simulation does not model yet"
+            )),
         }
     }
 
