@@ -433,11 +433,12 @@ fn codec(c: &mut Criterion) {
                     let mut rest = &chunk[..];
                     while let Some(parsed) = parser.next(&mut rest).expect("valid frames") {
                         match parsed {
-                            Parsed::NeedPayload { len } => {
+                            Parsed::NeedPayload { len, .. } => {
                                 let buf = pool.try_acquire(len).expect("the pool has room");
                                 parser.provide(buf).expect("the size asked for");
                             }
                             Parsed::Data { header, payload } => received.push((header, payload)),
+                            Parsed::ResyncData { .. } => unreachable!("only Data was encoded"),
                             Parsed::Message(message) => {
                                 black_box(message);
                             }

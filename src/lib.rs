@@ -15,7 +15,7 @@ pub mod node;
 pub mod peer;
 pub mod resources;
 pub mod status_text;
-pub mod watch;
 pub mod store;
 pub mod testbed;
 pub mod transport;
+pub mod watch;

@@ -816,6 +816,9 @@ mod tests {
             current_uuid: "0123456789ABCDEF".to_owned(),
             bitmap_uuids: Default::default(),
             history_uuids: Vec::new(),
+            al_hits: 0,
+            al_misses: 0,
+            al_transactions: 0,
             peers: vec![PeerStatus {
                 name: "beta".to_owned(),
                 node_id: 1,
@@ -828,6 +831,8 @@ mod tests {
                 pending: 0,
                 unacked: 1,
                 out_of_sync_bytes: 1 << 18,
+                sync: None,
+                resynced_bytes: 0,
                 last_error: None,
             }],
         }

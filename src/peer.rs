@@ -3,8 +3,15 @@
 //! every connection change to the device actor, where the core decides what they mean: the
 //! handshake, liveness (pings and request timeouts), backoff and refusals all live in the core
 //! (docs/protocol.md). One control stream (handshake, acks, pings, state-change replies: small
-//! and never stuck behind bulk data) and one ordered data stream per direction (writes,
-//! barriers, and the role announcements that must not overtake them).
+//! and never stuck behind bulk data), one ordered data stream per direction (writes,
+//! barriers, and the role announcements that must not overtake them) and one ordered resync
+//! stream per direction (bitmaps, resync requests and their data, so that a resync never
+//! queues behind application writes, nor they behind it).
+//!
+//! Each side opens its data stream first and its resync stream second; QUIC numbers a
+//! connection's streams in the order they are opened and hands them to the receiver in that
+//! order, so the first unidirectional stream a side accepts is the peer's data stream and the
+//! second its resync stream (see [`uni_writer`] and [`uni_reader`]).
 //!
 //! The node with the lower id dials; the other accepts (see [`accept_loop`]). One connection
 //! per resource and peer; each gets a new number (`conn`), so the core can ignore the late
@@ -15,9 +22,10 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use bytes::Bytes;
+use futures::future::Shared;
 use futures::FutureExt;
 use qrbd_actors::buffer::{pooled_capacity, BufferPool, PooledBuf};
-use qrbd_actors::core::messages::PeerMessage;
+use qrbd_actors::core::messages::{PeerMessage, StreamKind};
 use qrbd_actors::core::replication::PeerId;
 use qrbd_actors::core::ReplicationProtocol;
 use qrbd_actors::device::{
@@ -32,7 +40,8 @@ use crate::transport::{
     self, read_message, write_batch, write_message, FrameBatch, FrameParser, Parsed, WireError,
 };
 
-/// Bytes received from a peer and not yet written locally, at most (in KiB permits).
+/// Bytes received from a peer (on the data and resync streams together) and not yet written
+/// locally, at most (in KiB permits).
 pub const RECEIVE_BUDGET_KIB: usize = 64 << 10;
 /// A stream write carries at most about this much (everything queued, up to this), and a
 /// stream read hands the device at most about this much at once.
@@ -74,6 +83,7 @@ struct Live {
     connection: quinn::Connection,
     control_tx: mpsc::UnboundedSender<PeerMessage>,
     data_tx: mpsc::UnboundedSender<PeerOutbound>,
+    resync_tx: mpsc::UnboundedSender<PeerOutbound>,
     writers: Vec<tokio::task::JoinHandle<()>>,
     readers: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -115,6 +125,7 @@ impl PeerActor {
         }
         drop(live.control_tx);
         drop(live.data_tx);
+        drop(live.resync_tx);
         let reason = reason.as_bytes().to_vec();
         let connection = live.connection;
         let writers = live.writers;
@@ -191,6 +202,7 @@ impl Handler<Established> for PeerActor {
         let connection = msg.connection.clone();
         let (control_tx, control_rx) = mpsc::unbounded_channel();
         let (data_tx, data_rx) = mpsc::unbounded_channel();
+        let (resync_tx, resync_rx) = mpsc::unbounded_channel();
         let lost = {
             let device = device.clone();
             move |reason: String| {
@@ -200,16 +212,35 @@ impl Handler<Established> for PeerActor {
                 })
             }
         };
+        // The data stream is opened (and accepted) before the resync stream, see the module
+        // documentation.
+        let (data_opened, after_data_opened) = oneshot::channel();
         let writers = vec![
             tokio::spawn(control_writer(msg.control_send, control_rx, lost.clone())),
-            tokio::spawn(data_writer(
-                DataWriterContext {
+            tokio::spawn(uni_writer(
+                UniWriterContext {
+                    kind: StreamKind::Data,
                     connection: connection.clone(),
-                    device: device.clone(),
+                    device: device.clone().recipient(),
                     peer,
                     report_sent: self.setup.protocol == ReplicationProtocol::A,
+                    after: None,
+                    opened: Some(data_opened),
                 },
                 data_rx,
+                lost.clone(),
+            )),
+            tokio::spawn(uni_writer(
+                UniWriterContext {
+                    kind: StreamKind::Resync,
+                    connection: connection.clone(),
+                    device: device.clone().recipient(),
+                    peer,
+                    report_sent: false,
+                    after: Some(after_data_opened),
+                    opened: None,
+                },
+                resync_rx,
                 lost.clone(),
             )),
         ];
@@ -219,19 +250,39 @@ impl Handler<Established> for PeerActor {
             peer,
             conn,
         };
-        let (control_done, control_done_rx) = oneshot::channel();
+        let (control_finished, control_finished_rx) = oneshot::channel();
+        let control_done = ControlDone(control_finished_rx.shared());
+        // One receive budget for both streams that carry payloads.
+        let budget = Arc::new(ReceiveBudget::new(RECEIVE_BUDGET_KIB));
+        let (data_accepted, after_data_accepted) = oneshot::channel();
         let readers = vec![
             tokio::spawn(control_reader(
                 msg.control_recv,
                 reader.clone(),
                 lost.clone(),
-                control_done,
+                control_finished,
             )),
-            tokio::spawn(data_reader(
-                connection.clone(),
+            tokio::spawn(uni_reader(
+                UniReaderContext {
+                    kind: StreamKind::Data,
+                    budget: budget.clone(),
+                    after: None,
+                    accepted: Some(data_accepted),
+                    control_done: control_done.clone(),
+                },
+                reader.clone(),
+                lost.clone(),
+            )),
+            tokio::spawn(uni_reader(
+                UniReaderContext {
+                    kind: StreamKind::Resync,
+                    budget,
+                    after: Some(after_data_accepted),
+                    accepted: None,
+                    control_done,
+                },
                 reader,
                 lost,
-                control_done_rx,
             )),
         ];
         self.live = Some(Live {
@@ -239,6 +290,7 @@ impl Handler<Established> for PeerActor {
             connection: msg.connection,
             control_tx,
             data_tx,
+            resync_tx,
             writers,
             readers,
         });
@@ -272,17 +324,34 @@ impl PeerActor {
                     self.close_live(CLOSE_PROTOCOL, &reason);
                 }
             }
-            PeerOutbound::Message(message) if !message.on_data_stream() => {
-                if let Some(live) = &self.live {
-                    // A closed channel means the connection is going; the core hears of it.
-                    let _ = live.control_tx.send(message);
-                }
+            // A closed channel means the connection is going; the core hears of it.
+            PeerOutbound::Message(message) => {
+                let Some(live) = &self.live else {
+                    return;
+                };
+                let queue = match message.stream() {
+                    StreamKind::Control => {
+                        let _ = live.control_tx.send(message);
+                        return;
+                    }
+                    StreamKind::Data => &live.data_tx,
+                    StreamKind::Resync => &live.resync_tx,
+                };
+                let _ = queue.send(PeerOutbound::Message(message));
             }
-            data => {
+            data @ PeerOutbound::Data { .. } => {
                 if let Some(live) = &self.live {
                     let _ = live.data_tx.send(data);
                 }
             }
+            resync @ PeerOutbound::ResyncData { conn, .. } => match &self.live {
+                // Blocks read for a connection that is gone must not reach a newer one: they
+                // were read under a lock that went with the old connection.
+                Some(live) if live.conn == conn => {
+                    let _ = live.resync_tx.send(resync);
+                }
+                _ => {}
+            },
         }
     }
 }
@@ -314,12 +383,29 @@ async fn control_writer(
     let _ = send.stopped().await;
 }
 
-struct DataWriterContext {
+/// The name of a stream, for logs and the reasons a link was lost.
+fn stream_name(kind: StreamKind) -> &'static str {
+    match kind {
+        StreamKind::Control => "control",
+        StreamKind::Data => "data",
+        StreamKind::Resync => "resync",
+    }
+}
+
+struct UniWriterContext {
+    /// Data or resync.
+    kind: StreamKind,
     connection: quinn::Connection,
-    device: Addr<DeviceActor>,
+    device: Recipient<FromPeerBatch>,
     peer: PeerId,
     /// Protocol A completes a write once the transport took it.
     report_sent: bool,
+    /// The stream is opened only once this resolves (the data stream was opened), so the
+    /// peer accepts the streams in a known order. A dropped sender (the data writer gave up)
+    /// lets the open go on: it then fails as the connection does.
+    after: Option<oneshot::Receiver<()>>,
+    /// Told once this stream is open.
+    opened: Option<oneshot::Sender<()>>,
 }
 
 /// A write's bytes, shared with the local store and the other peers; a large payload goes to
@@ -332,23 +418,34 @@ impl AsRef<[u8]> for SharedPayload {
     }
 }
 
-/// Writes the data stream: everything queued at each wake-up (up to [`MAX_BATCH_BYTES`]) in
-/// one stream write, then one report of the protocol-A writes it carried.
-async fn data_writer(
-    context: DataWriterContext,
+/// Writes a unidirectional stream (data or resync): everything queued at each wake-up (up to
+/// [`MAX_BATCH_BYTES`]) in one stream write, then one report of the protocol-A writes it
+/// carried.
+async fn uni_writer(
+    context: UniWriterContext,
     mut rx: mpsc::UnboundedReceiver<PeerOutbound>,
     lost: impl Fn(String),
 ) {
-    let DataWriterContext {
+    let UniWriterContext {
+        kind,
         connection,
         device,
         peer,
         report_sent,
+        after,
+        opened,
     } = context;
+    let stream = stream_name(kind);
+    if let Some(after) = after {
+        let _ = after.await;
+    }
     let mut send = match connection.open_uni().await {
         Ok(send) => send,
-        Err(error) => return lost(format!("data stream: {error}")),
+        Err(error) => return lost(format!("{stream} stream: {error}")),
     };
+    if let Some(opened) = opened {
+        let _ = opened.send(());
+    }
     let mut batch = FrameBatch::new();
     let mut chunks = Vec::new();
     let mut sent = Vec::new();
@@ -366,6 +463,9 @@ async fn data_writer(
                     batch.push_data(seq, epoch, request, offset, SharedPayload(data)),
                     Some(request),
                 ),
+                PeerOutbound::ResyncData { offset, data, .. } => {
+                    (batch.push_resync_data(offset, data), None)
+                }
                 PeerOutbound::Message(message) => {
                     let request = match &message {
                         PeerMessage::Discard { request, .. } => Some(*request),
@@ -376,7 +476,7 @@ async fn data_writer(
                 PeerOutbound::Dial | PeerOutbound::Close { .. } => (Ok(()), None),
             };
             if let Err(error) = result {
-                return lost(format!("data stream: {error}"));
+                return lost(format!("{stream} stream: {error}"));
             }
             if let (Some(request), true) = (request, report_sent) {
                 sent.push(LinkEvent::Sent { request });
@@ -389,7 +489,7 @@ async fn data_writer(
             continue;
         }
         if let Err(error) = write_batch(&mut send, &mut batch, &mut chunks).await {
-            return lost(format!("data stream: {error}"));
+            return lost(format!("{stream} stream: {error}"));
         }
         if !sent.is_empty() {
             device.do_send(FromPeerBatch {
@@ -435,9 +535,9 @@ impl AsMut<[u8]> for ReceiveBuf {
     }
 }
 
-/// The data stream's bound on bytes received and not yet written locally ([`RECEIVE_BUDGET_KIB`]
-/// permits of 1 KiB, held until the write is applied), and the pool of aligned buffers the
-/// payloads land in.
+/// The bound on bytes received on the data and resync streams and not yet written locally
+/// ([`RECEIVE_BUDGET_KIB`] permits of 1 KiB, held until the write is applied), and the pool of
+/// aligned buffers the payloads land in. One per connection, shared by both streams.
 struct ReceiveBudget {
     permits: Arc<Semaphore>,
     total_kib: usize,
@@ -496,24 +596,33 @@ impl ReceiveBudget {
     }
 }
 
-/// Parses the frames of one chunk of a stream into link events.
+/// Parses the frames of one chunk of a stream of `kind` into link events. A message that does
+/// not belong on the stream is a protocol error; a payload is refused before a buffer is
+/// spent on it.
 async fn intake(
     parser: &mut FrameParser<ReceiveBuf>,
     chunk: &[u8],
-    stream: &str,
+    kind: StreamKind,
     budget: Option<&ReceiveBudget>,
     reader: &StreamReader,
     events: &mut Vec<LinkEvent>,
 ) -> Result<(), String> {
+    let stream = stream_name(kind);
     let mut rest = chunk;
     while let Some(parsed) = parser
         .next(&mut rest)
         .map_err(|error| format!("{stream} stream: {error}"))?
     {
         match parsed {
-            Parsed::NeedPayload { len } => {
-                let Some(budget) = budget else {
-                    return Err(format!("protocol error: Data on the {stream} stream"));
+            Parsed::NeedPayload { header, len } => {
+                let budget = match budget {
+                    Some(budget) if header.stream() == kind => budget,
+                    _ => {
+                        return Err(format!(
+                            "protocol error: {} on the {stream} stream",
+                            header.name()
+                        ))
+                    }
                 };
                 let buf = budget.payload_buffer(len, reader, events).await?;
                 parser
@@ -529,16 +638,23 @@ async fn intake(
                 data: payload.buf,
                 budget: Some(payload.budget),
             }),
+            Parsed::ResyncData { offset, payload } => events.push(LinkEvent::ResyncData {
+                conn: reader.conn,
+                offset,
+                data: payload.buf,
+                budget: Some(payload.budget),
+            }),
             Parsed::Message(message) => {
-                let budget = match (budget, message.on_data_stream()) {
-                    (Some(budget), true) => Some(budget.take(1, || reader.deliver(events)).await?),
-                    (None, false) => None,
-                    _ => {
-                        return Err(format!(
-                            "protocol error: {} on the {stream} stream",
-                            message.name()
-                        ))
-                    }
+                if message.stream() != kind {
+                    return Err(format!(
+                        "protocol error: {} on the {stream} stream",
+                        message.name()
+                    ));
+                }
+                // On a stream with a budget, every message holds a share of it until handled.
+                let budget = match budget {
+                    Some(budget) => Some(budget.take(1, || reader.deliver(events)).await?),
+                    None => None,
                 };
                 events.push(LinkEvent::Message {
                     conn: reader.conn,
@@ -569,10 +685,11 @@ enum ReadEnd {
 /// the loss carries the peer's reason.
 async fn read_stream(
     mut recv: quinn::RecvStream,
-    stream: &'static str,
-    budget: Option<ReceiveBudget>,
+    kind: StreamKind,
+    budget: Option<Arc<ReceiveBudget>>,
     reader: &StreamReader,
 ) -> ReadEnd {
+    let stream = stream_name(kind);
     let mut parser = FrameParser::new();
     let mut chunks = vec![Bytes::new(); READ_CHUNKS];
     let mut events = Vec::new();
@@ -613,8 +730,8 @@ async fn read_stream(
                 let taken = intake(
                     &mut parser,
                     &chunk,
-                    stream,
-                    budget.as_ref(),
+                    kind,
+                    budget.as_deref(),
                     reader,
                     &mut events,
                 );
@@ -645,31 +762,63 @@ async fn control_reader(
     _done: oneshot::Sender<()>,
 ) {
     let (ReadEnd::Closed(reason) | ReadEnd::Failed(reason)) =
-        read_stream(recv, "control", None, &reader).await;
+        read_stream(recv, StreamKind::Control, None, &reader).await;
     lost(reason);
 }
 
-/// Reads the data stream. When the connection ends, the loss is reported only once the control
-/// reader is done (`control_done`), at most [`CLOSE_GRACE`] later: the peer's last words on the
-/// control stream (a refusal) may have arrived just before the close, and must reach the core
-/// before the loss does, whichever reader the runtime happens to wake first.
-async fn data_reader(
-    connection: quinn::Connection,
-    reader: StreamReader,
-    lost: impl Fn(String),
-    control_done: oneshot::Receiver<()>,
-) {
-    let end = match connection.accept_uni().await {
+/// Resolves once the control reader is done (it reported the loss), or after [`CLOSE_GRACE`].
+#[derive(Clone)]
+struct ControlDone(Shared<oneshot::Receiver<()>>);
+
+impl ControlDone {
+    async fn wait(self) {
+        let _ = tokio::time::timeout(CLOSE_GRACE, self.0).await;
+    }
+}
+
+struct UniReaderContext {
+    /// Data or resync.
+    kind: StreamKind,
+    /// The connection's receive budget, shared by the data and resync readers.
+    budget: Arc<ReceiveBudget>,
+    /// The stream is accepted only once this resolves (the data stream was accepted), so that
+    /// each reader gets the stream it expects. A dropped sender (the data reader ended) lets
+    /// the accept go on: it then fails as the connection did.
+    after: Option<oneshot::Receiver<()>>,
+    /// Told once this stream was accepted.
+    accepted: Option<oneshot::Sender<()>>,
+    control_done: ControlDone,
+}
+
+/// Reads a unidirectional stream (data or resync). When the connection ends, the loss is
+/// reported only once the control reader is done, at most [`CLOSE_GRACE`] later: the peer's
+/// last words on the control stream (a refusal) may have arrived just before the close, and
+/// must reach the core before the loss does, whichever reader the runtime happens to wake
+/// first.
+async fn uni_reader(context: UniReaderContext, reader: StreamReader, lost: impl Fn(String)) {
+    let UniReaderContext {
+        kind,
+        budget,
+        after,
+        accepted,
+        control_done,
+    } = context;
+    if let Some(after) = after {
+        let _ = after.await;
+    }
+    let end = match reader.connection.accept_uni().await {
         Ok(recv) => {
-            let budget = ReceiveBudget::new(RECEIVE_BUDGET_KIB);
-            read_stream(recv, "data", Some(budget), &reader).await
+            if let Some(accepted) = accepted {
+                let _ = accepted.send(());
+            }
+            read_stream(recv, kind, Some(budget), &reader).await
         }
-        Err(error) => ReadEnd::Closed(format!("data stream: {error}")),
+        Err(error) => ReadEnd::Closed(format!("{} stream: {error}", stream_name(kind))),
     };
     match end {
         ReadEnd::Failed(reason) => lost(reason),
         ReadEnd::Closed(reason) => {
-            let _ = tokio::time::timeout(CLOSE_GRACE, control_done).await;
+            control_done.wait().await;
             lost(reason)
         }
     }
@@ -840,7 +989,11 @@ mod tests {
 
     use super::*;
     use crate::config::TlsConfig;
-    use crate::transport::{encode, generate_certificates, load_identity, make_endpoint};
+    use crate::transport::{
+        encode, generate_certificates, load_identity, make_endpoint, MAX_RESYNC_PAYLOAD,
+        RESYNC_DATA_HEADER_LEN,
+    };
+    use qrbd_actors::device::ResyncPayload;
 
     const LIMIT: Duration = Duration::from_secs(30);
 
@@ -933,9 +1086,11 @@ mod tests {
         }
     }
 
-    /// Runs `read_stream` on the next stream `accept` gives, reporting to a collector.
+    /// Runs `read_stream` for a stream of `kind` on the next stream `accept` gives, reporting
+    /// to a collector.
     fn read_from<F>(
         connection: &quinn::Connection,
+        kind: StreamKind,
         budget: Option<ReceiveBudget>,
         accept: F,
     ) -> Reading
@@ -950,11 +1105,10 @@ mod tests {
             peer: 1,
             conn: 7,
         };
-        let stream = if budget.is_some() { "data" } else { "control" };
         actix::spawn(async move {
             let recv = accept.await;
             let (ReadEnd::Closed(reason) | ReadEnd::Failed(reason)) =
-                read_stream(recv, stream, budget, &reader).await;
+                read_stream(recv, kind, budget.map(Arc::new), &reader).await;
             collector.do_send(Lost(reason))
         });
         Reading(reading)
@@ -973,6 +1127,7 @@ mod tests {
             let accepting = acceptor.clone();
             let mut reading = read_from(
                 &acceptor,
+                StreamKind::Data,
                 Some(ReceiveBudget::new(BUDGET_KIB)),
                 async move { accepting.accept_uni().await.unwrap() },
             );
@@ -1087,8 +1242,10 @@ mod tests {
             let (mut control, _) = peer.open_bi().await.unwrap();
             control.write_all(&encode(&refusal)).await.unwrap();
             control.finish().unwrap();
-            let mut data = peer.open_uni().await.unwrap();
-            data.finish().unwrap();
+            for _stream in ["data", "resync"] {
+                let mut send = peer.open_uni().await.unwrap();
+                send.finish().unwrap();
+            }
             let (_, control_recv) = ours.accept_bi().await.unwrap();
             control.stopped().await.unwrap();
             peer.close(2u32.into(), b"split brain");
@@ -1103,11 +1260,30 @@ mod tests {
             };
             let lost = move |reason| collector.do_send(Lost(reason));
             let (done, control_done) = oneshot::channel();
-            actix::spawn(data_reader(
-                ours.clone(),
+            let control_done = ControlDone(control_done.shared());
+            let budget = Arc::new(ReceiveBudget::new(64));
+            let (data_accepted, after_data) = oneshot::channel();
+            actix::spawn(uni_reader(
+                UniReaderContext {
+                    kind: StreamKind::Data,
+                    budget: budget.clone(),
+                    after: None,
+                    accepted: Some(data_accepted),
+                    control_done: control_done.clone(),
+                },
                 reader.clone(),
                 lost.clone(),
-                control_done,
+            ));
+            actix::spawn(uni_reader(
+                UniReaderContext {
+                    kind: StreamKind::Resync,
+                    budget,
+                    after: Some(after_data),
+                    accepted: None,
+                    control_done,
+                },
+                reader.clone(),
+                lost.clone(),
             ));
             // The control reader runs late: only once the close has arrived.
             ours.closed().await;
@@ -1120,12 +1296,12 @@ mod tests {
                 [LinkEvent::Message { message, .. }] => assert_eq!(message, &refusal),
                 _ => panic!("expected the refusal alone"),
             }
-            for _ in 0..2 {
+            for _ in 0..3 {
                 match reading.recv().await {
                     Some(Report::Lost(reason)) => {
                         assert!(reason.contains("split brain"), "{reason}")
                     }
-                    _ => panic!("expected both readers to report the loss"),
+                    _ => panic!("expected every reader to report the loss"),
                 }
             }
         })
@@ -1133,24 +1309,201 @@ mod tests {
         .expect("test timed out");
     }
 
-    /// Sends `bytes` on a new stream to a reader of that kind; returns why the link was lost.
-    async fn lost_after(bytes: Vec<u8>, data_stream: bool) -> String {
+    /// A link's two unidirectional streams end to end: writers on one side, readers on the
+    /// other, set up as [`PeerActor`] does. The data stream is opened first but not written
+    /// until the resync stream delivered, so the readers must still each get their own
+    /// stream; resync payloads land aligned, within the budget the readers share, and the
+    /// sender's payload (shared with quinn, not copied) is released once delivered.
+    #[actix_rt::test]
+    async fn the_resync_stream_is_opened_second_and_carries_payloads_on_its_own() {
+        timeout(LIMIT, async {
+            let dir = tempfile::tempdir().unwrap();
+            let (dialer, acceptor) = connected_pair(dir.path()).await;
+
+            // The sending side.
+            let (sent_reports, _sent) = mpsc::unbounded_channel();
+            let sent_to = Collector(sent_reports).start().recipient();
+            let (data_tx, data_rx) = mpsc::unbounded_channel();
+            let (resync_tx, resync_rx) = mpsc::unbounded_channel();
+            let (data_opened, after_data_opened) = oneshot::channel();
+            let writer = |kind, after, opened| UniWriterContext {
+                kind,
+                connection: dialer.clone(),
+                device: sent_to.clone(),
+                peer: 1,
+                report_sent: false,
+                after,
+                opened,
+            };
+            let no_loss = |reason: String| panic!("a writer lost the link: {reason}");
+            actix::spawn(uni_writer(
+                writer(StreamKind::Data, None, Some(data_opened)),
+                data_rx,
+                no_loss,
+            ));
+            actix::spawn(uni_writer(
+                writer(StreamKind::Resync, Some(after_data_opened), None),
+                resync_rx,
+                no_loss,
+            ));
+
+            // The receiving side.
+            let (reports, reading) = mpsc::unbounded_channel();
+            let mut reading = Reading(reading);
+            let collector = Collector(reports).start();
+            let reader = StreamReader {
+                device: collector.clone().recipient(),
+                connection: acceptor.clone(),
+                peer: 1,
+                conn: 7,
+            };
+            let lost = move |reason| collector.do_send(Lost(reason));
+            let (control, control_done) = oneshot::channel::<()>();
+            let control_done = ControlDone(control_done.shared());
+            const BUDGET_KIB: usize = 1024;
+            let budget = Arc::new(ReceiveBudget::new(BUDGET_KIB));
+            let (data_accepted, after_data_accepted) = oneshot::channel();
+            for (kind, after, accepted) in [
+                (StreamKind::Data, None, Some(data_accepted)),
+                (StreamKind::Resync, Some(after_data_accepted), None),
+            ] {
+                actix::spawn(uni_reader(
+                    UniReaderContext {
+                        kind,
+                        budget: budget.clone(),
+                        after,
+                        accepted,
+                        control_done: control_done.clone(),
+                    },
+                    reader.clone(),
+                    lost.clone(),
+                ));
+            }
+
+            // Resync traffic first: a request and two payloads, one shared with quinn.
+            let pool = BufferPool::new(4 << 20);
+            let read_budget = Arc::new(Semaphore::new(1024));
+            let request = PeerMessage::ResyncRequest {
+                offset: 1 << 20,
+                len: 256 << 10,
+            };
+            resync_tx
+                .send(PeerOutbound::Message(request.clone()))
+                .unwrap();
+            let sizes = [256 << 10, 4096];
+            for (i, len) in sizes.into_iter().enumerate() {
+                let mut buf = pool.acquire(len);
+                buf.copy_from_slice(&payload(i as u64, len));
+                let permit = read_budget.clone().acquire_many_owned(256).await.unwrap();
+                let data = ResyncPayload::new(buf, permit);
+                let offset = (i as u64 + 1) << 20;
+                resync_tx
+                    .send(PeerOutbound::ResyncData {
+                        conn: 7,
+                        offset,
+                        data,
+                    })
+                    .unwrap();
+            }
+            let mut got = Vec::new();
+            while got.len() < 1 + sizes.len() {
+                let Report::Batch(events) = reading.next().await else {
+                    panic!("the link was lost before the resync traffic arrived");
+                };
+                for event in events {
+                    match event {
+                        LinkEvent::Message {
+                            conn: 7,
+                            message,
+                            budget: Some(_),
+                        } => {
+                            assert_eq!(message, request);
+                            got.push(0);
+                        }
+                        LinkEvent::ResyncData {
+                            conn: 7,
+                            offset,
+                            data,
+                            budget,
+                        } => {
+                            let i = (offset >> 20) - 1;
+                            assert_eq!(data.as_ptr() as usize % 4096, 0, "payload not aligned");
+                            assert!(data[..] == payload(i, sizes[i as usize])[..]);
+                            assert!(budget.is_some(), "a payload holds budget");
+                            got.push(offset);
+                        }
+                        _ => panic!("unexpected event"),
+                    }
+                }
+            }
+            assert_eq!(got, [0, 1 << 20, 2 << 20]);
+            // Delivered and acknowledged: the sender let go of both payloads and their budget.
+            drop(read_budget.acquire_many(1024).await.unwrap());
+            assert_eq!(pool.usage().bytes_in_use, 0);
+
+            // Then the data stream, which was opened first.
+            let mut write = pool.acquire(8192);
+            write.copy_from_slice(&payload(9, 8192));
+            data_tx
+                .send(PeerOutbound::Data {
+                    seq: 1,
+                    epoch: 1,
+                    request: 5,
+                    offset: 0,
+                    data: Arc::new(write),
+                })
+                .unwrap();
+            let Report::Batch(events) = reading.next().await else {
+                panic!("the link was lost before the write arrived");
+            };
+            match &events[..] {
+                [LinkEvent::Data {
+                    conn: 7,
+                    seq: 1,
+                    data,
+                    ..
+                }] => assert!(data[..] == payload(9, 8192)[..]),
+                _ => panic!("expected the write alone"),
+            }
+
+            // The end of the connection ends both readers (no control reader here to wait for).
+            drop(control);
+            dialer.close(0u32.into(), b"done");
+            let mut ended = Vec::new();
+            for _ in 0..2 {
+                match reading.next().await {
+                    Report::Lost(reason) => {
+                        assert!(reason.contains("connection lost"), "{reason}");
+                        ended.push(reason.split(' ').next().unwrap_or_default().to_owned());
+                    }
+                    Report::Batch(_) => panic!("a batch after the end of the connection"),
+                }
+            }
+            ended.sort();
+            assert_eq!(ended, ["data", "resync"]);
+        })
+        .await
+        .expect("test timed out");
+    }
+
+    /// Sends `bytes` on a new stream to a reader of `kind`; returns why the link was lost.
+    async fn lost_after(bytes: Vec<u8>, kind: StreamKind) -> String {
         let dir = tempfile::tempdir().unwrap();
         let (dialer, acceptor) = connected_pair(dir.path()).await;
         let accepting = acceptor.clone();
-        let mut reading = if data_stream {
-            read_from(&acceptor, Some(ReceiveBudget::new(64)), async move {
-                accepting.accept_uni().await.unwrap()
-            })
-        } else {
-            read_from(&acceptor, None, async move {
+        let mut reading = if kind == StreamKind::Control {
+            read_from(&acceptor, kind, None, async move {
                 accepting.accept_bi().await.unwrap().1
             })
-        };
-        let mut send = if data_stream {
-            dialer.open_uni().await.unwrap()
         } else {
+            read_from(&acceptor, kind, Some(ReceiveBudget::new(64)), async move {
+                accepting.accept_uni().await.unwrap()
+            })
+        };
+        let mut send = if kind == StreamKind::Control {
             dialer.open_bi().await.unwrap().0
+        } else {
+            dialer.open_uni().await.unwrap()
         };
         send.write_all(&bytes).await.unwrap();
         // What came before the bad frame is handed over first, then the loss.
@@ -1177,7 +1530,8 @@ mod tests {
                 offset: 0,
                 data: vec![1; 4096],
             });
-            let reason = lost_after([ping.clone(), data].concat(), false).await;
+            let reason =
+                lost_after([ping.clone(), data.clone()].concat(), StreamKind::Control).await;
             assert_eq!(reason, "protocol error: Data on the control stream");
 
             let barrier = encode(&PeerMessage::Barrier {
@@ -1186,11 +1540,59 @@ mod tests {
                 writes: 0,
                 flush: false,
             });
-            let reason = lost_after([barrier.clone(), ping].concat(), true).await;
+            let reason =
+                lost_after([barrier.clone(), ping.clone()].concat(), StreamKind::Data).await;
             assert_eq!(reason, "protocol error: Ping on the data stream");
 
-            let reason = lost_after([barrier, vec![0, 0, 0, 2, 99, 0]].concat(), true).await;
+            let reason = lost_after(
+                [barrier.clone(), vec![0, 0, 0, 2, 99, 0]].concat(),
+                StreamKind::Data,
+            )
+            .await;
             assert_eq!(reason, "data stream: unknown message tag 99");
+
+            // Resync traffic has a stream of its own, and only it.
+            let request = encode(&PeerMessage::ResyncRequest {
+                offset: 0,
+                len: 4096,
+            });
+            let resync_data = encode(&PeerMessage::ResyncData {
+                offset: 0,
+                data: vec![2; 4096],
+            });
+            let reason = lost_after(
+                [barrier.clone(), resync_data.clone()].concat(),
+                StreamKind::Data,
+            )
+            .await;
+            assert_eq!(reason, "protocol error: ResyncData on the data stream");
+            let reason = lost_after(
+                [ping.clone(), request.clone()].concat(),
+                StreamKind::Control,
+            )
+            .await;
+            assert_eq!(
+                reason,
+                "protocol error: ResyncRequest on the control stream"
+            );
+            let reason = lost_after([request.clone(), data].concat(), StreamKind::Resync).await;
+            assert_eq!(reason, "protocol error: Data on the resync stream");
+            let reason = lost_after([request.clone(), barrier].concat(), StreamKind::Resync).await;
+            assert_eq!(reason, "protocol error: Barrier on the resync stream");
+            let reason = lost_after([resync_data, ping].concat(), StreamKind::Resync).await;
+            assert_eq!(reason, "protocol error: Ping on the resync stream");
+            // Refused on the announced length alone, before the payload arrives.
+            let oversized = encode(&PeerMessage::ResyncData {
+                offset: 0,
+                data: vec![2; MAX_RESYNC_PAYLOAD + 1],
+            });
+            let head = &oversized[..RESYNC_DATA_HEADER_LEN];
+            let reason = lost_after([&request[..], head].concat(), StreamKind::Resync).await;
+            assert_eq!(
+                reason,
+                "resync stream: ResyncData payload of 1048577 bytes exceeds the maximum of \
+                 1048576 bytes"
+            );
         })
         .await
         .expect("test timed out");

@@ -73,9 +73,9 @@ pub fn watch(socket: &Path, resource: Option<String>, out: &mut impl Write) -> a
                     bar.set_message(detail);
                 } else {
                     let percent = (sync.done_percent() as u64).min(100);
-                    let changed = last_line
-                        .get(&key)
-                        .is_none_or(|(role, shown)| *role != detail_state(&detail) || *shown != percent);
+                    let changed = last_line.get(&key).is_none_or(|(role, shown)| {
+                        *role != detail_state(&detail) || *shown != percent
+                    });
                     if changed {
                         writeln!(
                             out,

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use tokio::sync::{broadcast, oneshot, OwnedSemaphorePermit, Semaphore};
 
-use crate::buffer::PooledBuf;
+use crate::buffer::{pooled_capacity, BufferPool, PooledBuf};
 use crate::core::activity_log::ActivityLogStats;
-use crate::core::messages::{Epoch, PeerMessage};
+use crate::core::messages::{Epoch, PeerMessage, StreamKind};
 use crate::core::replication::{Outgoing, PeerId};
 use crate::core::resource::{
     Command, CommandError, CommandId, CoreConfig, Effect, Input, LinkStatus, PeerWrite,
@@ -31,6 +31,9 @@ use crate::uring::{UringBuf, UringDone, UringEngine};
 /// How many local I/O operations of one volume run at once on the blocking pool (requests the
 /// ring does not take).
 pub const LOCAL_IO_SLOTS: usize = 32;
+/// Bytes a sync source reads for its peers and has not yet seen the transport through, at most
+/// (in KiB permits): a peer asks for blocks faster than they leave, reads wait for room.
+pub const RESYNC_READ_BUDGET_KIB: usize = 32 << 10;
 
 pub use crate::io::{IoDone, IoOp, IoReply, SharedBuf};
 
@@ -97,12 +100,43 @@ pub enum PeerOutbound {
         offset: u64,
         data: SharedBuf,
     },
-    /// Any other message (the link picks the stream by [`PeerMessage::on_data_stream`]).
+    /// Blocks read for a sync target, sent as `ResyncData` only on connection `conn` (a newer
+    /// connection's resync asks again).
+    ResyncData {
+        conn: u64,
+        offset: u64,
+        data: ResyncPayload,
+    },
+    /// Any other message (the link picks the stream by [`PeerMessage::stream`]).
     Message(PeerMessage),
     /// Open a connection to the peer.
     Dial,
     /// Close connection `conn` after sending what is queued.
     Close { conn: u64, reason: String },
+}
+
+/// Blocks a sync source read for a peer, in an aligned buffer, with the share of the device's
+/// resync read budget they hold until the transport is done with them (a large payload goes
+/// to quinn as a chunk of its own, without a copy, and lives until the peer acknowledged it).
+pub struct ResyncPayload {
+    /// Declared before the budget so that the buffer is back in its pool first.
+    data: PooledBuf,
+    _budget: OwnedSemaphorePermit,
+}
+
+impl ResyncPayload {
+    pub fn new(data: PooledBuf, budget: OwnedSemaphorePermit) -> Self {
+        ResyncPayload {
+            data,
+            _budget: budget,
+        }
+    }
+}
+
+impl AsRef<[u8]> for ResyncPayload {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
 }
 
 /// Delivered to a peer's link actor: everything one wake-up of the device has for it, in order.
@@ -137,6 +171,15 @@ pub enum LinkEvent {
         seq: u64,
         epoch: Epoch,
         request: RequestId,
+        offset: u64,
+        data: PooledBuf,
+        /// As for [`LinkEvent::Message`]; it covers the buffer's whole capacity.
+        budget: Option<OwnedSemaphorePermit>,
+    },
+    /// A sync source's blocks as received on the resync stream, in a 4 KiB-aligned buffer from
+    /// the link's receive pool, like [`LinkEvent::Data`].
+    ResyncData {
+        conn: u64,
         offset: u64,
         data: PooledBuf,
         /// As for [`LinkEvent::Message`]; it covers the buffer's whole capacity.
@@ -211,6 +254,12 @@ pub struct DeviceActor {
     /// What the effects being carried out have for each link, sent as one message per link.
     outbox: BTreeMap<PeerId, Vec<PeerOutbound>>,
     payloads: BTreeMap<(PeerId, u64, u64), Payload>,
+    /// Received resync blocks waiting to be written, by (peer, conn, offset).
+    resync_payloads: BTreeMap<(PeerId, u64, u64), Payload>,
+    /// Bounds the blocks read for sync targets and not yet through the transport
+    /// ([`RESYNC_READ_BUDGET_KIB`]), and the pool of aligned buffers they are read into.
+    resync_reads: Arc<Semaphore>,
+    resync_pool: BufferPool,
     meta_actor: Option<Addr<MetaActor>>,
     commands: BTreeMap<CommandId, oneshot::Sender<Result<String, CommandError>>>,
     next_command: CommandId,
@@ -228,6 +277,9 @@ pub struct DeviceActor {
     uring_submit_scheduled: bool,
     /// Scratch for reaped completions, kept to spare an allocation per wake-up.
     reaped: Vec<UringDone>,
+    /// Tests: told of every resync completion reported to the core.
+    #[cfg(test)]
+    resync_observer: Option<tokio::sync::mpsc::UnboundedSender<Input>>,
 }
 
 /// What a local operation completes, whichever way (ring or blocking pool) it ran.
@@ -240,6 +292,23 @@ enum IoTarget {
         peer: PeerId,
         conn: u64,
         seq: u64,
+        /// Held until the write is on disk, see [`LinkEvent::Message`].
+        _budget: Option<OwnedSemaphorePermit>,
+    },
+    /// Sync source: blocks read for `peer` (the buffer comes back as an [`IoOp::Read`]).
+    ResyncRead {
+        peer: PeerId,
+        conn: u64,
+        offset: u64,
+        len: u64,
+        budget: OwnedSemaphorePermit,
+    },
+    /// Sync target: a resync write.
+    ResyncWrite {
+        peer: PeerId,
+        conn: u64,
+        offset: u64,
+        len: u64,
         /// Held until the write is on disk, see [`LinkEvent::Message`].
         _budget: Option<OwnedSemaphorePermit>,
     },
@@ -270,6 +339,11 @@ impl DeviceActor {
             links: BTreeMap::new(),
             outbox: BTreeMap::new(),
             payloads: BTreeMap::new(),
+            resync_payloads: BTreeMap::new(),
+            resync_reads: Arc::new(Semaphore::new(RESYNC_READ_BUDGET_KIB)),
+            // Every buffer is taken under permits for its whole capacity, so the permits are
+            // what bounds it; the pool's own budget is slack, so taking one never fails.
+            resync_pool: BufferPool::new(2 * (RESYNC_READ_BUDGET_KIB << 10)),
             meta_actor: setup.meta_actor,
             commands: BTreeMap::new(),
             next_command: 1,
@@ -281,6 +355,8 @@ impl DeviceActor {
             next_uring_token: 1,
             uring_submit_scheduled: false,
             reaped: Vec::new(),
+            #[cfg(test)]
+            resync_observer: None,
         }
     }
 
@@ -431,30 +507,35 @@ impl DeviceActor {
                 conn,
                 offset,
                 len,
-            } => {
-                // Wired to the store and the transport in the next step.
-                self.follow_ups.push_back(Input::ResyncSent {
+            } => match ctx {
+                Some(ctx) => self.send_resync_data(peer, conn, offset, len, ctx),
+                // Only the effects of the core's construction run without a context.
+                None => self.report_resync(Input::ResyncSent {
                     peer,
                     conn,
                     offset,
                     len,
-                    result: Err(95),
-                });
-            }
+                    result: Err(EIO),
+                }),
+            },
             Effect::ApplyResyncWrite {
                 peer,
                 conn,
                 offset,
                 len,
-            } => {
-                self.follow_ups.push_back(Input::ResyncWriteDone {
-                    peer,
-                    conn,
-                    offset,
-                    len,
-                    result: Err(95),
-                });
-            }
+            } => match ctx {
+                Some(ctx) => self.apply_resync_write(peer, conn, offset, len, ctx),
+                None => {
+                    self.resync_payloads.remove(&(peer, conn, offset));
+                    self.report_resync(Input::ResyncWriteDone {
+                        peer,
+                        conn,
+                        offset,
+                        len,
+                        result: Err(EIO),
+                    });
+                }
+            },
             Effect::PersistBitmaps { version, update } => {
                 self.persist_bitmaps(version, update, ctx)
             }
@@ -468,6 +549,8 @@ impl DeviceActor {
             }
             Effect::CloseConnection { peer, conn, reason } => {
                 self.payloads
+                    .retain(|(p, c, _), _| !(*p == peer && *c == conn));
+                self.resync_payloads
                     .retain(|(p, c, _), _| !(*p == peer && *c == conn));
                 self.queue_for_link(peer, PeerOutbound::Close { conn, reason });
             }
@@ -682,6 +765,147 @@ impl DeviceActor {
         }
     }
 
+    /// Sync source: reads the blocks into an aligned buffer (through the ring when it takes
+    /// them), then hands them to the link as `ResyncData` for connection `conn` and reports
+    /// [`Input::ResyncSent`] (see [`DeviceActor::local_io_done`]). The read waits for room in
+    /// the resync read budget.
+    fn send_resync_data(
+        &mut self,
+        peer: PeerId,
+        conn: u64,
+        offset: u64,
+        len: u64,
+        ctx: &mut Context<Self>,
+    ) {
+        let Ok(bytes) = usize::try_from(len) else {
+            return self.report_resync(Input::ResyncSent {
+                peer,
+                conn,
+                offset,
+                len,
+                result: Err(EINVAL),
+            });
+        };
+        // A read larger than the whole budget waits until nothing else holds any of it.
+        let kib = (pooled_capacity(bytes) >> 10).clamp(1, RESYNC_READ_BUDGET_KIB);
+        let permits = u32::try_from(kib).unwrap_or(u32::MAX);
+        match self.resync_reads.clone().try_acquire_many_owned(permits) {
+            Ok(budget) => self.start_resync_read(peer, conn, offset, len, budget, ctx),
+            Err(_) => {
+                let reads = self.resync_reads.clone();
+                let wait = async move { reads.acquire_many_owned(permits).await };
+                ctx.spawn(wait.into_actor(self).map(move |budget, actor, ctx| {
+                    match budget {
+                        Ok(budget) => actor.start_resync_read(peer, conn, offset, len, budget, ctx),
+                        // The semaphore is never closed; fail the read rather than lose it.
+                        Err(_) => actor.report_resync(Input::ResyncSent {
+                            peer,
+                            conn,
+                            offset,
+                            len,
+                            result: Err(EIO),
+                        }),
+                    }
+                    actor.run_effects(Some(ctx));
+                }));
+            }
+        }
+    }
+
+    fn start_resync_read(
+        &mut self,
+        peer: PeerId,
+        conn: u64,
+        offset: u64,
+        len: u64,
+        budget: OwnedSemaphorePermit,
+        ctx: &mut Context<Self>,
+    ) {
+        // The budget's permits cover the buffer's capacity, and the pool has twice the room.
+        let Some(buf) = usize::try_from(len)
+            .ok()
+            .and_then(|bytes| self.resync_pool.try_acquire(bytes))
+        else {
+            let usage = self.resync_pool.usage();
+            tracing::error!(device = %self.name, peer, offset, len, in_use = usage.bytes_in_use,
+                "no buffer for a resync read");
+            return self.report_resync(Input::ResyncSent {
+                peer,
+                conn,
+                offset,
+                len,
+                result: Err(ENOMEM),
+            });
+        };
+        let target = IoTarget::ResyncRead {
+            peer,
+            conn,
+            offset,
+            len,
+            budget,
+        };
+        if self.ring_accepts(offset, &buf) {
+            return self.push_to_ring(target, offset, UringBuf::Read(buf), ctx);
+        }
+        let store = self.store.clone();
+        let io = move || {
+            let mut buf = buf;
+            let result = store.read_at(offset, &mut buf);
+            (Some(IoOp::Read { offset, buf }), result)
+        };
+        self.run_blocking(target, io, ctx);
+    }
+
+    /// Sync target: writes the received blocks `(peer, conn, offset)` to the local store, drops
+    /// them, and reports [`Input::ResyncWriteDone`].
+    fn apply_resync_write(
+        &mut self,
+        peer: PeerId,
+        conn: u64,
+        offset: u64,
+        len: u64,
+        ctx: &mut Context<Self>,
+    ) {
+        let payload = self.resync_payloads.remove(&(peer, conn, offset));
+        let Some(Payload {
+            data: Some(data),
+            _budget,
+        }) = payload.filter(|p| p.data.as_ref().is_some_and(|d| d.len() as u64 == len))
+        else {
+            tracing::error!(device = %self.name, peer, conn, offset, len,
+                "received resync blocks to write are missing");
+            return self.report_resync(Input::ResyncWriteDone {
+                peer,
+                conn,
+                offset,
+                len,
+                result: Err(EIO),
+            });
+        };
+        let target = IoTarget::ResyncWrite {
+            peer,
+            conn,
+            offset,
+            len,
+            _budget,
+        };
+        if self.ring_accepts(offset, &data) {
+            return self.push_to_ring(target, offset, UringBuf::Write(Box::new(data)), ctx);
+        }
+        let store = self.store.clone();
+        self.run_blocking(target, move || (None, store.write_at(offset, &data)), ctx);
+    }
+
+    /// Tells the core how a resync read or write ended, once the effects being carried out are
+    /// done (every caller runs them next).
+    fn report_resync(&mut self, input: Input) {
+        #[cfg(test)]
+        if let Some(observer) = &self.resync_observer {
+            let _ = observer.send(input.clone());
+        }
+        self.follow_ups.push_back(input);
+    }
+
     /// Whether the ring takes I/O of `bytes` at `offset` (aligned, below the store's limit).
     fn ring_accepts(&self, offset: u64, bytes: &[u8]) -> bool {
         self.uring
@@ -744,7 +968,10 @@ impl DeviceActor {
         for UringDone { token, buf, result } in done.drain(..) {
             if let Some(target) = self.uring_targets.remove(&token) {
                 let returned = match (&target, buf) {
-                    (IoTarget::Local { offset, .. }, UringBuf::Read(buf)) => Some(IoOp::Read {
+                    (
+                        IoTarget::Local { offset, .. } | IoTarget::ResyncRead { offset, .. },
+                        UringBuf::Read(buf),
+                    ) => Some(IoOp::Read {
                         offset: *offset,
                         buf,
                     }),
@@ -788,6 +1015,57 @@ impl DeviceActor {
                         result,
                     },
                 );
+            }
+            IoTarget::ResyncRead {
+                peer,
+                conn,
+                offset,
+                len,
+                budget,
+            } => {
+                let result = match (result, returned) {
+                    (Ok(()), Some(IoOp::Read { buf, .. })) => {
+                        let data = ResyncPayload::new(buf, budget);
+                        self.queue_for_link(peer, PeerOutbound::ResyncData { conn, offset, data });
+                        Ok(())
+                    }
+                    (Ok(()), _) => {
+                        tracing::error!(device = %self.name, peer, offset, len,
+                            "a resync read came back without its buffer");
+                        Err(EIO)
+                    }
+                    (Err(errno), _) => {
+                        tracing::error!(device = %self.name, peer, offset, len, errno,
+                            "reading blocks for a resync failed");
+                        Err(errno)
+                    }
+                };
+                self.report_resync(Input::ResyncSent {
+                    peer,
+                    conn,
+                    offset,
+                    len,
+                    result,
+                });
+            }
+            IoTarget::ResyncWrite {
+                peer,
+                conn,
+                offset,
+                len,
+                ..
+            } => {
+                if let Err(errno) = result {
+                    tracing::error!(device = %self.name, peer, offset, len, errno,
+                        "writing resync blocks failed");
+                }
+                self.report_resync(Input::ResyncWriteDone {
+                    peer,
+                    conn,
+                    offset,
+                    len,
+                    result,
+                });
             }
             IoTarget::Flush(input) => {
                 if let Err(errno) = result {
@@ -948,6 +1226,8 @@ impl DeviceActor {
                 // Payloads of older connections will never be applied.
                 self.payloads
                     .retain(|(p, c, _), _| *p != peer || *c == conn);
+                self.resync_payloads
+                    .retain(|(p, c, _), _| *p != peer || *c == conn);
                 Input::TransportUp { peer, conn }
             }
             LinkEvent::TransportDown { conn, reason } => {
@@ -973,6 +1253,29 @@ impl DeviceActor {
                     discard: false,
                 };
                 self.keep_payload(peer, conn, write, Some(data), budget)
+            }
+            LinkEvent::ResyncData {
+                conn,
+                offset,
+                data,
+                budget,
+            } => {
+                let len = data.len() as u64;
+                // A repeated offset replaces the earlier blocks; the core decides whether it
+                // wanted them.
+                self.resync_payloads.insert(
+                    (peer, conn, offset),
+                    Payload {
+                        data: Some(data),
+                        _budget: budget,
+                    },
+                );
+                Input::ResyncData {
+                    peer,
+                    conn,
+                    offset,
+                    len,
+                }
             }
             LinkEvent::Message {
                 conn,
@@ -1046,15 +1349,15 @@ impl DeviceActor {
 /// Appends `outbound` to a link's queue. Acknowledgements are cumulative (docs/protocol.md,
 /// "Completion"), so a RecvAck/WriteAck replaces one of the same kind queued before it, unless
 /// another control-stream message (a NegAck must stay ahead of the ack that covers its write)
-/// or a connection change lies between them. Only data-stream messages, whose order relative
-/// to the control stream nothing relies on, may lie between.
+/// or a connection change lies between them. Only data- and resync-stream messages, whose order
+/// relative to the control stream nothing relies on, may lie between.
 fn queue_outbound(queue: &mut Vec<PeerOutbound>, outbound: PeerOutbound) {
     if let PeerOutbound::Message(PeerMessage::RecvAck { up_to } | PeerMessage::WriteAck { up_to }) =
         &outbound
     {
         let earlier = queue.iter_mut().rev().find(|queued| match queued {
-            PeerOutbound::Data { .. } => false,
-            PeerOutbound::Message(message) => !message.on_data_stream(),
+            PeerOutbound::Data { .. } | PeerOutbound::ResyncData { .. } => false,
+            PeerOutbound::Message(message) => message.stream() == StreamKind::Control,
             PeerOutbound::Dial | PeerOutbound::Close { .. } => true,
         });
         if let Some(PeerOutbound::Message(earlier)) = earlier {
@@ -1079,6 +1382,7 @@ fn queue_outbound(queue: &mut Vec<PeerOutbound>, outbound: PeerOutbound) {
 
 /// errno values (this crate does not link libc).
 const EIO: i32 = 5;
+const ENOMEM: i32 = 12;
 const EINVAL: i32 = 22;
 
 fn run_local(store: &dyn BlockStore, mut op: IoOp) -> (IoOp, std::io::Result<()>) {
@@ -1286,6 +1590,312 @@ impl Handler<SendRawData> for DeviceActor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{buf_from, MemStore};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    use tokio::sync::mpsc;
+    use tokio::time::timeout;
+
+    const DEADLINE: Duration = Duration::from_secs(20);
+    const PEER: PeerId = 1;
+    const CONN: u64 = 3;
+
+    /// A peer's link as the device sees it: everything the device hands it, in order.
+    struct LinkProbe(mpsc::UnboundedSender<PeerOutbound>);
+
+    impl Actor for LinkProbe {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<ToPeer> for LinkProbe {
+        type Result = ();
+        fn handle(&mut self, ToPeer(batch): ToPeer, _: &mut Context<Self>) {
+            for outbound in batch {
+                let _ = self.0.send(outbound);
+            }
+        }
+    }
+
+    /// Carries out an effect as if the core had asked for it. (The core does not start a
+    /// resync yet, and it ignores the reports for a peer it has no connection with.)
+    #[derive(Message)]
+    #[rtype(result = "()")]
+    struct CarryOut(Effect);
+
+    impl Handler<CarryOut> for DeviceActor {
+        type Result = ();
+        fn handle(&mut self, CarryOut(effect): CarryOut, ctx: &mut Context<Self>) {
+            self.carry_out(effect, Some(ctx));
+            self.run_effects(Some(ctx));
+        }
+    }
+
+    #[derive(Message)]
+    #[rtype(result = "()")]
+    struct ObserveResync(mpsc::UnboundedSender<Input>);
+
+    impl Handler<ObserveResync> for DeviceActor {
+        type Result = ();
+        fn handle(&mut self, ObserveResync(observer): ObserveResync, _: &mut Context<Self>) {
+            self.resync_observer = Some(observer);
+        }
+    }
+
+    /// A file opened with O_DIRECT whose descriptor the device may use: I/O through the ring.
+    struct DirectFile {
+        file: std::fs::File,
+        size: u64,
+    }
+
+    impl BlockStore for DirectFile {
+        fn size(&self) -> u64 {
+            self.size
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+            self.file.read_exact_at(buf, offset)
+        }
+        fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            self.file.write_all_at(data, offset)
+        }
+        fn discard(&self, _: u64, _: u64) -> std::io::Result<()> {
+            Err(std::io::Error::from_raw_os_error(EINVAL))
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            self.file.sync_data()
+        }
+        fn direct_access(&self) -> Option<crate::ports::DirectAccess> {
+            Some(crate::ports::DirectAccess {
+                fd: self.file.as_raw_fd(),
+                limit: self.size,
+            })
+        }
+    }
+
+    fn pattern(seed: u64, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u64 * 31 + seed * 7 + (i as u64 >> 12)) as u8)
+            .collect()
+    }
+
+    struct Harness {
+        device: Addr<DeviceActor>,
+        link: mpsc::UnboundedReceiver<PeerOutbound>,
+        reports: mpsc::UnboundedReceiver<Input>,
+    }
+
+    impl Harness {
+        async fn start(store: Arc<dyn BlockStore>) -> Harness {
+            let device = DeviceActor::new("r0", store, false).start();
+            let (to_link, link) = mpsc::unbounded_channel();
+            let probe = LinkProbe(to_link).start();
+            device
+                .send(AttachLink {
+                    peer: PEER,
+                    link: probe.recipient(),
+                })
+                .await
+                .expect("device");
+            let (observer, reports) = mpsc::unbounded_channel();
+            device.send(ObserveResync(observer)).await.expect("device");
+            Harness {
+                device,
+                link,
+                reports,
+            }
+        }
+
+        async fn carry_out(&self, effect: Effect) {
+            self.device.send(CarryOut(effect)).await.expect("device");
+        }
+
+        async fn report(&mut self) -> Input {
+            timeout(DEADLINE, self.reports.recv())
+                .await
+                .expect("no resync report in time")
+                .expect("device gone")
+        }
+
+        /// Reads `len` bytes at `offset` as a sync source does; returns what the link got.
+        async fn send_resync_data(&mut self, offset: u64, len: u64) -> (u64, u64, Vec<u8>) {
+            self.carry_out(Effect::SendResyncData {
+                peer: PEER,
+                conn: CONN,
+                offset,
+                len,
+            })
+            .await;
+            let report = self.report().await;
+            assert_eq!(
+                report,
+                Input::ResyncSent {
+                    peer: PEER,
+                    conn: CONN,
+                    offset,
+                    len,
+                    result: Ok(())
+                }
+            );
+            match timeout(DEADLINE, self.link.recv()).await {
+                Ok(Some(PeerOutbound::ResyncData { conn, offset, data })) => {
+                    let bytes = data.as_ref();
+                    assert_eq!(bytes.as_ptr() as usize % 4096, 0, "buffer not aligned");
+                    (conn, offset, bytes.to_vec())
+                }
+                Ok(Some(_)) => panic!("the link got something else than ResyncData"),
+                _ => panic!("the link got nothing"),
+            }
+        }
+
+        /// Hands the device resync blocks as the link delivers them, holding `budget`.
+        fn deliver(&self, offset: u64, bytes: &[u8], budget: OwnedSemaphorePermit) {
+            let pool = BufferPool::new(4 << 20);
+            self.device.do_send(FromPeerBatch {
+                peer: PEER,
+                events: vec![LinkEvent::ResyncData {
+                    conn: CONN,
+                    offset,
+                    data: buf_from(&pool, bytes),
+                    budget: Some(budget),
+                }],
+            });
+        }
+
+        async fn apply(&mut self, offset: u64, len: u64) -> Result<(), i32> {
+            self.carry_out(Effect::ApplyResyncWrite {
+                peer: PEER,
+                conn: CONN,
+                offset,
+                len,
+            })
+            .await;
+            match self.report().await {
+                Input::ResyncWriteDone {
+                    peer: PEER,
+                    conn: CONN,
+                    offset: o,
+                    len: l,
+                    result,
+                } if (o, l) == (offset, len) => result,
+                other => panic!("unexpected report {other:?}"),
+            }
+        }
+    }
+
+    /// Waits until every permit of `budget` is back: whoever held one dropped it.
+    async fn all_released(budget: &Semaphore, permits: u32) {
+        let all = timeout(DEADLINE, budget.acquire_many(permits))
+            .await
+            .expect("a payload was never dropped")
+            .expect("semaphore closed");
+        drop(all);
+    }
+
+    /// The sync source's read and the sync target's write, through the store's methods on the
+    /// blocking pool (a MemStore offers no descriptor for the ring).
+    #[actix_rt::test]
+    async fn resync_blocks_are_read_for_the_link_and_written_from_it() {
+        let store = MemStore::new(4 << 20);
+        let original = pattern(1, 4 << 20);
+        store.write_at(0, &original).expect("fill");
+        let mut harness = Harness::start(store.clone()).await;
+
+        let (conn, offset, bytes) = harness.send_resync_data(8192, 256 << 10).await;
+        assert_eq!((conn, offset), (CONN, 8192));
+        assert!(bytes[..] == original[8192..8192 + (256 << 10)]);
+
+        // A read error is reported with its errno, and nothing goes to the link.
+        store.fail_next(1, EIO);
+        harness
+            .carry_out(Effect::SendResyncData {
+                peer: PEER,
+                conn: CONN,
+                offset: 0,
+                len: 4096,
+            })
+            .await;
+        assert_eq!(
+            harness.report().await,
+            Input::ResyncSent {
+                peer: PEER,
+                conn: CONN,
+                offset: 0,
+                len: 4096,
+                result: Err(EIO)
+            }
+        );
+        let (_, offset, _) = harness.send_resync_data(1 << 20, 4096).await;
+        assert_eq!(offset, 1 << 20, "the failed read sent something");
+
+        // Received blocks are kept until the core asks for them to be written, then dropped.
+        let budget = Arc::new(Semaphore::new(64));
+        let blocks = pattern(2, 64 << 10);
+        let permit = budget.clone().acquire_many_owned(64).await.expect("budget");
+        harness.deliver(2 << 20, &blocks, permit);
+        assert_eq!(harness.apply(2 << 20, 64 << 10).await, Ok(()));
+        assert!(store.read_range(2 << 20, 64 << 10) == blocks);
+        all_released(&budget, 64).await;
+
+        // Missing blocks (never received, or of a connection that closed) fail the write.
+        let writes = store.counters().writes;
+        assert_eq!(harness.apply(3 << 20, 4096).await, Err(EIO));
+        let permit = budget.clone().acquire_many_owned(64).await.expect("budget");
+        harness.deliver(3 << 20, &blocks[..4096], permit);
+        harness
+            .carry_out(Effect::CloseConnection {
+                peer: PEER,
+                conn: CONN,
+                reason: "test".into(),
+            })
+            .await;
+        all_released(&budget, 64).await;
+        assert_eq!(harness.apply(3 << 20, 4096).await, Err(EIO));
+        assert_eq!(
+            store.counters().writes,
+            writes,
+            "a missing payload was written"
+        );
+        assert!(store.read_range(3 << 20, 4096) == original[3 << 20..(3 << 20) + 4096]);
+
+        // A write error comes back with its errno.
+        let permit = budget.clone().acquire_many_owned(64).await.expect("budget");
+        harness.deliver(3 << 20, &blocks[..4096], permit);
+        store.fail_next(1, EIO);
+        assert_eq!(harness.apply(3 << 20, 4096).await, Err(EIO));
+        all_released(&budget, 64).await;
+    }
+
+    /// The same through io_uring, on a file opened with O_DIRECT.
+    #[actix_rt::test]
+    async fn resync_blocks_go_through_the_ring_when_there_is_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("disk");
+        let size: u64 = 4 << 20;
+        let original = pattern(3, size as usize);
+        std::fs::write(&path, &original).expect("fill");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(0o40000) // O_DIRECT on x86_64 and aarch64
+            .open(&path)
+            .expect("open");
+        let mut harness = Harness::start(Arc::new(DirectFile { file, size })).await;
+
+        let (_, _, bytes) = harness.send_resync_data(1 << 20, 1 << 20).await;
+        assert!(bytes[..] == original[1 << 20..2 << 20]);
+
+        let budget = Arc::new(Semaphore::new(256));
+        let blocks = pattern(4, 256 << 10);
+        let permit = budget
+            .clone()
+            .acquire_many_owned(256)
+            .await
+            .expect("budget");
+        harness.deliver(0, &blocks, permit);
+        assert_eq!(harness.apply(0, 256 << 10).await, Ok(()));
+        all_released(&budget, 256).await;
+        let (_, _, bytes) = harness.send_resync_data(0, 256 << 10).await;
+        assert!(bytes == blocks);
+    }
 
     fn acks(queue: &[PeerOutbound]) -> Vec<String> {
         queue
@@ -1293,6 +1903,7 @@ mod tests {
             .map(|queued| match queued {
                 PeerOutbound::Message(message) => format!("{message:?}"),
                 PeerOutbound::Data { seq, .. } => format!("Data {seq}"),
+                PeerOutbound::ResyncData { offset, .. } => format!("ResyncData {offset}"),
                 PeerOutbound::Dial => "Dial".into(),
                 PeerOutbound::Close { conn, .. } => format!("Close {conn}"),
             })

@@ -17,10 +17,10 @@ use super::tls::{client_crypto, match_peer_name, server_crypto, TlsError, TlsIde
 /// Application close code sent to a peer whose certificate names no configured peer.
 pub const CLOSE_REJECTED_PEER: VarInt = VarInt::from_u32(0x51);
 
-/// Per-stream receive window: one stream carries all replicated writes, so it must hold many
-/// 1 MiB writes in flight on a long fat link.
+/// Per-stream receive window: one stream carries all replicated writes (another all resync
+/// data), so it must hold many 1 MiB writes in flight on a long fat link.
 const STREAM_RECEIVE_WINDOW: u32 = 16 << 20;
-/// Connection-wide receive window: room for the data stream plus control traffic.
+/// Connection-wide receive window: room for the data and resync streams plus control traffic.
 const CONNECTION_RECEIVE_WINDOW: u32 = 64 << 20;
 const SEND_WINDOW: u64 = 64 << 20;
 /// Keep-alives well inside the idle timeout keep NAT/firewall state and detect a dead peer

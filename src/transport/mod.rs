@@ -27,7 +27,9 @@ pub use tls::{
     peer_certificate_names, server_crypto, verify_peer_name, TlsError, TlsIdentity, ALPN_PROTOCOL,
 };
 pub use wire::{
-    decode_frame_body, encode, encode_data_header, encode_into, read_message, write_batch,
-    write_data, write_message, DataHeader, FrameBatch, FrameParser, Parsed, WireError,
-    DATA_HEADER_LEN, MAX_DATA_PAYLOAD, MAX_FRAME_BODY, ZERO_COPY_MIN,
+    check_limits, decode_frame_body, encode, encode_data_header, encode_into,
+    encode_resync_data_header_into, read_message, write_batch, write_data, write_message,
+    DataHeader, FrameBatch, FrameParser, Parsed, PayloadHeader, WireError, DATA_HEADER_LEN,
+    MAX_DATA_PAYLOAD, MAX_FRAME_BODY, MAX_RESYNC_PAYLOAD, MAX_SYNC_BITMAP_RUNS,
+    RESYNC_DATA_HEADER_LEN, ZERO_COPY_MIN,
 };

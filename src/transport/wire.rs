@@ -2,8 +2,9 @@
 //!
 //! A frame is a `u32` big-endian length of the rest, a `u8` message tag, then the message's
 //! fields in declaration order: integers fixed-width big-endian, `bool` and enums as one byte,
-//! strings as a `u16` big-endian byte length and UTF-8. A `Data` payload takes the rest of the
-//! frame, so a sender can write [`encode_data_header`] and then the payload slice as is.
+//! strings as a `u16` big-endian byte length and UTF-8. A `Data` or `ResyncData` payload takes
+//! the rest of the frame, so a sender can write the frame's header ([`encode_data_header`],
+//! [`encode_resync_data_header_into`]) and then the payload slice as is.
 //!
 //! Everything a peer sends is untrusted: the length is checked against [`MAX_FRAME_BODY`]
 //! before anything is allocated, and any malformed frame decodes to a [`WireError`], never a
@@ -12,7 +13,7 @@
 use std::ops::DerefMut;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use qrbd_actors::core::messages::{PeerMessage, PROTOCOL_VERSION};
+use qrbd_actors::core::messages::{PeerMessage, StreamKind, PROTOCOL_VERSION};
 use qrbd_actors::core::{DiskState, ReplicationProtocol, Role};
 
 /// Largest `Data` payload accepted. Writes are at most 1 MiB; the slack keeps the limit from
@@ -26,6 +27,17 @@ const DATA_BODY_MIN: usize = 1 + DATA_FIELDS_LEN;
 pub const MAX_FRAME_BODY: usize = DATA_BODY_MIN + MAX_DATA_PAYLOAD;
 /// Bytes [`encode_data_header`] produces: length prefix, tag and the fixed fields.
 pub const DATA_HEADER_LEN: usize = 4 + DATA_BODY_MIN;
+/// Largest `ResyncData` payload accepted: the largest request a sync source serves
+/// (`MAX_RESYNC_REQUEST` of the core's resync, 1 MiB).
+pub const MAX_RESYNC_PAYLOAD: usize = 1 << 20;
+/// Fixed fields of `ResyncData` after the tag: offset.
+const RESYNC_DATA_FIELDS_LEN: usize = 8;
+/// Smallest `ResyncData` frame body: tag and offset, empty payload.
+const RESYNC_DATA_BODY_MIN: usize = 1 + RESYNC_DATA_FIELDS_LEN;
+/// Bytes [`encode_resync_data_header_into`] produces: length prefix, tag and offset.
+pub const RESYNC_DATA_HEADER_LEN: usize = 4 + RESYNC_DATA_BODY_MIN;
+/// Runs one `SyncBitmap` part may hold, at most (the core sends parts of 4096 runs).
+pub const MAX_SYNC_BITMAP_RUNS: usize = 4096;
 
 // Tag 0 is never used, so a run of zero bytes is not a valid frame.
 const TAG_HELLO: u8 = 1;
@@ -45,6 +57,13 @@ const TAG_STATE_PREPARE: u8 = 13;
 const TAG_STATE_REPLY: u8 = 14;
 const TAG_STATE_COMMIT: u8 = 15;
 const TAG_STATE_ABORT: u8 = 16;
+// Resync (protocol version 4), on the resync stream.
+const TAG_SYNC_BITMAP: u8 = 19;
+const TAG_RESYNC_REQUEST: u8 = 20;
+const TAG_RESYNC_DATA: u8 = 21;
+const TAG_RESYNC_FAILED: u8 = 22;
+const TAG_RESYNC_WRITTEN: u8 = 23;
+const TAG_RESYNC_DONE: u8 = 24;
 /// Generations a Hello may list in its history, at most.
 const MAX_HISTORY: u16 = 64;
 
@@ -71,6 +90,19 @@ pub enum WireError {
     BadUtf8 {
         message: &'static str,
         field: &'static str,
+    },
+    #[error("{message} payload of {len} bytes exceeds the maximum of {max} bytes")]
+    PayloadTooLarge {
+        message: &'static str,
+        len: u64,
+        max: usize,
+    },
+    #[error("{message} message lists {count} {what}; at most {max} are allowed")]
+    TooMany {
+        message: &'static str,
+        what: &'static str,
+        count: u64,
+        max: usize,
     },
     #[error("{message} message: field `{field}` has invalid value {value}")]
     BadValue {
@@ -196,11 +228,15 @@ fn finish_frame(out: &mut impl FrameBuf, start: usize) {
 
 /// Encodes `msg` as one complete frame, length prefix included.
 ///
-/// A `Data` payload larger than [`MAX_DATA_PAYLOAD`] yields a frame receivers reject;
-/// [`write_message`] checks that before sending.
+/// A message beyond a limit (a `Data` payload larger than [`MAX_DATA_PAYLOAD`], a `ResyncData`
+/// payload larger than [`MAX_RESYNC_PAYLOAD`], a `SyncBitmap` of more than
+/// [`MAX_SYNC_BITMAP_RUNS`] runs) yields a frame receivers reject; [`write_message`] and
+/// [`FrameBatch::push_message`] check that before sending ([`check_limits`]).
 pub fn encode(msg: &PeerMessage) -> Vec<u8> {
     let capacity = match msg {
         PeerMessage::Data { data, .. } => DATA_HEADER_LEN + data.len(),
+        PeerMessage::ResyncData { data, .. } => RESYNC_DATA_HEADER_LEN + data.len(),
+        PeerMessage::SyncBitmap { runs, .. } => 16 + 16 * runs.len(),
         _ => 64,
     };
     let mut out = Vec::with_capacity(capacity);
@@ -360,8 +396,93 @@ pub fn encode_into(out: &mut impl FrameBuf, msg: &PeerMessage) {
             out.put_u8(TAG_PING_ACK);
             out.put_slice(&nonce.to_be_bytes());
         }
+        PeerMessage::SyncBitmap { runs, last } => {
+            out.put_u8(TAG_SYNC_BITMAP);
+            // The whole count, even beyond the limit: a receiver then refuses the part
+            // instead of silently missing runs (senders check first, see `check_limits`).
+            let count = u32::try_from(runs.len()).unwrap_or(u32::MAX);
+            out.put_u32(count);
+            for (first, blocks) in &runs[..count as usize] {
+                out.put_u64(*first);
+                out.put_u64(*blocks);
+            }
+            out.put_u8(u8::from(*last));
+        }
+        PeerMessage::ResyncRequest { offset, len } => {
+            out.put_u8(TAG_RESYNC_REQUEST);
+            out.put_u64(*offset);
+            out.put_u64(*len);
+        }
+        PeerMessage::ResyncData { offset, data } => {
+            push_resync_data_fields(out, *offset);
+            out.put_slice(data);
+        }
+        PeerMessage::ResyncFailed { offset, len, errno } => {
+            out.put_u8(TAG_RESYNC_FAILED);
+            out.put_u64(*offset);
+            out.put_u64(*len);
+            out.put_slice(&errno.to_be_bytes());
+        }
+        PeerMessage::ResyncWritten { offset, len, ok } => {
+            out.put_u8(TAG_RESYNC_WRITTEN);
+            out.put_u64(*offset);
+            out.put_u64(*len);
+            out.put_u8(u8::from(*ok));
+        }
+        PeerMessage::ResyncDone { moved_bytes } => {
+            out.put_u8(TAG_RESYNC_DONE);
+            out.put_u64(*moved_bytes);
+        }
     }
     finish_frame(out, start);
+}
+
+/// Refuses a resync message a receiver would refuse for a limit: a payload or a list too
+/// large. (A `Data` payload's limit is the frame's, checked once it is encoded.)
+pub fn check_limits(msg: &PeerMessage) -> Result<(), WireError> {
+    match msg {
+        PeerMessage::ResyncData { data, .. } if data.len() > MAX_RESYNC_PAYLOAD => {
+            Err(WireError::PayloadTooLarge {
+                message: "ResyncData",
+                len: data.len() as u64,
+                max: MAX_RESYNC_PAYLOAD,
+            })
+        }
+        PeerMessage::SyncBitmap { runs, .. } if runs.len() > MAX_SYNC_BITMAP_RUNS => {
+            Err(WireError::TooMany {
+                message: "SyncBitmap",
+                what: "runs",
+                count: runs.len() as u64,
+                max: MAX_SYNC_BITMAP_RUNS,
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
+fn push_resync_data_fields(out: &mut impl FrameBuf, offset: u64) {
+    out.put_u8(TAG_RESYNC_DATA);
+    out.put_u64(offset);
+}
+
+/// Appends the first [`RESYNC_DATA_HEADER_LEN`] bytes of the frame of a `ResyncData` message
+/// with a payload of `payload_len` bytes to `out`; the payload itself follows unchanged.
+pub fn encode_resync_data_header_into(
+    out: &mut impl FrameBuf,
+    offset: u64,
+    payload_len: usize,
+) -> Result<(), WireError> {
+    if payload_len > MAX_RESYNC_PAYLOAD {
+        return Err(WireError::PayloadTooLarge {
+            message: "ResyncData",
+            len: payload_len as u64,
+            max: MAX_RESYNC_PAYLOAD,
+        });
+    }
+    // At most 1 MiB and 9 bytes: always a u32.
+    out.put_u32((RESYNC_DATA_BODY_MIN + payload_len) as u32);
+    push_resync_data_fields(out, offset);
+    Ok(())
 }
 
 fn push_data_fields(out: &mut impl FrameBuf, seq: u64, epoch: u64, request: u64, offset: u64) {
@@ -493,6 +614,23 @@ impl<'a> Reader<'a> {
         (0..count).map(|_| item(self)).collect()
     }
 
+    /// A `SyncBitmap`'s runs: a u32 count (at most [`MAX_SYNC_BITMAP_RUNS`], checked before
+    /// anything is allocated), then (first block, count) pairs.
+    fn runs(&mut self) -> Result<Vec<(u64, u64)>, WireError> {
+        let count = self.u32("run count")?;
+        if count as usize > MAX_SYNC_BITMAP_RUNS {
+            return Err(WireError::TooMany {
+                message: self.message,
+                what: "runs",
+                count: count.into(),
+                max: MAX_SYNC_BITMAP_RUNS,
+            });
+        }
+        (0..count)
+            .map(|_| Ok((self.u64("run start")?, self.u64("run blocks")?)))
+            .collect()
+    }
+
     fn string(&mut self, field: &'static str) -> Result<String, WireError> {
         let len = self.u16(field)?;
         let bytes = self.take(field, usize::from(len))?;
@@ -552,6 +690,37 @@ fn data_message(fields: DataFields, data: Vec<u8>) -> PeerMessage {
     }
 }
 
+fn check_resync_payload(len: usize) -> Result<(), WireError> {
+    if len > MAX_RESYNC_PAYLOAD {
+        return Err(WireError::PayloadTooLarge {
+            message: "ResyncData",
+            len: len as u64,
+            max: MAX_RESYNC_PAYLOAD,
+        });
+    }
+    Ok(())
+}
+
+/// A frame whose payload goes to a buffer of its own (`Data`, `ResyncData`), from its tag and
+/// announced body length: the length of its head (prefix, tag and fixed fields) and of its
+/// payload. `None` for any other frame, and for one too short for its fixed fields (which
+/// decodes to a truncation error). A payload beyond its message's limit is refused here,
+/// before anything is allocated for it.
+fn payload_frame(tag: u8, body_len: usize) -> Result<Option<(usize, usize)>, WireError> {
+    match tag {
+        TAG_DATA if body_len >= DATA_BODY_MIN => {
+            // MAX_FRAME_BODY, checked with the prefix, is the Data payload's limit.
+            Ok(Some((4 + DATA_BODY_MIN, body_len - DATA_BODY_MIN)))
+        }
+        TAG_RESYNC_DATA if body_len >= RESYNC_DATA_BODY_MIN => {
+            let payload = body_len - RESYNC_DATA_BODY_MIN;
+            check_resync_payload(payload)?;
+            Ok(Some((4 + RESYNC_DATA_BODY_MIN, payload)))
+        }
+        _ => Ok(None),
+    }
+}
+
 fn decode_hello(rest: &[u8]) -> Result<PeerMessage, WireError> {
     let mut r = Reader::new("Hello", rest);
     let protocol_version = r.u32("protocol_version")?;
@@ -607,6 +776,16 @@ pub fn decode_frame_body(body: &[u8]) -> Result<PeerMessage, WireError> {
             let fields = data_fields(&mut r)?;
             return Ok(data_message(fields, r.rest().to_vec()));
         }
+        TAG_RESYNC_DATA => {
+            let mut r = Reader::new("ResyncData", rest);
+            let offset = r.u64("offset")?;
+            let data = r.rest();
+            check_resync_payload(data.len())?;
+            return Ok(PeerMessage::ResyncData {
+                offset,
+                data: data.to_vec(),
+            });
+        }
         TAG_REFUSED => ("Refused", rest),
         TAG_STATE => ("State", rest),
         TAG_DISCARD => ("Discard", rest),
@@ -621,6 +800,11 @@ pub fn decode_frame_body(body: &[u8]) -> Result<PeerMessage, WireError> {
         TAG_STATE_REPLY => ("StateReply", rest),
         TAG_STATE_COMMIT => ("StateCommit", rest),
         TAG_STATE_ABORT => ("StateAbort", rest),
+        TAG_SYNC_BITMAP => ("SyncBitmap", rest),
+        TAG_RESYNC_REQUEST => ("ResyncRequest", rest),
+        TAG_RESYNC_FAILED => ("ResyncFailed", rest),
+        TAG_RESYNC_WRITTEN => ("ResyncWritten", rest),
+        TAG_RESYNC_DONE => ("ResyncDone", rest),
         other => return Err(WireError::UnknownTag(other)),
     };
     let mut r = Reader::new(name, rest);
@@ -690,6 +874,27 @@ pub fn decode_frame_body(body: &[u8]) -> Result<PeerMessage, WireError> {
         },
         TAG_PING_ACK => PeerMessage::PingAck {
             nonce: r.u64("nonce")?,
+        },
+        TAG_SYNC_BITMAP => PeerMessage::SyncBitmap {
+            runs: r.runs()?,
+            last: r.bool("last")?,
+        },
+        TAG_RESYNC_REQUEST => PeerMessage::ResyncRequest {
+            offset: r.u64("offset")?,
+            len: r.u64("len")?,
+        },
+        TAG_RESYNC_FAILED => PeerMessage::ResyncFailed {
+            offset: r.u64("offset")?,
+            len: r.u64("len")?,
+            errno: r.i32("errno")?,
+        },
+        TAG_RESYNC_WRITTEN => PeerMessage::ResyncWritten {
+            offset: r.u64("offset")?,
+            len: r.u64("len")?,
+            ok: r.bool("ok")?,
+        },
+        TAG_RESYNC_DONE => PeerMessage::ResyncDone {
+            moved_bytes: r.u64("moved_bytes")?,
         },
         other => return Err(WireError::UnknownTag(other)),
     };
@@ -767,6 +972,8 @@ async fn read_frame<S: ByteSource>(source: &mut S) -> Result<Option<PeerMessage>
 
     let mut tag = [0; 1];
     fill_exact(source, &mut tag, "message tag").await?;
+    // Refuses a ResyncData payload beyond its limit before its buffer is allocated.
+    payload_frame(tag[0], len)?;
     if tag[0] == TAG_DATA && len >= DATA_BODY_MIN {
         // The payload is read straight into its own buffer instead of being copied out of a
         // frame buffer: this is the bulk of all replication traffic.
@@ -793,20 +1000,29 @@ pub async fn read_message(
     read_frame(stream).await
 }
 
-/// Writes `msg` as one frame (a `Data` payload is written without an intermediate copy).
+/// Writes `msg` as one frame (a `Data` or `ResyncData` payload is written without an
+/// intermediate copy).
 pub async fn write_message(
     stream: &mut quinn::SendStream,
     msg: &PeerMessage,
 ) -> Result<(), WireError> {
-    if let PeerMessage::Data {
-        seq,
-        epoch,
-        request,
-        offset,
-        data,
-    } = msg
-    {
-        return write_data(stream, *seq, *epoch, *request, *offset, data).await;
+    check_limits(msg)?;
+    match msg {
+        PeerMessage::Data {
+            seq,
+            epoch,
+            request,
+            offset,
+            data,
+        } => return write_data(stream, *seq, *epoch, *request, *offset, data).await,
+        PeerMessage::ResyncData { offset, data } => {
+            let mut header = Vec::with_capacity(RESYNC_DATA_HEADER_LEN);
+            encode_resync_data_header_into(&mut header, *offset, data.len())?;
+            stream.write_all(&header).await?;
+            stream.write_all(data).await?;
+            return Ok(());
+        }
+        _ => {}
     }
     let frame = encode(msg);
     if frame.len() - 4 > MAX_FRAME_BODY {
@@ -881,9 +1097,10 @@ impl FrameBatch {
         self.frames
     }
 
-    /// Adds `msg` as one frame (a `Data` payload is copied: use [`Self::push_data`] to share
-    /// a large one).
+    /// Adds `msg` as one frame (a `Data` or `ResyncData` payload is copied: use
+    /// [`Self::push_data`] or [`Self::push_resync_data`] to share a large one).
     pub fn push_message(&mut self, msg: &PeerMessage) -> Result<(), WireError> {
+        check_limits(msg)?;
         let start = self.buf.len();
         encode_into(&mut self.buf, msg);
         let body = self.buf.len() - start - 4;
@@ -911,15 +1128,35 @@ impl FrameBatch {
     {
         let len = payload.as_ref().len();
         encode_data_header_into(&mut self.buf, seq, epoch, request, offset, len)?;
+        self.push_payload(DATA_HEADER_LEN, payload);
+        Ok(())
+    }
+
+    /// Adds a `ResyncData` frame; its payload is shared or copied as [`Self::push_data`] does.
+    pub fn push_resync_data<P>(&mut self, offset: u64, payload: P) -> Result<(), WireError>
+    where
+        P: AsRef<[u8]> + Send + 'static,
+    {
+        let len = payload.as_ref().len();
+        encode_resync_data_header_into(&mut self.buf, offset, len)?;
+        self.push_payload(RESYNC_DATA_HEADER_LEN, payload);
+        Ok(())
+    }
+
+    /// The payload after the header just encoded: a chunk of its own when large, else copied.
+    fn push_payload<P>(&mut self, header_len: usize, payload: P)
+    where
+        P: AsRef<[u8]> + Send + 'static,
+    {
+        let len = payload.as_ref().len();
         if len >= ZERO_COPY_MIN {
             self.chunks.push(self.buf.split().freeze());
             self.chunks.push(Bytes::from_owner(payload));
         } else {
             self.buf.put_slice(payload.as_ref());
         }
-        self.bytes += DATA_HEADER_LEN + len;
+        self.bytes += header_len + len;
         self.frames += 1;
-        Ok(())
     }
 
     /// Moves the batch into `out` as chunks for one `write_all_chunks`, leaving it empty. Its
@@ -955,26 +1192,55 @@ pub struct DataHeader {
     pub offset: u64,
 }
 
+/// The fixed fields of a frame whose payload goes to a buffer of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PayloadHeader {
+    Data(DataHeader),
+    ResyncData { offset: u64 },
+}
+
+impl PayloadHeader {
+    /// The message's name, for protocol errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            PayloadHeader::Data(_) => "Data",
+            PayloadHeader::ResyncData { .. } => "ResyncData",
+        }
+    }
+
+    /// The stream the message must arrive on.
+    pub fn stream(&self) -> StreamKind {
+        match self {
+            PayloadHeader::Data(_) => StreamKind::Data,
+            PayloadHeader::ResyncData { .. } => StreamKind::Resync,
+        }
+    }
+}
+
 /// What [`FrameParser::next`] found.
 #[derive(Debug)]
 pub enum Parsed<B> {
-    /// Any message but `Data`.
+    /// Any message but `Data` and `ResyncData`.
     Message(PeerMessage),
-    /// A `Data` header arrived: the parser needs a buffer of exactly `len` bytes for the
-    /// payload ([`FrameParser::provide`]) before it takes more input.
-    NeedPayload { len: usize },
+    /// The header of a `Data` or `ResyncData` frame arrived: the parser needs a buffer of
+    /// exactly `len` bytes for the payload ([`FrameParser::provide`]) before it takes more
+    /// input. `header` says which message it is for, so that a receiver can refuse it before
+    /// it spends a buffer on it.
+    NeedPayload { header: PayloadHeader, len: usize },
     /// A whole `Data` frame, its payload in the buffer that was provided.
     Data { header: DataHeader, payload: B },
+    /// A whole `ResyncData` frame, its payload in the buffer that was provided.
+    ResyncData { offset: u64, payload: B },
 }
 
 enum ParseState<B> {
     Head,
     AwaitPayload {
-        header: DataHeader,
+        header: PayloadHeader,
         len: usize,
     },
     Payload {
-        header: DataHeader,
+        header: PayloadHeader,
         buf: B,
         filled: usize,
         len: usize,
@@ -1015,7 +1281,7 @@ impl<B: AsMut<[u8]>> FrameParser<B> {
             ParseState::Head => self.head(input),
             ParseState::AwaitPayload { header, len } => {
                 self.state = ParseState::AwaitPayload { header, len };
-                Ok(Some(Parsed::NeedPayload { len }))
+                Ok(Some(Parsed::NeedPayload { header, len }))
             }
             ParseState::Payload {
                 header,
@@ -1038,9 +1304,15 @@ impl<B: AsMut<[u8]>> FrameParser<B> {
                     };
                     return Ok(None);
                 }
-                Ok(Some(Parsed::Data {
-                    header,
-                    payload: buf,
+                Ok(Some(match header {
+                    PayloadHeader::Data(header) => Parsed::Data {
+                        header,
+                        payload: buf,
+                    },
+                    PayloadHeader::ResyncData { offset } => Parsed::ResyncData {
+                        offset,
+                        payload: buf,
+                    },
                 }))
             }
         }
@@ -1084,8 +1356,13 @@ impl<B: AsMut<[u8]>> FrameParser<B> {
                 ]) as usize;
                 ("frame", self.partial.len(), 4 + len)
             }
-            ParseState::AwaitPayload { len, .. } => ("Data payload", 0, *len),
-            ParseState::Payload { filled, len, .. } => ("Data payload", *filled, *len),
+            ParseState::AwaitPayload { header, len } => (payload_what(header), 0, *len),
+            ParseState::Payload {
+                header,
+                filled,
+                len,
+                ..
+            } => (payload_what(header), *filled, *len),
         };
         Err(WireError::StreamEnded { what, got, wanted })
     }
@@ -1100,26 +1377,33 @@ impl<B: AsMut<[u8]>> FrameParser<B> {
         if !self.gather(input, 5) {
             return Ok(None);
         }
-        let data = self.view(input)[4] == TAG_DATA && len >= DATA_BODY_MIN;
-        // A Data frame's head is its fixed fields; the payload goes straight to its buffer.
-        let head_len = if data { 4 + DATA_BODY_MIN } else { 4 + len };
+        let tag = self.view(input)[4];
+        // A payload frame's head is its fixed fields; the payload goes straight to its buffer.
+        let payload = payload_frame(tag, len)?;
+        let head_len = payload.map_or(4 + len, |(head_len, _)| head_len);
         if !self.gather(input, head_len) {
             return Ok(None);
         }
         let body = &self.view(input)[4..head_len];
-        let parsed = if data {
-            let f = data_fields(&mut Reader::new("Data", &body[1..]))?;
-            let header = DataHeader {
-                seq: f.seq,
-                epoch: f.epoch,
-                request: f.request,
-                offset: f.offset,
-            };
-            let len = len - DATA_BODY_MIN;
-            self.state = ParseState::AwaitPayload { header, len };
-            Parsed::NeedPayload { len }
-        } else {
-            Parsed::Message(decode_frame_body(body)?)
+        let parsed = match payload {
+            Some((_, len)) => {
+                let header = if tag == TAG_DATA {
+                    let f = data_fields(&mut Reader::new("Data", &body[1..]))?;
+                    PayloadHeader::Data(DataHeader {
+                        seq: f.seq,
+                        epoch: f.epoch,
+                        request: f.request,
+                        offset: f.offset,
+                    })
+                } else {
+                    PayloadHeader::ResyncData {
+                        offset: Reader::new("ResyncData", &body[1..]).u64("offset")?,
+                    }
+                };
+                self.state = ParseState::AwaitPayload { header, len };
+                Parsed::NeedPayload { header, len }
+            }
+            None => Parsed::Message(decode_frame_body(body)?),
         };
         if self.partial.is_empty() {
             *input = &input[head_len..];
@@ -1148,6 +1432,13 @@ impl<B: AsMut<[u8]>> FrameParser<B> {
         } else {
             &self.partial
         }
+    }
+}
+
+fn payload_what(header: &PayloadHeader) -> &'static str {
+    match header {
+        PayloadHeader::Data(_) => "Data payload",
+        PayloadHeader::ResyncData { .. } => "ResyncData payload",
     }
 }
 
@@ -1307,6 +1598,44 @@ mod tests {
             },
             PeerMessage::Ping { nonce: 17 },
             PeerMessage::PingAck { nonce: 18 },
+            PeerMessage::SyncBitmap {
+                runs: vec![(0, 1), (7, 300), (u64::MAX - 1, 1)],
+                last: false,
+            },
+            PeerMessage::SyncBitmap {
+                runs: Vec::new(),
+                last: true,
+            },
+            PeerMessage::ResyncRequest {
+                offset: 1 << 30,
+                len: 256 << 10,
+            },
+            PeerMessage::ResyncData {
+                offset: 8192,
+                data: (0..8192u32).map(|i| (i * 13) as u8).collect(),
+            },
+            PeerMessage::ResyncData {
+                offset: u64::MAX,
+                data: Vec::new(),
+            },
+            PeerMessage::ResyncFailed {
+                offset: 4096,
+                len: 4096,
+                errno: 5,
+            },
+            PeerMessage::ResyncWritten {
+                offset: 0,
+                len: 1 << 20,
+                ok: true,
+            },
+            PeerMessage::ResyncWritten {
+                offset: u64::MAX,
+                len: 0,
+                ok: false,
+            },
+            PeerMessage::ResyncDone {
+                moved_bytes: 1 << 33,
+            },
         ]
     }
 
@@ -1331,15 +1660,22 @@ mod tests {
             while let Some(parsed) = parser.next(&mut rest)? {
                 match parsed {
                     Parsed::Message(message) => {
-                        assert!(!matches!(message, PeerMessage::Data { .. }));
+                        assert!(!matches!(
+                            message,
+                            PeerMessage::Data { .. } | PeerMessage::ResyncData { .. }
+                        ));
                         out.push(message)
                     }
-                    Parsed::NeedPayload { len } => parser.provide(vec![0; len])?,
+                    Parsed::NeedPayload { len, .. } => parser.provide(vec![0; len])?,
                     Parsed::Data { header, payload } => out.push(PeerMessage::Data {
                         seq: header.seq,
                         epoch: header.epoch,
                         request: header.request,
                         offset: header.offset,
+                        data: payload,
+                    }),
+                    Parsed::ResyncData { offset, payload } => out.push(PeerMessage::ResyncData {
+                        offset,
                         data: payload,
                     }),
                 }
@@ -1368,6 +1704,10 @@ mod tests {
                 data: (0..len).map(|i| (i * 31 + seq as usize) as u8).collect(),
             });
             msgs.push(PeerMessage::Ping { nonce: seq });
+            msgs.push(PeerMessage::ResyncData {
+                offset: seq << 20,
+                data: (0..len).map(|i| (i * 17 + seq as usize) as u8).collect(),
+            });
         }
         msgs
     }
@@ -1385,6 +1725,9 @@ mod tests {
                 } => batch
                     .push_data(*seq, *epoch, *request, *offset, data.clone())
                     .unwrap(),
+                PeerMessage::ResyncData { offset, data } => {
+                    batch.push_resync_data(*offset, data.clone()).unwrap()
+                }
                 other => batch.push_message(other).unwrap(),
             }
         }
@@ -1533,12 +1876,15 @@ mod tests {
         let mut input = &frame[..];
         assert!(matches!(
             parser.next(&mut input).unwrap(),
-            Some(Parsed::NeedPayload { len: 8 })
+            Some(Parsed::NeedPayload {
+                header: PayloadHeader::Data(DataHeader { seq: 1, .. }),
+                len: 8
+            })
         ));
         // Asking again without a buffer repeats the request and takes no input.
         assert!(matches!(
             parser.next(&mut input).unwrap(),
-            Some(Parsed::NeedPayload { len: 8 })
+            Some(Parsed::NeedPayload { len: 8, .. })
         ));
         assert_eq!(input.len(), 8);
         assert!(matches!(
@@ -1577,7 +1923,7 @@ mod tests {
             if bytes.len() >= 5 && rng.below(2) == 0 {
                 let small = rng.below(80) as u32;
                 bytes[..4].copy_from_slice(&small.to_be_bytes());
-                bytes[4] = rng.below(18) as u8;
+                bytes[4] = rng.below(26) as u8;
             }
             let _ = parse_chunks(&[&bytes]);
         }
@@ -1658,7 +2004,9 @@ mod tests {
             for cut in 0..body.len() {
                 // Data ends in its payload, so cutting into the payload is a shorter valid
                 // message; every cut into the fixed fields must fail.
-                if matches!(msg, PeerMessage::Data { .. }) && cut >= DATA_BODY_MIN {
+                if matches!(msg, PeerMessage::Data { .. }) && cut >= DATA_BODY_MIN
+                    || matches!(msg, PeerMessage::ResyncData { .. }) && cut >= RESYNC_DATA_BODY_MIN
+                {
                     continue;
                 }
                 let result = decode_frame_body(&body[..cut]);
@@ -1733,7 +2081,7 @@ mod tests {
             "{err}"
         );
 
-        for tag in [0, 7, 8, 19, 255] {
+        for tag in [0, 7, 8, 25, 255] {
             let err = decode_frame_body(&[tag, 0, 0]).unwrap_err();
             assert!(matches!(err, WireError::UnknownTag(t) if t == tag), "{err}");
         }
@@ -1816,6 +2164,177 @@ mod tests {
         }
     }
 
+    /// The body of a `SyncBitmap` frame announcing `count` runs and holding `present` of them.
+    fn sync_bitmap_body(count: u32, present: usize) -> Vec<u8> {
+        let mut body = vec![TAG_SYNC_BITMAP];
+        body.extend_from_slice(&count.to_be_bytes());
+        for run in 0..present as u64 {
+            body.extend_from_slice(&(run * 2).to_be_bytes());
+            body.extend_from_slice(&1u64.to_be_bytes());
+        }
+        body.push(1);
+        body
+    }
+
+    #[test]
+    fn a_full_bitmap_part_round_trips_and_a_larger_one_is_refused() {
+        let full = PeerMessage::SyncBitmap {
+            runs: (0..MAX_SYNC_BITMAP_RUNS as u64)
+                .map(|i| (i * 3, 2))
+                .collect(),
+            last: true,
+        };
+        let frame = encode(&full);
+        assert_eq!(decode_frame_body(&frame[4..]).unwrap(), full);
+        assert_eq!(read_all(&frame).unwrap(), vec![full.clone()]);
+        assert_eq!(parse_chunks(&[&frame]).unwrap(), vec![full]);
+
+        // One run more: the receiver refuses it, whatever the reader.
+        let over = MAX_SYNC_BITMAP_RUNS + 1;
+        let body = sync_bitmap_body(over as u32, over);
+        let err = decode_frame_body(&body).unwrap_err();
+        assert!(
+            matches!(err, WireError::TooMany { count, max: MAX_SYNC_BITMAP_RUNS, .. }
+                if count == over as u64),
+            "{err}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "SyncBitmap message lists 4097 runs; at most 4096 are allowed"
+        );
+        let framed = [(body.len() as u32).to_be_bytes().to_vec(), body].concat();
+        assert!(matches!(read_all(&framed), Err(WireError::TooMany { .. })));
+        assert!(matches!(
+            parse_chunks(&[&framed]),
+            Err(WireError::TooMany { .. })
+        ));
+        // An absurd count is refused before anything is allocated for it.
+        let err = decode_frame_body(&sync_bitmap_body(u32::MAX, 0)).unwrap_err();
+        assert!(matches!(err, WireError::TooMany { .. }), "{err}");
+        // A count the frame does not hold is a truncation.
+        let err = decode_frame_body(&sync_bitmap_body(3, 2)).unwrap_err();
+        assert!(matches!(err, WireError::Truncated { .. }), "{err}");
+
+        // A sender refuses to send it, and the batch stays as it was.
+        let too_many = PeerMessage::SyncBitmap {
+            runs: vec![(0, 1); over],
+            last: false,
+        };
+        assert!(matches!(
+            check_limits(&too_many),
+            Err(WireError::TooMany { .. })
+        ));
+        let mut batch = FrameBatch::new();
+        batch.push_message(&PeerMessage::Ping { nonce: 1 }).unwrap();
+        assert!(matches!(
+            batch.push_message(&too_many),
+            Err(WireError::TooMany { .. })
+        ));
+        assert_eq!(batch.frames(), 1);
+        assert_eq!(batch.len(), encode(&PeerMessage::Ping { nonce: 1 }).len());
+    }
+
+    #[test]
+    fn resync_payloads_beyond_a_mebibyte_are_refused() {
+        // The largest legal one is accepted by every reader, into a buffer of its own.
+        let largest = PeerMessage::ResyncData {
+            offset: 1 << 20,
+            data: vec![3; MAX_RESYNC_PAYLOAD],
+        };
+        let frame = encode(&largest);
+        assert_eq!(frame.len(), RESYNC_DATA_HEADER_LEN + MAX_RESYNC_PAYLOAD);
+        assert_eq!(decode_frame_body(&frame[4..]).unwrap(), largest);
+        assert_eq!(read_all(&frame).unwrap(), vec![largest.clone()]);
+        let mut parser = FrameParser::<Vec<u8>>::new();
+        let mut input = &frame[..];
+        match parser.next(&mut input).unwrap() {
+            Some(Parsed::NeedPayload {
+                header: PayloadHeader::ResyncData { offset },
+                len,
+            }) => {
+                assert_eq!((offset, len), (1 << 20, MAX_RESYNC_PAYLOAD));
+            }
+            other => panic!("{other:?}"),
+        }
+
+        // One byte more: within the frame limit (a Data payload may be that large), but not a
+        // resync payload. Refused before a buffer is asked for.
+        let over = PeerMessage::ResyncData {
+            offset: 0,
+            data: vec![3; MAX_RESYNC_PAYLOAD + 1],
+        };
+        let frame = encode(&over);
+        assert!(frame.len() - 4 <= MAX_FRAME_BODY);
+        let too_large = |result: Result<_, WireError>| match result {
+            Err(WireError::PayloadTooLarge {
+                message: "ResyncData",
+                len,
+                max: MAX_RESYNC_PAYLOAD,
+            }) => assert_eq!(len, MAX_RESYNC_PAYLOAD as u64 + 1),
+            Err(other) => panic!("wrong error: {other}"),
+            Ok(_) => panic!("an oversized resync payload was accepted"),
+        };
+        too_large(decode_frame_body(&frame[4..]).map(|_| ()));
+        too_large(read_all(&frame).map(|_| ()));
+        let mut parser = FrameParser::<Vec<u8>>::new();
+        // Only the head is there: the parser decides on the announced length alone.
+        let mut input = &frame[..RESYNC_DATA_HEADER_LEN];
+        too_large(parser.next(&mut input).map(|_| ()));
+
+        // Senders refuse it too, leaving their batch intact.
+        let mut batch = FrameBatch::new();
+        too_large(batch.push_resync_data(0, vec![0u8; MAX_RESYNC_PAYLOAD + 1]));
+        too_large(batch.push_message(&over));
+        assert!(batch.is_empty());
+        let mut header = Vec::new();
+        too_large(encode_resync_data_header_into(
+            &mut header,
+            0,
+            MAX_RESYNC_PAYLOAD + 1,
+        ));
+        assert!(header.is_empty());
+
+        // A frame too short for the offset is a truncation, not a payload.
+        let err = parse_chunks(&[&[0, 0, 0, 4, TAG_RESYNC_DATA, 0, 0, 0]]).unwrap_err();
+        assert!(
+            err.to_string().contains("truncated ResyncData message"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn resync_fields_with_bad_values_are_refused() {
+        let mut body = encode(&PeerMessage::ResyncWritten {
+            offset: 0,
+            len: 4096,
+            ok: true,
+        })[4..]
+            .to_vec();
+        *body.last_mut().unwrap() = 2;
+        let err = decode_frame_body(&body).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "ResyncWritten message: field `ok` has invalid value 2"
+        );
+        let mut body = encode(&PeerMessage::SyncBitmap {
+            runs: vec![(1, 1)],
+            last: false,
+        })[4..]
+            .to_vec();
+        *body.last_mut().unwrap() = 9;
+        let err = decode_frame_body(&body).unwrap_err();
+        assert!(
+            err.to_string().contains("`last` has invalid value 9"),
+            "{err}"
+        );
+        let mut body = encode(&PeerMessage::ResyncRequest { offset: 0, len: 1 })[4..].to_vec();
+        body.push(0);
+        assert!(matches!(
+            decode_frame_body(&body),
+            Err(WireError::TrailingBytes { count: 1, .. })
+        ));
+    }
+
     #[test]
     fn random_garbage_never_panics() {
         let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
@@ -1825,7 +2344,7 @@ mod tests {
             let mut body = rng.bytes(len);
             // Mostly valid tags, so the field decoders get exercised rather than the tag check.
             if let Some(first) = body.first_mut() {
-                *first = rng.below(20) as u8;
+                *first = rng.below(26) as u8;
             }
             if decode_frame_body(&body).is_ok() {
                 decoded += 1;
