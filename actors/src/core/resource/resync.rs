@@ -117,6 +117,8 @@ pub struct Resync {
     /// Target: requested and not yet written, offset -> len.
     requested: BTreeMap<u64, u64>,
     requested_bytes: u64,
+    /// Target: requests whose data arrived (a second arrival is a protocol error).
+    arrived: std::collections::BTreeSet<u64>,
     /// Source: requests being read, sent or written on the target: offset -> (len, lock).
     serving: BTreeMap<u64, (u64, u64)>,
     /// Source: requests waiting for application writes to the same blocks.
@@ -157,6 +159,7 @@ impl Resync {
             cursor: 0,
             requested: BTreeMap::new(),
             requested_bytes: 0,
+            arrived: std::collections::BTreeSet::new(),
             serving: BTreeMap::new(),
             blocked: VecDeque::new(),
             total_blocks: 0,
@@ -322,9 +325,9 @@ impl ResourceCore {
     /// Target: keeps the window of requests full, in linear order, within the rate limit.
     pub(super) fn request_more(&mut self, peer: PeerId, now: Tick) {
         let sync = self.config.sync;
-        let Some(conn) = self.current_conn(peer) else {
+        if self.current_conn(peer).is_none() {
             return;
-        };
+        }
         let mut sends = Vec::new();
         let finished = {
             let Some(bitmap) = self.device.peer(peer).map(|s| &s.out_of_sync) else {
@@ -344,17 +347,28 @@ impl ResourceCore {
                     (resync.allowance + earned).min((sync.max_rate / 10).max(sync.request_bytes));
                 resync.allowance_at = now;
             }
-            let max_blocks = (sync.request_bytes / BLOCK_SIZE).max(1);
+            // At a low rate limit, small requests keep the flow smooth.
+            let request_bytes = if sync.max_rate > 0 {
+                sync.request_bytes.min(sync.max_rate / 10)
+            } else {
+                sync.request_bytes
+            };
+            let max_blocks = (request_bytes / BLOCK_SIZE).max(1);
+            let mut wrapped = false;
             while resync.requested_bytes < sync.window_bytes {
-                if sync.max_rate > 0
-                    && resync.allowance < sync.request_bytes.min(MAX_RESYNC_REQUEST)
-                {
+                if sync.max_rate > 0 && resync.allowance < max_blocks * BLOCK_SIZE {
                     break;
                 }
                 let Some((first, count)) = bitmap.next_dirty_run(resync.cursor, max_blocks) else {
+                    // Blocks behind the cursor can be dirty again (a failed write): another
+                    // pass, once nothing requested can overlap it.
+                    if !wrapped && resync.cursor > 0 && resync.requested.is_empty() {
+                        wrapped = true;
+                        resync.cursor = 0;
+                        continue;
+                    }
                     break;
                 };
-                // Runs already requested are skipped (their bits clear when written).
                 let offset = first * BLOCK_SIZE;
                 let len = count * BLOCK_SIZE;
                 resync.cursor = first + count;
@@ -365,39 +379,14 @@ impl ResourceCore {
                 }
                 sends.push(PeerMessage::ResyncRequest { offset, len });
             }
-            let done = resync.requested.is_empty() && sends.is_empty();
-            if done && bitmap.dirty_blocks() > 0 {
-                // Blocks behind the cursor are dirty again (a failed write): another pass.
-                if resync.cursor > 0 {
-                    resync.cursor = 0;
-                }
-                false
-            } else {
-                done
-            }
+            resync.requested.is_empty() && sends.is_empty() && bitmap.dirty_blocks() == 0
         };
-        let _ = conn;
         for message in sends {
             self.effects.push_back(Effect::Send { peer, message });
         }
         if finished {
             self.finish_resync_as_target(peer, now);
-        } else if self.resync_wants_another_pass(peer) {
-            self.request_more(peer, now);
         }
-    }
-
-    fn resync_wants_another_pass(&self, peer: PeerId) -> bool {
-        let dirty = self
-            .device
-            .peer(peer)
-            .is_some_and(|s| s.out_of_sync.dirty_blocks() > 0);
-        self.links
-            .get(&peer)
-            .and_then(|l| l.resync.as_ref())
-            .is_some_and(|r| {
-                r.requested.is_empty() && r.cursor == 0 && dirty && r.running && r.stalled.is_none()
-            })
     }
 
     /// Target: every block is written. Adopt the source's generation and become UpToDate.
@@ -607,10 +596,9 @@ impl ResourceCore {
         }
         let expected = self
             .links
-            .get(&peer)
-            .and_then(|l| l.resync.as_ref())
-            .and_then(|r| r.requested.get(&offset))
-            .is_some_and(|requested| *requested == len);
+            .get_mut(&peer)
+            .and_then(|l| l.resync.as_mut())
+            .is_some_and(|r| r.requested.get(&offset) == Some(&len) && r.arrived.insert(offset));
         if !expected {
             return self.protocol_error(
                 peer,
@@ -727,6 +715,7 @@ impl ResourceCore {
         let Some(requested) = resync.requested.remove(&offset) else {
             return;
         };
+        resync.arrived.remove(&offset);
         resync.requested_bytes -= requested;
         let ok = result.is_ok();
         match result {
