@@ -95,6 +95,8 @@ struct Coverage {
     flushes_checked: u64,
     replicas_compared: u64,
     epochs_checked: u64,
+    pairs_converged: u64,
+    resyncs_finished: u64,
 }
 
 impl Coverage {
@@ -118,6 +120,8 @@ impl Coverage {
         self.shutdowns += o.shutdowns;
         self.flushes_checked += o.flushes_checked;
         self.replicas_compared += o.replicas_compared;
+        self.pairs_converged += o.pairs_converged;
+        self.resyncs_finished += o.resyncs_finished;
     }
 
     fn missing(&self) -> Vec<&'static str> {
@@ -152,6 +156,11 @@ impl Coverage {
             ("shutdowns", self.shutdowns),
             ("flushes checked", self.flushes_checked),
             ("replicas compared", self.replicas_compared),
+            (
+                "two-node pairs converged at quiescence",
+                self.pairs_converged,
+            ),
+            ("resyncs that moved blocks", self.resyncs_finished),
             ("peer writes applied in epoch order", self.epochs_checked),
         ];
         all.iter()
@@ -745,6 +754,9 @@ impl Sim {
     }
 
     fn event(&mut self, id: u8, line: String) {
+        if line.contains("replication:Established moved:") && !line.ends_with("moved:0") {
+            self.cov.resyncs_finished += 1;
+        }
         if line.contains("disk:Outdated") {
             self.cov.outdated += 1;
         }
@@ -1712,6 +1724,38 @@ impl Sim {
                 let (na, nb) = (&self.nodes[a], &self.nodes[b]);
                 if !(self.connected(na.id, nb.id) && self.connected(nb.id, na.id)) {
                     continue;
+                }
+                if self.nodes.len() == 2 {
+                    // Two nodes that are connected when everything settled have resynced:
+                    // the same disk state, nothing counted out of sync either way.
+                    let oos = |n: &Node, peer: u8| {
+                        n.core
+                            .device()
+                            .peer(peer)
+                            .map_or(0, |s| s.out_of_sync.dirty_blocks())
+                    };
+                    // Both UpToDate, or both Consistent (both crashed, no one confirmed
+                    // either, the data is the same).
+                    let settled =
+                        |d: DiskState| matches!(d, DiskState::UpToDate | DiskState::Consistent);
+                    self.ensure(
+                        settled(na.core.disk())
+                            && na.core.disk() == nb.core.disk()
+                            && oos(na, nb.id) == 0
+                            && oos(nb, na.id) == 0,
+                        || {
+                            format!(
+                                "n{} ({}, {} blocks out of sync) and n{} ({}, {}) are connected but did not converge",
+                                na.id,
+                                na.core.disk(),
+                                oos(na, nb.id),
+                                nb.id,
+                                nb.core.disk(),
+                                oos(nb, na.id)
+                            )
+                        },
+                    );
+                    self.cov.pairs_converged += 1;
                 }
                 if na.core.disk() != DiskState::UpToDate || nb.core.disk() != DiskState::UpToDate {
                     continue;

@@ -396,7 +396,11 @@ pub fn encode_into(out: &mut impl FrameBuf, msg: &PeerMessage) {
             out.put_u8(TAG_PING_ACK);
             out.put_slice(&nonce.to_be_bytes());
         }
-        PeerMessage::SyncBitmap { runs, last } => {
+        PeerMessage::SyncBitmap {
+            runs,
+            last,
+            from_source,
+        } => {
             out.put_u8(TAG_SYNC_BITMAP);
             // The whole count, even beyond the limit: a receiver then refuses the part
             // instead of silently missing runs (senders check first, see `check_limits`).
@@ -407,6 +411,7 @@ pub fn encode_into(out: &mut impl FrameBuf, msg: &PeerMessage) {
                 out.put_u64(*blocks);
             }
             out.put_u8(u8::from(*last));
+            out.put_u8(u8::from(*from_source));
         }
         PeerMessage::ResyncRequest { offset, len } => {
             out.put_u8(TAG_RESYNC_REQUEST);
@@ -878,6 +883,7 @@ pub fn decode_frame_body(body: &[u8]) -> Result<PeerMessage, WireError> {
         TAG_SYNC_BITMAP => PeerMessage::SyncBitmap {
             runs: r.runs()?,
             last: r.bool("last")?,
+            from_source: r.bool("from_source")?,
         },
         TAG_RESYNC_REQUEST => PeerMessage::ResyncRequest {
             offset: r.u64("offset")?,
@@ -1601,10 +1607,12 @@ mod tests {
             PeerMessage::SyncBitmap {
                 runs: vec![(0, 1), (7, 300), (u64::MAX - 1, 1)],
                 last: false,
+                from_source: true,
             },
             PeerMessage::SyncBitmap {
                 runs: Vec::new(),
                 last: true,
+                from_source: false,
             },
             PeerMessage::ResyncRequest {
                 offset: 1 << 30,
@@ -2173,6 +2181,7 @@ mod tests {
             body.extend_from_slice(&1u64.to_be_bytes());
         }
         body.push(1);
+        body.push(0);
         body
     }
 
@@ -2183,6 +2192,7 @@ mod tests {
                 .map(|i| (i * 3, 2))
                 .collect(),
             last: true,
+            from_source: true,
         };
         let frame = encode(&full);
         assert_eq!(decode_frame_body(&frame[4..]).unwrap(), full);
@@ -2219,6 +2229,7 @@ mod tests {
         let too_many = PeerMessage::SyncBitmap {
             runs: vec![(0, 1); over],
             last: false,
+            from_source: false,
         };
         assert!(matches!(
             check_limits(&too_many),
@@ -2319,12 +2330,14 @@ mod tests {
         let mut body = encode(&PeerMessage::SyncBitmap {
             runs: vec![(1, 1)],
             last: false,
+            from_source: true,
         })[4..]
             .to_vec();
         *body.last_mut().unwrap() = 9;
         let err = decode_frame_body(&body).unwrap_err();
         assert!(
-            err.to_string().contains("`last` has invalid value 9"),
+            err.to_string()
+                .contains("`from_source` has invalid value 9"),
             "{err}"
         );
         let mut body = encode(&PeerMessage::ResyncRequest { offset: 0, len: 1 })[4..].to_vec();

@@ -131,6 +131,10 @@ pub enum PeerMessage {
     SyncBitmap {
         runs: Vec<(u64, u64)>,
         last: bool,
+        /// The sender means to be the sync source (else the target). A receiver without a
+        /// resync takes the other side; two that chose the same side settle it by a rule both
+        /// apply alike (docs/protocol.md, "Resync").
+        from_source: bool,
     },
     /// The sync target asks for these blocks (4 KiB aligned).
     ResyncRequest {

@@ -1165,9 +1165,11 @@ impl ResourceCore {
             other @ (PeerMessage::Data { .. }
             | PeerMessage::Discard { .. }
             | PeerMessage::Barrier { .. }) => self.data_stream_message(peer, other, now),
-            PeerMessage::SyncBitmap { runs, last } => {
-                self.sync_bitmap_received(peer, runs, last, now)
-            }
+            PeerMessage::SyncBitmap {
+                runs,
+                last,
+                from_source,
+            } => self.sync_bitmap_received(peer, runs, last, from_source, now),
             PeerMessage::ResyncRequest { offset, len } => {
                 self.resync_requested(peer, offset, len, now)
             }
@@ -1263,7 +1265,16 @@ impl ResourceCore {
         }
         if missing > 0 && self.role == Role::Secondary {
             self.become_outdated(peer, missing);
+            self.catch_up_from(peer, now);
             return;
+        }
+        if current_uuid == self.meta.current_uuid
+            && self.config.peers.len() == 1
+            && self.missing_for(peer) == 0
+        {
+            // The same data, and the peer counts nothing this node lacks: its claim (an
+            // UpToDate peer confirms a Consistent node) is ours.
+            self.adopt_claim_of(disk);
         }
         if current_uuid == self.meta.current_uuid || self.role != Role::Secondary {
             return;
@@ -1555,13 +1566,11 @@ impl ResourceCore {
                     bits_for_other: *receiver_missing_bytes,
                 };
                 let direction = resync_direction(local, self.config.node_id, remote, peer);
-                if direction.is_none()
-                    && self.disk == DiskState::Consistent
-                    && *disk == DiskState::UpToDate
-                {
-                    // Nothing was in flight here when it stopped (no hot extent): the data
-                    // is what the peer has.
-                    self.set_disk(DiskState::UpToDate, true);
+                let nothing_differs = local.bits_for_other == 0 && remote.bits_for_other == 0;
+                if direction.is_none() && nothing_differs && self.config.peers.len() == 1 {
+                    // Same generation and neither side counts a block that differs (a crash
+                    // here left no hot extent): the data is the peer's, and so is its claim.
+                    self.adopt_claim_of(*disk);
                 }
                 direction
             }
@@ -1584,10 +1593,12 @@ impl ResourceCore {
         if sync == Some(SyncRole::Target) || (sync.is_none() && target_without_resync) {
             self.become_outdated(peer, *receiver_missing_bytes);
         }
-        self.announce_state();
+        // The resync first: from now on the State messages this node sends the peer say
+        // nothing of the blocks the resync carries (see `announce_state`).
         if let Some(role) = sync {
             self.start_resync(peer, role, now);
         }
+        self.announce_state();
         self.replay_early(peer, now);
     }
 
@@ -2198,7 +2209,7 @@ impl ResourceCore {
         }
     }
 
-    fn commit_received(&mut self, peer: PeerId, transaction: u64, _now: Tick) {
+    fn commit_received(&mut self, peer: PeerId, transaction: u64, now: Tick) {
         let Some(prepared) = self
             .prepared
             .filter(|p| p.peer == peer && p.transaction == transaction)
@@ -2212,6 +2223,7 @@ impl ResourceCore {
         if prepared.outdate_peers && self.disk != DiskState::Outdated {
             tracing::warn!(resource = %self.config.resource, peer = %self.peer_name(peer), "the peer was promoted with --force over this node's data; the local disk is Outdated");
             self.become_outdated(peer, 0);
+            self.catch_up_from(peer, now);
         }
     }
 
@@ -2434,6 +2446,24 @@ impl ResourceCore {
 
     // ----- disk state -----
 
+    /// Takes over a peer's better claim on the same data (UpToDate, or Consistent).
+    fn adopt_claim_of(&mut self, peer_disk: DiskState) {
+        let claim = |disk: DiskState| match disk {
+            DiskState::UpToDate => 2,
+            DiskState::Consistent => 1,
+            _ => 0,
+        };
+        if claim(peer_disk) <= claim(self.disk) {
+            return;
+        }
+        if peer_disk == DiskState::Consistent {
+            self.meta.flags.consistent = true;
+            self.meta.flags.up_to_date = true;
+            self.meta.flags.unconfirmed = true;
+        }
+        self.set_disk(peer_disk, true);
+    }
+
     fn become_outdated(&mut self, peer: PeerId, missing_bytes: u64) {
         if matches!(self.disk, DiskState::Outdated | DiskState::Inconsistent) {
             return;
@@ -2490,7 +2520,14 @@ impl ResourceCore {
                     .map(|(node, uuid)| (*node, *uuid))
                     .collect(),
                 history_uuids: self.meta.history_uuids.clone(),
-                receiver_missing_bytes: self.missing_for(peer),
+                // While a resync runs with the peer, the resync stream tells it what it lacks;
+                // a count here could arrive after the resync finished and outdate it again.
+                receiver_missing_bytes: if self.links.get(&peer).is_some_and(|l| l.resync.is_some())
+                {
+                    0
+                } else {
+                    self.missing_for(peer)
+                },
             };
             self.effects.push_back(Effect::Send { peer, message });
         }

@@ -49,6 +49,15 @@ pub enum SyncRole {
     Target,
 }
 
+impl SyncRole {
+    pub fn other(self) -> SyncRole {
+        match self {
+            SyncRole::Source => SyncRole::Target,
+            SyncRole::Target => SyncRole::Source,
+        }
+    }
+}
+
 impl std::fmt::Display for SyncRole {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
@@ -79,12 +88,18 @@ pub fn resync_direction(
     if local.bits_for_other == 0 && peer.bits_for_other == 0 {
         return None;
     }
-    let strong = |disk: DiskState| disk == DiskState::UpToDate;
-    match (strong(local.disk), strong(peer.disk)) {
-        (true, false) => return Some(SyncRole::Source),
-        (false, true) => return Some(SyncRole::Target),
-        (false, false) => return None,
-        (true, true) => {}
+    // How good a claim each side's data has: UpToDate over Consistent (crashed, not confirmed
+    // since) over none (Outdated, Inconsistent).
+    let claim = |disk: DiskState| match disk {
+        DiskState::UpToDate => 2,
+        DiskState::Consistent => 1,
+        _ => 0,
+    };
+    match claim(local.disk).cmp(&claim(peer.disk)) {
+        std::cmp::Ordering::Greater => return Some(SyncRole::Source),
+        std::cmp::Ordering::Less => return Some(SyncRole::Target),
+        std::cmp::Ordering::Equal if claim(local.disk) == 0 => return None,
+        std::cmp::Ordering::Equal => {}
     }
     match (local.bits_for_other > 0, peer.bits_for_other > 0) {
         (true, false) => Some(SyncRole::Source),
@@ -216,6 +231,7 @@ impl ResourceCore {
         tracing::info!(resource = %self.config.resource, peer = %link.name, %role, "resync decided; exchanging bitmaps");
         link.resync = Some(Resync::new(role, now));
         let name = link.name.clone();
+        let from_source = role == SyncRole::Source;
         let mut parts = runs.chunks(RUNS_PER_MESSAGE).peekable();
         if parts.peek().is_none() {
             self.effects.push_back(Effect::Send {
@@ -223,6 +239,7 @@ impl ResourceCore {
                 message: PeerMessage::SyncBitmap {
                     runs: Vec::new(),
                     last: true,
+                    from_source,
                 },
             });
         }
@@ -232,6 +249,7 @@ impl ResourceCore {
                 message: PeerMessage::SyncBitmap {
                     runs: part.to_vec(),
                     last: parts.peek().is_none(),
+                    from_source,
                 },
             });
         }
@@ -241,13 +259,74 @@ impl ResourceCore {
         ));
     }
 
+    /// Learned mid-connection that this node lacks what the connected peer has (the peer's
+    /// forced promotion, or its count of what this node misses): catch up as its target. The
+    /// peer answers our bitmap with its own (see [`Self::sync_bitmap_received`]).
+    pub(super) fn catch_up_from(&mut self, peer: PeerId, now: Tick) {
+        let idle = self
+            .links
+            .get(&peer)
+            .is_some_and(|l| l.is_connected() && l.resync.is_none());
+        if idle && self.config.peers.len() == 1 && self.role == Role::Secondary {
+            self.start_resync(peer, SyncRole::Target, now);
+        }
+    }
+
     pub(super) fn sync_bitmap_received(
         &mut self,
         peer: PeerId,
         runs: Vec<(u64, u64)>,
         last: bool,
+        from_source: bool,
         now: Tick,
     ) {
+        let peer_role = if from_source {
+            SyncRole::Source
+        } else {
+            SyncRole::Target
+        };
+        let ours = self.links.get(&peer).map(|l| {
+            l.resync
+                .as_ref()
+                .map(|r| (r.role, r.received_bitmap, r.running))
+        });
+        match ours {
+            None => return,
+            Some(None) => {
+                // The peer decided on a resync we did not (it saw blocks written during the
+                // handshake, or found mid-connection that it lacks our data): take the other
+                // side, unless this node cannot.
+                let role = peer_role.other();
+                if role == SyncRole::Target && self.role == Role::Primary {
+                    return self.protocol_error(
+                        peer,
+                        "the peer offers a resync to this Primary".into(),
+                        now,
+                    );
+                }
+                self.start_resync(peer, role, now);
+            }
+            Some(Some((role, received, running))) if role == peer_role && !received && !running => {
+                // Both chose the same side: the Primary, else the lower node id, is the
+                // source. Both sides apply the same rule to the same facts.
+                let peer_is_primary =
+                    self.links.get(&peer).and_then(|l| l.role) == Some(Role::Primary);
+                let we_source = match (self.role, peer_is_primary) {
+                    (Role::Primary, false) => true,
+                    (Role::Secondary, true) => false,
+                    _ => self.config.node_id < peer,
+                };
+                let settled = if we_source {
+                    SyncRole::Source
+                } else {
+                    SyncRole::Target
+                };
+                if let Some(resync) = self.links.get_mut(&peer).and_then(|l| l.resync.as_mut()) {
+                    resync.role = settled;
+                }
+            }
+            Some(Some(_)) => {}
+        }
         let in_resync = self
             .links
             .get(&peer)
@@ -401,6 +480,7 @@ impl ResourceCore {
         let name = link.name.clone();
         let source_uuid = link.current_uuid;
         let source_history = link.peer_history.clone();
+        let source_up_to_date = link.disk == Some(DiskState::UpToDate);
         tracing::info!(resource = %self.config.resource, peer = %name, moved_bytes = resync.moved_bytes, "resync finished; this node is UpToDate");
         if source_uuid != 0 {
             self.meta.current_uuid = source_uuid;
@@ -413,7 +493,16 @@ impl ResourceCore {
                 moved_bytes: resync.moved_bytes,
             },
         });
-        self.set_disk(DiskState::UpToDate, true);
+        if source_up_to_date {
+            self.set_disk(DiskState::UpToDate, true);
+        } else {
+            // The data is the source's, and so is its claim: a Consistent source (it crashed
+            // and no UpToDate peer confirmed it since) makes a Consistent target.
+            self.meta.flags.consistent = true;
+            self.meta.flags.up_to_date = true;
+            self.meta.flags.unconfirmed = true;
+            self.set_disk(DiskState::Consistent, true);
+        }
         self.emit(format!(
             "change peer-device name:{} peer-node-id:{peer} conn-name:{name} replication:Established moved:{}",
             self.config.resource, resync.moved_bytes
@@ -855,6 +944,24 @@ mod tests {
                 facts(Secondary, Inconsistent, 4096),
                 None,
                 "neither has a claim",
+            ),
+            (
+                facts(Secondary, Consistent, 4096),
+                facts(Secondary, Consistent, 0),
+                Some(SyncRole::Source),
+                "both crashed: the one that counts blocks (its hot extents) sends them",
+            ),
+            (
+                facts(Secondary, Consistent, 4096),
+                facts(Secondary, Consistent, 4096),
+                Some(SyncRole::Source),
+                "both crashed, both count: the lower id",
+            ),
+            (
+                facts(Secondary, Outdated, 4096),
+                facts(Secondary, Consistent, 0),
+                Some(SyncRole::Target),
+                "an Outdated node gave up its claim",
             ),
         ];
         for (local, peer, expected, why) in rows {
