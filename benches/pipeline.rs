@@ -176,6 +176,7 @@ impl Replicated {
             bitmap_uuid: 0,
             history_uuids: Vec::new(),
             receiver_missing_bytes: 0,
+            discard_my_data: false,
         };
         bench.core.handle(
             1,

@@ -42,6 +42,8 @@ pub enum AdminRequest {
     },
     Connect {
         resource: String,
+        #[serde(default)]
+        discard_my_data: bool,
     },
     Disconnect {
         resource: String,

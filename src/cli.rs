@@ -73,7 +73,13 @@ pub enum Command {
     /// Drop the resource's peer connections and stay StandAlone.
     Disconnect { resource: String },
     /// Connect the resource to its peers again.
-    Connect { resource: String },
+    Connect {
+        resource: String,
+        /// After a split brain: this node gives up what it wrote since the split and takes
+        /// the peer's data (a resync of the blocks either side changed).
+        #[arg(long)]
+        discard_my_data: bool,
+    },
     /// Stream every state change as one line (like `drbdsetup events2`); Ctrl-C ends it.
     Events,
     /// Create a CA (DIR/ca.crt, DIR/ca.key) if absent and, with --node, a node certificate

@@ -144,8 +144,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Command::ResumeIo { resource } => AdminRequest::ResumeIo {
                     resource: resource.clone(),
                 },
-                Command::Connect { resource } => AdminRequest::Connect {
+                Command::Connect {
+                    resource,
+                    discard_my_data,
+                } => AdminRequest::Connect {
                     resource: resource.clone(),
+                    discard_my_data: *discard_my_data,
                 },
                 Command::Disconnect { resource } => AdminRequest::Disconnect {
                     resource: resource.clone(),

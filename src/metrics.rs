@@ -52,7 +52,7 @@ const CONNECTION_STATES: &[ConnectionState] = &[
     ConnectionState::ProtocolError,
 ];
 /// Values of `PeerStatus::replication` (a string in the status).
-const REPLICATION_STATES: &[&str] = &["Off", "Established"];
+const REPLICATION_STATES: &[&str] = &["Off", "Established", "SyncSource", "SyncTarget"];
 
 /// Binds the metrics listener (before the daemon mounts anything, so a taken port is a clean
 /// startup error).
@@ -277,8 +277,8 @@ async fn gather(node: &Addr<NodeActor>) -> Result<String, String> {
 // ---------------------------------------------------------------------------------------------
 
 /// The ratio `qrbd_peer_resync_done_ratio` reports: the part of the disk not marked out of sync
-/// for the peer. Resynchronisation does not exist yet, so this is 1.0 whenever nothing is out of
-/// sync and falls as out-of-sync bytes accumulate.
+/// for the peer: 1.0 whenever nothing is out of sync; it falls as out-of-sync bytes accumulate
+/// and rises again as a resync clears them.
 pub fn resync_done_ratio(size_bytes: u64, out_of_sync_bytes: u64) -> f64 {
     if size_bytes == 0 || out_of_sync_bytes == 0 {
         return 1.0;
@@ -426,6 +426,24 @@ type ResourceField = (
 
 const RESOURCE_FIELDS: &[ResourceField] = &[
     (
+        "qrbd_resource_al_hits_total",
+        "counter",
+        "Writes whose activity-log extents were all hot already.",
+        |r| r.al_hits,
+    ),
+    (
+        "qrbd_resource_al_misses_total",
+        "counter",
+        "Writes that waited for an activity-log extent to be made hot.",
+        |r| r.al_misses,
+    ),
+    (
+        "qrbd_resource_al_transactions_total",
+        "counter",
+        "Activity-log transactions stored (at most one per cold extent).",
+        |r| r.al_transactions,
+    ),
+    (
         "qrbd_resource_conflicts_total",
         "counter",
         "Writes that waited for an overlapping earlier write.",
@@ -532,6 +550,13 @@ type PeerField = (
 );
 
 const PEER_FIELDS: &[PeerField] = &[
+    (
+        "qrbd_peer_resynced_bytes_total",
+        "counter",
+        "Bytes resynced with the peer since the resource came up (sent as source or written \
+         as target).",
+        |p| p.resynced_bytes,
+    ),
     (
         "qrbd_peer_sent_bytes_total",
         "counter",
@@ -678,7 +703,7 @@ pub fn render(resources: &[ResourceStatus], retry: Option<&RetryStats>) -> Strin
         },
         PeerStateSet {
             name: "qrbd_peer_replication_state",
-            help: "Replication with the peer (Off or Established): 1 for the current state, \
+            help: "Replication with the peer (Off, Established, SyncSource or SyncTarget): 1 for the current state, \
                    0 for the others.",
             key: "state",
             states: names(REPLICATION_STATES),

@@ -289,22 +289,31 @@ impl Handler<Admin> for NodeActor {
             AdminRequest::Secondary { resource } => {
                 self.forward(resource, "Secondary", |s| Box::pin(s.send(Demote)))
             }
-            AdminRequest::Connect { resource } | AdminRequest::Disconnect { resource }
+            AdminRequest::Connect { resource, .. } | AdminRequest::Disconnect { resource }
                 if !self.resources.contains_key(&resource) =>
             {
                 ready(AdminResponse::failed(
                     self.handle_of(&resource).err().unwrap_or_default(),
                 ))
             }
-            AdminRequest::Connect { resource } => {
+            AdminRequest::Connect {
+                resource,
+                discard_my_data,
+            } => {
                 if let Some(handle) = self.resources.get(&resource) {
-                    handle.supervisor.do_send(SetConnected(true));
+                    handle
+                        .supervisor
+                        .do_send(SetConnected::Connect { discard_my_data });
                 }
-                ready(AdminResponse::done(format!("{resource}: connecting")))
+                ready(AdminResponse::done(if discard_my_data {
+                    format!("{resource}: connecting; this node discards its data if the peer's generation split from it")
+                } else {
+                    format!("{resource}: connecting")
+                }))
             }
             AdminRequest::Disconnect { resource } => {
                 if let Some(handle) = self.resources.get(&resource) {
-                    handle.supervisor.do_send(SetConnected(false));
+                    handle.supervisor.do_send(SetConnected::Disconnect);
                 }
                 ready(AdminResponse::done(format!(
                     "{resource}: disconnected (StandAlone)"

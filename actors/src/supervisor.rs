@@ -393,15 +393,20 @@ impl Handler<Shutdown> for ResourceSupervisor {
 /// `qrbd connect` (true) / `qrbd disconnect` (false).
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct SetConnected(pub bool);
+pub enum SetConnected {
+    /// `connect`; with `discard_my_data`, this node is the victim of a split brain.
+    Connect {
+        discard_my_data: bool,
+    },
+    Disconnect,
+}
 
 impl Handler<SetConnected> for ResourceSupervisor {
     type Result = ();
-    fn handle(&mut self, SetConnected(connect): SetConnected, ctx: &mut Context<Self>) {
-        let outcome = self.run(if connect {
-            Command::Connect
-        } else {
-            Command::Disconnect
+    fn handle(&mut self, wanted: SetConnected, ctx: &mut Context<Self>) {
+        let outcome = self.run(match wanted {
+            SetConnected::Connect { discard_my_data } => Command::Connect { discard_my_data },
+            SetConnected::Disconnect => Command::Disconnect,
         });
         ctx.spawn(async move { drop(outcome.await) }.into_actor(self));
     }

@@ -971,7 +971,9 @@ impl Sim {
             5..=7 => Command::Demote,
             8..=10 => Command::SuspendIo,
             11..=14 => Command::ResumeIo,
-            15..=16 => Command::Connect,
+            15..=16 => Command::Connect {
+                discard_my_data: false,
+            },
             17 => Command::Disconnect,
             18 if self.rng.percent(30) => Command::Shutdown,
             _ => Command::ResumeIo,
@@ -980,7 +982,7 @@ impl Sim {
         self.run_queue();
         if matches!(
             command,
-            Command::SuspendIo | Command::ResumeIo | Command::Connect | Command::Disconnect
+            Command::SuspendIo | Command::ResumeIo | Command::Connect { .. } | Command::Disconnect
         ) {
             self.ensure(self.answered.contains_key(&cid), || {
                 format!("n{id}: {command:?} was not answered in the same step")
@@ -1654,7 +1656,12 @@ impl Sim {
         self.heal();
         for id in self.ids() {
             self.command(id, Command::ResumeIo);
-            self.command(id, Command::Connect);
+            self.command(
+                id,
+                Command::Connect {
+                    discard_my_data: false,
+                },
+            );
         }
         self.run_queue();
         for round in 0..400 {

@@ -251,6 +251,7 @@ mod tests {
             bitmap_uuid: 0,
             history_uuids: vec![8, 16],
             receiver_missing_bytes: 0,
+            discard_my_data: false,
         }
     }
 

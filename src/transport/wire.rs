@@ -262,6 +262,7 @@ pub fn encode_into(out: &mut impl FrameBuf, msg: &PeerMessage) {
             bitmap_uuid,
             history_uuids,
             receiver_missing_bytes,
+            discard_my_data,
         } => {
             out.put_u8(TAG_HELLO);
             // The version comes first so any later layout can still be recognised as a version
@@ -280,6 +281,7 @@ pub fn encode_into(out: &mut impl FrameBuf, msg: &PeerMessage) {
                 out.put_slice(&uuid.to_be_bytes())
             });
             out.put_slice(&receiver_missing_bytes.to_be_bytes());
+            out.put_u8(u8::from(*discard_my_data));
         }
         PeerMessage::Refused { reason, standalone } => {
             out.put_u8(TAG_REFUSED);
@@ -743,6 +745,7 @@ fn decode_hello(rest: &[u8]) -> Result<PeerMessage, WireError> {
             bitmap_uuid: r.u64("bitmap_uuid")?,
             history_uuids: r.list("history length", |r| r.u64("history uuid"))?,
             receiver_missing_bytes: r.u64("receiver_missing_bytes")?,
+            discard_my_data: r.bool("discard_my_data")?,
         };
         Ok(hello)
     };
@@ -1501,6 +1504,7 @@ mod tests {
                 bitmap_uuid: 0,
                 history_uuids: vec![8, 16],
                 receiver_missing_bytes: 0,
+                discard_my_data: false,
             },
             PeerMessage::Hello {
                 protocol_version: PROTOCOL_VERSION,
@@ -1515,6 +1519,7 @@ mod tests {
                 bitmap_uuid: 0,
                 history_uuids: vec![8, 16],
                 receiver_missing_bytes: 0,
+                discard_my_data: false,
             },
             PeerMessage::Refused {
                 reason: "size mismatch: 1 GiB here, 2 GiB there".into(),
@@ -1970,6 +1975,7 @@ mod tests {
             bitmap_uuid: 0,
             history_uuids: vec![8, 16],
             receiver_missing_bytes: 0,
+            discard_my_data: false,
         });
         let mut stream = Vec::new();
         for msg in &msgs {
@@ -2125,6 +2131,7 @@ mod tests {
             bitmap_uuid: 0,
             history_uuids: vec![8, 16],
             receiver_missing_bytes: 0,
+            discard_my_data: false,
         };
         assert_eq!(decode_frame_body(&encode(&hello)[4..]).unwrap(), hello);
     }

@@ -66,8 +66,9 @@ pub enum SyncDecision {
     PeerBehind { full: bool },
     /// This node lacks what the peer wrote.
     LocalBehind { full: bool },
-    /// Both wrote since they were last together.
-    SplitBrain,
+    /// Both wrote since they were last together; `full` when only the history relates them
+    /// (no bitmap tracks what either changed).
+    SplitBrain { full: bool },
     /// No common generation: different data sets; never connect them.
     Unrelated,
 }
@@ -110,7 +111,7 @@ fn compare_uuids(
     let peer_bitmap = peer.bitmap_for(local_id);
     if local_bitmap != 0 && local_bitmap == peer_bitmap {
         // Both started tracking the other at the same generation, and both moved on from it.
-        return SyncDecision::SplitBrain;
+        return SyncDecision::SplitBrain { full: false };
     }
     if local_bitmap != 0 && local_bitmap == peer.current {
         return SyncDecision::PeerBehind { full: false };
@@ -129,7 +130,7 @@ fn compare_uuids(
                 .iter()
                 .any(|uuid| *uuid != 0 && peer.history.contains(uuid));
             if common || (local_bitmap != 0 && peer.knows(local_bitmap)) {
-                SyncDecision::SplitBrain
+                SyncDecision::SplitBrain { full: true }
             } else {
                 SyncDecision::Unrelated
             }
@@ -210,7 +211,7 @@ mod tests {
                 UpToDate,
                 generations(30, &[(0, 10)], &[10]),
                 UpToDate,
-                SyncDecision::SplitBrain,
+                SyncDecision::SplitBrain { full: false },
             ),
             (
                 "peer generation only in this node's history",
@@ -234,7 +235,7 @@ mod tests {
                 UpToDate,
                 generations(30, &[], &[10]),
                 UpToDate,
-                SyncDecision::SplitBrain,
+                SyncDecision::SplitBrain { full: true },
             ),
             (
                 "nothing in common",
@@ -274,7 +275,7 @@ mod tests {
                 Outdated,
                 generations(30, &[(0, 10)], &[10]),
                 Outdated,
-                SyncDecision::SplitBrain,
+                SyncDecision::SplitBrain { full: false },
             ),
         ];
         for (name, local, local_disk, peer, peer_disk, expected) in cases {

@@ -32,6 +32,9 @@ pub enum PeerMessage {
         history_uuids: Vec<u64>,
         /// Bytes the sender counts as out of sync for the receiver.
         receiver_missing_bytes: u64,
+        /// The sender was told `connect --discard-my-data`: after a split brain it gives up
+        /// its data.
+        discard_my_data: bool,
     },
     /// The other side cannot accept this peer; the connection is closed after it. With
     /// `standalone`, neither side retries until the administrator says `connect`.

@@ -16,6 +16,7 @@ pub mod messages;
 mod protocol;
 pub mod replication;
 pub mod resource;
+pub mod split_brain;
 mod states;
 
 pub use device::{

@@ -19,6 +19,7 @@ use super::device::{DeviceCore, VolumeEffect, HOLD_METADATA};
 use super::generation::{compare_generations, Generations, SyncDecision, UuidSource};
 use super::messages::{Epoch, PeerMessage, StreamKind, PROTOCOL_VERSION};
 use super::replication::{Outgoing, PeerId, PeerReceiver, ReceiverEffect};
+use super::split_brain::{resolve_split_brain, SplitBrainOutcome, SplitBrainSide};
 use super::{
     ByteRange, ConnectionState, DiskState, IoFault, IoKind, ReplicationProtocol, RequestId, Role,
     Tick,
@@ -110,7 +111,11 @@ pub enum Command {
     Demote,
     SuspendIo,
     ResumeIo,
-    Connect,
+    /// Leave StandAlone. With `discard_my_data`, a split brain found at the next handshake
+    /// makes this node the sync target of the peer (it loses what it wrote since the split).
+    Connect {
+        discard_my_data: bool,
+    },
     Disconnect,
     /// Refuse new I/O, finish in-flight I/O, flush, record a clean shutdown.
     Shutdown,
@@ -445,6 +450,10 @@ struct Link {
     peer_history: Vec<u64>,
     resync: Option<Resync>,
     resynced_bytes: u64,
+    /// `connect --discard-my-data` (until the next handshake that settles a split brain).
+    discard_my_data: bool,
+    /// The out-of-sync count this node's Hello on the current connection carried.
+    hello_changes: u64,
 }
 
 /// A data-stream arrival kept until the handshake completes.
@@ -640,6 +649,8 @@ impl ResourceCore {
                     peer_history: Vec::new(),
                     resync: None,
                     resynced_bytes: 0,
+                    discard_my_data: false,
+                    hello_changes: 0,
                 };
                 (peer.id, link)
             })
@@ -1335,6 +1346,7 @@ impl ResourceCore {
             bitmap_uuid: self.meta.bitmap_uuids.get(&peer).copied().unwrap_or(0),
             history_uuids: self.meta.history_uuids.clone(),
             receiver_missing_bytes: self.missing_for(peer),
+            discard_my_data: self.links.get(&peer).is_some_and(|l| l.discard_my_data),
         }
     }
 
@@ -1376,6 +1388,18 @@ impl ResourceCore {
         link.conn = Some(conn);
         link.handshake_since = Some(now);
         let hello = self.hello_message(peer);
+        if let (
+            Some(link),
+            PeerMessage::Hello {
+                receiver_missing_bytes,
+                ..
+            },
+        ) = (self.links.get_mut(&peer), &hello)
+        {
+            // What this node told the peer it changed: a split-brain decision uses the counts
+            // both Hellos carried, the same facts on both sides.
+            link.hello_changes = *receiver_missing_bytes;
+        }
         self.effects.push_back(Effect::Send {
             peer,
             message: hello,
@@ -1398,6 +1422,7 @@ impl ResourceCore {
             bitmap_uuid,
             history_uuids,
             receiver_missing_bytes,
+            discard_my_data,
         } = hello
         else {
             return;
@@ -1501,16 +1526,49 @@ impl ResourceCore {
         }
         let decision =
             compare_generations(&local, self.disk, self.config.node_id, &remote, *disk, peer);
+        let mut split_brain_victim_is_local = false;
         match decision {
-            SyncDecision::SplitBrain => {
-                let reason = format!(
-                    "split brain: {} and {name} both wrote data since generation {:016X}; \
-                     choose the victim and resolve by hand",
-                    self.config.node_name,
-                    local.bitmap_for(peer).max(*bitmap_uuid)
+            SyncDecision::SplitBrain { .. } => {
+                let since = local.bitmap_for(peer).max(*bitmap_uuid);
+                let ours = self
+                    .links
+                    .get(&peer)
+                    .map(|l| (l.discard_my_data, l.hello_changes));
+                let (our_discard, our_changes) = ours.unwrap_or_default();
+                let outcome = resolve_split_brain(
+                    &SplitBrainSide {
+                        id: self.config.node_id,
+                        name: &self.config.node_name,
+                        role: self.role,
+                        discard_my_data: our_discard,
+                        changes: our_changes,
+                    },
+                    &SplitBrainSide {
+                        id: peer,
+                        name: &name,
+                        role: *role,
+                        discard_my_data: *discard_my_data,
+                        changes: *receiver_missing_bytes,
+                    },
+                    &self.config.sync.split_brain,
                 );
-                self.refuse(peer, reason, true, now);
-                return;
+                if let SplitBrainOutcome::Disconnect(why) = outcome {
+                    let reason = format!(
+                        "split brain: {} and {name} both wrote data since generation {since:016X}; \
+                         not resolved automatically ({why}); choose the victim and run \
+                         `qrbd connect --discard-my-data` there",
+                        self.config.node_name,
+                    );
+                    self.refuse(peer, reason, true, now);
+                    return;
+                }
+                split_brain_victim_is_local =
+                    matches!(outcome, SplitBrainOutcome::LocalIsVictim(_));
+                tracing::warn!(resource = %self.config.resource, peer = %name, outcome = ?outcome, "split brain since generation {since:016X}; resolving it");
+                self.emit(format!(
+                    "change peer-device name:{} peer-node-id:{peer} conn-name:{name} split-brain:resolved outcome:{outcome:?}",
+                    self.config.resource
+                ));
             }
             SyncDecision::Unrelated => {
                 let reason = format!(
@@ -1574,7 +1632,22 @@ impl ResourceCore {
                 }
                 direction
             }
-            SyncDecision::SplitBrain | SyncDecision::Unrelated => None,
+            SyncDecision::SplitBrain { full } => {
+                // Only a resolved split brain gets here: the victim takes the survivor's data,
+                // the blocks either side changed (both bitmaps count them), or all of them.
+                if full {
+                    self.device
+                        .mark_out_of_sync(peer, ByteRange::new(0, self.config.size_bytes));
+                }
+                if split_brain_victim_is_local {
+                    // The local data is no longer a claim on anything.
+                    self.meta.flags.up_to_date = false;
+                    Some(SyncRole::Target)
+                } else {
+                    Some(SyncRole::Source)
+                }
+            }
+            SyncDecision::Unrelated => None,
         };
         let source_is_primary = match sync {
             Some(SyncRole::Source) => self.role == Role::Primary,
@@ -1636,6 +1709,8 @@ impl ResourceCore {
         link.ping_outstanding = None;
         link.awaiting_writes.clear();
         link.awaiting_barriers.clear();
+        // `--discard-my-data` is for one handshake.
+        link.discard_my_data = false;
         let name = link.name.clone();
         self.device.peer_connected(peer);
         tracing::info!(resource = %resource, peer = %name, "connected");
@@ -1917,11 +1992,12 @@ impl ResourceCore {
                 self.volume_effects(effects, now);
                 self.done(id, Ok("I/O resumed".into()));
             }
-            Command::Connect => {
+            Command::Connect { discard_my_data } => {
                 let peers: Vec<PeerId> = self.links.keys().copied().collect();
                 for peer in peers {
                     let min = self.config.timing.min_backoff;
                     if let Some(link) = self.links.get_mut(&peer) {
+                        link.discard_my_data = discard_my_data;
                         if link.standalone {
                             link.standalone = false;
                             link.backoff = min;

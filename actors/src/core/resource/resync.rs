@@ -11,6 +11,7 @@ use super::{Effect, MetaWaiter, ResourceCore};
 use crate::core::device::ByteRange;
 use crate::core::messages::PeerMessage;
 use crate::core::replication::PeerId;
+use crate::core::split_brain::SplitBrainPolicy;
 use crate::core::{DiskState, Role, Tick, BLOCK_SIZE};
 
 /// Runs per `SyncBitmap` message.
@@ -19,7 +20,7 @@ const RUNS_PER_MESSAGE: usize = 4096;
 pub const MAX_RESYNC_REQUEST: u64 = 1 << 20;
 
 /// How a resync runs; settable per resource.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SyncConfig {
     /// Activity-log extents kept hot (DRBD's `al-extents`).
     pub al_extents: usize,
@@ -29,6 +30,8 @@ pub struct SyncConfig {
     pub window_bytes: u64,
     /// Upper bound of the resync rate in bytes per second (0: none).
     pub max_rate: u64,
+    /// Automatic split-brain recovery (`after_sb_*`).
+    pub split_brain: SplitBrainPolicy,
 }
 
 impl Default for SyncConfig {
@@ -38,6 +41,7 @@ impl Default for SyncConfig {
             request_bytes: 256 << 10,
             window_bytes: 8 << 20,
             max_rate: 0,
+            split_brain: SplitBrainPolicy::default(),
         }
     }
 }
@@ -403,7 +407,7 @@ impl ResourceCore {
 
     /// Target: keeps the window of requests full, in linear order, within the rate limit.
     pub(super) fn request_more(&mut self, peer: PeerId, now: Tick) {
-        let sync = self.config.sync;
+        let sync = &self.config.sync;
         if self.current_conn(peer).is_none() {
             return;
         }
