@@ -50,10 +50,12 @@ use std::fmt::Write as _;
 use qrbd_actors::core::generation::JUST_CREATED_UUID;
 use qrbd_actors::core::messages::{PeerMessage, StreamKind};
 use qrbd_actors::core::replication::Outgoing;
+use qrbd_actors::core::resource::SyncConfig;
 use qrbd_actors::core::resource::{
     Command, CommandError, CommandId, CoreConfig, Effect, Input, PeerConfig, PeerWrite,
     ResourceCore, Timing,
 };
+use qrbd_actors::core::split_brain::{AfterSb0Pri, AfterSb1Pri, AfterSb2Pri, SplitBrainPolicy};
 use qrbd_actors::core::{
     ByteRange, ConnectionState, DiskState, IoKind, ReplicationProtocol, RequestId, Role, Tick,
 };
@@ -97,6 +99,7 @@ struct Coverage {
     epochs_checked: u64,
     pairs_converged: u64,
     resyncs_finished: u64,
+    split_brains_resolved: u64,
 }
 
 impl Coverage {
@@ -122,6 +125,7 @@ impl Coverage {
         self.replicas_compared += o.replicas_compared;
         self.pairs_converged += o.pairs_converged;
         self.resyncs_finished += o.resyncs_finished;
+        self.split_brains_resolved += o.split_brains_resolved;
     }
 
     fn missing(&self) -> Vec<&'static str> {
@@ -161,6 +165,7 @@ impl Coverage {
                 self.pairs_converged,
             ),
             ("resyncs that moved blocks", self.resyncs_finished),
+            ("split brains resolved", self.split_brains_resolved),
             ("peer writes applied in epoch order", self.epochs_checked),
         ];
         all.iter()
@@ -388,6 +393,7 @@ struct Sim {
     races: Vec<(CommandId, u8, CommandId, u8)>,
     /// Two Primaries may legitimately exist (no quorum in the core).
     split_possible: bool,
+    split_brain: SplitBrainPolicy,
     /// A calm seed has no faults and writes mostly on the Primary: long stretches of plain
     /// replication, so that its invariants are exercised as much as the fault handling.
     calm: bool,
@@ -405,7 +411,13 @@ fn name(id: u8) -> String {
     format!("n{id}")
 }
 
-fn config(id: u8, nodes: u8, protocol: ReplicationProtocol, seed: u64) -> CoreConfig {
+fn config(
+    id: u8,
+    nodes: u8,
+    protocol: ReplicationProtocol,
+    seed: u64,
+    split_brain: &SplitBrainPolicy,
+) -> CoreConfig {
     CoreConfig {
         resource: RESOURCE.into(),
         node_id: id,
@@ -425,7 +437,28 @@ fn config(id: u8, nodes: u8, protocol: ReplicationProtocol, seed: u64) -> CoreCo
             ..Timing::default()
         },
         seed,
-        sync: Default::default(),
+        sync: SyncConfig {
+            split_brain: split_brain.clone(),
+            ..SyncConfig::default()
+        },
+    }
+}
+
+/// The split-brain policy of a seed (the same on every node, as operators must configure it).
+fn split_brain_policy(rng: &mut Rng) -> SplitBrainPolicy {
+    SplitBrainPolicy {
+        after_sb_0pri: match rng.below(4) {
+            0 => AfterSb0Pri::Disconnect,
+            1 => AfterSb0Pri::DiscardZeroChanges,
+            2 => AfterSb0Pri::DiscardLeastChanges,
+            _ => AfterSb0Pri::DiscardNode(name(1)),
+        },
+        after_sb_1pri: match rng.below(3) {
+            0 => AfterSb1Pri::Disconnect,
+            1 => AfterSb1Pri::Consensus,
+            _ => AfterSb1Pri::DiscardSecondary,
+        },
+        after_sb_2pri: AfterSb2Pri::Disconnect,
     }
 }
 
@@ -438,13 +471,20 @@ impl Sim {
             1 => ReplicationProtocol::B,
             _ => ReplicationProtocol::C,
         };
+        let split_brain = split_brain_policy(&mut rng);
         let nodes = (1..=count)
             .map(|id| {
                 let meta = DeviceMeta::new(RESOURCE, id, SIZE, JUST_CREATED_UUID);
                 Node {
                     id,
                     core: ResourceCore::new(
-                        config(id, count, protocol, seed ^ u64::from(id) << 32),
+                        config(
+                            id,
+                            count,
+                            protocol,
+                            seed ^ u64::from(id) << 32,
+                            &split_brain,
+                        ),
                         meta.clone(),
                         0,
                     ),
@@ -486,6 +526,7 @@ impl Sim {
             answered: BTreeMap::new(),
             races: Vec::new(),
             split_possible: false,
+            split_brain,
             racing_blocks: BTreeSet::new(),
             queue: VecDeque::new(),
             trace: VecDeque::new(),
@@ -754,6 +795,9 @@ impl Sim {
     }
 
     fn event(&mut self, id: u8, line: String) {
+        if line.contains("split-brain:resolved") {
+            self.cov.split_brains_resolved += 1;
+        }
         if line.contains("replication:Established moved:") && !line.ends_with("moved:0") {
             self.cov.resyncs_finished += 1;
         }
@@ -972,7 +1016,7 @@ impl Sim {
             8..=10 => Command::SuspendIo,
             11..=14 => Command::ResumeIo,
             15..=16 => Command::Connect {
-                discard_my_data: false,
+                discard_my_data: self.rng.percent(25),
             },
             17 => Command::Disconnect,
             18 if self.rng.percent(30) => Command::Shutdown,
@@ -1521,6 +1565,7 @@ impl Sim {
         self.dials.retain(|(n, _)| *n != id);
         let count = self.nodes.len() as u8;
         let (protocol, seed, now) = (self.protocol, self.seed, self.now);
+        let split_brain = self.split_brain.clone();
         let mut rng = Rng::new(self.rng.next());
         let n = self.node(id);
         if crash {
@@ -1548,7 +1593,12 @@ impl Sim {
         let core_seed = seed ^ u64::from(id) << 32 ^ n.incarnation << 48;
         n.resync_payloads.clear();
         let stored = n.bitmaps.stored();
-        n.core = ResourceCore::restore(config(id, count, protocol, core_seed), meta, stored, now);
+        n.core = ResourceCore::restore(
+            config(id, count, protocol, core_seed, &split_brain),
+            meta,
+            stored,
+            now,
+        );
         if crash {
             self.racing_blocks.extend(in_flight_blocks);
         }
@@ -1743,8 +1793,14 @@ impl Sim {
                     };
                     // Both UpToDate, or both Consistent (both crashed, no one confirmed
                     // either, the data is the same).
-                    let settled =
-                        |d: DiskState| matches!(d, DiskState::UpToDate | DiskState::Consistent);
+                    // (Both Outdated is settled too: the same data, and neither may claim it
+                    // without --force.)
+                    let settled = |d: DiskState| {
+                        matches!(
+                            d,
+                            DiskState::UpToDate | DiskState::Consistent | DiskState::Outdated
+                        )
+                    };
                     self.ensure(
                         settled(na.core.disk())
                             && na.core.disk() == nb.core.disk()

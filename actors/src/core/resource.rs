@@ -142,6 +142,8 @@ pub enum CommandError {
     ApplyingPeerWrites(String),
     #[error("this node is catching up from {0} (SyncTarget); wait for the resync to finish, or disconnect first")]
     SyncTarget(String),
+    #[error("a resync with {0} is running; wait for it to finish, or disconnect first")]
+    Resyncing(String),
     #[error("metadata update failed: {0}")]
     Meta(String),
     #[error("local I/O failed: {0}")]
@@ -1542,6 +1544,10 @@ impl ResourceCore {
                         role: self.role,
                         discard_my_data: our_discard,
                         changes: our_changes,
+                        consistent: matches!(
+                            self.disk,
+                            DiskState::UpToDate | DiskState::Consistent
+                        ),
                     },
                     &SplitBrainSide {
                         id: peer,
@@ -1549,9 +1555,17 @@ impl ResourceCore {
                         role: *role,
                         discard_my_data: *discard_my_data,
                         changes: *receiver_missing_bytes,
+                        consistent: matches!(*disk, DiskState::UpToDate | DiskState::Consistent),
                     },
                     &self.config.sync.split_brain,
                 );
+                let outcome = if self.config.peers.len() == 1 {
+                    outcome
+                } else {
+                    SplitBrainOutcome::Disconnect(
+                        "split-brain recovery needs a two-node resource for now".into(),
+                    )
+                };
                 if let SplitBrainOutcome::Disconnect(why) = outcome {
                     let reason = format!(
                         "split brain: {} and {name} both wrote data since generation {since:016X}; \
@@ -2069,6 +2083,14 @@ impl ResourceCore {
             // Its resync writes would land under the application's writes.
             let name = link.name.clone();
             return self.done(id, Err(CommandError::SyncTarget(name)));
+        }
+        if force && self.disk != DiskState::UpToDate {
+            if let Some(link) = self.links.values().find(|l| l.resync.is_some()) {
+                // Forcing makes all of the peer's data out of date: the resync the bitmaps
+                // started is no longer the right one.
+                let name = link.name.clone();
+                return self.done(id, Err(CommandError::Resyncing(name)));
+            }
         }
         let connected: BTreeSet<PeerId> = self
             .links

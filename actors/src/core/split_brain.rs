@@ -54,6 +54,8 @@ pub struct SplitBrainSide<'a> {
     pub discard_my_data: bool,
     /// Blocks this side changed since the split (its out-of-sync count for the other).
     pub changes: u64,
+    /// Its data is consistent (UpToDate or Consistent): only such a side can survive.
+    pub consistent: bool,
 }
 
 /// Who gives up its data, or why nobody does.
@@ -76,7 +78,17 @@ pub fn resolve_split_brain(
 ) -> SplitBrainOutcome {
     use SplitBrainOutcome::*;
     let victim = |victim_is_local: bool, why: String| -> SplitBrainOutcome {
-        let node = if victim_is_local { local } else { peer };
+        let (node, survivor) = if victim_is_local {
+            (local, peer)
+        } else {
+            (peer, local)
+        };
+        if !survivor.consistent {
+            return Disconnect(format!(
+                "{why}, but {} has no consistent data to resync from",
+                survivor.name
+            ));
+        }
         if node.role == Role::Primary {
             return Disconnect(format!(
                 "{why}, but {} is Primary; demote it, then `qrbd connect --discard-my-data` there",
@@ -211,6 +223,7 @@ mod tests {
             role,
             discard_my_data: discard,
             changes,
+            consistent: true,
         }
     }
 
@@ -373,5 +386,18 @@ mod tests {
         for (a, b, policy, want, why) in rows {
             assert_eq!(outcome_for_a(&a, &b, &policy), want, "{why}");
         }
+        let inconsistent = SplitBrainSide {
+            consistent: false,
+            ..side(2, "b", Secondary, false, 3)
+        };
+        assert_eq!(
+            outcome_for_a(
+                &side(1, "a", Secondary, true, 5),
+                &inconsistent,
+                &SplitBrainPolicy::default()
+            ),
+            Want::Nobody,
+            "no resync from a survivor without consistent data"
+        );
     }
 }

@@ -92,6 +92,12 @@ pub fn resync_direction(
     if local.bits_for_other == 0 && peer.bits_for_other == 0 {
         return None;
     }
+    // A Primary's data is what its application sees: it is never overwritten by a resync.
+    match (local.role, peer.role) {
+        (Role::Primary, Role::Secondary) => return Some(SyncRole::Source),
+        (Role::Secondary, Role::Primary) => return Some(SyncRole::Target),
+        _ => {}
+    }
     // How good a claim each side's data has: UpToDate over Consistent (crashed, not confirmed
     // since) over none (Outdated, Inconsistent).
     let claim = |disk: DiskState| match disk {
@@ -484,7 +490,7 @@ impl ResourceCore {
         let name = link.name.clone();
         let source_uuid = link.current_uuid;
         let source_history = link.peer_history.clone();
-        let source_up_to_date = link.disk == Some(DiskState::UpToDate);
+        let source_disk = link.disk;
         tracing::info!(resource = %self.config.resource, peer = %name, moved_bytes = resync.moved_bytes, "resync finished; this node is UpToDate");
         if source_uuid != 0 {
             self.meta.current_uuid = source_uuid;
@@ -497,15 +503,22 @@ impl ResourceCore {
                 moved_bytes: resync.moved_bytes,
             },
         });
-        if source_up_to_date {
-            self.set_disk(DiskState::UpToDate, true);
-        } else {
-            // The data is the source's, and so is its claim: a Consistent source (it crashed
-            // and no UpToDate peer confirmed it since) makes a Consistent target.
-            self.meta.flags.consistent = true;
-            self.meta.flags.up_to_date = true;
-            self.meta.flags.unconfirmed = true;
-            self.set_disk(DiskState::Consistent, true);
+        // The data is the source's, and so is its claim: a Consistent source (it crashed and
+        // no UpToDate peer confirmed it since) makes a Consistent target, an Outdated one an
+        // Outdated target.
+        match source_disk {
+            Some(DiskState::UpToDate) => self.set_disk(DiskState::UpToDate, true),
+            Some(DiskState::Consistent) => {
+                self.meta.flags.consistent = true;
+                self.meta.flags.up_to_date = true;
+                self.meta.flags.unconfirmed = true;
+                self.set_disk(DiskState::Consistent, true);
+            }
+            _ => {
+                self.meta.flags.consistent = true;
+                self.meta.flags.up_to_date = false;
+                self.set_disk(DiskState::Outdated, true);
+            }
         }
         self.emit(format!(
             "change peer-device name:{} peer-node-id:{peer} conn-name:{name} replication:Established moved:{}",
@@ -948,6 +961,12 @@ mod tests {
                 facts(Secondary, Inconsistent, 4096),
                 None,
                 "neither has a claim",
+            ),
+            (
+                facts(Primary, UpToDate, 0),
+                facts(Secondary, UpToDate, 4096),
+                Some(SyncRole::Source),
+                "a Primary is never a target, whoever counts the blocks",
             ),
             (
                 facts(Secondary, Consistent, 4096),
