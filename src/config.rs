@@ -23,6 +23,9 @@
 //! protocol = "C"                  # default C
 //! al_extents = 1237               # default 1237, 7..=65534
 //! resync_rate = "100MiB"          # bytes per second; default 0 (unlimited)
+//! after_sb_0pri = "discard-zero-changes"  # split brain, no Primary; default "disconnect"
+//! after_sb_1pri = "discard-secondary"     # split brain, one Primary; default "disconnect"
+//! after_sb_2pri = "disconnect"            # split brain, two Primaries; only "disconnect"
 //!
 //!   [[resource.peer]]
 //!   name = "beta"
@@ -43,6 +46,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 
 use config::{Config, Environment, File, FileFormat, Map, Value, ValueKind};
+use qrbd_actors::core::split_brain::{AfterSb0Pri, AfterSb1Pri, AfterSb2Pri, SplitBrainPolicy};
 use qrbd_actors::core::ReplicationProtocol;
 use serde::de::{self, Deserializer, Unexpected, Visitor};
 use serde::Deserialize;
@@ -107,6 +111,9 @@ const RESOURCE_KEYS: &[&str] = &[
     "disk_flushes",
     "al_extents",
     "resync_rate",
+    "after_sb_0pri",
+    "after_sb_1pri",
+    "after_sb_2pri",
     "peer",
 ];
 const PEER_KEYS: &[&str] = &["name", "id", "address"];
@@ -175,6 +182,13 @@ pub struct ResourceConfig {
     /// that a resync does not take the bandwidth and disk time the application needs. 0 (the
     /// default) means unlimited; otherwise at least `MIN_RESYNC_RATE`.
     pub resync_rate: u64,
+    /// Automatic split-brain recovery, like DRBD's `after-sb-0pri`, `after-sb-1pri` and
+    /// `after-sb-2pri` (keys `after_sb_0pri`, `after_sb_1pri`, `after_sb_2pri`, by how many of
+    /// the two nodes are Primary): which node, if any, discards what it wrote since the split
+    /// and resyncs from the other. All three default to `disconnect`: both nodes stay
+    /// StandAlone until `qrbd connect --discard-my-data` on the victim. A
+    /// `discard-node-NAME` names this node or one of the resource's peers.
+    pub split_brain: SplitBrainPolicy,
     pub peers: Vec<PeerConfig>,
 }
 
@@ -633,6 +647,9 @@ struct RawResource {
     disk_flushes: Option<bool>,
     al_extents: Option<Scalar>,
     resync_rate: Option<Scalar>,
+    after_sb_0pri: Option<Scalar>,
+    after_sb_1pri: Option<Scalar>,
+    after_sb_2pri: Option<Scalar>,
     #[serde(default)]
     peer: Vec<RawPeer>,
 }
@@ -1148,6 +1165,25 @@ fn validate_resource(
         peers.push(peer);
     }
 
+    // After the peers: `discard-node-NAME` must name this node or one of them.
+    let mut node_names = vec![node.name.as_str()];
+    node_names.extend(peers.iter().map(|p| p.name.as_str()));
+    let invalid = |reason: String| ctx.invalid(&place, reason);
+    let split_brain = SplitBrainPolicy {
+        after_sb_0pri: match raw.after_sb_0pri {
+            None => AfterSb0Pri::default(),
+            Some(value) => parse_after_sb_0pri(&value, &node_names).map_err(invalid)?,
+        },
+        after_sb_1pri: match raw.after_sb_1pri {
+            None => AfterSb1Pri::default(),
+            Some(value) => parse_after_sb_1pri(&value).map_err(invalid)?,
+        },
+        after_sb_2pri: match raw.after_sb_2pri {
+            None => AfterSb2Pri::default(),
+            Some(value) => parse_after_sb_2pri(&value).map_err(invalid)?,
+        },
+    };
+
     Ok(ResourceConfig {
         name,
         size_bytes,
@@ -1155,6 +1191,7 @@ fn validate_resource(
         disk_flushes: raw.disk_flushes.unwrap_or(true),
         al_extents,
         resync_rate,
+        split_brain,
         peers,
     })
 }
@@ -1255,6 +1292,161 @@ fn parse_resync_rate(value: &Scalar) -> Result<u64, String> {
         ));
     }
     Ok(bytes)
+}
+
+/// The `after_sb_0pri` values qrbd implements, besides `discard-node-NAME`; the default first.
+const AFTER_SB_0PRI_VALUES: &[&str] = &[
+    "disconnect",
+    "discard-zero-changes",
+    "discard-least-changes",
+];
+/// `after_sb_0pri` values of DRBD's that qrbd does not implement yet.
+const AFTER_SB_0PRI_NOT_YET: &[&str] = &["discard-younger-primary", "discard-older-primary"];
+/// The `after_sb_1pri` values qrbd implements; the default first.
+const AFTER_SB_1PRI_VALUES: &[&str] = &["disconnect", "consensus", "discard-secondary"];
+/// `after_sb_1pri` values of DRBD's that qrbd does not implement.
+const AFTER_SB_1PRI_NOT_YET: &[&str] = &["call-pri-lost-after-sb", "violently-as0p"];
+/// `after_sb_2pri` values of DRBD's besides `disconnect`.
+const AFTER_SB_2PRI_DRBD: &[&str] = &["call-pri-lost-after-sb", "violently-as0p"];
+/// Prefix of `after_sb_0pri = "discard-node-NAME"`.
+const DISCARD_NODE: &str = "discard-node-";
+
+/// `"a" (the default), "b", "c"`: the first value is the default.
+fn quoted_list(values: &[&str]) -> String {
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            if i == 0 {
+                format!("{v:?} (the default)")
+            } else {
+                format!("{v:?}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The text of a split-brain policy key, or the message for a value that is not a string.
+fn policy_text<'a>(key: &str, value: &'a Scalar, supported: &str) -> Result<&'a str, String> {
+    match value {
+        Scalar::Text(text) => Ok(text),
+        Scalar::Int(n) => Err(format!(
+            "{key} {n} is a number; give a string in quotes; {supported}"
+        )),
+        Scalar::Other { shown, what } => Err(format!(
+            "{key} {shown} is {what}; give a string in quotes; {supported}"
+        )),
+    }
+}
+
+/// `[[resource]] after_sb_0pri` (DRBD's `after-sb-0pri`): what to do after a split brain when
+/// neither node is Primary. `node_names` are this node's name, then the resource's peers'.
+/// Returns the message on failure.
+fn parse_after_sb_0pri(value: &Scalar, node_names: &[&str]) -> Result<AfterSb0Pri, String> {
+    const KEY: &str = "after_sb_0pri";
+    let names = match node_names.split_first() {
+        Some((me, peers)) => std::iter::once(format!("{me} (this node)"))
+            .chain(peers.iter().map(|p| (*p).to_owned()))
+            .collect::<Vec<_>>()
+            .join(", "),
+        None => String::new(),
+    };
+    let supported = format!(
+        "supported: {}, \"discard-node-NAME\" where NAME is one of: {names}",
+        quoted_list(AFTER_SB_0PRI_VALUES)
+    );
+    let text = policy_text(KEY, value, &supported)?;
+    match text {
+        "disconnect" => return Ok(AfterSb0Pri::Disconnect),
+        "discard-zero-changes" => return Ok(AfterSb0Pri::DiscardZeroChanges),
+        "discard-least-changes" => return Ok(AfterSb0Pri::DiscardLeastChanges),
+        _ => {}
+    }
+    if let Some(name) = text.strip_prefix(DISCARD_NODE) {
+        if node_names.contains(&name) {
+            return Ok(AfterSb0Pri::DiscardNode(name.to_owned()));
+        }
+        // A suggestion only for a name one edit (case aside) from a known one: "delta" is not
+        // a typo of "beta".
+        let lower = name.to_ascii_lowercase();
+        let close = node_names
+            .iter()
+            .map(|n| (edit_distance(&lower, &n.to_ascii_lowercase()), n))
+            .filter(|(distance, _)| *distance <= 1)
+            .min_by_key(|(distance, _)| *distance)
+            .map(|(_, n)| format!("{DISCARD_NODE}{n}"));
+        return Err(format!(
+            "{KEY} {text:?}: {name:?} is neither this node nor a peer of this resource{}; NAME in \"discard-node-NAME\" must be one of: {names}",
+            did_you_mean(&close)
+        ));
+    }
+    if AFTER_SB_0PRI_NOT_YET.contains(&text) {
+        return Err(format!(
+            "{KEY} {text:?} is a DRBD policy qrbd does not implement yet; {supported}"
+        ));
+    }
+    if ["consensus", "discard-secondary"].contains(&text) || AFTER_SB_1PRI_NOT_YET.contains(&text) {
+        return Err(format!(
+            "{KEY} {text:?} is a policy for after_sb_1pri (one node Primary), not for after_sb_0pri; {supported}"
+        ));
+    }
+    Err(format!(
+        "{KEY} {text:?} is not a split-brain policy{}; {supported}",
+        did_you_mean(&suggest(text, AFTER_SB_0PRI_VALUES))
+    ))
+}
+
+/// `[[resource]] after_sb_1pri` (DRBD's `after-sb-1pri`): what to do after a split brain when
+/// one node is Primary. Returns the message on failure.
+fn parse_after_sb_1pri(value: &Scalar) -> Result<AfterSb1Pri, String> {
+    const KEY: &str = "after_sb_1pri";
+    let supported = format!("supported: {}", quoted_list(AFTER_SB_1PRI_VALUES));
+    let text = policy_text(KEY, value, &supported)?;
+    match text {
+        "disconnect" => return Ok(AfterSb1Pri::Disconnect),
+        "consensus" => return Ok(AfterSb1Pri::Consensus),
+        "discard-secondary" => return Ok(AfterSb1Pri::DiscardSecondary),
+        _ => {}
+    }
+    if AFTER_SB_1PRI_NOT_YET.contains(&text) {
+        return Err(format!(
+            "{KEY} {text:?} is a DRBD policy qrbd does not implement; {supported}"
+        ));
+    }
+    if text.starts_with(DISCARD_NODE)
+        || ["discard-zero-changes", "discard-least-changes"].contains(&text)
+        || AFTER_SB_0PRI_NOT_YET.contains(&text)
+    {
+        return Err(format!(
+            "{KEY} {text:?} is a policy for after_sb_0pri (neither node Primary), not for after_sb_1pri; \"consensus\" applies after_sb_0pri when it picks the Secondary; {supported}"
+        ));
+    }
+    Err(format!(
+        "{KEY} {text:?} is not a split-brain policy{}; {supported}",
+        did_you_mean(&suggest(text, AFTER_SB_1PRI_VALUES))
+    ))
+}
+
+/// `[[resource]] after_sb_2pri` (DRBD's `after-sb-2pri`): what to do after a split brain when
+/// both nodes are Primary. Only `disconnect`. Returns the message on failure.
+fn parse_after_sb_2pri(value: &Scalar) -> Result<AfterSb2Pri, String> {
+    const KEY: &str = "after_sb_2pri";
+    let supported =
+        "with two Primaries only disconnect is safe: the only supported value is \"disconnect\" (the default)";
+    let text = policy_text(KEY, value, supported)?;
+    if text == "disconnect" {
+        return Ok(AfterSb2Pri::Disconnect);
+    }
+    let what = if AFTER_SB_2PRI_DRBD.contains(&text) {
+        " is a DRBD policy qrbd refuses".to_owned()
+    } else {
+        format!(
+            " is not accepted{}",
+            did_you_mean(&suggest(text, &["disconnect"]))
+        )
+    };
+    Err(format!("{KEY} {text:?}{what}; {supported}"))
 }
 
 fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
@@ -1393,6 +1585,9 @@ mod tests {
         disk_flushes = false
         al_extents = 3001
         resync_rate = "100M"
+        after_sb_0pri = "discard-node-gamma"
+        after_sb_1pri = "consensus"
+        after_sb_2pri = "disconnect"
 
           [[resource.peer]]
           name = "beta"
@@ -1504,6 +1699,11 @@ mod tests {
         assert_eq!(config.resources[0].al_extents, DEFAULT_AL_EXTENTS);
         assert_eq!(config.resources[0].resync_rate, 0, "unlimited");
         assert_eq!(config.resources[0].resync_rate, DEFAULT_RESYNC_RATE);
+        let split_brain = &config.resources[0].split_brain;
+        assert_eq!(*split_brain, SplitBrainPolicy::default());
+        assert_eq!(split_brain.after_sb_0pri, AfterSb0Pri::Disconnect);
+        assert_eq!(split_brain.after_sb_1pri, AfterSb1Pri::Disconnect);
+        assert_eq!(split_brain.after_sb_2pri, AfterSb2Pri::Disconnect);
         assert!(config.resources[0].peers.is_empty());
     }
 
@@ -1561,6 +1761,11 @@ mod tests {
                     disk_flushes: false,
                     al_extents: 3001,
                     resync_rate: 100 * MIB,
+                    split_brain: SplitBrainPolicy {
+                        after_sb_0pri: AfterSb0Pri::DiscardNode("gamma".into()),
+                        after_sb_1pri: AfterSb1Pri::Consensus,
+                        after_sb_2pri: AfterSb2Pri::Disconnect,
+                    },
                     peers: vec![
                         PeerConfig {
                             name: "beta".into(),
@@ -1581,6 +1786,7 @@ mod tests {
                     disk_flushes: true,
                     al_extents: 1237,
                     resync_rate: 0,
+                    split_brain: SplitBrainPolicy::default(),
                     peers: vec![],
                 },
             ],
@@ -1722,7 +1928,7 @@ mod tests {
             &[
                 "resource \"r0\"",
                 "unknown key \"sise\"",
-                "name, size, protocol, disk_flushes, al_extents, resync_rate, peer",
+                "name, size, protocol, disk_flushes, al_extents, resync_rate, after_sb_0pri, after_sb_1pri, after_sb_2pri, peer",
             ],
         );
         // DRBD's spellings and near misses of the new keys get a suggestion.
@@ -1731,6 +1937,11 @@ mod tests {
             ("al_extent", "al_extents"),
             ("resync-rate", "resync_rate"),
             ("resync_rat", "resync_rate"),
+            ("after-sb-0pri", "after_sb_0pri"),
+            ("after-sb-1pri", "after_sb_1pri"),
+            ("after-sb-2pri", "after_sb_2pri"),
+            ("after_sb_0_pri", "after_sb_0pri"),
+            ("aftersb_1pri", "after_sb_1pri"),
         ] {
             load_err(
                 &with_node(&format!(
@@ -2258,6 +2469,293 @@ mod tests {
         assert_eq!(
             load_err(&resource_with("resync_rate", "\"fast\""), &[]),
             "<inline>: resource \"r0\": resync_rate \"fast\": does not start with a number; write e.g. 1GiB or 4096 (resync_rate is in bytes per second, such as \"100MiB\" or \"512K\"; 0 means unlimited)"
+        );
+    }
+
+    /// A resource `r0` with peers `beta` and `gamma` (this node is `alpha`) and `key = value`.
+    fn resource_with_peers(key: &str, value: &str) -> String {
+        with_node(&format!(
+            "[[resource]]\nname = \"r0\"\nsize = \"1GiB\"\n{key} = {value}\n\
+             [[resource.peer]]\nname = \"beta\"\nid = 1\naddress = \"192.0.2.2:7788\"\n\
+             [[resource.peer]]\nname = \"gamma\"\nid = 2\naddress = \"192.0.2.3:7788\"\n"
+        ))
+    }
+
+    #[test]
+    fn after_sb_values() {
+        let policy = |text: &str| load_ok(text).resources[0].split_brain.clone();
+        for (value, expected) in [
+            ("\"disconnect\"", AfterSb0Pri::Disconnect),
+            ("\"discard-zero-changes\"", AfterSb0Pri::DiscardZeroChanges),
+            (
+                "\"discard-least-changes\"",
+                AfterSb0Pri::DiscardLeastChanges,
+            ),
+            (
+                "\"discard-node-alpha\"",
+                AfterSb0Pri::DiscardNode("alpha".into()),
+            ),
+            (
+                "\"discard-node-beta\"",
+                AfterSb0Pri::DiscardNode("beta".into()),
+            ),
+            (
+                "\"discard-node-gamma\"",
+                AfterSb0Pri::DiscardNode("gamma".into()),
+            ),
+        ] {
+            let got = policy(&resource_with_peers("after_sb_0pri", value));
+            assert_eq!(
+                got,
+                SplitBrainPolicy {
+                    after_sb_0pri: expected,
+                    ..SplitBrainPolicy::default()
+                },
+                "{value}"
+            );
+        }
+        // Without peers, this node's own name is still a name.
+        assert_eq!(
+            policy(&resource_with("after_sb_0pri", "\"discard-node-alpha\"")).after_sb_0pri,
+            AfterSb0Pri::DiscardNode("alpha".into())
+        );
+        for (value, expected) in [
+            ("\"disconnect\"", AfterSb1Pri::Disconnect),
+            ("\"consensus\"", AfterSb1Pri::Consensus),
+            ("\"discard-secondary\"", AfterSb1Pri::DiscardSecondary),
+        ] {
+            let got = policy(&resource_with_peers("after_sb_1pri", value));
+            assert_eq!(
+                got,
+                SplitBrainPolicy {
+                    after_sb_1pri: expected,
+                    ..SplitBrainPolicy::default()
+                },
+                "{value}"
+            );
+        }
+        assert_eq!(
+            policy(&resource_with_peers("after_sb_2pri", "\"disconnect\"")),
+            SplitBrainPolicy::default()
+        );
+        // All three together, each in its own resource.
+        let config = load_ok(&with_node(
+            "[[resource]]\nname = \"r0\"\nsize = \"1GiB\"\nafter_sb_0pri = \"discard-least-changes\"\nafter_sb_1pri = \"discard-secondary\"\nafter_sb_2pri = \"disconnect\"\n\
+             [[resource]]\nname = \"r1\"\nsize = \"1GiB\"\n",
+        ));
+        assert_eq!(
+            config.resources[0].split_brain,
+            SplitBrainPolicy {
+                after_sb_0pri: AfterSb0Pri::DiscardLeastChanges,
+                after_sb_1pri: AfterSb1Pri::DiscardSecondary,
+                after_sb_2pri: AfterSb2Pri::Disconnect,
+            }
+        );
+        assert_eq!(config.resources[1].split_brain, SplitBrainPolicy::default());
+    }
+
+    #[test]
+    fn bad_after_sb_0pri() {
+        let supported = [
+            "supported: \"disconnect\" (the default), \"discard-zero-changes\", \"discard-least-changes\", \"discard-node-NAME\"",
+            "where NAME is one of: alpha (this node), beta, gamma",
+        ];
+        let cases: &[(&str, &[&str])] = &[
+            // Unknown strings, with a suggestion when close.
+            (
+                "\"retry\"",
+                &["after_sb_0pri \"retry\" is not a split-brain policy;"],
+            ),
+            ("\"\"", &["after_sb_0pri \"\" is not a split-brain policy"]),
+            (
+                "\"discard_zero_changes\"",
+                &["did you mean \"discard-zero-changes\"?"],
+            ),
+            ("\"Disconnect\"", &["did you mean \"disconnect\"?"]),
+            ("\"discard-node\"", &["policy; supported"]),
+            // Not strings.
+            ("0", &["after_sb_0pri 0 is a number", "string in quotes"]),
+            ("true", &["after_sb_0pri true is a boolean"]),
+            ("1.5", &["after_sb_0pri 1.5 is a floating-point number"]),
+            ("[\"disconnect\"]", &["after_sb_0pri [...] is a list"]),
+            ("{ a = 1 }", &["after_sb_0pri {...} is a table"]),
+            // DRBD's policies that qrbd does not implement yet.
+            (
+                "\"discard-younger-primary\"",
+                &["\"discard-younger-primary\" is a DRBD policy qrbd does not implement yet"],
+            ),
+            (
+                "\"discard-older-primary\"",
+                &["\"discard-older-primary\" is a DRBD policy qrbd does not implement yet"],
+            ),
+            // after_sb_1pri's values.
+            ("\"consensus\"", &["is a policy for after_sb_1pri"]),
+            ("\"discard-secondary\"", &["is a policy for after_sb_1pri"]),
+            ("\"violently-as0p\"", &["is a policy for after_sb_1pri"]),
+        ];
+        for (value, words) in cases {
+            let message = load_err(
+                &resource_with_peers("after_sb_0pri", value),
+                &["<inline>: resource \"r0\": after_sb_0pri"],
+            );
+            for word in words.iter().chain(&supported) {
+                assert!(
+                    message.contains(word),
+                    "{value}: {message:?} lacks {word:?}"
+                );
+            }
+        }
+        // discard-node with a name that is neither this node nor a peer of the resource.
+        for (value, words) in [
+            (
+                "\"discard-node-delta\"",
+                &["\"delta\" is neither this node nor a peer of this resource"][..],
+            ),
+            (
+                "\"discard-node-\"",
+                &["\"\" is neither this node nor a peer"],
+            ),
+            (
+                "\"discard-node-Beta\"",
+                &["did you mean \"discard-node-beta\"?"],
+            ),
+            (
+                "\"discard-node-gama\"",
+                &["did you mean \"discard-node-gamma\"?"],
+            ),
+            ("\"discard-node-delta\"", &["resource; NAME"]),
+        ] {
+            let message = load_err(
+                &resource_with_peers("after_sb_0pri", value),
+                &[
+                    "<inline>: resource \"r0\": after_sb_0pri",
+                    "must be one of: alpha (this node), beta, gamma",
+                ],
+            );
+            for word in words {
+                assert!(
+                    message.contains(word),
+                    "{value}: {message:?} lacks {word:?}"
+                );
+            }
+        }
+        // Exactly, once:
+        assert_eq!(
+            load_err(&resource_with_peers("after_sb_0pri", "\"discard-node-delta\""), &[]),
+            "<inline>: resource \"r0\": after_sb_0pri \"discard-node-delta\": \"delta\" is neither this node nor a peer of this resource; NAME in \"discard-node-NAME\" must be one of: alpha (this node), beta, gamma"
+        );
+        assert_eq!(
+            load_err(&resource_with("after_sb_0pri", "\"discard-younger-primary\""), &[]),
+            "<inline>: resource \"r0\": after_sb_0pri \"discard-younger-primary\" is a DRBD policy qrbd does not implement yet; supported: \"disconnect\" (the default), \"discard-zero-changes\", \"discard-least-changes\", \"discard-node-NAME\" where NAME is one of: alpha (this node)"
+        );
+        // A peer of another resource is not a name here.
+        load_err(
+            &with_node(
+                "[[resource]]\nname = \"r0\"\nsize = \"1GiB\"\n\
+                 [[resource.peer]]\nname = \"beta\"\nid = 1\naddress = \"192.0.2.2:7788\"\n\
+                 [[resource]]\nname = \"r1\"\nsize = \"1GiB\"\nafter_sb_0pri = \"discard-node-beta\"\n",
+            ),
+            &[
+                "<inline>: resource \"r1\": after_sb_0pri \"discard-node-beta\"",
+                "\"beta\" is neither this node nor a peer of this resource",
+                "must be one of: alpha (this node)",
+            ],
+        );
+    }
+
+    #[test]
+    fn bad_after_sb_1pri() {
+        let supported =
+            "supported: \"disconnect\" (the default), \"consensus\", \"discard-secondary\"";
+        let cases: &[(&str, &[&str])] = &[
+            (
+                "\"retry\"",
+                &["after_sb_1pri \"retry\" is not a split-brain policy;"],
+            ),
+            ("\"consensys\"", &["did you mean \"consensus\"?"]),
+            (
+                "\"discard_secondary\"",
+                &["did you mean \"discard-secondary\"?"],
+            ),
+            ("1", &["after_sb_1pri 1 is a number", "string in quotes"]),
+            ("false", &["after_sb_1pri false is a boolean"]),
+            ("[]", &["after_sb_1pri [...] is a list"]),
+            (
+                "\"call-pri-lost-after-sb\"",
+                &["\"call-pri-lost-after-sb\" is a DRBD policy qrbd does not implement"],
+            ),
+            (
+                "\"violently-as0p\"",
+                &["\"violently-as0p\" is a DRBD policy qrbd does not implement"],
+            ),
+            (
+                "\"discard-younger-primary\"",
+                &[
+                    "is a policy for after_sb_0pri",
+                    "\"consensus\" applies after_sb_0pri",
+                ],
+            ),
+            (
+                "\"discard-zero-changes\"",
+                &["is a policy for after_sb_0pri"],
+            ),
+            ("\"discard-node-beta\"", &["is a policy for after_sb_0pri"]),
+        ];
+        for (value, words) in cases {
+            let message = load_err(
+                &resource_with_peers("after_sb_1pri", value),
+                &["<inline>: resource \"r0\": after_sb_1pri", supported],
+            );
+            for word in *words {
+                assert!(
+                    message.contains(word),
+                    "{value}: {message:?} lacks {word:?}"
+                );
+            }
+        }
+        assert_eq!(
+            load_err(&resource_with("after_sb_1pri", "\"call-pri-lost-after-sb\""), &[]),
+            format!("<inline>: resource \"r0\": after_sb_1pri \"call-pri-lost-after-sb\" is a DRBD policy qrbd does not implement; {supported}")
+        );
+    }
+
+    #[test]
+    fn bad_after_sb_2pri() {
+        let safe = "with two Primaries only disconnect is safe: the only supported value is \"disconnect\" (the default)";
+        let cases: &[(&str, &[&str])] = &[
+            (
+                "\"violently-as0p\"",
+                &["after_sb_2pri \"violently-as0p\" is a DRBD policy qrbd refuses"],
+            ),
+            (
+                "\"call-pri-lost-after-sb\"",
+                &["after_sb_2pri \"call-pri-lost-after-sb\" is a DRBD policy qrbd refuses"],
+            ),
+            (
+                "\"discard-secondary\"",
+                &["after_sb_2pri \"discard-secondary\" is not accepted"],
+            ),
+            ("\"discard-node-beta\"", &["is not accepted"]),
+            ("\"disconect\"", &["did you mean \"disconnect\"?"]),
+            ("\"\"", &["after_sb_2pri \"\" is not accepted"]),
+            ("2", &["after_sb_2pri 2 is a number", "string in quotes"]),
+            ("true", &["after_sb_2pri true is a boolean"]),
+        ];
+        for (value, words) in cases {
+            let message = load_err(
+                &resource_with_peers("after_sb_2pri", value),
+                &["<inline>: resource \"r0\": after_sb_2pri", safe],
+            );
+            for word in *words {
+                assert!(
+                    message.contains(word),
+                    "{value}: {message:?} lacks {word:?}"
+                );
+            }
+        }
+        assert_eq!(
+            load_err(&resource_with("after_sb_2pri", "\"violently-as0p\""), &[]),
+            format!("<inline>: resource \"r0\": after_sb_2pri \"violently-as0p\" is a DRBD policy qrbd refuses; {safe}")
         );
     }
 

@@ -192,6 +192,7 @@ pub fn open_resource(
         sync: SyncConfig {
             al_extents: resource.al_extents,
             max_rate: resource.resync_rate,
+            split_brain: resource.split_brain.clone(),
             ..SyncConfig::default()
         },
     })

@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context};
 use qrbd::config::{self, load_from_str};
 use qrbd::testbed::{wait_until, ScratchDir, TestNode, TestResource};
+use qrbd_actors::core::split_brain::{AfterSb0Pri, AfterSb1Pri, AfterSb2Pri, SplitBrainPolicy};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -113,6 +114,9 @@ fn shipped_config_examples_are_valid() -> anyhow::Result<()> {
                     "protocol =",
                     "al_extents =",
                     "resync_rate =",
+                    "after_sb_0pri =",
+                    "after_sb_1pri =",
+                    "after_sb_2pri =",
                     "metrics =",
                     "ca =",
                     "cert =",
@@ -135,6 +139,14 @@ fn shipped_config_examples_are_valid() -> anyhow::Result<()> {
     ensure!(resource.size_bytes == 1 << 30 && resource.peers.len() == 1);
     ensure!(resource.al_extents == config::DEFAULT_AL_EXTENTS);
     ensure!(resource.resync_rate == 100 << 20);
+    ensure!(
+        resource.split_brain
+            == SplitBrainPolicy {
+                after_sb_0pri: AfterSb0Pri::DiscardZeroChanges,
+                after_sb_1pri: AfterSb1Pri::DiscardSecondary,
+                after_sb_2pri: AfterSb2Pri::Disconnect,
+            }
+    );
     Ok(())
 }
 
