@@ -1675,7 +1675,194 @@ fn forced_promotion_alone_starts_a_new_generation_and_split_brain_is_refused() -
         eprintln!("{name}: {:?}", status.last_error);
     }
     ensure_never_connected(&[&pair.alpha, &pair.beta], WATCH).with_context(|| pair.logs())?;
-    Ok(())
+
+    // Manual recovery: beta is the victim. Its writes since the split are replaced by alpha's
+    // data (a resync of the blocks either side changed), and the images converge.
+    let alpha_before = pair.dir().join("alpha-before.img");
+    std::fs::copy(pair.alpha.backing_path(R), &alpha_before)?;
+    pair.beta.qrbd_ok(&["connect", "--discard-my-data", R])?;
+    pair.alpha.qrbd_ok(&["connect", R])?;
+    pair.wait_connected(CONNECT)?;
+    wait_for_convergence(&pair)?;
+    let moved = peer(&pair.beta)?.resynced_bytes;
+    ensure!(
+        moved > 0 && moved <= 16 * 64 * 1024,
+        "the recovery moved {moved} bytes; only the blocks both sides changed were due"
+    );
+    ensure!(
+        pair.backings_identical()?,
+        "the images differ after the recovery"
+    );
+    ensure!(
+        files_identical(&alpha_before, &pair.beta.backing_path(R))?,
+        "beta does not hold alpha's data after discarding its own"
+    );
+    pair.stop()
+}
+
+/// Waits until both nodes are connected, no resync runs, neither counts anything out of sync,
+/// and neither disk is Inconsistent.
+fn wait_for_convergence(pair: &Pair) -> anyhow::Result<()> {
+    wait_until(Duration::from_secs(60), "the nodes to converge", || {
+        let (a, b) = (peer(&pair.alpha).ok()?, peer(&pair.beta).ok()?);
+        let disks = [
+            pair.alpha.status(R).ok()?.disk,
+            pair.beta.status(R).ok()?.disk,
+        ];
+        (a.connection == "Connected"
+            && b.connection == "Connected"
+            && a.sync.is_none()
+            && b.sync.is_none()
+            && a.out_of_sync_bytes == 0
+            && b.out_of_sync_bytes == 0
+            && !disks.contains(&qrbd_actors::core::DiskState::Inconsistent))
+        .then_some(())
+    })
+    .with_context(|| {
+        format!(
+            "alpha's peer: {:?}\nbeta's peer: {:?}\n{}",
+            peer(&pair.alpha).ok(),
+            peer(&pair.beta).ok(),
+            pair.logs()
+        )
+    })
+}
+
+/// Which node's data survives an automatic split-brain recovery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Survivor {
+    Alpha,
+    Beta,
+}
+
+/// Both nodes are promoted while apart and write `alpha_writes` / `beta_writes` 64 KiB
+/// blocks (at different places); `policy` is added to both configurations. Alpha stays Primary
+/// at the reconnect when `alpha_primary`. The policy must resolve it: the images converge on
+/// `survivor`'s data.
+fn automatic_split_brain_recovery(
+    prefix: &str,
+    policy: &str,
+    alpha_writes: u64,
+    beta_writes: u64,
+    alpha_primary: bool,
+    survivor: Survivor,
+) -> anyhow::Result<()> {
+    let mut pair = Pair::configure(prefix, &PairSpec::new(R, SIZE, "C"))?;
+    for node in [&pair.alpha, &pair.beta] {
+        edit_config(
+            node,
+            "protocol = \"C\"",
+            &format!("protocol = \"C\"\n{policy}"),
+        )?;
+    }
+    pair.create_md()?;
+    pair.start()?;
+    pair.wait_connected(CONNECT)?;
+    pair.alpha.qrbd_ok(&["disconnect", R])?;
+    pair.beta.qrbd_ok(&["disconnect", R])?;
+    for (node, writes, seek) in [
+        (&pair.alpha, alpha_writes, 0),
+        (&pair.beta, beta_writes, 32),
+    ] {
+        node.qrbd_ok(&["primary", "--force", R])?;
+        if writes > 0 {
+            write_random(node, writes, seek)?;
+        }
+    }
+    pair.beta.qrbd_ok(&["secondary", R])?;
+    if !alpha_primary {
+        pair.alpha.qrbd_ok(&["secondary", R])?;
+    }
+    let expected = pair.dir().join("survivor-before.img");
+    let survivor_node = match survivor {
+        Survivor::Alpha => &pair.alpha,
+        Survivor::Beta => &pair.beta,
+    };
+    std::fs::copy(survivor_node.backing_path(R), &expected)?;
+    pair.alpha.qrbd_ok(&["connect", R])?;
+    pair.beta.qrbd_ok(&["connect", R])?;
+    pair.wait_connected(CONNECT)?;
+    wait_for_convergence(&pair)?;
+    for node in [&pair.alpha, &pair.beta] {
+        ensure!(
+            log(node).contains("split brain"),
+            "{} does not log the split brain:\n{}",
+            node.dir.display(),
+            tail(&log(node), 30)
+        );
+    }
+    ensure!(
+        pair.backings_identical()?,
+        "the images differ after the recovery"
+    );
+    ensure!(
+        files_identical(&expected, &pair.alpha.backing_path(R))?,
+        "the images do not hold {survivor:?}'s data"
+    );
+    if alpha_primary {
+        pair.alpha.qrbd_ok(&["secondary", R])?;
+    }
+    pair.stop()
+}
+
+#[test]
+fn split_brain_discard_zero_changes() -> anyhow::Result<()> {
+    automatic_split_brain_recovery(
+        "qrbd-sb-zero",
+        "after_sb_0pri = \"discard-zero-changes\"",
+        4,
+        0,
+        false,
+        Survivor::Alpha,
+    )
+}
+
+#[test]
+fn split_brain_discard_least_changes() -> anyhow::Result<()> {
+    automatic_split_brain_recovery(
+        "qrbd-sb-least",
+        "after_sb_0pri = \"discard-least-changes\"",
+        2,
+        6,
+        false,
+        Survivor::Beta,
+    )
+}
+
+#[test]
+fn split_brain_discard_node() -> anyhow::Result<()> {
+    automatic_split_brain_recovery(
+        "qrbd-sb-node",
+        "after_sb_0pri = \"discard-node-alpha\"",
+        6,
+        2,
+        false,
+        Survivor::Beta,
+    )
+}
+
+#[test]
+fn split_brain_one_primary_discard_secondary() -> anyhow::Result<()> {
+    automatic_split_brain_recovery(
+        "qrbd-sb-secondary",
+        "after_sb_1pri = \"discard-secondary\"",
+        2,
+        6,
+        true,
+        Survivor::Alpha,
+    )
+}
+
+#[test]
+fn split_brain_one_primary_consensus() -> anyhow::Result<()> {
+    automatic_split_brain_recovery(
+        "qrbd-sb-consensus",
+        "after_sb_0pri = \"discard-least-changes\"\nafter_sb_1pri = \"consensus\"",
+        6,
+        2,
+        true,
+        Survivor::Alpha,
+    )
 }
 
 /// The disk states tell the truth while a node catches up and after a crash of both nodes:
