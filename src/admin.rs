@@ -34,6 +34,12 @@ pub enum AdminRequest {
     Secondary {
         resource: String,
     },
+    Invalidate {
+        resource: String,
+        /// The peer's data rather than this node's.
+        #[serde(default)]
+        remote: bool,
+    },
     SuspendIo {
         resource: String,
     },

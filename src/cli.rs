@@ -55,6 +55,11 @@ pub enum Command {
     },
     /// Make this node Secondary for a resource (waits for in-flight I/O).
     Secondary { resource: String },
+    /// Throw away this node's data of a resource: it becomes Inconsistent and takes every
+    /// block from its peer (a full resync, now or when the peer connects).
+    Invalidate { resource: String },
+    /// Make the peer take every block of a resource from this node (a full resync).
+    InvalidateRemote { resource: String },
     /// Show the state of one or all resources.
     Status {
         resource: Option<String>,

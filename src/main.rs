@@ -138,6 +138,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Command::Secondary { resource } => AdminRequest::Secondary {
                     resource: resource.clone(),
                 },
+                Command::Invalidate { resource } => AdminRequest::Invalidate {
+                    resource: resource.clone(),
+                    remote: false,
+                },
+                Command::InvalidateRemote { resource } => AdminRequest::Invalidate {
+                    resource: resource.clone(),
+                    remote: true,
+                },
                 Command::SuspendIo { resource } => AdminRequest::SuspendIo {
                     resource: resource.clone(),
                 },

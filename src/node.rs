@@ -8,8 +8,8 @@ use actix::prelude::*;
 use qrbd_actors::device::{AttachLink, SendRawData};
 use qrbd_actors::status::ResourceStatus;
 use qrbd_actors::supervisor::{
-    Demote, DescribeState, GetStatus, Promote, ResourceHandle, ResourceSupervisor, SetConnected,
-    SetSuspended, Shutdown,
+    Demote, DescribeState, GetStatus, Invalidate, Promote, ResourceHandle, ResourceSupervisor,
+    SetConnected, SetSuspended, Shutdown,
 };
 use tokio::sync::broadcast;
 
@@ -288,6 +288,16 @@ impl Handler<Admin> for NodeActor {
             }
             AdminRequest::Secondary { resource } => {
                 self.forward(resource, "Secondary", |s| Box::pin(s.send(Demote)))
+            }
+            AdminRequest::Invalidate { resource, remote } => {
+                let done = if remote {
+                    "the peer takes every block from this node (full resync)"
+                } else {
+                    "Inconsistent; every block comes from the peer (full resync)"
+                };
+                self.forward(resource, done, move |s| {
+                    Box::pin(s.send(Invalidate { remote }))
+                })
             }
             AdminRequest::Connect { resource, .. } | AdminRequest::Disconnect { resource }
                 if !self.resources.contains_key(&resource) =>

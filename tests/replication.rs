@@ -1324,6 +1324,46 @@ fn a_resync_cut_halfway_resumes_without_starting_over() -> anyhow::Result<()> {
     pair.stop()
 }
 
+/// `invalidate` on the Secondary, then `invalidate-remote` on the Primary: each is a full
+/// resync (every block moves), the Secondary is Inconsistent meanwhile and UpToDate after,
+/// and the images end identical.
+#[test]
+fn invalidate_and_invalidate_remote_resync_everything() -> anyhow::Result<()> {
+    let mut pair = Pair::up("qrbd-invalidate", &PairSpec::new(R, SIZE, "C"))?;
+    pair.alpha.qrbd_ok(&["primary", R])?;
+    write_scattered(&pair.alpha, 64, 64 * MIB, 5)?;
+    pair.wait_quiet()?;
+    let refused = pair.alpha.qrbd(&["invalidate", R])?;
+    ensure!(
+        !refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("Primary"),
+        "a Primary invalidated its own data: {}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let image = 64 * MIB;
+    let mut expected = 0;
+    for (node, args) in [
+        (&pair.beta, ["invalidate", R]),
+        (&pair.alpha, ["invalidate-remote", R]),
+    ] {
+        let said = node.qrbd_ok(&args)?;
+        eprintln!("{args:?}: {said}");
+        expected += image;
+        wait_for_resync(&pair)?;
+        let moved = peer(&pair.beta)?.resynced_bytes;
+        ensure!(
+            moved == expected,
+            "after {args:?} beta resynced {moved} bytes in all; {expected} were due"
+        );
+    }
+    pair.wait_quiet()?;
+    ensure!(
+        pair.backings_identical()?,
+        "the images differ after the full resyncs"
+    );
+    pair.alpha.qrbd_ok(&["secondary", R])?;
+    pair.stop()
+}
+
 /// A Secondary killed while the Primary writes comes back, catches up from the bitmap (no
 /// full sync), and the images end identical.
 #[test]

@@ -331,6 +331,30 @@ impl Handler<Demote> for ResourceSupervisor {
     }
 }
 
+/// `invalidate` (this node's data) or `invalidate-remote` (the peer's): a full resync.
+#[derive(Message)]
+#[rtype(result = "Result<(), StateChangeError>")]
+pub struct Invalidate {
+    pub remote: bool,
+}
+
+impl Handler<Invalidate> for ResourceSupervisor {
+    type Result = ResponseActFuture<Self, StateChangeResult>;
+
+    fn handle(&mut self, Invalidate { remote }: Invalidate, _: &mut Context<Self>) -> Self::Result {
+        let outcome = self.run(if remote {
+            Command::InvalidateRemote
+        } else {
+            Command::Invalidate
+        });
+        Box::pin(
+            outcome
+                .into_actor(self)
+                .map(|result, _, _| result.map(|_| ())),
+        )
+    }
+}
+
 /// Suspend (true) or resume (false) application I/O.
 #[derive(Message)]
 #[rtype(result = "()")]

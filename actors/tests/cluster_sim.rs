@@ -100,6 +100,7 @@ struct Coverage {
     pairs_converged: u64,
     resyncs_finished: u64,
     split_brains_resolved: u64,
+    inconsistent: u64,
 }
 
 impl Coverage {
@@ -126,6 +127,7 @@ impl Coverage {
         self.pairs_converged += o.pairs_converged;
         self.resyncs_finished += o.resyncs_finished;
         self.split_brains_resolved += o.split_brains_resolved;
+        self.inconsistent += o.inconsistent;
     }
 
     fn missing(&self) -> Vec<&'static str> {
@@ -166,6 +168,7 @@ impl Coverage {
             ),
             ("resyncs that moved blocks", self.resyncs_finished),
             ("split brains resolved", self.split_brains_resolved),
+            ("Inconsistent disks (sync targets)", self.inconsistent),
             ("peer writes applied in epoch order", self.epochs_checked),
         ];
         all.iter()
@@ -795,6 +798,9 @@ impl Sim {
     }
 
     fn event(&mut self, id: u8, line: String) {
+        if line.contains("disk:Inconsistent") {
+            self.cov.inconsistent += 1;
+        }
         if line.contains("split-brain:resolved") {
             self.cov.split_brains_resolved += 1;
         }
@@ -1020,13 +1026,25 @@ impl Sim {
             },
             17 => Command::Disconnect,
             18 if self.rng.percent(30) => Command::Shutdown,
+            19 if self.rng.percent(20) => {
+                if self.rng.percent(50) {
+                    Command::Invalidate
+                } else {
+                    Command::InvalidateRemote
+                }
+            }
             _ => Command::ResumeIo,
         };
         let cid = self.command(id, command);
         self.run_queue();
         if matches!(
             command,
-            Command::SuspendIo | Command::ResumeIo | Command::Connect { .. } | Command::Disconnect
+            Command::SuspendIo
+                | Command::ResumeIo
+                | Command::Connect { .. }
+                | Command::Disconnect
+                | Command::Invalidate
+                | Command::InvalidateRemote
         ) {
             self.ensure(self.answered.contains_key(&cid), || {
                 format!("n{id}: {command:?} was not answered in the same step")
@@ -1801,9 +1819,14 @@ impl Sim {
                             DiskState::UpToDate | DiskState::Consistent | DiskState::Outdated
                         )
                     };
+                    // Neither with a claim (Outdated or Inconsistent, e.g. after an
+                    // `invalidate` toward an Outdated peer) waits for the operator's --force.
+                    let no_claim =
+                        |d: DiskState| matches!(d, DiskState::Outdated | DiskState::Inconsistent);
+                    let waiting_for_operator = no_claim(na.core.disk()) && no_claim(nb.core.disk());
                     self.ensure(
-                        settled(na.core.disk())
-                            && na.core.disk() == nb.core.disk()
+                        (waiting_for_operator
+                            || settled(na.core.disk()) && na.core.disk() == nb.core.disk())
                             && oos(na, nb.id) == 0
                             && oos(nb, na.id) == 0,
                         || {

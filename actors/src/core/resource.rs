@@ -117,6 +117,10 @@ pub enum Command {
         discard_my_data: bool,
     },
     Disconnect,
+    /// Throw away this node's data: Inconsistent, and a full resync from the peer.
+    Invalidate,
+    /// Make the peer take every block from this node: a full resync to it.
+    InvalidateRemote,
     /// Refuse new I/O, finish in-flight I/O, flush, record a clean shutdown.
     Shutdown,
 }
@@ -142,6 +146,8 @@ pub enum CommandError {
     ApplyingPeerWrites(String),
     #[error("this node is catching up from {0} (SyncTarget); wait for the resync to finish, or disconnect first")]
     SyncTarget(String),
+    #[error("{0}")]
+    Refused(String),
     #[error("a resync with {0} is running; wait for it to finish, or disconnect first")]
     Resyncing(String),
     #[error("metadata update failed: {0}")]
@@ -2028,6 +2034,8 @@ impl ResourceCore {
                 self.disconnect_all(now);
                 self.done(id, Ok("disconnected (StandAlone)".into()));
             }
+            Command::Invalidate => self.invalidate(id, false, now),
+            Command::InvalidateRemote => self.invalidate(id, true, now),
             Command::Shutdown => self.shutdown(id, now),
         }
     }

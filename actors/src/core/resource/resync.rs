@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use super::{Effect, MetaWaiter, ResourceCore};
+use super::{CommandId, Effect, MetaWaiter, ResourceCore};
 use crate::core::device::ByteRange;
 use crate::core::messages::PeerMessage;
 use crate::core::replication::PeerId;
@@ -269,6 +269,80 @@ impl ResourceCore {
         ));
     }
 
+    /// `invalidate` (`remote`: `invalidate-remote`): every block out of sync with the peer,
+    /// and a full resync with this node (or the peer) as the target, now if connected, else at
+    /// the next handshake (an Inconsistent node is behind; a node that counts blocks for an
+    /// UpToDate peer of the same generation is its source).
+    pub(super) fn invalidate(&mut self, id: CommandId, remote: bool, now: Tick) {
+        use super::CommandError;
+        let refuse = |why: String| Err(CommandError::Refused(why));
+        let Some(peer) = self.links.keys().next().copied() else {
+            return self.done(id, refuse("the resource has no peer to resync with".into()));
+        };
+        if self.config.peers.len() != 1 {
+            return self.done(
+                id,
+                refuse("invalidate needs a two-node resource for now".into()),
+            );
+        }
+        if self.is_changing() {
+            return self.done(id, Err(CommandError::Busy));
+        }
+        let link = &self.links[&peer];
+        let name = link.name.clone();
+        if link.resync.is_some() {
+            return self.done(id, Err(CommandError::Resyncing(name)));
+        }
+        let connected = link.is_connected();
+        if remote {
+            if self.disk != DiskState::UpToDate {
+                return self.done(id, Err(CommandError::DiskNotUpToDate(self.disk)));
+            }
+            if connected && link.role == Some(Role::Primary) {
+                return self.done(
+                    id,
+                    refuse(format!("{name} is Primary; its data cannot be overwritten")),
+                );
+            }
+        } else {
+            if self.role == Role::Primary {
+                return self.done(id, refuse("this node is Primary; demote it first".into()));
+            }
+            if connected && !matches!(link.disk, Some(DiskState::UpToDate | DiskState::Consistent))
+            {
+                return self.done(
+                    id,
+                    refuse(format!("{name} has no consistent data to resync from")),
+                );
+            }
+        }
+        tracing::warn!(resource = %self.config.resource, peer = %name, remote, "invalidated: a full resync follows");
+        self.device
+            .mark_out_of_sync(peer, ByteRange::new(0, self.config.size_bytes));
+        if !remote {
+            self.meta.flags.consistent = false;
+            self.meta.flags.up_to_date = false;
+            self.set_disk(DiskState::Inconsistent, true);
+        }
+        if connected {
+            let role = if remote {
+                SyncRole::Source
+            } else {
+                SyncRole::Target
+            };
+            self.start_resync(peer, role, now);
+        }
+        let what = match (remote, connected) {
+            (false, true) => format!("Inconsistent; every block comes from {name}"),
+            (false, false) => {
+                format!("Inconsistent; every block comes from {name} once it connects")
+            }
+            (true, true) => format!("{name} takes every block from this node"),
+            (true, false) => format!("{name} takes every block from this node once it connects"),
+        };
+        self.done(id, Ok(what));
+    }
+
     /// Learned mid-connection that this node lacks what the connected peer has (the peer's
     /// forced promotion, or its count of what this node misses): catch up as its target. The
     /// peer answers our bitmap with its own (see [`Self::sync_bitmap_received`]).
@@ -277,7 +351,11 @@ impl ResourceCore {
             .links
             .get(&peer)
             .is_some_and(|l| l.is_connected() && l.resync.is_none());
-        if idle && self.config.peers.len() == 1 && self.role == Role::Secondary {
+        if idle
+            && self.config.peers.len() == 1
+            && self.role == Role::Secondary
+            && !self.is_changing()
+        {
             self.start_resync(peer, SyncRole::Target, now);
         }
     }
@@ -307,10 +385,10 @@ impl ResourceCore {
                 // handshake, or found mid-connection that it lacks our data): take the other
                 // side, unless this node cannot.
                 let role = peer_role.other();
-                if role == SyncRole::Target && self.role == Role::Primary {
+                if role == SyncRole::Target && (self.role == Role::Primary || self.is_changing()) {
                     return self.protocol_error(
                         peer,
-                        "the peer offers a resync to this Primary".into(),
+                        "the peer offers a resync to a node that is (becoming) Primary".into(),
                         now,
                     );
                 }
