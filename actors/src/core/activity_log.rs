@@ -141,11 +141,17 @@ impl ActivityLog {
         self.committing.is_some()
     }
 
+    /// More extents are hot than the capacity allows (a large request needed them all at
+    /// once): idle ones should leave.
+    pub fn over_capacity(&self) -> bool {
+        !self.disabled && self.hot.len() > self.capacity
+    }
+
     /// Starts a transaction that makes the wanted extents hot, evicting the least recently
     /// used extents that are not `busy` to stay within the capacity. Evicted extents are cold
     /// from now on; the wanted ones become hot once [`Self::committed`] is called.
     pub fn begin(&mut self, busy: &BTreeSet<u64>) -> Option<AlTransaction> {
-        if !self.needs_transaction() {
+        if self.committing.is_some() || (self.wanted.is_empty() && !self.over_capacity()) {
             return None;
         }
         let adding: Vec<u64> = std::mem::take(&mut self.wanted)
@@ -166,6 +172,10 @@ impl ActivityLog {
             };
             self.hot.remove(&victim);
             evicted.push(victim);
+        }
+        if adding.is_empty() && evicted.is_empty() {
+            // Over capacity, but every hot extent is in use: nothing to store yet.
+            return None;
         }
         self.stats.transactions += 1;
         self.stats.evictions += evicted.len() as u64;
@@ -260,6 +270,24 @@ mod tests {
         let tx = log.begin(&[0].into()).expect("a transaction");
         assert!(tx.evicted.is_empty());
         assert_eq!(tx.hot, vec![0, 1]);
+    }
+
+    #[test]
+    fn an_oversized_log_shrinks_back_once_its_extents_are_idle() {
+        let mut log = ActivityLog::new(2, &[]);
+        // A discard of the whole device needs every extent at once.
+        log.want(range(0, 16 * MIB));
+        let tx = log.begin(&BTreeSet::new()).expect("a transaction");
+        assert_eq!(tx.hot.len(), 4);
+        log.committed();
+        assert!(log.over_capacity());
+        let busy: BTreeSet<u64> = (0..4).collect();
+        assert!(log.begin(&busy).is_none(), "nothing idle, nothing stored");
+        let tx = log.begin(&[3].into()).expect("an eviction");
+        assert_eq!(tx.hot.len(), 2);
+        assert!(tx.hot.contains(&3), "the busy extent stays");
+        log.committed();
+        assert!(!log.over_capacity());
     }
 
     #[test]

@@ -68,6 +68,24 @@ impl ResourceCore {
                 }
             }
             (Purpose::ActivityLog, Some(tx.hot), pieces)
+        } else if now.saturating_sub(self.bitmap_writer.last_lazy) >= LAZY_INTERVAL
+            && self.device.activity_log().over_capacity()
+        {
+            // A large request made more extents hot than the log may keep: the idle ones
+            // leave (with their bitmap pieces), so a crash does not resync all of them.
+            self.bitmap_writer.last_lazy = now;
+            let mut busy = self.device.busy_extents();
+            self.resync_busy_extents(&mut busy);
+            let Some(tx) = self.device.activity_log_mut().begin(&busy) else {
+                return;
+            };
+            let peers: Vec<PeerId> = self.device.peer_ids().collect();
+            let pieces = tx
+                .evicted
+                .iter()
+                .flat_map(|extent| peers.iter().map(move |peer| (*peer, *extent)))
+                .collect();
+            (Purpose::ActivityLog, Some(tx.hot), pieces)
         } else if now.saturating_sub(self.bitmap_writer.last_lazy) >= LAZY_INTERVAL {
             self.bitmap_writer.last_lazy = now;
             let pieces = self.changed_pieces(LAZY_CHUNKS, true);
