@@ -34,6 +34,9 @@ pub enum AdminRequest {
     Secondary {
         resource: String,
     },
+    Verify {
+        resource: String,
+    },
     Invalidate {
         resource: String,
         /// The peer's data rather than this node's.

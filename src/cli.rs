@@ -60,6 +60,9 @@ pub enum Command {
     Invalidate { resource: String },
     /// Make the peer take every block of a resource from this node (a full resync).
     InvalidateRemote { resource: String },
+    /// Online verify: compare every block with the peer's (SHA-256 digests), report the
+    /// differing ones (`status`), mark them out of sync and resync them.
+    Verify { resource: String },
     /// Show the state of one or all resources.
     Status {
         resource: Option<String>,

@@ -146,6 +146,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     resource: resource.clone(),
                     remote: true,
                 },
+                Command::Verify { resource } => AdminRequest::Verify {
+                    resource: resource.clone(),
+                },
                 Command::SuspendIo { resource } => AdminRequest::SuspendIo {
                     resource: resource.clone(),
                 },

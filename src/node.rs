@@ -9,7 +9,7 @@ use qrbd_actors::device::{AttachLink, SendRawData};
 use qrbd_actors::status::ResourceStatus;
 use qrbd_actors::supervisor::{
     Demote, DescribeState, GetStatus, Invalidate, Promote, ResourceHandle, ResourceSupervisor,
-    SetConnected, SetSuspended, Shutdown,
+    SetConnected, SetSuspended, Shutdown, StartVerify,
 };
 use tokio::sync::broadcast;
 
@@ -289,6 +289,11 @@ impl Handler<Admin> for NodeActor {
             AdminRequest::Secondary { resource } => {
                 self.forward(resource, "Secondary", |s| Box::pin(s.send(Demote)))
             }
+            AdminRequest::Verify { resource } => self.forward(
+                resource,
+                "verify started; `qrbd status` shows its progress and what differs",
+                |s| Box::pin(s.send(StartVerify)),
+            ),
             AdminRequest::Invalidate { resource, remote } => {
                 let done = if remote {
                     "the peer takes every block from this node (full resync)"

@@ -107,6 +107,26 @@ pub fn render(resources: &[ResourceStatus]) -> String {
                     let _ = writeln!(out, "    resync stalled: {why}");
                 }
             }
+            if let Some(verify) = &peer.verify {
+                let state = match (verify.finished, &verify.interrupted) {
+                    (None, _) => "running",
+                    (Some(_), Some(_)) => "interrupted",
+                    (Some(_), None) => "done",
+                };
+                let ranges: Vec<String> = verify
+                    .differing_ranges
+                    .iter()
+                    .map(|(offset, len)| format!("{offset}+{len}"))
+                    .collect();
+                let _ = writeln!(
+                    out,
+                    "    verify:{state} checked:{} of {} differing-blocks:{} ranges:[{}]",
+                    human_bytes(verify.checked_bytes),
+                    human_bytes(verify.total_bytes),
+                    verify.differing_blocks,
+                    ranges.join(" ")
+                );
+            }
             if let Some(reason) = &peer.last_error {
                 if peer.connection != "Connected" {
                     let _ = writeln!(out, "    last-error: {reason}");

@@ -1364,6 +1364,63 @@ fn invalidate_and_invalidate_remote_resync_everything() -> anyhow::Result<()> {
     pair.stop()
 }
 
+/// Online verify finds a block changed behind qrbd's back in one backing file, reports its
+/// count and range, and the resync that follows repairs it.
+#[test]
+fn verify_finds_a_changed_block_and_the_resync_repairs_it() -> anyhow::Result<()> {
+    let mut pair = Pair::up("qrbd-verify", &PairSpec::new(R, SIZE, "C"))?;
+    pair.alpha.qrbd_ok(&["primary", R])?;
+    write_scattered(&pair.alpha, 128, 64 * MIB, 21)?;
+    pair.wait_quiet()?;
+    ensure!(
+        pair.backings_identical()?,
+        "the images differ before the test"
+    );
+    // Flip one block of beta's backing file directly.
+    let changed = 10 * MIB + 8192;
+    {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(pair.beta.backing_path(R))?;
+        file.write_all_at(&[0xA5; 4096], changed)?;
+        file.sync_all()?;
+    }
+    ensure!(
+        !pair.backings_identical()?,
+        "the change did not reach beta's backing file"
+    );
+    pair.alpha.qrbd_ok(&["verify", R])?;
+    let verify = wait_until(Duration::from_secs(60), "the verify to finish", || {
+        peer(&pair.alpha)
+            .ok()?
+            .verify
+            .filter(|v| v.finished.is_some())
+    })
+    .with_context(|| pair.logs())?;
+    eprintln!("verify: {verify:?}");
+    ensure!(
+        verify.interrupted.is_none() && verify.checked_bytes == 64 * MIB,
+        "the verify did not check everything: {verify:?}"
+    );
+    ensure!(
+        verify.differing_blocks == 1 && verify.differing_ranges == vec![(changed, 4096)],
+        "the verify should find exactly block {changed}+4096: {verify:?}"
+    );
+    let text = pair.alpha.qrbd_ok(&["status", R])?;
+    ensure!(
+        text.contains("differing-blocks:1"),
+        "status does not show the verify's result:\n{text}"
+    );
+    wait_for_resync(&pair)?;
+    pair.wait_quiet()?;
+    ensure!(
+        pair.backings_identical()?,
+        "the resync after the verify did not repair beta's block"
+    );
+    pair.alpha.qrbd_ok(&["secondary", R])?;
+    pair.stop()
+}
+
 /// A Secondary killed while the Primary writes comes back, catches up from the bitmap (no
 /// full sync), and the images end identical.
 #[test]

@@ -21,7 +21,9 @@ use crate::core::resource::{
     Command, CommandError, CommandId, CoreConfig, Effect, Input, LinkStatus, PeerWrite,
     ResourceCore, SyncConfig, Timing,
 };
-use crate::core::{DeviceStats, DiskState, IoFault, ReplicationProtocol, RequestId, Role, Tick};
+use crate::core::{
+    DeviceStats, DiskState, IoFault, ReplicationProtocol, RequestId, Role, Tick, BLOCK_SIZE,
+};
 use crate::meta::{BitmapUpdate, DeviceMeta, StoredBitmaps};
 use crate::metadata::{MetaActor, SaveBitmaps, SaveMeta};
 use crate::ports::BlockStore;
@@ -539,6 +541,23 @@ impl DeviceActor {
             Effect::PersistBitmaps { version, update } => {
                 self.persist_bitmaps(version, update, ctx)
             }
+            Effect::Digest {
+                peer,
+                conn,
+                offset,
+                len,
+                for_peer,
+            } => match ctx {
+                Some(ctx) => self.digest(peer, conn, offset, len, for_peer, ctx),
+                None => self.follow_ups.push_back(Input::Digested {
+                    peer,
+                    conn,
+                    offset,
+                    len,
+                    for_peer,
+                    result: Err(EIO),
+                }),
+            },
             Effect::Dial { peer } => {
                 if self.links.contains_key(&peer) {
                     self.queue_for_link(peer, PeerOutbound::Dial);
@@ -898,6 +917,58 @@ impl DeviceActor {
 
     /// Tells the core how a resync read or write ended, once the effects being carried out are
     /// done (every caller runs them next).
+    /// Online verify: reads the blocks on the blocking pool (bounded like other local I/O)
+    /// and digests each 4 KiB block.
+    fn digest(
+        &mut self,
+        peer: PeerId,
+        conn: u64,
+        offset: u64,
+        len: u64,
+        for_peer: bool,
+        ctx: &mut Context<Self>,
+    ) {
+        let buf = usize::try_from(len)
+            .ok()
+            .and_then(|bytes| self.resync_pool.try_acquire(bytes));
+        let store = self.store.clone();
+        let slots = self.local_slots.clone();
+        let work = async move {
+            let Some(mut buf) = buf else {
+                return Err(ENOMEM);
+            };
+            // The semaphore is never closed, so acquiring only waits.
+            let _slot = slots.acquire_owned().await.ok();
+            let read = tokio::task::spawn_blocking(move || {
+                store
+                    .read_at(offset, &mut buf)
+                    .map_err(|e| e.raw_os_error().unwrap_or(EIO))?;
+                Ok(buf
+                    .chunks(BLOCK_SIZE as usize)
+                    .map(|block| {
+                        let mut digest = [0u8; 32];
+                        digest.copy_from_slice(
+                            ring::digest::digest(&ring::digest::SHA256, block).as_ref(),
+                        );
+                        digest
+                    })
+                    .collect())
+            });
+            read.await.unwrap_or(Err(EIO))
+        };
+        ctx.spawn(work.into_actor(self).map(move |result, actor, ctx| {
+            let input = Input::Digested {
+                peer,
+                conn,
+                offset,
+                len,
+                for_peer,
+                result,
+            };
+            actor.feed(input, Some(ctx));
+        }));
+    }
+
     fn report_resync(&mut self, input: Input) {
         #[cfg(test)]
         if let Some(observer) = &self.resync_observer {

@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::core::resource::VerifyResult;
 use crate::core::{DiskState, ReplicationProtocol, Role};
 
 /// The status of one resource on this node.
@@ -88,6 +89,9 @@ pub struct PeerStatus {
     /// Bytes resynced with this peer since the resource came up.
     #[serde(default)]
     pub resynced_bytes: u64,
+    /// The running online verify against this peer, or the last one (`finished` set).
+    #[serde(default)]
+    pub verify: Option<VerifyResult>,
 }
 
 /// A resync in progress.

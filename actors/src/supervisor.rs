@@ -226,6 +226,7 @@ impl ResourceSupervisor {
                     last_error: link.last_error.clone(),
                     sync: link.sync.as_ref().map(|sync| sync_status(sync, device.now)),
                     resynced_bytes: link.resynced_bytes,
+                    verify: link.verify.clone(),
                 })
                 .collect(),
         }
@@ -347,6 +348,24 @@ impl Handler<Invalidate> for ResourceSupervisor {
         } else {
             Command::Invalidate
         });
+        Box::pin(
+            outcome
+                .into_actor(self)
+                .map(|result, _, _| result.map(|_| ())),
+        )
+    }
+}
+
+/// `verify`: online verify against the peer.
+#[derive(Message)]
+#[rtype(result = "Result<(), StateChangeError>")]
+pub struct StartVerify;
+
+impl Handler<StartVerify> for ResourceSupervisor {
+    type Result = ResponseActFuture<Self, StateChangeResult>;
+
+    fn handle(&mut self, _: StartVerify, _: &mut Context<Self>) -> Self::Result {
+        let outcome = self.run(Command::Verify);
         Box::pin(
             outcome
                 .into_actor(self)

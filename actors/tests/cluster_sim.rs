@@ -101,6 +101,7 @@ struct Coverage {
     resyncs_finished: u64,
     split_brains_resolved: u64,
     inconsistent: u64,
+    verifies_finished: u64,
 }
 
 impl Coverage {
@@ -128,6 +129,7 @@ impl Coverage {
         self.resyncs_finished += o.resyncs_finished;
         self.split_brains_resolved += o.split_brains_resolved;
         self.inconsistent += o.inconsistent;
+        self.verifies_finished += o.verifies_finished;
     }
 
     fn missing(&self) -> Vec<&'static str> {
@@ -169,6 +171,7 @@ impl Coverage {
             ("resyncs that moved blocks", self.resyncs_finished),
             ("split brains resolved", self.split_brains_resolved),
             ("Inconsistent disks (sync targets)", self.inconsistent),
+            ("online verifies finished", self.verifies_finished),
             ("peer writes applied in epoch order", self.epochs_checked),
         ];
         all.iter()
@@ -278,6 +281,14 @@ enum Work {
         conn: u64,
         offset: u64,
         blocks: Vec<u64>,
+    },
+    /// Online verify: a digest per block (the write id it holds stands for its bytes).
+    Digest {
+        peer: u8,
+        conn: u64,
+        offset: u64,
+        len: u64,
+        for_peer: bool,
     },
 }
 
@@ -783,6 +794,19 @@ impl Sim {
                     blocks,
                 });
             }
+            Effect::Digest {
+                peer,
+                conn,
+                offset,
+                len,
+                for_peer,
+            } => self.node(id).work.push(Work::Digest {
+                peer,
+                conn,
+                offset,
+                len,
+                for_peer,
+            }),
             Effect::Dial { peer } => self.dials.push((id, peer)),
             Effect::CloseConnection { peer, conn, reason } => {
                 let gid = self.node(id).current.get(&peer).copied();
@@ -800,6 +824,9 @@ impl Sim {
     fn event(&mut self, id: u8, line: String) {
         if line.contains("disk:Inconsistent") {
             self.cov.inconsistent += 1;
+        }
+        if line.contains("verify-differing-blocks:") {
+            self.cov.verifies_finished += 1;
         }
         if line.contains("split-brain:resolved") {
             self.cov.split_brains_resolved += 1;
@@ -1026,13 +1053,11 @@ impl Sim {
             },
             17 => Command::Disconnect,
             18 if self.rng.percent(30) => Command::Shutdown,
-            19 if self.rng.percent(20) => {
-                if self.rng.percent(50) {
-                    Command::Invalidate
-                } else {
-                    Command::InvalidateRemote
-                }
-            }
+            19 if self.rng.percent(30) => match self.rng.below(3) {
+                0 => Command::Invalidate,
+                1 => Command::InvalidateRemote,
+                _ => Command::Verify,
+            },
             _ => Command::ResumeIo,
         };
         let cid = self.command(id, command);
@@ -1045,6 +1070,7 @@ impl Sim {
                 | Command::Disconnect
                 | Command::Invalidate
                 | Command::InvalidateRemote
+                | Command::Verify
         ) {
             self.ensure(self.answered.contains_key(&cid), || {
                 format!("n{id}: {command:?} was not answered in the same step")
@@ -1335,6 +1361,32 @@ impl Sim {
                         offset,
                         len,
                         result: Ok(()),
+                    },
+                );
+            }
+            Work::Digest {
+                peer,
+                conn,
+                offset,
+                len,
+                for_peer,
+            } => {
+                let digests = (offset / BLOCK..(offset + len) / BLOCK)
+                    .map(|block| {
+                        let mut digest = [0u8; 32];
+                        digest[..8].copy_from_slice(&self.node(id).store.read(block).to_le_bytes());
+                        digest
+                    })
+                    .collect();
+                self.feed(
+                    id,
+                    Input::Digested {
+                        peer,
+                        conn,
+                        offset,
+                        len,
+                        for_peer,
+                        result: Ok(digests),
                     },
                 );
             }

@@ -64,6 +64,10 @@ const TAG_RESYNC_DATA: u8 = 21;
 const TAG_RESYNC_FAILED: u8 = 22;
 const TAG_RESYNC_WRITTEN: u8 = 23;
 const TAG_RESYNC_DONE: u8 = 24;
+const TAG_VERIFY_REQUEST: u8 = 25;
+const TAG_VERIFY_REPLY: u8 = 26;
+/// Digests one `VerifyReply` may carry: one per 4 KiB block of the largest request (1 MiB).
+pub const MAX_VERIFY_DIGESTS: usize = 256;
 /// Generations a Hello may list in its history, at most.
 const MAX_HISTORY: u16 = 64;
 
@@ -237,6 +241,7 @@ pub fn encode(msg: &PeerMessage) -> Vec<u8> {
         PeerMessage::Data { data, .. } => DATA_HEADER_LEN + data.len(),
         PeerMessage::ResyncData { data, .. } => RESYNC_DATA_HEADER_LEN + data.len(),
         PeerMessage::SyncBitmap { runs, .. } => 16 + 16 * runs.len(),
+        PeerMessage::VerifyReply { digests, .. } => 32 + 32 * digests.len(),
         _ => 64,
     };
     let mut out = Vec::with_capacity(capacity);
@@ -440,6 +445,29 @@ pub fn encode_into(out: &mut impl FrameBuf, msg: &PeerMessage) {
             out.put_u8(TAG_RESYNC_DONE);
             out.put_u64(*moved_bytes);
         }
+        PeerMessage::VerifyRequest { offset, len } => {
+            out.put_u8(TAG_VERIFY_REQUEST);
+            out.put_u64(*offset);
+            out.put_u64(*len);
+        }
+        PeerMessage::VerifyReply {
+            offset,
+            len,
+            digests,
+            errno,
+        } => {
+            out.put_u8(TAG_VERIFY_REPLY);
+            out.put_u64(*offset);
+            out.put_u64(*len);
+            out.put_slice(&errno.to_be_bytes());
+            // The whole count, even beyond the limit: a receiver then refuses the message
+            // (senders check first, see `check_limits`).
+            let count = u16::try_from(digests.len()).unwrap_or(u16::MAX);
+            out.put_u16(count);
+            for digest in &digests[..usize::from(count)] {
+                out.put_slice(digest);
+            }
+        }
     }
     finish_frame(out, start);
 }
@@ -453,6 +481,14 @@ pub fn check_limits(msg: &PeerMessage) -> Result<(), WireError> {
                 message: "ResyncData",
                 len: data.len() as u64,
                 max: MAX_RESYNC_PAYLOAD,
+            })
+        }
+        PeerMessage::VerifyReply { digests, .. } if digests.len() > MAX_VERIFY_DIGESTS => {
+            Err(WireError::TooMany {
+                message: "VerifyReply",
+                what: "digests",
+                count: digests.len() as u64,
+                max: MAX_VERIFY_DIGESTS,
             })
         }
         PeerMessage::SyncBitmap { runs, .. } if runs.len() > MAX_SYNC_BITMAP_RUNS => {
@@ -638,6 +674,28 @@ impl<'a> Reader<'a> {
             .collect()
     }
 
+    /// A `VerifyReply`'s digests: a u16 count (at most [`MAX_VERIFY_DIGESTS`], checked before
+    /// anything is allocated), then 32 bytes each.
+    fn digests(&mut self) -> Result<Vec<[u8; 32]>, WireError> {
+        let count = self.u16("digest count")?;
+        if usize::from(count) > MAX_VERIFY_DIGESTS {
+            return Err(WireError::TooMany {
+                message: self.message,
+                what: "digests",
+                count: count.into(),
+                max: MAX_VERIFY_DIGESTS,
+            });
+        }
+        (0..count)
+            .map(|_| {
+                let bytes = self.take("digest", 32)?;
+                let mut digest = [0u8; 32];
+                digest.copy_from_slice(bytes);
+                Ok(digest)
+            })
+            .collect()
+    }
+
     fn string(&mut self, field: &'static str) -> Result<String, WireError> {
         let len = self.u16(field)?;
         let bytes = self.take(field, usize::from(len))?;
@@ -813,6 +871,8 @@ pub fn decode_frame_body(body: &[u8]) -> Result<PeerMessage, WireError> {
         TAG_RESYNC_FAILED => ("ResyncFailed", rest),
         TAG_RESYNC_WRITTEN => ("ResyncWritten", rest),
         TAG_RESYNC_DONE => ("ResyncDone", rest),
+        TAG_VERIFY_REQUEST => ("VerifyRequest", rest),
+        TAG_VERIFY_REPLY => ("VerifyReply", rest),
         other => return Err(WireError::UnknownTag(other)),
     };
     let mut r = Reader::new(name, rest);
@@ -901,6 +961,16 @@ pub fn decode_frame_body(body: &[u8]) -> Result<PeerMessage, WireError> {
             offset: r.u64("offset")?,
             len: r.u64("len")?,
             ok: r.bool("ok")?,
+        },
+        TAG_VERIFY_REQUEST => PeerMessage::VerifyRequest {
+            offset: r.u64("offset")?,
+            len: r.u64("len")?,
+        },
+        TAG_VERIFY_REPLY => PeerMessage::VerifyReply {
+            offset: r.u64("offset")?,
+            len: r.u64("len")?,
+            errno: r.i32("errno")?,
+            digests: r.digests()?,
         },
         TAG_RESYNC_DONE => PeerMessage::ResyncDone {
             moved_bytes: r.u64("moved_bytes")?,
@@ -1649,6 +1719,22 @@ mod tests {
             PeerMessage::ResyncDone {
                 moved_bytes: 1 << 33,
             },
+            PeerMessage::VerifyRequest {
+                offset: 1 << 20,
+                len: 256 << 10,
+            },
+            PeerMessage::VerifyReply {
+                offset: 1 << 20,
+                len: 8192,
+                digests: vec![[7; 32], [9; 32]],
+                errno: 0,
+            },
+            PeerMessage::VerifyReply {
+                offset: 0,
+                len: 4096,
+                digests: Vec::new(),
+                errno: 5,
+            },
         ]
     }
 
@@ -1936,7 +2022,7 @@ mod tests {
             if bytes.len() >= 5 && rng.below(2) == 0 {
                 let small = rng.below(80) as u32;
                 bytes[..4].copy_from_slice(&small.to_be_bytes());
-                bytes[4] = rng.below(26) as u8;
+                bytes[4] = rng.below(28) as u8;
             }
             let _ = parse_chunks(&[&bytes]);
         }
@@ -2095,7 +2181,7 @@ mod tests {
             "{err}"
         );
 
-        for tag in [0, 7, 8, 25, 255] {
+        for tag in [0, 7, 8, 27, 255] {
             let err = decode_frame_body(&[tag, 0, 0]).unwrap_err();
             assert!(matches!(err, WireError::UnknownTag(t) if t == tag), "{err}");
         }
@@ -2364,7 +2450,7 @@ mod tests {
             let mut body = rng.bytes(len);
             // Mostly valid tags, so the field decoders get exercised rather than the tag check.
             if let Some(first) = body.first_mut() {
-                *first = rng.below(26) as u8;
+                *first = rng.below(28) as u8;
             }
             if decode_frame_body(&body).is_ok() {
                 decoded += 1;

@@ -167,6 +167,19 @@ pub enum PeerMessage {
     ResyncDone {
         moved_bytes: u64,
     },
+    /// Online verify: digests of these blocks, please.
+    VerifyRequest {
+        offset: u64,
+        len: u64,
+    },
+    /// One SHA-256 digest per 4 KiB block of the request, or `errno` (non-zero) when the
+    /// blocks could not be read (then no digests).
+    VerifyReply {
+        offset: u64,
+        len: u64,
+        digests: Vec<[u8; 32]>,
+        errno: i32,
+    },
 }
 
 /// The stream a message travels on (docs/protocol.md, "Streams").
@@ -206,6 +219,8 @@ impl PeerMessage {
             PeerMessage::ResyncFailed { .. } => "ResyncFailed",
             PeerMessage::ResyncWritten { .. } => "ResyncWritten",
             PeerMessage::ResyncDone { .. } => "ResyncDone",
+            PeerMessage::VerifyRequest { .. } => "VerifyRequest",
+            PeerMessage::VerifyReply { .. } => "VerifyReply",
         }
     }
 
@@ -225,6 +240,8 @@ impl PeerMessage {
                 | PeerMessage::ResyncFailed { .. }
                 | PeerMessage::ResyncWritten { .. }
                 | PeerMessage::ResyncDone { .. }
+                | PeerMessage::VerifyRequest { .. }
+                | PeerMessage::VerifyReply { .. }
         ) {
             return StreamKind::Resync;
         }

@@ -10,9 +10,11 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 mod bitmaps;
 mod resync;
+mod verify;
 
 use resync::Resync;
 pub use resync::{resync_direction, SideFacts, SyncConfig, SyncRole, SyncStatus};
+pub use verify::{BlockDigest, VerifyResult};
 
 use super::activity_log::ActivityLog;
 use super::device::{DeviceCore, VolumeEffect, HOLD_METADATA};
@@ -121,6 +123,9 @@ pub enum Command {
     Invalidate,
     /// Make the peer take every block from this node: a full resync to it.
     InvalidateRemote,
+    /// Online verify: compare every block with the peer's, mark the differing ones out of
+    /// sync.
+    Verify,
     /// Refuse new I/O, finish in-flight I/O, flush, record a clean shutdown.
     Shutdown,
 }
@@ -259,6 +264,15 @@ pub enum Input {
         len: u64,
         result: Result<(), i32>,
     },
+    /// A [`Effect::Digest`] finished: one digest per 4 KiB block, or the errno of the read.
+    Digested {
+        peer: PeerId,
+        conn: u64,
+        offset: u64,
+        len: u64,
+        for_peer: bool,
+        result: Result<Vec<BlockDigest>, i32>,
+    },
     /// A [`Effect::PersistBitmaps`] finished.
     BitmapsPersisted {
         version: u64,
@@ -306,6 +320,15 @@ pub enum Effect {
         conn: u64,
         offset: u64,
         len: u64,
+    },
+    /// Read these blocks and digest each 4 KiB block (SHA-256), then report
+    /// [`Input::Digested`] (online verify; `for_peer` when the peer asked).
+    Digest {
+        peer: PeerId,
+        conn: u64,
+        offset: u64,
+        len: u64,
+        for_peer: bool,
     },
     /// The received payload `(peer, conn, seq)` will never be applied: drop it.
     ForgetPayload { peer: PeerId, conn: u64, seq: u64 },
@@ -362,6 +385,8 @@ pub struct LinkStatus {
     /// Bytes resynced with this peer since the resource came up (sent as source or written
     /// as target), over every connection.
     pub resynced_bytes: u64,
+    /// The running online verify, or the last one.
+    pub verify: Option<VerifyResult>,
 }
 
 /// A borrowed view of one link's observable state.
@@ -387,6 +412,7 @@ impl LinkView<'_> {
             received_bytes: 0,
             sync: None,
             resynced_bytes: 0,
+            verify: None,
         };
         self.update(&mut status);
         status
@@ -412,6 +438,10 @@ impl LinkView<'_> {
         status.sent_bytes = sender.map_or(0, |s| s.sent_bytes);
         status.received_bytes = link.receiver.received_bytes;
         status.resynced_bytes = link.resynced_bytes;
+        let verify = ResourceCore::verify_status(link);
+        if status.verify != verify {
+            status.verify = verify;
+        }
         match (&mut status.sync, link.resync.as_ref()) {
             (Some(shown), Some(resync)) => resync.update_status(shown),
             (shown, resync) => *shown = resync.map(|r| r.status()),
@@ -462,6 +492,8 @@ struct Link {
     discard_my_data: bool,
     /// The out-of-sync count this node's Hello on the current connection carried.
     hello_changes: u64,
+    verify: Option<verify::Verify>,
+    last_verify: Option<VerifyResult>,
 }
 
 /// A data-stream arrival kept until the handshake completes.
@@ -659,6 +691,8 @@ impl ResourceCore {
                     resynced_bytes: 0,
                     discard_my_data: false,
                     hello_changes: 0,
+                    verify: None,
+                    last_verify: None,
                 };
                 (peer.id, link)
             })
@@ -858,6 +892,21 @@ impl ResourceCore {
                 len,
                 result,
             } => self.resync_write_done(peer, conn, offset, len, result, now),
+            Input::Digested {
+                peer,
+                conn,
+                offset,
+                len,
+                for_peer,
+                result,
+            } => self.digested(
+                peer,
+                conn,
+                ByteRange::new(offset, len),
+                for_peer,
+                result,
+                now,
+            ),
             Input::Tick => self.tick(now),
             Input::Command { id, command } => self.command(id, command, now),
         }
@@ -1204,6 +1253,15 @@ impl ResourceCore {
             PeerMessage::ResyncDone { moved_bytes } => {
                 self.finish_resync_as_source(peer, moved_bytes, now)
             }
+            PeerMessage::VerifyRequest { offset, len } => {
+                self.verify_requested(peer, offset, len, now)
+            }
+            PeerMessage::VerifyReply {
+                offset,
+                len,
+                digests,
+                errno,
+            } => self.verify_replied(peer, offset, len, digests, errno, now),
         }
     }
 
@@ -1790,6 +1848,7 @@ impl ResourceCore {
         link.early.clear();
         link.deferred_hello = None;
         self.abandon_resync(peer, now);
+        self.abandon_verify(peer, now);
         let Some(link) = self.links.get_mut(&peer) else {
             return;
         };
@@ -2036,6 +2095,7 @@ impl ResourceCore {
             }
             Command::Invalidate => self.invalidate(id, false, now),
             Command::InvalidateRemote => self.invalidate(id, true, now),
+            Command::Verify => self.start_verify(id, now),
             Command::Shutdown => self.shutdown(id, now),
         }
     }
