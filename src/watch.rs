@@ -44,8 +44,7 @@ pub fn watch(socket: &Path, resource: Option<String>, out: &mut impl Write) -> a
                 };
                 running = true;
                 let detail = format!(
-                    "{} rate:{}/s eta:{}{}",
-                    sync.role,
+                    "rate:{}/s eta:{}{}",
                     status_text::human_bytes(sync.rate_bytes_per_sec),
                     sync.eta_seconds
                         .map(|s| format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60))
@@ -74,7 +73,7 @@ pub fn watch(socket: &Path, resource: Option<String>, out: &mut impl Write) -> a
                 } else {
                     let percent = (sync.done_percent() as u64).min(100);
                     let changed = last_line.get(&key).is_none_or(|(role, shown)| {
-                        *role != detail_state(&detail) || *shown != percent
+                        *role != detail_state(&sync.role, &detail) || *shown != percent
                     });
                     if changed {
                         writeln!(
@@ -88,7 +87,7 @@ pub fn watch(socket: &Path, resource: Option<String>, out: &mut impl Write) -> a
                             status_text::human_bytes(sync.total_bytes),
                         )?;
                         out.flush()?;
-                        last_line.insert(key, (detail_state(&detail), percent));
+                        last_line.insert(key, (detail_state(&sync.role, &detail), percent));
                     }
                 }
             }
@@ -105,8 +104,7 @@ pub fn watch(socket: &Path, resource: Option<String>, out: &mut impl Write) -> a
 }
 
 /// The part of a line that, when it changes, is worth a new line (role and stall).
-fn detail_state(detail: &str) -> String {
-    let role = detail.split_whitespace().next().unwrap_or_default();
+fn detail_state(role: &str, detail: &str) -> String {
     format!("{role}{}", detail.contains("STALLED"))
 }
 

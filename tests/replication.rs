@@ -1309,6 +1309,20 @@ fn a_resync_cut_halfway_resumes_without_starting_over() -> anyhow::Result<()> {
     );
     proxy.restore();
     pair.wait_connected(Duration::from_secs(40))?;
+    // `status --watch` follows the rest of it with plain lines (not a terminal here) and
+    // exits once it is done.
+    let watch = Command::new(&pair.beta.binary)
+        .args(["--config"])
+        .arg(&pair.beta.config_path)
+        .args(["status", "--watch", R])
+        .output()
+        .context("running qrbd status --watch")?;
+    let watched = String::from_utf8_lossy(&watch.stdout);
+    eprintln!("status --watch:\n{watched}");
+    ensure!(
+        watch.status.success() && watched.contains("SyncTarget done:") && watched.contains("eta:"),
+        "status --watch did not follow the resync: {watch:?}"
+    );
     wait_for_resync(&pair)?;
     let total = peer(&pair.beta)?.resynced_bytes;
     eprintln!("halfway: {halfway:?}; before the cut {before_cut}, in all {total}, dirty {dirty}");

@@ -934,7 +934,12 @@ impl ResourceCore {
             let effects = self.device.unlock_resync(lock);
             self.volume_effects(effects, now);
         }
-        tracing::info!(resource = %self.config.resource, peer = %self.peer_name(peer), moved_bytes = resync.moved_bytes, "resync interrupted; it resumes from the bitmap on reconnect");
+        let name = self.peer_name(peer);
+        tracing::info!(resource = %self.config.resource, peer = %name, moved_bytes = resync.moved_bytes, "resync interrupted; it resumes from the bitmap on reconnect");
+        self.emit(format!(
+            "change peer-device name:{} peer-node-id:{peer} conn-name:{name} replication:Off resync-interrupted moved:{}",
+            self.config.resource, resync.moved_bytes
+        ));
     }
 
     /// Time passed: the rate limit may allow more requests.
