@@ -114,6 +114,7 @@ const RESOURCE_KEYS: &[&str] = &[
     "after_sb_0pri",
     "after_sb_1pri",
     "after_sb_2pri",
+    "csums",
     "peer",
 ];
 const PEER_KEYS: &[&str] = &["name", "id", "address"];
@@ -172,6 +173,9 @@ pub struct ResourceConfig {
     /// acknowledging it (default). Turn off only for storage with a non-volatile write cache;
     /// fsync on the image still flushes the peers.
     pub disk_flushes: bool,
+    /// Like DRBD's `csums-alg`: resync compares SHA-256 digests of each block first and moves
+    /// data only where they differ (less traffic, more reading; default off).
+    pub csums: bool,
     /// Like DRBD's `al-extents`: how many 4 MiB extents the activity log keeps hot
     /// (`MIN_AL_EXTENTS..=MAX_AL_EXTENTS`, default `DEFAULT_AL_EXTENTS`). As in DRBD, a write
     /// to a cold extent waits for a metadata transaction that makes it hot, and after a Primary
@@ -645,6 +649,7 @@ struct RawResource {
     size: Option<SizeText>,
     protocol: Option<Text>,
     disk_flushes: Option<bool>,
+    csums: Option<bool>,
     al_extents: Option<Scalar>,
     resync_rate: Option<Scalar>,
     after_sb_0pri: Option<Scalar>,
@@ -1189,6 +1194,7 @@ fn validate_resource(
         size_bytes,
         protocol,
         disk_flushes: raw.disk_flushes.unwrap_or(true),
+        csums: raw.csums.unwrap_or(false),
         al_extents,
         resync_rate,
         split_brain,
@@ -1583,6 +1589,7 @@ mod tests {
         size = "1GiB"
         protocol = "A"
         disk_flushes = false
+        csums = true
         al_extents = 3001
         resync_rate = "100M"
         after_sb_0pri = "discard-node-gamma"
@@ -1759,6 +1766,7 @@ mod tests {
                     size_bytes: GIB,
                     protocol: ReplicationProtocol::A,
                     disk_flushes: false,
+                    csums: true,
                     al_extents: 3001,
                     resync_rate: 100 * MIB,
                     split_brain: SplitBrainPolicy {
@@ -1784,6 +1792,7 @@ mod tests {
                     size_bytes: 8192,
                     protocol: ReplicationProtocol::C,
                     disk_flushes: true,
+                    csums: false,
                     al_extents: 1237,
                     resync_rate: 0,
                     split_brain: SplitBrainPolicy::default(),
@@ -1928,7 +1937,7 @@ mod tests {
             &[
                 "resource \"r0\"",
                 "unknown key \"sise\"",
-                "name, size, protocol, disk_flushes, al_extents, resync_rate, after_sb_0pri, after_sb_1pri, after_sb_2pri, peer",
+                "name, size, protocol, disk_flushes, al_extents, resync_rate, after_sb_0pri, after_sb_1pri, after_sb_2pri, csums, peer",
             ],
         );
         // DRBD's spellings and near misses of the new keys get a suggestion.

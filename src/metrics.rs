@@ -858,6 +858,7 @@ mod tests {
                 out_of_sync_bytes: 1 << 18,
                 sync: None,
                 resynced_bytes: 0,
+                resync_same_bytes: 0,
                 verify: None,
                 last_error: None,
             }],

@@ -193,6 +193,7 @@ pub fn open_resource(
             al_extents: resource.al_extents,
             max_rate: resource.resync_rate,
             split_brain: resource.split_brain.clone(),
+            csums: resource.csums,
             ..SyncConfig::default()
         },
     })

@@ -114,6 +114,7 @@ fn shipped_config_examples_are_valid() -> anyhow::Result<()> {
                     "protocol =",
                     "al_extents =",
                     "resync_rate =",
+                    "csums =",
                     "after_sb_0pri =",
                     "after_sb_1pri =",
                     "after_sb_2pri =",
@@ -139,6 +140,7 @@ fn shipped_config_examples_are_valid() -> anyhow::Result<()> {
     ensure!(resource.size_bytes == 1 << 30 && resource.peers.len() == 1);
     ensure!(resource.al_extents == config::DEFAULT_AL_EXTENTS);
     ensure!(resource.resync_rate == 100 << 20);
+    ensure!(resource.csums);
     ensure!(
         resource.split_brain
             == SplitBrainPolicy {

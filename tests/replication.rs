@@ -1435,6 +1435,54 @@ fn verify_finds_a_changed_block_and_the_resync_repairs_it() -> anyhow::Result<()
     pair.stop()
 }
 
+/// Checksum-based resync (`csums = true`): a full resync of two images that differ in one
+/// block moves only the request holding that block; everything else is found the same.
+#[test]
+fn checksum_based_resync_moves_only_what_differs() -> anyhow::Result<()> {
+    let mut pair = Pair::configure("qrbd-csums", &PairSpec::new(R, SIZE, "C"))?;
+    for node in [&pair.alpha, &pair.beta] {
+        edit_config(node, "protocol = \"C\"", "protocol = \"C\"\ncsums = true")?;
+    }
+    pair.create_md()?;
+    pair.start()?;
+    pair.wait_connected(CONNECT)?;
+    pair.alpha.qrbd_ok(&["primary", R])?;
+    write_scattered(&pair.alpha, 256, 64 * MIB, 8)?;
+    pair.wait_quiet()?;
+    let changed = 20 * MIB + 4096;
+    {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(pair.beta.backing_path(R))?;
+        file.write_all_at(&[0x5A; 4096], changed)?;
+        file.sync_all()?;
+    }
+    pair.alpha.qrbd_ok(&["invalidate-remote", R])?;
+    wait_for_resync(&pair)?;
+    let (alpha, beta) = (peer(&pair.alpha)?, peer(&pair.beta)?);
+    eprintln!(
+        "moved: alpha {} beta {}; found the same: alpha {} beta {}",
+        alpha.resynced_bytes, beta.resynced_bytes, alpha.resync_same_bytes, beta.resync_same_bytes
+    );
+    ensure!(
+        beta.resynced_bytes > 0 && beta.resynced_bytes <= 256 << 10,
+        "a checksum-based full resync moved {} bytes; one request's worth was due",
+        beta.resynced_bytes
+    );
+    ensure!(
+        beta.resync_same_bytes + beta.resynced_bytes == 64 * MIB
+            && alpha.resync_same_bytes == beta.resync_same_bytes,
+        "the rest was not found the same: alpha {alpha:?} beta {beta:?}"
+    );
+    pair.wait_quiet()?;
+    ensure!(
+        pair.backings_identical()?,
+        "the images differ after the resync"
+    );
+    pair.alpha.qrbd_ok(&["secondary", R])?;
+    pair.stop()
+}
+
 /// A Secondary killed while the Primary writes comes back, catches up from the bitmap (no
 /// full sync), and the images end identical.
 #[test]

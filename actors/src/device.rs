@@ -18,8 +18,8 @@ use crate::core::activity_log::ActivityLogStats;
 use crate::core::messages::{Epoch, PeerMessage, StreamKind};
 use crate::core::replication::{Outgoing, PeerId};
 use crate::core::resource::{
-    Command, CommandError, CommandId, CoreConfig, Effect, Input, LinkStatus, PeerWrite,
-    ResourceCore, SyncConfig, Timing,
+    Command, CommandError, CommandId, CoreConfig, DigestPurpose, Effect, Input, LinkStatus,
+    PeerWrite, ResourceCore, SyncConfig, Timing,
 };
 use crate::core::{
     DeviceStats, DiskState, IoFault, ReplicationProtocol, RequestId, Role, Tick, BLOCK_SIZE,
@@ -546,15 +546,15 @@ impl DeviceActor {
                 conn,
                 offset,
                 len,
-                for_peer,
+                purpose,
             } => match ctx {
-                Some(ctx) => self.digest(peer, conn, offset, len, for_peer, ctx),
+                Some(ctx) => self.digest(peer, conn, offset, len, purpose, ctx),
                 None => self.follow_ups.push_back(Input::Digested {
                     peer,
                     conn,
                     offset,
                     len,
-                    for_peer,
+                    purpose,
                     result: Err(EIO),
                 }),
             },
@@ -925,7 +925,7 @@ impl DeviceActor {
         conn: u64,
         offset: u64,
         len: u64,
-        for_peer: bool,
+        purpose: DigestPurpose,
         ctx: &mut Context<Self>,
     ) {
         let buf = usize::try_from(len)
@@ -962,7 +962,7 @@ impl DeviceActor {
                 conn,
                 offset,
                 len,
-                for_peer,
+                purpose,
                 result,
             };
             actor.feed(input, Some(ctx));

@@ -89,6 +89,9 @@ pub struct PeerStatus {
     /// Bytes resynced with this peer since the resource came up.
     #[serde(default)]
     pub resynced_bytes: u64,
+    /// Bytes a checksum-based resync found identical on both sides (nothing moved).
+    #[serde(default)]
+    pub resync_same_bytes: u64,
     /// The running online verify against this peer, or the last one (`finished` set).
     #[serde(default)]
     pub verify: Option<VerifyResult>,

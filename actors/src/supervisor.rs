@@ -226,6 +226,7 @@ impl ResourceSupervisor {
                     last_error: link.last_error.clone(),
                     sync: link.sync.as_ref().map(|sync| sync_status(sync, device.now)),
                     resynced_bytes: link.resynced_bytes,
+                    resync_same_bytes: link.resync_same_bytes,
                     verify: link.verify.clone(),
                 })
                 .collect(),

@@ -52,8 +52,8 @@ use qrbd_actors::core::messages::{PeerMessage, StreamKind};
 use qrbd_actors::core::replication::Outgoing;
 use qrbd_actors::core::resource::SyncConfig;
 use qrbd_actors::core::resource::{
-    Command, CommandError, CommandId, CoreConfig, Effect, Input, PeerConfig, PeerWrite,
-    ResourceCore, Timing,
+    Command, CommandError, CommandId, CoreConfig, DigestPurpose, Effect, Input, PeerConfig,
+    PeerWrite, ResourceCore, Timing,
 };
 use qrbd_actors::core::split_brain::{AfterSb0Pri, AfterSb1Pri, AfterSb2Pri, SplitBrainPolicy};
 use qrbd_actors::core::{
@@ -102,6 +102,7 @@ struct Coverage {
     split_brains_resolved: u64,
     inconsistent: u64,
     verifies_finished: u64,
+    resync_same: u64,
 }
 
 impl Coverage {
@@ -130,6 +131,7 @@ impl Coverage {
         self.split_brains_resolved += o.split_brains_resolved;
         self.inconsistent += o.inconsistent;
         self.verifies_finished += o.verifies_finished;
+        self.resync_same += o.resync_same;
     }
 
     fn missing(&self) -> Vec<&'static str> {
@@ -172,6 +174,10 @@ impl Coverage {
             ("split brains resolved", self.split_brains_resolved),
             ("Inconsistent disks (sync targets)", self.inconsistent),
             ("online verifies finished", self.verifies_finished),
+            (
+                "checksum-based resync requests found the same",
+                self.resync_same,
+            ),
             ("peer writes applied in epoch order", self.epochs_checked),
         ];
         all.iter()
@@ -288,7 +294,7 @@ enum Work {
         conn: u64,
         offset: u64,
         len: u64,
-        for_peer: bool,
+        purpose: DigestPurpose,
     },
 }
 
@@ -408,6 +414,7 @@ struct Sim {
     /// Two Primaries may legitimately exist (no quorum in the core).
     split_possible: bool,
     split_brain: SplitBrainPolicy,
+    csums: bool,
     /// A calm seed has no faults and writes mostly on the Primary: long stretches of plain
     /// replication, so that its invariants are exercised as much as the fault handling.
     calm: bool,
@@ -431,6 +438,7 @@ fn config(
     protocol: ReplicationProtocol,
     seed: u64,
     split_brain: &SplitBrainPolicy,
+    csums: bool,
 ) -> CoreConfig {
     CoreConfig {
         resource: RESOURCE.into(),
@@ -453,6 +461,7 @@ fn config(
         seed,
         sync: SyncConfig {
             split_brain: split_brain.clone(),
+            csums,
             ..SyncConfig::default()
         },
     }
@@ -486,6 +495,7 @@ impl Sim {
             _ => ReplicationProtocol::C,
         };
         let split_brain = split_brain_policy(&mut rng);
+        let csums = rng.percent(50);
         let nodes = (1..=count)
             .map(|id| {
                 let meta = DeviceMeta::new(RESOURCE, id, SIZE, JUST_CREATED_UUID);
@@ -498,6 +508,7 @@ impl Sim {
                             protocol,
                             seed ^ u64::from(id) << 32,
                             &split_brain,
+                            csums,
                         ),
                         meta.clone(),
                         0,
@@ -541,6 +552,7 @@ impl Sim {
             races: Vec::new(),
             split_possible: false,
             split_brain,
+            csums,
             racing_blocks: BTreeSet::new(),
             queue: VecDeque::new(),
             trace: VecDeque::new(),
@@ -799,13 +811,13 @@ impl Sim {
                 conn,
                 offset,
                 len,
-                for_peer,
+                purpose,
             } => self.node(id).work.push(Work::Digest {
                 peer,
                 conn,
                 offset,
                 len,
-                for_peer,
+                purpose,
             }),
             Effect::Dial { peer } => self.dials.push((id, peer)),
             Effect::CloseConnection { peer, conn, reason } => {
@@ -1369,7 +1381,7 @@ impl Sim {
                 conn,
                 offset,
                 len,
-                for_peer,
+                purpose,
             } => {
                 let digests = (offset / BLOCK..(offset + len) / BLOCK)
                     .map(|block| {
@@ -1385,7 +1397,7 @@ impl Sim {
                         conn,
                         offset,
                         len,
-                        for_peer,
+                        purpose,
                         result: Ok(digests),
                     },
                 );
@@ -1442,6 +1454,9 @@ impl Sim {
         };
         match wire {
             Wire::Message(message) => {
+                if matches!(message, PeerMessage::ResyncSame { .. }) {
+                    self.cov.resync_same += 1;
+                }
                 self.log(format!("n{to} <- n{from}: {}", brief(&message)));
                 self.feed(
                     to,
@@ -1636,6 +1651,7 @@ impl Sim {
         let count = self.nodes.len() as u8;
         let (protocol, seed, now) = (self.protocol, self.seed, self.now);
         let split_brain = self.split_brain.clone();
+        let csums = self.csums;
         let mut rng = Rng::new(self.rng.next());
         let n = self.node(id);
         if crash {
@@ -1664,7 +1680,7 @@ impl Sim {
         n.resync_payloads.clear();
         let stored = n.bitmaps.stored();
         n.core = ResourceCore::restore(
-            config(id, count, protocol, core_seed, &split_brain),
+            config(id, count, protocol, core_seed, &split_brain, csums),
             meta,
             stored,
             now,

@@ -66,6 +66,8 @@ const TAG_RESYNC_WRITTEN: u8 = 23;
 const TAG_RESYNC_DONE: u8 = 24;
 const TAG_VERIFY_REQUEST: u8 = 25;
 const TAG_VERIFY_REPLY: u8 = 26;
+const TAG_RESYNC_CHECKSUMS: u8 = 27;
+const TAG_RESYNC_SAME: u8 = 28;
 /// Digests one `VerifyReply` may carry: one per 4 KiB block of the largest request (1 MiB).
 pub const MAX_VERIFY_DIGESTS: usize = 256;
 /// Generations a Hello may list in its history, at most.
@@ -222,6 +224,16 @@ fn put_list<B: FrameBuf, T>(out: &mut B, items: &[T], mut put: impl FnMut(&mut B
     }
 }
 
+/// Block digests: a u16 count, then 32 bytes each. The whole count, even beyond the limit: a
+/// receiver then refuses the message (senders check first, see `check_limits`).
+fn put_digests(out: &mut impl FrameBuf, digests: &[[u8; 32]]) {
+    let count = u16::try_from(digests.len()).unwrap_or(u16::MAX);
+    out.put_u16(count);
+    for digest in &digests[..usize::from(count)] {
+        out.put_slice(digest);
+    }
+}
+
 /// Writes the length prefix of the frame that starts at `start` once the frame is complete.
 fn finish_frame(out: &mut impl FrameBuf, start: usize) {
     // Only an oversized Data payload can exceed u32; such a frame is refused by every
@@ -241,7 +253,9 @@ pub fn encode(msg: &PeerMessage) -> Vec<u8> {
         PeerMessage::Data { data, .. } => DATA_HEADER_LEN + data.len(),
         PeerMessage::ResyncData { data, .. } => RESYNC_DATA_HEADER_LEN + data.len(),
         PeerMessage::SyncBitmap { runs, .. } => 16 + 16 * runs.len(),
-        PeerMessage::VerifyReply { digests, .. } => 32 + 32 * digests.len(),
+        PeerMessage::VerifyReply { digests, .. } | PeerMessage::ResyncChecksums { digests, .. } => {
+            32 + 32 * digests.len()
+        }
         _ => 64,
     };
     let mut out = Vec::with_capacity(capacity);
@@ -445,6 +459,21 @@ pub fn encode_into(out: &mut impl FrameBuf, msg: &PeerMessage) {
             out.put_u8(TAG_RESYNC_DONE);
             out.put_u64(*moved_bytes);
         }
+        PeerMessage::ResyncChecksums {
+            offset,
+            len,
+            digests,
+        } => {
+            out.put_u8(TAG_RESYNC_CHECKSUMS);
+            out.put_u64(*offset);
+            out.put_u64(*len);
+            put_digests(out, digests);
+        }
+        PeerMessage::ResyncSame { offset, len } => {
+            out.put_u8(TAG_RESYNC_SAME);
+            out.put_u64(*offset);
+            out.put_u64(*len);
+        }
         PeerMessage::VerifyRequest { offset, len } => {
             out.put_u8(TAG_VERIFY_REQUEST);
             out.put_u64(*offset);
@@ -460,13 +489,7 @@ pub fn encode_into(out: &mut impl FrameBuf, msg: &PeerMessage) {
             out.put_u64(*offset);
             out.put_u64(*len);
             out.put_slice(&errno.to_be_bytes());
-            // The whole count, even beyond the limit: a receiver then refuses the message
-            // (senders check first, see `check_limits`).
-            let count = u16::try_from(digests.len()).unwrap_or(u16::MAX);
-            out.put_u16(count);
-            for digest in &digests[..usize::from(count)] {
-                out.put_slice(digest);
-            }
+            put_digests(out, digests);
         }
     }
     finish_frame(out, start);
@@ -483,9 +506,11 @@ pub fn check_limits(msg: &PeerMessage) -> Result<(), WireError> {
                 max: MAX_RESYNC_PAYLOAD,
             })
         }
-        PeerMessage::VerifyReply { digests, .. } if digests.len() > MAX_VERIFY_DIGESTS => {
+        PeerMessage::VerifyReply { digests, .. } | PeerMessage::ResyncChecksums { digests, .. }
+            if digests.len() > MAX_VERIFY_DIGESTS =>
+        {
             Err(WireError::TooMany {
-                message: "VerifyReply",
+                message: msg.name(),
                 what: "digests",
                 count: digests.len() as u64,
                 max: MAX_VERIFY_DIGESTS,
@@ -872,6 +897,8 @@ pub fn decode_frame_body(body: &[u8]) -> Result<PeerMessage, WireError> {
         TAG_RESYNC_WRITTEN => ("ResyncWritten", rest),
         TAG_RESYNC_DONE => ("ResyncDone", rest),
         TAG_VERIFY_REQUEST => ("VerifyRequest", rest),
+        TAG_RESYNC_CHECKSUMS => ("ResyncChecksums", rest),
+        TAG_RESYNC_SAME => ("ResyncSame", rest),
         TAG_VERIFY_REPLY => ("VerifyReply", rest),
         other => return Err(WireError::UnknownTag(other)),
     };
@@ -961,6 +988,15 @@ pub fn decode_frame_body(body: &[u8]) -> Result<PeerMessage, WireError> {
             offset: r.u64("offset")?,
             len: r.u64("len")?,
             ok: r.bool("ok")?,
+        },
+        TAG_RESYNC_CHECKSUMS => PeerMessage::ResyncChecksums {
+            offset: r.u64("offset")?,
+            len: r.u64("len")?,
+            digests: r.digests()?,
+        },
+        TAG_RESYNC_SAME => PeerMessage::ResyncSame {
+            offset: r.u64("offset")?,
+            len: r.u64("len")?,
         },
         TAG_VERIFY_REQUEST => PeerMessage::VerifyRequest {
             offset: r.u64("offset")?,
@@ -1723,6 +1759,15 @@ mod tests {
                 offset: 1 << 20,
                 len: 256 << 10,
             },
+            PeerMessage::ResyncChecksums {
+                offset: 4096,
+                len: 8192,
+                digests: vec![[1; 32], [2; 32]],
+            },
+            PeerMessage::ResyncSame {
+                offset: 4096,
+                len: 8192,
+            },
             PeerMessage::VerifyReply {
                 offset: 1 << 20,
                 len: 8192,
@@ -2022,7 +2067,7 @@ mod tests {
             if bytes.len() >= 5 && rng.below(2) == 0 {
                 let small = rng.below(80) as u32;
                 bytes[..4].copy_from_slice(&small.to_be_bytes());
-                bytes[4] = rng.below(28) as u8;
+                bytes[4] = rng.below(30) as u8;
             }
             let _ = parse_chunks(&[&bytes]);
         }
@@ -2181,7 +2226,7 @@ mod tests {
             "{err}"
         );
 
-        for tag in [0, 7, 8, 27, 255] {
+        for tag in [0, 7, 8, 29, 255] {
             let err = decode_frame_body(&[tag, 0, 0]).unwrap_err();
             assert!(matches!(err, WireError::UnknownTag(t) if t == tag), "{err}");
         }
@@ -2450,7 +2495,7 @@ mod tests {
             let mut body = rng.bytes(len);
             // Mostly valid tags, so the field decoders get exercised rather than the tag check.
             if let Some(first) = body.first_mut() {
-                *first = rng.below(28) as u8;
+                *first = rng.below(30) as u8;
             }
             if decode_frame_body(&body).is_ok() {
                 decoded += 1;

@@ -167,6 +167,18 @@ pub enum PeerMessage {
     ResyncDone {
         moved_bytes: u64,
     },
+    /// Checksum-based resync: the target's request, with one SHA-256 digest per 4 KiB block
+    /// of its own data (the source answers `ResyncSame` where all match, else `ResyncData`).
+    ResyncChecksums {
+        offset: u64,
+        len: u64,
+        digests: Vec<[u8; 32]>,
+    },
+    /// The source's blocks are the same as the target's: nothing to move.
+    ResyncSame {
+        offset: u64,
+        len: u64,
+    },
     /// Online verify: digests of these blocks, please.
     VerifyRequest {
         offset: u64,
@@ -219,6 +231,8 @@ impl PeerMessage {
             PeerMessage::ResyncFailed { .. } => "ResyncFailed",
             PeerMessage::ResyncWritten { .. } => "ResyncWritten",
             PeerMessage::ResyncDone { .. } => "ResyncDone",
+            PeerMessage::ResyncChecksums { .. } => "ResyncChecksums",
+            PeerMessage::ResyncSame { .. } => "ResyncSame",
             PeerMessage::VerifyRequest { .. } => "VerifyRequest",
             PeerMessage::VerifyReply { .. } => "VerifyReply",
         }
@@ -240,6 +254,8 @@ impl PeerMessage {
                 | PeerMessage::ResyncFailed { .. }
                 | PeerMessage::ResyncWritten { .. }
                 | PeerMessage::ResyncDone { .. }
+                | PeerMessage::ResyncChecksums { .. }
+                | PeerMessage::ResyncSame { .. }
                 | PeerMessage::VerifyRequest { .. }
                 | PeerMessage::VerifyReply { .. }
         ) {

@@ -175,6 +175,19 @@ pub struct PeerWrite {
     pub discard: bool,
 }
 
+/// What a [`Effect::Digest`] is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DigestPurpose {
+    /// This node's verify.
+    Verify,
+    /// The peer's verify asked.
+    VerifyForPeer,
+    /// Checksum-based resync, the target's blocks (sent with the request).
+    ResyncTarget,
+    /// Checksum-based resync, the source's blocks (compared with the target's).
+    ResyncSource,
+}
+
 /// Everything that can happen to a resource.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Input {
@@ -270,7 +283,7 @@ pub enum Input {
         conn: u64,
         offset: u64,
         len: u64,
-        for_peer: bool,
+        purpose: DigestPurpose,
         result: Result<Vec<BlockDigest>, i32>,
     },
     /// A [`Effect::PersistBitmaps`] finished.
@@ -322,13 +335,13 @@ pub enum Effect {
         len: u64,
     },
     /// Read these blocks and digest each 4 KiB block (SHA-256), then report
-    /// [`Input::Digested`] (online verify; `for_peer` when the peer asked).
+    /// [`Input::Digested`] (online verify, checksum-based resync).
     Digest {
         peer: PeerId,
         conn: u64,
         offset: u64,
         len: u64,
-        for_peer: bool,
+        purpose: DigestPurpose,
     },
     /// The received payload `(peer, conn, seq)` will never be applied: drop it.
     ForgetPayload { peer: PeerId, conn: u64, seq: u64 },
@@ -385,6 +398,8 @@ pub struct LinkStatus {
     /// Bytes resynced with this peer since the resource came up (sent as source or written
     /// as target), over every connection.
     pub resynced_bytes: u64,
+    /// Bytes a checksum-based resync found the same on both sides (nothing moved).
+    pub resync_same_bytes: u64,
     /// The running online verify, or the last one.
     pub verify: Option<VerifyResult>,
 }
@@ -412,6 +427,7 @@ impl LinkView<'_> {
             received_bytes: 0,
             sync: None,
             resynced_bytes: 0,
+            resync_same_bytes: 0,
             verify: None,
         };
         self.update(&mut status);
@@ -438,6 +454,7 @@ impl LinkView<'_> {
         status.sent_bytes = sender.map_or(0, |s| s.sent_bytes);
         status.received_bytes = link.receiver.received_bytes;
         status.resynced_bytes = link.resynced_bytes;
+        status.resync_same_bytes = link.resync_same_bytes;
         let verify = ResourceCore::verify_status(link);
         if status.verify != verify {
             status.verify = verify;
@@ -488,12 +505,26 @@ struct Link {
     peer_history: Vec<u64>,
     resync: Option<Resync>,
     resynced_bytes: u64,
+    resync_same_bytes: u64,
     /// `connect --discard-my-data` (until the next handshake that settles a split brain).
     discard_my_data: bool,
     /// The out-of-sync count this node's Hello on the current connection carried.
     hello_changes: u64,
+    /// Role, disk and generations as this node's Hello on the current connection told them.
+    sent_hello_facts: Option<HelloFacts>,
     verify: Option<verify::Verify>,
     last_verify: Option<VerifyResult>,
+}
+
+/// What a Hello told of its sender.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct HelloFacts {
+    role: Role,
+    disk: DiskState,
+    current_uuid: u64,
+    bitmap_uuid: u64,
+    history: Vec<u64>,
+    discard_my_data: bool,
 }
 
 /// A data-stream arrival kept until the handshake completes.
@@ -689,8 +720,10 @@ impl ResourceCore {
                     peer_history: Vec::new(),
                     resync: None,
                     resynced_bytes: 0,
+                    resync_same_bytes: 0,
                     discard_my_data: false,
                     hello_changes: 0,
+                    sent_hello_facts: None,
                     verify: None,
                     last_verify: None,
                 };
@@ -897,13 +930,13 @@ impl ResourceCore {
                 conn,
                 offset,
                 len,
-                for_peer,
+                purpose,
                 result,
             } => self.digested(
                 peer,
                 conn,
                 ByteRange::new(offset, len),
-                for_peer,
+                purpose,
                 result,
                 now,
             ),
@@ -957,6 +990,31 @@ impl ResourceCore {
 
     /// The Hello this node sent on a link still in its handshake no longer tells its role or
     /// generation: both sides would decide on stale facts, so the handshake starts over.
+    /// What a Hello to `peer` tells of this node, for [`Self::hello`]'s staleness check.
+    fn hello_facts(&self, peer: PeerId) -> HelloFacts {
+        HelloFacts {
+            role: self.role,
+            disk: self.disk,
+            current_uuid: self.meta.current_uuid,
+            bitmap_uuid: self.meta.bitmap_uuids.get(&peer).copied().unwrap_or(0),
+            history: self.meta.history_uuids.clone(),
+            discard_my_data: self.links.get(&peer).is_some_and(|l| l.discard_my_data),
+        }
+    }
+
+    /// Drops one link in its handshake and redials at once.
+    fn restart_handshake(&mut self, peer: PeerId, reason: &str, now: Tick) {
+        self.lose_link(
+            peer,
+            ConnectionState::NetworkFailure,
+            reason.to_owned(),
+            now,
+        );
+        if let Some(link) = self.links.get_mut(&peer) {
+            link.next_dial = now;
+        }
+    }
+
     fn restart_handshakes(&mut self, reason: &str) {
         let now = self.now;
         let handshaking: Vec<PeerId> = self
@@ -1239,8 +1297,14 @@ impl ResourceCore {
                 from_source,
             } => self.sync_bitmap_received(peer, runs, last, from_source, now),
             PeerMessage::ResyncRequest { offset, len } => {
-                self.resync_requested(peer, offset, len, now)
+                self.resync_requested(peer, offset, len, None, now)
             }
+            PeerMessage::ResyncChecksums {
+                offset,
+                len,
+                digests,
+            } => self.resync_requested(peer, offset, len, Some(digests), now),
+            PeerMessage::ResyncSame { offset, len } => self.resync_same(peer, offset, len, now),
             PeerMessage::ResyncData { .. } => {
                 self.protocol_error(peer, "ResyncData must arrive with its payload".into(), now)
             }
@@ -1336,6 +1400,21 @@ impl ResourceCore {
         if let Some(link) = self.links.get_mut(&peer) {
             link.peer_history = remote.history.clone();
         }
+        let catching_up = self
+            .links
+            .get(&peer)
+            .and_then(|l| l.resync.as_ref())
+            .is_some_and(|r| r.role == SyncRole::Target);
+        if !catching_up
+            && current_uuid == self.meta.current_uuid
+            && self.config.peers.len() == 1
+            && self.missing_for(peer) == 0
+            && missing == 0
+        {
+            // The same data, and neither counts a block the other lacks: the peer's claim
+            // (an UpToDate peer confirms a Consistent or Outdated node) is ours.
+            self.adopt_claim_of(disk);
+        }
         if self.links.get(&peer).is_some_and(|l| l.resync.is_some()) {
             // The resync decides what this node lacks.
             return;
@@ -1345,14 +1424,7 @@ impl ResourceCore {
             self.catch_up_from(peer, now);
             return;
         }
-        if current_uuid == self.meta.current_uuid
-            && self.config.peers.len() == 1
-            && self.missing_for(peer) == 0
-        {
-            // The same data, and the peer counts nothing this node lacks: its claim (an
-            // UpToDate peer confirms a Consistent node) is ours.
-            self.adopt_claim_of(disk);
-        }
+
         if current_uuid == self.meta.current_uuid || self.role != Role::Secondary {
             return;
         }
@@ -1465,6 +1537,10 @@ impl ResourceCore {
             // What this node told the peer it changed: a split-brain decision uses the counts
             // both Hellos carried, the same facts on both sides.
             link.hello_changes = *receiver_missing_bytes;
+        }
+        let facts = self.hello_facts(peer);
+        if let Some(link) = self.links.get_mut(&peer) {
+            link.sent_hello_facts = Some(facts);
         }
         self.effects.push_back(Effect::Send {
             peer,
@@ -1579,6 +1655,17 @@ impl ResourceCore {
                 ours.node_name
             );
             self.refuse(peer, reason, false, now);
+            return;
+        }
+        // Both sides must decide on the facts both Hellos told. If this node's changed since
+        // its Hello left (a write started a new generation, a role or disk changed), the peer
+        // decides on old facts: start over with fresh Hellos on both sides.
+        let sent = self
+            .links
+            .get(&peer)
+            .and_then(|l| l.sent_hello_facts.clone());
+        if sent.is_some_and(|sent| sent != self.hello_facts(peer)) {
+            self.restart_handshake(peer, "this node's state changed during the handshake", now);
             return;
         }
         let local = generations_of(&self.meta);

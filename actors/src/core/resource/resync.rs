@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use super::{CommandId, Effect, MetaWaiter, ResourceCore};
+use super::{BlockDigest, CommandId, DigestPurpose, Effect, MetaWaiter, ResourceCore};
 use crate::core::device::ByteRange;
 use crate::core::messages::PeerMessage;
 use crate::core::replication::PeerId;
@@ -32,6 +32,9 @@ pub struct SyncConfig {
     pub max_rate: u64,
     /// Automatic split-brain recovery (`after_sb_*`).
     pub split_brain: SplitBrainPolicy,
+    /// Checksum-based resync (DRBD's `csums-alg`): the target sends digests of its blocks
+    /// first, and the source sends data only where its own differ.
+    pub csums: bool,
 }
 
 impl Default for SyncConfig {
@@ -42,6 +45,7 @@ impl Default for SyncConfig {
             window_bytes: 8 << 20,
             max_rate: 0,
             split_brain: SplitBrainPolicy::default(),
+            csums: false,
         }
     }
 }
@@ -146,8 +150,13 @@ pub struct Resync {
     arrived: std::collections::BTreeSet<u64>,
     /// Source: requests being read, sent or written on the target: offset -> (len, lock).
     serving: BTreeMap<u64, (u64, u64)>,
-    /// Source: requests waiting for application writes to the same blocks.
-    blocked: VecDeque<(u64, u64)>,
+    /// Source: requests waiting for application writes to the same blocks, with the target's
+    /// digests when it sent them (checksum-based resync).
+    blocked: VecDeque<(u64, u64, Option<Vec<BlockDigest>>)>,
+    /// Source: the target's digests of requests being compared here.
+    target_digests: BTreeMap<u64, Vec<BlockDigest>>,
+    /// Source: requests answered `ResyncSame` (nothing moved), until `ResyncWritten`.
+    same: std::collections::BTreeSet<u64>,
     /// Out-of-sync blocks when the transfer started (plus any found later).
     pub total_blocks: u64,
     /// Blocks written on the target so far.
@@ -187,6 +196,8 @@ impl Resync {
             arrived: std::collections::BTreeSet::new(),
             serving: BTreeMap::new(),
             blocked: VecDeque::new(),
+            target_digests: BTreeMap::new(),
+            same: std::collections::BTreeSet::new(),
             total_blocks: 0,
             done_blocks: 0,
             moved_bytes: 0,
@@ -548,8 +559,22 @@ impl ResourceCore {
             }
             resync.requested.is_empty() && sends.is_empty() && bitmap.dirty_blocks() == 0
         };
+        let conn = self.current_conn(peer).unwrap_or_default();
         for message in sends {
-            self.effects.push_back(Effect::Send { peer, message });
+            let effect = match message {
+                // Checksum-based: digest these blocks first; the request goes with them.
+                PeerMessage::ResyncRequest { offset, len } if self.config.sync.csums => {
+                    Effect::Digest {
+                        peer,
+                        conn,
+                        offset,
+                        len,
+                        purpose: DigestPurpose::ResyncTarget,
+                    }
+                }
+                message => Effect::Send { peer, message },
+            };
+            self.effects.push_back(effect);
         }
         if finished {
             self.finish_resync_as_target(peer, now);
@@ -633,7 +658,26 @@ impl ResourceCore {
     }
 
     /// Source: the target asks for blocks.
-    pub(super) fn resync_requested(&mut self, peer: PeerId, offset: u64, len: u64, now: Tick) {
+    pub(super) fn resync_requested(
+        &mut self,
+        peer: PeerId,
+        offset: u64,
+        len: u64,
+        digests: Option<Vec<BlockDigest>>,
+        now: Tick,
+    ) {
+        if digests
+            .as_ref()
+            .is_some_and(|d| d.len() as u64 != len / BLOCK_SIZE)
+        {
+            return self.protocol_error(
+                peer,
+                format!(
+                    "ResyncChecksums for {len} bytes at {offset} has the wrong number of digests"
+                ),
+                now,
+            );
+        }
         let serving = self
             .links
             .get(&peer)
@@ -654,7 +698,7 @@ impl ResourceCore {
             );
         }
         if let Some(resync) = self.links.get_mut(&peer).and_then(|l| l.resync.as_mut()) {
-            resync.blocked.push_back((offset, len));
+            resync.blocked.push_back((offset, len, digests));
         }
         self.serve_blocked(peer);
     }
@@ -669,28 +713,126 @@ impl ResourceCore {
         };
         let mut still = VecDeque::new();
         let mut starts = Vec::new();
-        while let Some((offset, len)) = resync.blocked.pop_front() {
+        while let Some((offset, len, digests)) = resync.blocked.pop_front() {
             if !still.is_empty() {
-                still.push_back((offset, len));
+                still.push_back((offset, len, digests));
                 continue;
             }
             match self.device.lock_for_resync(ByteRange::new(offset, len)) {
                 Some(lock) => {
                     resync.serving.insert(offset, (len, lock));
-                    starts.push((offset, len));
+                    let compare = digests.is_some();
+                    if let Some(digests) = digests {
+                        resync.target_digests.insert(offset, digests);
+                    }
+                    starts.push((offset, len, compare));
                 }
-                None => still.push_back((offset, len)),
+                None => still.push_back((offset, len, digests)),
             }
         }
         resync.blocked = still;
-        for (offset, len) in starts {
-            self.effects.push_back(Effect::SendResyncData {
+        for (offset, len, compare) in starts {
+            self.effects.push_back(if compare {
+                Effect::Digest {
+                    peer,
+                    conn,
+                    offset,
+                    len,
+                    purpose: DigestPurpose::ResyncSource,
+                }
+            } else {
+                Effect::SendResyncData {
+                    peer,
+                    conn,
+                    offset,
+                    len,
+                }
+            });
+        }
+    }
+
+    /// Source, checksum-based resync: this node's digests of a request's blocks. Where they
+    /// match the target's, nothing needs to move.
+    pub(super) fn source_digested(
+        &mut self,
+        peer: PeerId,
+        conn: u64,
+        offset: u64,
+        len: u64,
+        result: Result<Vec<BlockDigest>, i32>,
+        now: Tick,
+    ) {
+        let _ = now;
+        let Some(resync) = self.links.get_mut(&peer).and_then(|l| l.resync.as_mut()) else {
+            return;
+        };
+        let Some(theirs) = resync.target_digests.remove(&offset) else {
+            return;
+        };
+        let same = result.is_ok_and(|ours| ours == theirs);
+        let message = if same {
+            resync.same.insert(offset);
+            Effect::Send {
+                peer,
+                message: PeerMessage::ResyncSame { offset, len },
+            }
+        } else {
+            Effect::SendResyncData {
                 peer,
                 conn,
                 offset,
                 len,
-            });
+            }
+        };
+        self.effects.push_back(message);
+    }
+
+    /// Target, checksum-based resync: the digests of a request's blocks here go with it.
+    pub(super) fn target_digested(
+        &mut self,
+        peer: PeerId,
+        offset: u64,
+        len: u64,
+        result: Result<Vec<BlockDigest>, i32>,
+    ) {
+        let requested = self
+            .links
+            .get(&peer)
+            .and_then(|l| l.resync.as_ref())
+            .is_some_and(|r| r.requested.get(&offset) == Some(&len));
+        if !requested {
+            return;
         }
+        let message = match result {
+            Ok(digests) => PeerMessage::ResyncChecksums {
+                offset,
+                len,
+                digests,
+            },
+            // Unreadable here: ask for the data.
+            Err(_) => PeerMessage::ResyncRequest { offset, len },
+        };
+        self.effects.push_back(Effect::Send { peer, message });
+    }
+
+    /// Target, checksum-based resync: the source's blocks are the same as these.
+    pub(super) fn resync_same(&mut self, peer: PeerId, offset: u64, len: u64, now: Tick) {
+        let Some(conn) = self.current_conn(peer) else {
+            return;
+        };
+        let expected = self
+            .links
+            .get_mut(&peer)
+            .and_then(|l| l.resync.as_mut())
+            .is_some_and(|r| r.requested.get(&offset) == Some(&len) && r.arrived.insert(offset));
+        if !expected {
+            return self.protocol_error(
+                peer,
+                format!("ResyncSame for {len} bytes at {offset} was not asked for"),
+                now,
+            );
+        }
+        self.block_resynced(peer, conn, offset, len, Ok(()), false, now);
     }
 
     /// Source: the blocks were read and sent, or the read failed.
@@ -755,10 +897,17 @@ impl ResourceCore {
                 bitmap.clear(ByteRange::new(offset, len));
             }
             if let Some(link) = self.links.get_mut(&peer) {
-                link.resynced_bytes += len;
+                let moved = !link.resync.as_mut().is_some_and(|r| r.same.remove(&offset));
+                if moved {
+                    link.resynced_bytes += len;
+                } else {
+                    link.resync_same_bytes += len;
+                }
                 if let Some(resync) = link.resync.as_mut() {
                     resync.done_blocks += len / BLOCK_SIZE;
-                    resync.moved_bytes += len;
+                    if moved {
+                        resync.moved_bytes += len;
+                    }
                     resync.last_progress = now;
                 }
             }
@@ -883,6 +1032,21 @@ impl ResourceCore {
         result: Result<(), i32>,
         now: Tick,
     ) {
+        self.block_resynced(peer, conn, offset, len, result, true, now);
+    }
+
+    /// Target: a request is settled, written (`moved`) or found the same (checksums).
+    #[allow(clippy::too_many_arguments)]
+    fn block_resynced(
+        &mut self,
+        peer: PeerId,
+        conn: u64,
+        offset: u64,
+        len: u64,
+        result: Result<(), i32>,
+        moved: bool,
+        now: Tick,
+    ) {
         if self.current_conn(peer) != Some(conn) {
             return;
         }
@@ -891,7 +1055,11 @@ impl ResourceCore {
             return;
         };
         if result.is_ok() {
-            link.resynced_bytes += len;
+            if moved {
+                link.resynced_bytes += len;
+            } else {
+                link.resync_same_bytes += len;
+            }
         }
         let Some(resync) = link.resync.as_mut() else {
             return;
@@ -905,7 +1073,9 @@ impl ResourceCore {
         match result {
             Ok(()) => {
                 resync.done_blocks += len / BLOCK_SIZE;
-                resync.moved_bytes += len;
+                if moved {
+                    resync.moved_bytes += len;
+                }
                 resync.last_progress = now;
                 if let Some(bitmap) = self.device.out_of_sync_mut(peer) {
                     bitmap.clear(ByteRange::new(offset, len));

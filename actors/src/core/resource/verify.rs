@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{CommandError, CommandId, Effect, ResourceCore};
+use super::{CommandError, CommandId, DigestPurpose, Effect, ResourceCore};
 use crate::core::device::ByteRange;
 use crate::core::messages::PeerMessage;
 use crate::core::replication::PeerId;
@@ -147,7 +147,7 @@ impl ResourceCore {
                 conn,
                 offset,
                 len,
-                for_peer: false,
+                purpose: DigestPurpose::Verify,
             });
         }
         if finished {
@@ -176,7 +176,7 @@ impl ResourceCore {
             conn,
             offset,
             len,
-            for_peer: true,
+            purpose: DigestPurpose::VerifyForPeer,
         });
     }
 
@@ -186,7 +186,7 @@ impl ResourceCore {
         peer: PeerId,
         conn: u64,
         blocks: ByteRange,
-        for_peer: bool,
+        purpose: DigestPurpose,
         result: Result<Vec<BlockDigest>, i32>,
         now: Tick,
     ) {
@@ -194,23 +194,30 @@ impl ResourceCore {
         if self.current_conn(peer) != Some(conn) {
             return;
         }
-        if for_peer {
-            let (digests, errno) = match result {
-                Ok(digests) => (digests, 0),
-                Err(errno) => (Vec::new(), errno),
-            };
-            self.effects.push_back(Effect::Send {
-                peer,
-                message: PeerMessage::VerifyReply {
-                    offset,
-                    len,
-                    digests,
-                    errno,
-                },
-            });
-            return;
+        match purpose {
+            DigestPurpose::VerifyForPeer => {
+                let (digests, errno) = match result {
+                    Ok(digests) => (digests, 0),
+                    Err(errno) => (Vec::new(), errno),
+                };
+                self.effects.push_back(Effect::Send {
+                    peer,
+                    message: PeerMessage::VerifyReply {
+                        offset,
+                        len,
+                        digests,
+                        errno,
+                    },
+                });
+            }
+            DigestPurpose::Verify => {
+                self.verify_part(peer, offset, len, |p| p.local = Some(result), now)
+            }
+            DigestPurpose::ResyncTarget => self.target_digested(peer, offset, len, result),
+            DigestPurpose::ResyncSource => {
+                self.source_digested(peer, conn, offset, len, result, now)
+            }
         }
-        self.verify_part(peer, offset, len, |p| p.local = Some(result), now);
     }
 
     /// The peer's digests arrived.
