@@ -1017,15 +1017,26 @@ struct CutLink {
     pattern: Vec<u8>,
 }
 
-/// Alpha reaches beta through a fault proxy; alpha is Primary and a writer runs (one fsynced
-/// 64 KiB `dd` after the other). The link is cut: alpha must keep serving (a write made and
-/// fsynced entirely while cut completes), show the peer as lost and count what beta misses as
-/// out of sync; beta must notice too. Then the link is restored and both must reconnect.
-fn cut_and_restore(prefix: &str) -> anyhow::Result<CutLink> {
+/// A connected pair where alpha reaches beta through a fault proxy, alpha Primary; `extra`
+/// is added to both nodes' resource configuration.
+fn primary_behind_proxy(
+    prefix: &str,
+    size: &str,
+    extra: &str,
+) -> anyhow::Result<(Pair, FaultProxy)> {
     let proxy = FaultProxy::bind()?;
-    let mut spec = PairSpec::new(R, SIZE, "C");
+    let mut spec = PairSpec::new(R, size, "C");
     spec.beta_address_for_alpha = Some(proxy.address());
     let mut pair = Pair::configure(prefix, &spec)?;
+    if !extra.is_empty() {
+        for node in [&pair.alpha, &pair.beta] {
+            edit_config(
+                node,
+                "protocol = \"C\"",
+                &format!("protocol = \"C\"\n{extra}"),
+            )?;
+        }
+    }
     proxy.set_upstream(pair.beta_listen);
     pair.create_md()?;
     pair.start()?;
@@ -1035,7 +1046,15 @@ fn cut_and_restore(prefix: &str) -> anyhow::Result<CutLink> {
         "the pair did not go through the proxy"
     );
     pair.alpha.qrbd_ok(&["primary", R])?;
+    Ok((pair, proxy))
+}
 
+/// Alpha reaches beta through a fault proxy; alpha is Primary and a writer runs (one fsynced
+/// 64 KiB `dd` after the other). The link is cut: alpha must keep serving (a write made and
+/// fsynced entirely while cut completes), show the peer as lost and count what beta misses as
+/// out of sync; beta must notice too. Then the link is restored and both must reconnect.
+fn cut_and_restore(prefix: &str) -> anyhow::Result<CutLink> {
+    let (pair, proxy) = primary_behind_proxy(prefix, SIZE, "")?;
     let dir = pair.dir().to_owned();
     let pattern_path = dir.join("pattern.bin");
     let pattern = random_file(&pattern_path, (CUT_BLOCKS + 1) * BLOCK)?;
@@ -1211,15 +1230,7 @@ fn write_scattered(
 /// byte-identical.
 #[test]
 fn quick_resync_moves_only_the_dirty_blocks() -> anyhow::Result<()> {
-    let proxy = FaultProxy::bind()?;
-    let mut spec = PairSpec::new(R, "256MiB", "C");
-    spec.beta_address_for_alpha = Some(proxy.address());
-    let mut pair = Pair::configure("qrbd-quick-resync", &spec)?;
-    proxy.set_upstream(pair.beta_listen);
-    pair.create_md()?;
-    pair.start()?;
-    pair.wait_connected(CONNECT)?;
-    pair.alpha.qrbd_ok(&["primary", R])?;
+    let (mut pair, proxy) = primary_behind_proxy("qrbd-quick-resync", "256MiB", "")?;
 
     proxy.cut();
     wait_until(REACT, "both to notice the cut", || {
@@ -1263,23 +1274,9 @@ fn quick_resync_moves_only_the_dirty_blocks() -> anyhow::Result<()> {
 /// up to about the dirty amount, not the dirty amount plus what the first attempt moved.
 #[test]
 fn a_resync_cut_halfway_resumes_without_starting_over() -> anyhow::Result<()> {
-    let proxy = FaultProxy::bind()?;
-    let mut spec = PairSpec::new(R, SIZE, "C");
-    spec.beta_address_for_alpha = Some(proxy.address());
-    let mut pair = Pair::configure("qrbd-resync-resume", &spec)?;
     // Slow enough to cut it in the middle.
-    for node in [&pair.alpha, &pair.beta] {
-        edit_config(
-            node,
-            "protocol = \"C\"",
-            "protocol = \"C\"\nresync_rate = \"2M\"",
-        )?;
-    }
-    proxy.set_upstream(pair.beta_listen);
-    pair.create_md()?;
-    pair.start()?;
-    pair.wait_connected(CONNECT)?;
-    pair.alpha.qrbd_ok(&["primary", R])?;
+    let (mut pair, proxy) =
+        primary_behind_proxy("qrbd-resync-resume", SIZE, "resync_rate = \"2M\"")?;
     proxy.cut();
     wait_until(REACT, "alpha to notice the cut", || {
         (connection(&pair.alpha)? != "Connected").then_some(())

@@ -815,24 +815,39 @@ impl ResourceCore {
         self.effects.push_back(Effect::Send { peer, message });
     }
 
-    /// Target, checksum-based resync: the source's blocks are the same as these.
-    pub(super) fn resync_same(&mut self, peer: PeerId, offset: u64, len: u64, now: Tick) {
-        let Some(conn) = self.current_conn(peer) else {
-            return;
-        };
+    /// Target: the answer to a request arrived. Anything but the first answer to a request
+    /// made is a protocol error (the connection drops).
+    fn answer_arrived(
+        &mut self,
+        peer: PeerId,
+        what: &str,
+        offset: u64,
+        len: u64,
+        now: Tick,
+    ) -> bool {
         let expected = self
             .links
             .get_mut(&peer)
             .and_then(|l| l.resync.as_mut())
             .is_some_and(|r| r.requested.get(&offset) == Some(&len) && r.arrived.insert(offset));
         if !expected {
-            return self.protocol_error(
+            self.protocol_error(
                 peer,
-                format!("ResyncSame for {len} bytes at {offset} was not asked for"),
+                format!("{what} for {len} bytes at {offset} was not asked for"),
                 now,
             );
         }
-        self.block_resynced(peer, conn, offset, len, Ok(()), false, now);
+        expected
+    }
+
+    /// Target, checksum-based resync: the source's blocks are the same as these.
+    pub(super) fn resync_same(&mut self, peer: PeerId, offset: u64, len: u64, now: Tick) {
+        let Some(conn) = self.current_conn(peer) else {
+            return;
+        };
+        if self.answer_arrived(peer, "ResyncSame", offset, len, now) {
+            self.block_resynced(peer, conn, offset, len, Ok(()), false, now);
+        }
     }
 
     /// Source: the blocks were read and sent, or the read failed.
@@ -927,17 +942,8 @@ impl ResourceCore {
         if self.current_conn(peer) != Some(conn) {
             return;
         }
-        let expected = self
-            .links
-            .get_mut(&peer)
-            .and_then(|l| l.resync.as_mut())
-            .is_some_and(|r| r.requested.get(&offset) == Some(&len) && r.arrived.insert(offset));
-        if !expected {
-            return self.protocol_error(
-                peer,
-                format!("ResyncData of {len} bytes at {offset} was not requested"),
-                now,
-            );
+        if !self.answer_arrived(peer, "ResyncData", offset, len, now) {
+            return;
         }
         // The blocks change under every other peer: the activity log covers them first, so a
         // crash here leaves them out of sync for every peer, not silently different.
