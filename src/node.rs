@@ -5,11 +5,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use actix::prelude::*;
+use qrbd_actors::core::resource::Command;
 use qrbd_actors::device::{AttachLink, SendRawData};
 use qrbd_actors::status::ResourceStatus;
 use qrbd_actors::supervisor::{
-    Demote, DescribeState, GetStatus, Invalidate, Promote, ResourceHandle, ResourceSupervisor,
-    SetConnected, SetSuspended, Shutdown, StartVerify,
+    Demote, DescribeState, GetStatus, Promote, ResourceHandle, ResourceSupervisor, RunCore,
+    SetConnected, SetSuspended, Shutdown,
 };
 use tokio::sync::broadcast;
 
@@ -292,7 +293,7 @@ impl Handler<Admin> for NodeActor {
             AdminRequest::Verify { resource } => self.forward(
                 resource,
                 "verify started; `qrbd status` shows its progress and what differs",
-                |s| Box::pin(s.send(StartVerify)),
+                |s| Box::pin(s.send(RunCore(Command::Verify))),
             ),
             AdminRequest::Invalidate { resource, remote } => {
                 let done = if remote {
@@ -300,9 +301,12 @@ impl Handler<Admin> for NodeActor {
                 } else {
                     "Inconsistent; every block comes from the peer (full resync)"
                 };
-                self.forward(resource, done, move |s| {
-                    Box::pin(s.send(Invalidate { remote }))
-                })
+                let command = if remote {
+                    Command::InvalidateRemote
+                } else {
+                    Command::Invalidate
+                };
+                self.forward(resource, done, move |s| Box::pin(s.send(RunCore(command))))
             }
             AdminRequest::Connect { resource, .. } | AdminRequest::Disconnect { resource }
                 if !self.resources.contains_key(&resource) =>

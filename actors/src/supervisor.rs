@@ -333,40 +333,17 @@ impl Handler<Demote> for ResourceSupervisor {
     }
 }
 
-/// `invalidate` (this node's data) or `invalidate-remote` (the peer's): a full resync.
+/// A command that needs nothing but the core (`invalidate`, `invalidate-remote`, `verify`):
+/// handed over like the others, answered with the core's outcome.
 #[derive(Message)]
 #[rtype(result = "Result<(), StateChangeError>")]
-pub struct Invalidate {
-    pub remote: bool,
-}
+pub struct RunCore(pub Command);
 
-impl Handler<Invalidate> for ResourceSupervisor {
+impl Handler<RunCore> for ResourceSupervisor {
     type Result = ResponseActFuture<Self, StateChangeResult>;
 
-    fn handle(&mut self, Invalidate { remote }: Invalidate, _: &mut Context<Self>) -> Self::Result {
-        let outcome = self.run(if remote {
-            Command::InvalidateRemote
-        } else {
-            Command::Invalidate
-        });
-        Box::pin(
-            outcome
-                .into_actor(self)
-                .map(|result, _, _| result.map(|_| ())),
-        )
-    }
-}
-
-/// `verify`: online verify against the peer.
-#[derive(Message)]
-#[rtype(result = "Result<(), StateChangeError>")]
-pub struct StartVerify;
-
-impl Handler<StartVerify> for ResourceSupervisor {
-    type Result = ResponseActFuture<Self, StateChangeResult>;
-
-    fn handle(&mut self, _: StartVerify, _: &mut Context<Self>) -> Self::Result {
-        let outcome = self.run(Command::Verify);
+    fn handle(&mut self, RunCore(command): RunCore, _: &mut Context<Self>) -> Self::Result {
+        let outcome = self.run(command);
         Box::pin(
             outcome
                 .into_actor(self)
