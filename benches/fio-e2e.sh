@@ -9,6 +9,8 @@
 #
 # Needs root (losetup, mount), fio, python3, mkfs.ext4 and FUSE. See benches/README.md.
 #
+# Shared functions (cleanup, daemons, pairs, fio) are in benches/lib.sh.
+#
 # Layout, for adding cases: a case NAME is a function `setup_NAME` (a "-" in NAME becomes "_":
 # case qrbd-c is setup_qrbd_c) that mounts an ext4 and sets CASE_DIR to a directory on it,
 # registering what it creates in the cleanup arrays (MOUNTS, LOOPS, DAEMON_PIDS) as soon as it
@@ -22,6 +24,8 @@ set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_DIR=$(cd "$SCRIPT_DIR/.." && pwd)
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$SCRIPT_DIR/lib.sh"
 
 # ---- options (env vars, overridden by flags) -------------------------------------------------
 IMAGE_SIZE=${QRBD_FIO_IMAGE_SIZE:-4GiB}     # size of each image (qrbd syntax: MiB, GiB, ...)
@@ -89,127 +93,7 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 
-log() { printf '==> %s\n' "$*" >&2; }
-die() { printf 'error: %s\n' "$*" >&2; exit 1; }
-
-# ---- cleanup ---------------------------------------------------------------------------------
-# Everything created is registered here as soon as it exists; cleanup undoes it in reverse
-# order, tolerates half-done setups, and runs once (on EXIT, after INT and TERM too).
-WORK_DIR=""
-QRBD=""
-MOUNTS=()        # ext4 mount points
-LOOPS=()         # loop devices
-DAEMON_PIDS=()   # qrbd daemons, as "pid:config:mount_dir"
-CLEANING=0
-
-unmount_path() {
-    local target=$1
-    mountpoint -q "$target" 2>/dev/null || return 0
-    umount "$target" 2>/dev/null || umount -l "$target" 2>/dev/null || true
-}
-
-stop_daemon() {
-    # stop_daemon "pid:config:mount_dir": secondary, SIGTERM, wait up to 30 s, then SIGKILL.
-    local pid config mount_dir deadline
-    IFS=: read -r pid config mount_dir <<<"$1"
-    if kill -0 "$pid" 2>/dev/null; then
-        timeout 30 "$QRBD" --config "$config" secondary r0 >/dev/null 2>&1 || true
-        kill -TERM "$pid" 2>/dev/null || true
-        deadline=$((SECONDS + 30))
-        while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done
-        if kill -0 "$pid" 2>/dev/null; then
-            echo "warning: daemon $pid did not exit in 30 s; killing it" >&2
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
-        wait "$pid" 2>/dev/null || true
-    fi
-    # A killed daemon leaves its FUSE mount behind.
-    if mountpoint -q "$mount_dir" 2>/dev/null; then
-        fusermount3 -u "$mount_dir" 2>/dev/null || umount -l "$mount_dir" 2>/dev/null || true
-    fi
-}
-
-stop_fio() {
-    local deadline
-    [[ -n $FIO_PID ]] || return 0
-    kill -INT "$FIO_PID" 2>/dev/null || true
-    deadline=$((SECONDS + 15))
-    while kill -0 "$FIO_PID" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done
-    kill -KILL "$FIO_PID" 2>/dev/null || true
-    wait "$FIO_PID" 2>/dev/null || true
-    FIO_PID=""
-}
-
-teardown() {
-    local i
-    stop_fio
-    for ((i = ${#MOUNTS[@]} - 1; i >= 0; i--)); do unmount_path "${MOUNTS[i]}"; done
-    MOUNTS=()
-    for ((i = ${#LOOPS[@]} - 1; i >= 0; i--)); do
-        losetup -d "${LOOPS[i]}" 2>/dev/null || true
-    done
-    LOOPS=()
-    for ((i = ${#DAEMON_PIDS[@]} - 1; i >= 0; i--)); do stop_daemon "${DAEMON_PIDS[i]}"; done
-    DAEMON_PIDS=()
-}
-
-cleanup() {
-    local status=$?
-    ((CLEANING)) && return
-    CLEANING=1
-    trap '' INT TERM
-    teardown
-    if [[ -n $WORK_DIR && -d $WORK_DIR ]]; then
-        if ((KEEP)) || ((status != 0)); then
-            echo "kept $WORK_DIR (fio JSON, daemon logs)" >&2
-        else
-            rm -rf "$WORK_DIR"
-        fi
-    fi
-    return "$status"
-}
-trap cleanup EXIT
-trap 'echo "interrupted" >&2; exit 130' INT
-trap 'exit 143' TERM
-
-# ---- helpers ---------------------------------------------------------------------------------
-need() { command -v "$1" >/dev/null 2>&1 || die "$1 is needed but not installed"; }
-
-LOOP_DEV=""
-attach_loop() {
-    # attach_loop FILE: sets LOOP_DEV. Not a $(...) function: the registration for cleanup
-    # would be lost in the subshell.
-    LOOP_DEV=$(losetup --direct-io=on --find --show "$1")
-    LOOPS+=("$LOOP_DEV")
-}
-
-mkfs_and_mount() {
-    # mkfs_and_mount DEVICE MOUNTPOINT. Inode tables and journal are initialised now, not by a
-    # background thread during the measurements.
-    mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 "$1"
-    mkdir -p "$2"
-    mount "$1" "$2"
-    MOUNTS+=("$2")
-}
-
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-free_udp_port() {
-    python3 -c 'import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-size_bytes() {
-    # The qrbd size syntax (4GiB, 512MiB, 1G, 4096) in bytes.
-    python3 - "$1" <<'EOF'
-import re, sys
-m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(i?B)?\s*", sys.argv[1], re.I)
-if not m:
-    sys.exit(f"bad size {sys.argv[1]!r}")
-print(int(m.group(1)) << (10 * " KMGT".index((m.group(2) or " ").upper())))
-EOF
-}
+install_cleanup
 
 # ---- cases -----------------------------------------------------------------------------------
 # setup_NAME: mount an ext4 and set CASE_DIR to a directory on it.
@@ -225,36 +109,6 @@ setup_plain() {
     CASE_DIR=$dir/mnt
 }
 
-wait_for_image() {
-    # wait_for_image IMAGE PID LOG: until the daemon's FUSE image exists (20 s at most).
-    local image=$1 pid=$2 logfile=$3 deadline=$((SECONDS + 20))
-    until [[ -e $image ]]; do
-        kill -0 "$pid" 2>/dev/null || { cat "$logfile" >&2; die "the daemon exited early"; }
-        ((SECONDS < deadline)) ||
-            { cat "$logfile" >&2; die "timed out after 20 s waiting for $image"; }
-        sleep 0.1
-    done
-}
-
-START_PID=""
-start_daemon() {
-    # start_daemon LABEL CONFIG DIR: create-md r0 and start the daemon of CONFIG (state in DIR),
-    # registered for cleanup; sets START_PID. In a session of its own: Ctrl-C must not reach
-    # the daemon (it shuts down on SIGINT) while the loop device and the ext4 on its image are
-    # still up; cleanup stops it in order.
-    local label=$1 config=$2 dir=$3 cpu=${4:-0} pin=()
-    log "$label: create-md r0 ($IMAGE_SIZE)"
-    "$QRBD" --config "$config" create-md r0 >"$dir/create-md.out"
-    ((PIN)) && pin=(taskset -c "$cpu")
-    log "$label: daemon (log: $dir/daemon.log)${pin:+ on CPU $cpu}"
-    setsid "${pin[@]}" "$QRBD" --config "$config" --log-level info daemon </dev/null \
-        >"$dir/daemon.log" 2>&1 &
-    START_PID=$!
-    DAEMON_PIDS+=("$START_PID:$config:$dir/disks")
-    echo "$START_PID" >"$dir/daemon.pid"
-}
-
-declare -A CASE_PIDS=()     # case -> "label:pid label:pid", for the RSS report
 declare -A CASE_PAIR=()     # replicated case -> "alpha_config:alpha_dir:beta_dir:mount:loop"
 
 setup_qrbd() {
@@ -286,91 +140,15 @@ EOF
     CASE_DIR=$dir/mnt
 }
 
-pair_config() {
-    # pair_config DIR NAME ID LISTEN_PORT PEER PEER_ID PEER_PORT PROTOCOL: the config of one
-    # node of a two-node pair on 127.0.0.1 (certificates in DIR/tls), on stdout.
-    local dir=$1 name=$2 id=$3 port=$4 peer=$5 peer_id=$6 peer_port=$7 protocol=$8
-    local disk_flushes=${9:-true}
-    cat <<EOF
-[node]
-name = "$name"
-id = $id
-state_dir = "$dir/$name/state"
-mount_dir = "$dir/$name/disks"
-admin_socket = "$dir/$name/qrbd.sock"
-listen = "127.0.0.1:$port"
-
-[tls]
-ca = "$dir/tls/ca.crt"
-cert = "$dir/tls/$name.crt"
-key = "$dir/tls/$name.key"
-
-[[resource]]
-name = "r0"
-size = "$IMAGE_SIZE"
-protocol = "$protocol"
-disk_flushes = $disk_flushes
-
-[[resource.peer]]
-name = "$peer"
-id = $peer_id
-address = "127.0.0.1:$peer_port"
-EOF
-}
-
-peer_field() {
-    # peer_field CONFIG FIELD: r0's first peer's FIELD from `qrbd status --json` ("" on error).
-    timeout 10 "$QRBD" --config "$1" status --json 2>/dev/null | python3 -c '
-import json, sys
-try:
-    r = [r for r in json.load(sys.stdin) if r["name"] == "r0"][0]
-    print(r["peers"][0][sys.argv[1]])
-except Exception:
-    pass' "$2" || true
-}
-
 setup_pair() {
-    # setup_pair CASE PROTOCOL: alpha (id 0, primary, the one measured) dials beta (id 1), both
-    # on 127.0.0.1 with free UDP ports and certificates from `qrbd gen-cert` in the case dir.
-    local name=$1 protocol=$2 dir=$WORK_DIR/$1 alpha_port beta_port node image deadline
-    local alpha_pid beta_pid
-    mkdir -p "$dir/alpha" "$dir/beta"
-    for node in alpha beta; do
-        "$QRBD" gen-cert --ca-dir "$dir/tls" --node "$node" >>"$dir/gen-cert.out"
-    done
-    alpha_port=$(free_udp_port)
-    beta_port=$(free_udp_port)
-    while [[ $beta_port == "$alpha_port" ]]; do beta_port=$(free_udp_port); done
-    pair_config "$dir" alpha 0 "$alpha_port" beta 1 "$beta_port" "$protocol" "${DISK_FLUSHES:-true}" >"$dir/alpha.toml"
-    pair_config "$dir" beta 1 "$beta_port" alpha 0 "$alpha_port" "$protocol" "${DISK_FLUSHES:-true}" >"$dir/beta.toml"
-    # beta first, so that the reverse-order teardown stops the primary (alpha) first.
-    start_daemon "$name/beta" "$dir/beta.toml" "$dir/beta" 1
-    beta_pid=$START_PID
-    start_daemon "$name/alpha" "$dir/alpha.toml" "$dir/alpha" 0
-    alpha_pid=$START_PID
-    CASE_PIDS[$name]="alpha:$alpha_pid beta:$beta_pid"
-    image=$dir/alpha/disks/r0.img
-    wait_for_image "$image" "$alpha_pid" "$dir/alpha/daemon.log"
-    log "$name: waiting for alpha and beta to connect (protocol $protocol)"
-    deadline=$((SECONDS + 30))
-    until [[ $(peer_field "$dir/alpha.toml" connection) == Connected ]]; do
-        kill -0 "$alpha_pid" 2>/dev/null ||
-            { cat "$dir/alpha/daemon.log" >&2; die "$name: alpha exited early"; }
-        kill -0 "$beta_pid" 2>/dev/null ||
-            { cat "$dir/beta/daemon.log" >&2; die "$name: beta exited early"; }
-        if ((SECONDS >= deadline)); then
-            "$QRBD" --config "$dir/alpha.toml" status >&2 || true
-            tail -20 "$dir/alpha/daemon.log" "$dir/beta/daemon.log" >&2
-            die "$name: alpha and beta did not connect within 30 s"
-        fi
-        sleep 0.2
-    done
-    "$QRBD" --config "$dir/alpha.toml" primary r0 >/dev/null
-    attach_loop "$image"
-    log "$name: $image on $LOOP_DEV (alpha primary, beta connected)"
-    mkfs_and_mount "$LOOP_DEV" "$dir/mnt"
-    CASE_PAIR[$name]="$dir/alpha.toml:$dir/alpha:$dir/beta:$dir/mnt:$LOOP_DEV"
-    CASE_DIR=$dir/mnt
+    # setup_pair CASE PROTOCOL: a pair from start_pair (lib.sh), then the loop device, ext4
+    # and mount on alpha's image, the one measured.
+    start_pair "$1" "$2"
+    attach_loop "$PAIR_IMAGE"
+    log "$1: $PAIR_IMAGE on $LOOP_DEV (alpha primary, beta connected)"
+    mkfs_and_mount "$LOOP_DEV" "$PAIR_DIR/mnt"
+    CASE_PAIR[$1]="$PAIR_DIR/alpha.toml:$PAIR_DIR/alpha:$PAIR_DIR/beta:$PAIR_DIR/mnt:$LOOP_DEV"
+    CASE_DIR=$PAIR_DIR/mnt
 }
 
 setup_qrbd_c() { setup_pair qrbd-c C; }
@@ -381,21 +159,7 @@ setup_qrbd_c_nf() { DISK_FLUSHES=false setup_pair qrbd-c-nf C; }
 record_rss() {
     # record_rss CASE: peak RSS (VmHWM) of the case's daemons over the whole run, read while
     # they are still up.
-    local case=$1 entry label pid
-    for entry in ${CASE_PIDS[$case]:-}; do
-        label=${entry%%:*} pid=${entry##*:}
-        [[ -r /proc/$pid/status ]] || continue
-        awk -v who="$case $label" '/^VmHWM|^VmRSS|^Threads/ { print who ": " $0 }' \
-            "/proc/$pid/status" >>"$RESULTS/rss"
-    done
-}
-
-forget() {
-    # forget ARRAY VALUE: drop VALUE from the cleanup array ARRAY.
-    local -n arr=$1
-    local kept=() v
-    for v in "${arr[@]}"; do [[ $v == "$2" ]] || kept+=("$v"); done
-    arr=("${kept[@]}")
+    daemon_memory "$1" >>"$RESULTS/rss"
 }
 
 verify_pair() {
@@ -423,7 +187,7 @@ verify_pair() {
     if cmp -s "$alpha_dir/state/r0.img" "$beta_dir/state/r0.img"; then
         result="identical"
     else
-        result="DIFFERENT ($(cmp "$alpha_dir/state/r0.img" "$beta_dir/state/r0.img" 2>&1 | head -1))"
+        result="DIFFERENT ($(cmp "$alpha_dir/state/r0.img" "$beta_dir/state/r0.img" 2>&1 | head -1 || true))"
     fi
     echo "$case: alpha and beta backing files $result ($(peer_field "$config" connection)," \
         "unacked 0, pending 0)" >>"$RESULTS/verify"
@@ -434,28 +198,6 @@ finish_qrbd_c() { record_rss qrbd-c; verify_pair qrbd-c; }
 finish_qrbd_a() { record_rss qrbd-a; verify_pair qrbd-a; }
 
 # ---- fio -------------------------------------------------------------------------------------
-FIO_PID=""
-run_fio() {
-    # fio in the background and `wait` for it: fio catches SIGINT and exits 0, and bash does
-    # not run the INT trap for a foreground child that handled the signal itself, so Ctrl-C
-    # would only cut the current job short. `wait` is interrupted by the trap at once.
-    fio "$@" >/dev/null &
-    FIO_PID=$!
-    wait "$FIO_PID"
-    FIO_PID=""
-}
-
-daemon_cpu_ticks() {
-    # daemon_cpu_ticks CASE: "label:ticks" of user+system time for each of the case's daemons
-    # (fields 14 and 15 of /proc/PID/stat; the command name in field 2 has no spaces here).
-    local entry label pid
-    for entry in ${CASE_PIDS[$1]:-}; do
-        label=${entry%%:*} pid=${entry##*:}
-        [[ -r /proc/$pid/stat ]] || continue
-        awk -v who="$label" '{ print who ":" $14 + $15 }' "/proc/$pid/stat"
-    done
-}
-
 fio_job() {
     # fio_job LABEL WORKLOAD ROUND DIR [fio args...]: also records the CPU time each of the
     # case's daemons spent during the job, for the CPU-per-operation rows of the report.
@@ -648,15 +390,7 @@ main() {
     need mkfs.ext4
     need mountpoint
     [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "--rounds wants a positive number"
-    if [[ -z $BINARY ]]; then
-        BINARY=$REPO_DIR/target/release/qrbd
-        if ((BUILD)); then
-            log "cargo build --release"
-            (cd "$REPO_DIR" && cargo build --release --quiet)
-        fi
-    fi
-    [[ -x $BINARY ]] || die "no qrbd binary at $BINARY (build it or pass --binary)"
-    QRBD=$BINARY
+    find_binary "$REPO_DIR" "$BINARY" "$BUILD"
 
     mkdir -p "$BASE_DIR"
     WORK_DIR=$(mktemp -d "$BASE_DIR/qrbd-fio.XXXXXX")
