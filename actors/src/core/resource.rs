@@ -1068,6 +1068,7 @@ impl ResourceCore {
     // ----- receiving -----
 
     fn peer_write(&mut self, peer: PeerId, conn: u64, write: PeerWrite, now: Tick) {
+        self.application_write_during_resync(peer, now);
         if self.current_conn(peer) != Some(conn) {
             self.effects.push_back(Effect::ForgetPayload {
                 peer,

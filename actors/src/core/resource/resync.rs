@@ -16,6 +16,8 @@ use crate::core::{DiskState, Role, Tick, BLOCK_SIZE};
 
 /// Runs per `SyncBitmap` message.
 const RUNS_PER_MESSAGE: usize = 4096;
+/// How long after the last application write the resync stays in its yielding mode.
+const APPLICATION_QUIET: Tick = 100_000_000;
 /// The largest request a source serves.
 pub const MAX_RESYNC_REQUEST: u64 = 1 << 20;
 
@@ -169,6 +171,10 @@ pub struct Resync {
     /// Target: bytes the rate limit still allows, and when it was last topped up.
     allowance: u64,
     allowance_at: Tick,
+    /// Target: application writes arrived from the source until about this time; meanwhile
+    /// the resync keeps one request in flight, so that the epoch flushes those writes wait
+    /// for do not queue behind a window of resync writes.
+    application_busy_until: Tick,
 }
 
 /// The observable state of a resync.
@@ -206,6 +212,7 @@ impl Resync {
             stalled: None,
             allowance: 0,
             allowance_at: now,
+            application_busy_until: 0,
         }
     }
 
@@ -532,8 +539,15 @@ impl ResourceCore {
                 sync.request_bytes
             };
             let max_blocks = (request_bytes / BLOCK_SIZE).max(1);
+            // Yield to the application: while its writes replicate here, one request at a
+            // time (docs/protocol.md, "Resync").
+            let window = if now < resync.application_busy_until {
+                request_bytes.min(sync.window_bytes)
+            } else {
+                sync.window_bytes
+            };
             let mut wrapped = false;
-            while resync.requested_bytes < sync.window_bytes {
+            while resync.requested_bytes < window {
                 if sync.max_rate > 0 && resync.allowance < max_blocks * BLOCK_SIZE {
                     break;
                 }
@@ -1116,6 +1130,15 @@ impl ResourceCore {
             "change peer-device name:{} peer-node-id:{peer} conn-name:{name} replication:Off resync-interrupted moved:{}",
             self.config.resource, resync.moved_bytes
         ));
+    }
+
+    /// Target: an application write of the source arrived; the resync yields for a while.
+    pub(super) fn application_write_during_resync(&mut self, peer: PeerId, now: Tick) {
+        if let Some(resync) = self.links.get_mut(&peer).and_then(|l| l.resync.as_mut()) {
+            if resync.role == SyncRole::Target {
+                resync.application_busy_until = now.saturating_add(APPLICATION_QUIET);
+            }
+        }
     }
 
     /// Time passed: the rate limit may allow more requests.
