@@ -614,13 +614,7 @@ impl DeviceActor {
             });
             return;
         };
-        let save = async move {
-            match meta_actor.send(SaveMeta(meta)).await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(error)) => Err(error.to_string()),
-                Err(error) => Err(format!("metadata actor unavailable: {error}")),
-            }
-        };
+        let save = async move { save_outcome(meta_actor.send(SaveMeta(meta)).await) };
         ctx.spawn(save.into_actor(self).map(move |result, actor, ctx| {
             actor.feed(Input::Persisted { version, result }, Some(ctx));
         }));
@@ -648,13 +642,7 @@ impl DeviceActor {
         // stop first, the dropped request makes actix skip the save if it is still queued: it
         // was never reported durable to the core.
         let request = meta_actor.send(SaveBitmaps(update));
-        let save = async move {
-            match request.await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(error)) => Err(error.to_string()),
-                Err(error) => Err(format!("metadata actor unavailable: {error}")),
-            }
-        };
+        let save = async move { save_outcome(request.await) };
         ctx.spawn(save.into_actor(self).map(move |result, actor, ctx| {
             actor.feed(Input::BitmapsPersisted { version, result }, Some(ctx));
         }));
@@ -1655,6 +1643,17 @@ impl Handler<SendRawData> for DeviceActor {
             );
         }
         self.flush_outbox();
+    }
+}
+
+/// What the core hears of a metadata save: durable, or why not.
+fn save_outcome(
+    answer: Result<Result<(), crate::ports::MetaError>, actix::MailboxError>,
+) -> Result<(), String> {
+    match answer {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => Err(error.to_string()),
+        Err(error) => Err(format!("metadata actor unavailable: {error}")),
     }
 }
 

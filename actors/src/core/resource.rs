@@ -455,9 +455,10 @@ impl LinkView<'_> {
         status.received_bytes = link.receiver.received_bytes;
         status.resynced_bytes = link.resynced_bytes;
         status.resync_same_bytes = link.resync_same_bytes;
+        // This runs after every request: clone only when the verify result changed.
         let verify = ResourceCore::verify_status(link);
-        if status.verify != verify {
-            status.verify = verify;
+        if status.verify.as_ref() != verify {
+            status.verify = verify.cloned();
         }
         match (&mut status.sync, link.resync.as_ref()) {
             (Some(shown), Some(resync)) => resync.update_status(shown),
@@ -1002,7 +1003,7 @@ impl ResourceCore {
         }
     }
 
-    /// Drops one link in its handshake and redials at once.
+    /// Drops one link in its handshake and redials at once: nothing is wrong with the peer.
     fn restart_handshake(&mut self, peer: PeerId, reason: &str, now: Tick) {
         self.lose_link(
             peer,
@@ -1024,16 +1025,7 @@ impl ResourceCore {
             .map(|link| link.id)
             .collect();
         for peer in handshaking {
-            self.lose_link(
-                peer,
-                ConnectionState::NetworkFailure,
-                reason.to_owned(),
-                now,
-            );
-            if let Some(link) = self.links.get_mut(&peer) {
-                // Redial at once: nothing is wrong with the peer.
-                link.next_dial = now;
-            }
+            self.restart_handshake(peer, reason, now);
         }
     }
 
@@ -1408,7 +1400,7 @@ impl ResourceCore {
             .is_some_and(|r| r.role == SyncRole::Target);
         if !catching_up
             && current_uuid == self.meta.current_uuid
-            && self.config.peers.len() == 1
+            && self.resync_possible()
             && self.missing_for(peer) == 0
             && missing == 0
         {
@@ -1711,7 +1703,7 @@ impl ResourceCore {
                     },
                     &self.config.sync.split_brain,
                 );
-                let outcome = if self.config.peers.len() == 1 {
+                let outcome = if self.resync_possible() {
                     outcome
                 } else {
                     SplitBrainOutcome::Disconnect(
@@ -1791,7 +1783,7 @@ impl ResourceCore {
                 };
                 let direction = resync_direction(local, self.config.node_id, remote, peer);
                 let nothing_differs = local.bits_for_other == 0 && remote.bits_for_other == 0;
-                if direction.is_none() && nothing_differs && self.config.peers.len() == 1 {
+                if direction.is_none() && nothing_differs && self.resync_possible() {
                     // Same generation and neither side counts a block that differs (a crash
                     // here left no hot extent): the data is the peer's, and so is its claim.
                     self.adopt_claim_of(*disk);
@@ -1815,20 +1807,9 @@ impl ResourceCore {
             }
             SyncDecision::Unrelated => None,
         };
-        let source_is_primary = match sync {
-            Some(SyncRole::Source) => self.role == Role::Primary,
-            Some(SyncRole::Target) => *role == Role::Primary,
-            None => false,
-        };
-        // A Secondary source's reads are not ordered against a third node's Primary writes,
-        // which reach source and target on their own streams: with more than one peer, only a
-        // Primary serves a resync (docs/protocol.md, "Resync"). Both sides know the roles and
-        // the cluster's size, so both decide alike.
-        // Until Secondaries learn what a Primary's other peers lack (out-of-sync notices),
-        // a node in a three-node cluster cannot tell from generations alone which of its
-        // blocks a third node wrote: resync is for two-node resources for now.
-        let _ = source_is_primary;
-        let sync = sync.filter(|_| self.config.peers.len() == 1);
+        // Three-node clusters stay as before (see `resync_possible`): the node behind turns
+        // Outdated and waits.
+        let sync = sync.filter(|_| self.resync_possible());
         if sync == Some(SyncRole::Target) || (sync.is_none() && target_without_resync) {
             self.become_outdated(peer, *receiver_missing_bytes);
         }

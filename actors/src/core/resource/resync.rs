@@ -245,6 +245,12 @@ impl Resync {
 }
 
 impl ResourceCore {
+    /// Resync, verify and split-brain recovery need a two-node resource for now (a Secondary
+    /// cannot tell which of its blocks a third node wrote; docs/protocol.md, "Resync").
+    pub(super) fn resync_possible(&self) -> bool {
+        self.config.peers.len() == 1
+    }
+
     /// The handshake decided on a resync with `peer`: send our bitmap for it.
     pub(super) fn start_resync(&mut self, peer: PeerId, role: SyncRole, now: Tick) {
         self.abandon_resync(peer, now);
@@ -297,7 +303,7 @@ impl ResourceCore {
         let Some(peer) = self.links.keys().next().copied() else {
             return self.done(id, refuse("the resource has no peer to resync with".into()));
         };
-        if self.config.peers.len() != 1 {
+        if !self.resync_possible() {
             return self.done(
                 id,
                 refuse("invalidate needs a two-node resource for now".into()),
@@ -369,11 +375,7 @@ impl ResourceCore {
             .links
             .get(&peer)
             .is_some_and(|l| l.is_connected() && l.resync.is_none());
-        if idle
-            && self.config.peers.len() == 1
-            && self.role == Role::Secondary
-            && !self.is_changing()
-        {
+        if idle && self.resync_possible() && self.role == Role::Secondary && !self.is_changing() {
             self.start_resync(peer, SyncRole::Target, now);
         }
     }
@@ -486,7 +488,7 @@ impl ResourceCore {
                     resync.running = true;
                 }
             }
-            SyncRole::Target if dirty == 0 => self.finish_resync_as_target(peer, now),
+            SyncRole::Target if dirty == 0 => self.finish_resync_as_target(peer),
             SyncRole::Target => {
                 self.meta.flags.consistent = false;
                 self.meta.flags.up_to_date = false;
@@ -591,13 +593,12 @@ impl ResourceCore {
             self.effects.push_back(effect);
         }
         if finished {
-            self.finish_resync_as_target(peer, now);
+            self.finish_resync_as_target(peer);
         }
     }
 
     /// Target: every block is written. Adopt the source's generation and become UpToDate.
-    fn finish_resync_as_target(&mut self, peer: PeerId, now: Tick) {
-        let _ = now;
+    fn finish_resync_as_target(&mut self, peer: PeerId) {
         let Some(link) = self.links.get_mut(&peer) else {
             return;
         };
@@ -774,9 +775,7 @@ impl ResourceCore {
         offset: u64,
         len: u64,
         result: Result<Vec<BlockDigest>, i32>,
-        now: Tick,
     ) {
-        let _ = now;
         let Some(resync) = self.links.get_mut(&peer).and_then(|l| l.resync.as_mut()) else {
             return;
         };

@@ -214,9 +214,7 @@ impl ResourceCore {
                 self.verify_part(peer, offset, len, |p| p.local = Some(result), now)
             }
             DigestPurpose::ResyncTarget => self.target_digested(peer, offset, len, result),
-            DigestPurpose::ResyncSource => {
-                self.source_digested(peer, conn, offset, len, result, now)
-            }
+            DigestPurpose::ResyncSource => self.source_digested(peer, conn, offset, len, result),
         }
     }
 
@@ -339,7 +337,7 @@ impl ResourceCore {
         let Some(link) = self.links.get(&peer) else {
             return;
         };
-        if !link.is_connected() || link.resync.is_some() || self.config.peers.len() != 1 {
+        if !link.is_connected() || link.resync.is_some() || !self.resync_possible() {
             return;
         }
         let (Some(peer_role), Some(peer_disk)) = (link.role, link.disk) else {
@@ -371,10 +369,10 @@ impl ResourceCore {
     }
 
     /// The status of the running verify, or of the last one.
-    pub(super) fn verify_status(link: &super::Link) -> Option<VerifyResult> {
+    pub(super) fn verify_status(link: &super::Link) -> Option<&VerifyResult> {
         link.verify
             .as_ref()
-            .map(|v| v.result.clone())
-            .or_else(|| link.last_verify.clone())
+            .map(|v| &v.result)
+            .or(link.last_verify.as_ref())
     }
 }
