@@ -37,6 +37,9 @@ pub enum AdminRequest {
     Verify {
         resource: String,
     },
+    SkipInitialSync {
+        resource: String,
+    },
     Invalidate {
         resource: String,
         /// The peer's data rather than this node's.

@@ -63,6 +63,17 @@ pub enum Command {
     /// Online verify: compare every block with the peer's (SHA-256 digests), report the
     /// differing ones (`status`), mark them out of sync and resync them.
     Verify { resource: String },
+    /// Skip the initial sync of a fresh resource whose replicas are all blank (new disks):
+    /// with `--clear-bitmap`, every connected replica takes one new data generation and becomes
+    /// UpToDate without copying a block. Without it, `primary --force` on one node starts the
+    /// initial sync instead.
+    NewCurrentUuid {
+        resource: String,
+        /// Declare the blank replicas identical (the only form qrbd supports: qrbd starts new
+        /// generations on its own when a Primary writes without a peer).
+        #[arg(long)]
+        clear_bitmap: bool,
+    },
     /// Show the state of one or all resources.
     Status {
         resource: Option<String>,

@@ -68,6 +68,8 @@ pub fn run_demo(size: &str) -> anyhow::Result<()> {
     alpha.start_daemon()?;
     beta.start_daemon()?;
     wait_connected(&alpha, "r0")?;
+    step("alpha: qrbd new-current-uuid --clear-bitmap r0 (two new, blank disks: no initial sync)");
+    crate::testbed::skip_initial_sync(&[&alpha, &beta], "r0")?;
     step("alpha: qrbd primary r0");
     alpha.qrbd_ok(&["primary", "r0"])?;
 

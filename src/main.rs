@@ -149,6 +149,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Command::Verify { resource } => AdminRequest::Verify {
                     resource: resource.clone(),
                 },
+                Command::NewCurrentUuid {
+                    resource,
+                    clear_bitmap,
+                } => {
+                    if !*clear_bitmap {
+                        anyhow::bail!(
+                            "new-current-uuid needs --clear-bitmap: qrbd starts new data \
+                             generations on its own whenever a Primary writes without a peer; \
+                             the command only skips the initial sync of blank replicas"
+                        );
+                    }
+                    AdminRequest::SkipInitialSync {
+                        resource: resource.clone(),
+                    }
+                }
                 Command::SuspendIo { resource } => AdminRequest::SuspendIo {
                     resource: resource.clone(),
                 },

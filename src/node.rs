@@ -290,6 +290,11 @@ impl Handler<Admin> for NodeActor {
             AdminRequest::Secondary { resource } => {
                 self.forward(resource, "Secondary", |s| Box::pin(s.send(Demote)))
             }
+            AdminRequest::SkipInitialSync { resource } => self.forward(
+                resource,
+                "initial sync skipped: every replica is UpToDate in a new data generation",
+                |s| Box::pin(s.send(RunCore(Command::SkipInitialSync))),
+            ),
             AdminRequest::Verify { resource } => self.forward(
                 resource,
                 "verify started; `qrbd status` shows its progress and what differs",

@@ -80,19 +80,33 @@ pub fn create_metadata(
     }
     let mut store = SledMetaStore::open(&meta_dir)
         .with_context(|| format!("cannot open the metadata store {}", meta_dir.display()))?;
-    // A blank volume starts in the generation every blank volume shares, so two fresh
-    // replicas connect without a copy; kept data is a generation of its own.
-    let generation = if kept_backing {
-        new_generation_uuid()
+    let mut advice = None;
+    let meta = if resource.peers.is_empty() {
+        // Alone, the data is current by definition. A blank volume starts in the fresh
+        // generation; kept data is a generation of its own.
+        let generation = if kept_backing {
+            new_generation_uuid()
+        } else {
+            JUST_CREATED_UUID
+        };
+        DeviceMeta::new(
+            &resource.name,
+            config.node.id,
+            resource.size_bytes,
+            generation,
+        )
     } else {
-        JUST_CREATED_UUID
+        // Replicated, no replica is current until `primary --force` picks one (the initial
+        // sync copies it to the others) or `new-current-uuid --clear-bitmap` declares blank
+        // replicas identical (docs/protocol.md, "The initial sync").
+        advice = Some(
+            "the data is Inconsistent until the initial sync: run `qrbd primary --force` on the \
+             node whose data counts, or `qrbd new-current-uuid --clear-bitmap` on one node once \
+             all are connected if every replica is blank"
+                .to_owned(),
+        );
+        DeviceMeta::blank(&resource.name, config.node.id, resource.size_bytes)
     };
-    let meta = DeviceMeta::new(
-        &resource.name,
-        config.node.id,
-        resource.size_bytes,
-        generation,
-    );
     store
         .save(&meta)
         .with_context(|| format!("cannot write metadata to {}", meta_dir.display()))?;
@@ -102,6 +116,7 @@ pub fn create_metadata(
         meta.node_id,
         meta.current_uuid
     ));
+    report.extend(advice);
     Ok(report.join("\n"))
 }
 

@@ -32,6 +32,30 @@ pub fn wait_until<T>(
     }
 }
 
+/// Fresh replicas are blank (Inconsistent, in the fresh generation) until the initial sync.
+/// Tests whose disks are new declare them identical, as an operator with new disks does:
+/// `new-current-uuid --clear-bitmap` on the first node, then every node UpToDate. Does nothing
+/// (and returns false) when the first node is not blank. The nodes must be connected.
+pub fn skip_initial_sync(nodes: &[&TestNode], resource: &str) -> anyhow::Result<bool> {
+    let Some(first) = nodes.first() else {
+        return Ok(false);
+    };
+    let fresh = format!("{:016X}", qrbd_actors::core::generation::JUST_CREATED_UUID);
+    let status = first.status(resource)?;
+    if status.disk != qrbd_actors::core::DiskState::Inconsistent || status.current_uuid != fresh {
+        return Ok(false);
+    }
+    first.qrbd_ok(&["new-current-uuid", "--clear-bitmap", resource])?;
+    for node in nodes {
+        wait_until(Duration::from_secs(20), "every replica UpToDate", || {
+            node.status(resource)
+                .ok()
+                .filter(|s| s.disk == qrbd_actors::core::DiskState::UpToDate)
+        })?;
+    }
+    Ok(true)
+}
+
 /// Runs a command, failing with its output when it fails.
 pub fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
     let output = Command::new(program)
@@ -178,6 +202,19 @@ impl TestNode {
             );
         }
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// Runs a qrbd command that must fail; returns its standard error.
+    pub fn qrbd_fails(&self, args: &[&str]) -> anyhow::Result<String> {
+        let output = self.qrbd(args)?;
+        if output.status.success() {
+            bail!(
+                "`qrbd {}` succeeded but should have failed; stdout: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&output.stdout)
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stderr).into_owned())
     }
 
     pub fn image_path(&self, resource: &str) -> PathBuf {

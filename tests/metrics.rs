@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context};
-use qrbd::testbed::{make_pair, wait_until, PairSpec, ScratchDir, TestNode};
+use qrbd::testbed::{make_pair, skip_initial_sync, wait_until, PairSpec, ScratchDir, TestNode};
 
 const REACT: Duration = Duration::from_secs(10);
 
@@ -423,6 +423,7 @@ fn peer_metrics_follow_replication() -> anyhow::Result<()> {
         (scrape().ok()?.value(&connected).ok()? == 1.0).then_some(())
     })
     .with_context(|| logs(&alpha, &beta))?;
+    skip_initial_sync(&[&alpha, &beta], "r0").with_context(|| logs(&alpha, &beta))?;
 
     alpha.qrbd_ok(&["primary", "r0"])?;
     write_mib(&alpha.image_path("r0"))?;

@@ -26,7 +26,8 @@ use anyhow::{bail, ensure, Context};
 use fault_proxy::FaultProxy;
 use qrbd::demo::files_identical;
 use qrbd::testbed::{
-    make_pair, run, wait_until, LoopDevice, Mounted, PairSpec, ScratchDir, TestNode,
+    make_pair, run, skip_initial_sync, wait_until, LoopDevice, Mounted, PairSpec, ScratchDir,
+    TestNode,
 };
 use qrbd_actors::status::PeerStatus;
 use rand::RngCore;
@@ -99,7 +100,16 @@ impl Pair {
         self.scratch.path()
     }
 
+    /// Waits until both are connected; a fresh pair's blank disks are then declared
+    /// identical (`new-current-uuid --clear-bitmap`).
     fn wait_connected(&self, limit: Duration) -> anyhow::Result<()> {
+        self.wait_connected_blank(limit)?;
+        skip_initial_sync(&[&self.alpha, &self.beta], R).with_context(|| self.logs())?;
+        Ok(())
+    }
+
+    /// Waits until both are connected, and nothing else.
+    fn wait_connected_blank(&self, limit: Duration) -> anyhow::Result<()> {
         for node in [&self.alpha, &self.beta] {
             wait_until(limit, "the pair to connect", || {
                 connection(node).filter(|c| c == "Connected")
@@ -1228,6 +1238,107 @@ fn write_scattered(
 /// The quick resync: cut the link, write 16 MiB scattered on the Primary, restore.
 /// The resync moves exactly the dirty blocks (status says how much), and the images end
 /// byte-identical.
+/// A fresh pair whose disks held different data before `create-md`: both are Inconsistent,
+/// neither may be promoted without `--force`, and `primary --force` on alpha copies every block
+/// to beta (the initial sync), which ends UpToDate with alpha's bytes.
+#[test]
+fn the_initial_sync_after_a_forced_promotion_copies_every_block() -> anyhow::Result<()> {
+    let mut pair = Pair::configure("qrbd-initial-sync", &PairSpec::new(R, SIZE, "C"))?;
+    let created = pair.alpha.qrbd_ok(&["create-md", R])?;
+    ensure!(
+        created.contains("Inconsistent until the initial sync"),
+        "create-md should say how the initial sync works: {created}"
+    );
+    pair.beta.qrbd_ok(&["create-md", R])?;
+    // Old contents, different on each disk.
+    for (node, seed) in [(&pair.alpha, 1u8), (&pair.beta, 2u8)] {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(node.backing_path(R))?;
+        for mib in (0..64).step_by(7) {
+            file.write_all_at(
+                &vec![seed.wrapping_mul(mib as u8 + 1); MIB as usize],
+                mib * MIB,
+            )?;
+        }
+    }
+    pair.start()?;
+    pair.wait_connected_blank(CONNECT)?;
+    for node in [&pair.alpha, &pair.beta] {
+        let status = node.status(R)?;
+        ensure!(
+            status.disk == qrbd_actors::core::DiskState::Inconsistent,
+            "fresh metadata should be Inconsistent, not {}",
+            status.disk
+        );
+    }
+    let refused = pair.alpha.qrbd_fails(&["primary", R])?;
+    ensure!(
+        refused.contains("never synced") && refused.contains("--force"),
+        "a blank node's promotion should be refused and say why: {refused}"
+    );
+    pair.alpha.qrbd_ok(&["primary", "--force", R])?;
+    wait_for_resync(&pair)?;
+    let moved = peer(&pair.beta)?.resynced_bytes;
+    ensure!(
+        moved == 64 * MIB,
+        "the initial sync moved {moved} bytes; expected the whole image"
+    );
+    pair.wait_quiet()?;
+    ensure!(pair.backings_identical()?, "the backing images differ");
+    pair.alpha.qrbd_ok(&["secondary", R])?;
+    pair.stop()
+}
+
+/// Two blank disks: `new-current-uuid --clear-bitmap` makes both UpToDate in one new
+/// generation without copying; it is refused once the data is no longer blank, and the command
+/// without the flag says what it is for.
+#[test]
+fn clear_bitmap_skips_the_initial_sync_of_blank_disks() -> anyhow::Result<()> {
+    let mut pair = Pair::configure("qrbd-clear-bitmap", &PairSpec::new(R, SIZE, "C"))?;
+    pair.create_md()?;
+    pair.start()?;
+    pair.wait_connected_blank(CONNECT)?;
+    let without = pair.alpha.qrbd_fails(&["new-current-uuid", R])?;
+    ensure!(
+        without.contains("--clear-bitmap"),
+        "new-current-uuid without --clear-bitmap should explain itself: {without}"
+    );
+    pair.alpha
+        .qrbd_ok(&["new-current-uuid", "--clear-bitmap", R])?;
+    let (mut alpha, mut beta) = (pair.alpha.status(R)?, pair.beta.status(R)?);
+    wait_until(REACT, "both UpToDate in one generation", || {
+        alpha = pair.alpha.status(R).ok()?;
+        beta = pair.beta.status(R).ok()?;
+        (alpha.disk == qrbd_actors::core::DiskState::UpToDate
+            && beta.disk == qrbd_actors::core::DiskState::UpToDate
+            && alpha.current_uuid == beta.current_uuid)
+            .then_some(())
+    })
+    .with_context(|| format!("alpha {alpha:?}\nbeta {beta:?}\n{}", pair.logs()))?;
+    ensure!(
+        alpha.current_uuid != "0000000000000004",
+        "the generation should be new"
+    );
+    ensure!(
+        peer(&pair.alpha)?.resynced_bytes == 0 && peer(&pair.beta)?.resynced_bytes == 0,
+        "nothing should be copied"
+    );
+    let again = pair
+        .beta
+        .qrbd_fails(&["new-current-uuid", "--clear-bitmap", R])?;
+    ensure!(
+        again.contains("not blank"),
+        "a second --clear-bitmap should be refused: {again}"
+    );
+    pair.alpha.qrbd_ok(&["primary", R])?;
+    write_scattered(&pair.alpha, 64, 64 * MIB, 5)?;
+    pair.wait_quiet()?;
+    ensure!(pair.backings_identical()?, "the backing images differ");
+    pair.alpha.qrbd_ok(&["secondary", R])?;
+    pair.stop()
+}
+
 #[test]
 fn quick_resync_moves_only_the_dirty_blocks() -> anyhow::Result<()> {
     let (mut pair, proxy) = primary_behind_proxy("qrbd-quick-resync", "256MiB", "")?;

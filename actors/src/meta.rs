@@ -70,6 +70,22 @@ impl DeviceMeta {
     }
 }
 
+impl DeviceMeta {
+    /// Fresh metadata of a replicated volume: Inconsistent, in the fresh generation, until the
+    /// initial sync or `new-current-uuid --clear-bitmap`.
+    pub fn blank(resource: &str, node_id: u8, size_bytes: u64) -> Self {
+        let mut meta = DeviceMeta::new(
+            resource,
+            node_id,
+            size_bytes,
+            crate::core::generation::JUST_CREATED_UUID,
+        );
+        meta.flags.consistent = false;
+        meta.flags.up_to_date = false;
+        meta
+    }
+}
+
 /// The activity log's unit (4 MiB), and the unit in which the out-of-sync bitmaps are stored.
 pub const EXTENT_BYTES: u64 = 4 << 20;
 /// Bitmap words (64 blocks of 4 KiB each) per extent.

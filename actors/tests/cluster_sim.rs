@@ -103,6 +103,8 @@ struct Coverage {
     inconsistent: u64,
     verifies_finished: u64,
     resync_same: u64,
+    skipped_initial_syncs: u64,
+    initial_syncs_compared: u64,
 }
 
 impl Coverage {
@@ -132,6 +134,8 @@ impl Coverage {
         self.inconsistent += o.inconsistent;
         self.verifies_finished += o.verifies_finished;
         self.resync_same += o.resync_same;
+        self.skipped_initial_syncs += o.skipped_initial_syncs;
+        self.initial_syncs_compared += o.initial_syncs_compared;
     }
 
     fn missing(&self) -> Vec<&'static str> {
@@ -179,6 +183,14 @@ impl Coverage {
                 self.resync_same,
             ),
             ("peer writes applied in epoch order", self.epochs_checked),
+            (
+                "initial syncs skipped (new-current-uuid --clear-bitmap)",
+                self.skipped_initial_syncs,
+            ),
+            (
+                "replicas of different blank disks compared after the initial sync",
+                self.initial_syncs_compared,
+            ),
         ];
         all.iter()
             .filter(|(_, n)| *n == 0)
@@ -186,6 +198,12 @@ impl Coverage {
             .collect()
     }
 }
+
+/// The generation the replicas share when a run starts with its initial sync long skipped.
+const FIRST_GENERATION: u64 = 0x5EED_0000_0000_0010;
+
+/// Write ids from here on stand for what a disk held before `create-md`.
+const OLD_CONTENTS: u64 = 1 << 48;
 
 /// A store: per block the write id and a version (the store's write counter), durable part
 /// and volatile cache.
@@ -215,6 +233,16 @@ impl Store {
             written.push((block, version));
         }
         written
+    }
+
+    /// A disk that held something else before `create-md`: every block differs from every
+    /// other node's, so only a full initial sync makes two replicas equal.
+    fn with_old_contents(node: u8) -> Self {
+        let mut store = Store::new();
+        for (block, entry) in store.durable.iter_mut().enumerate() {
+            *entry = (0, OLD_CONTENTS + u64::from(node) * BLOCKS + block as u64);
+        }
+        store
     }
 
     fn read(&self, block: u64) -> u64 {
@@ -413,6 +441,9 @@ struct Sim {
     races: Vec<(CommandId, u8, CommandId, u8)>,
     /// Two Primaries may legitimately exist (no quorum in the core).
     split_possible: bool,
+    /// The disks held different data before `create-md`: skipping the initial sync would be
+    /// the operator's mistake, so the workload never does.
+    old_contents: bool,
     split_brain: SplitBrainPolicy,
     csums: bool,
     /// A calm seed has no faults and writes mostly on the Primary: long stretches of plain
@@ -496,9 +527,20 @@ impl Sim {
         };
         let split_brain = split_brain_policy(&mut rng);
         let csums = rng.percent(50);
+        // Fresh metadata (blank, Inconsistent) on new disks or on disks with old contents;
+        // otherwise a cluster whose initial sync was skipped long ago.
+        let blank = rng.percent(25);
+        let old_contents = blank && rng.percent(50);
         let nodes = (1..=count)
             .map(|id| {
-                let meta = DeviceMeta::new(RESOURCE, id, SIZE, JUST_CREATED_UUID);
+                let meta = if blank {
+                    DeviceMeta::blank(RESOURCE, id, SIZE)
+                } else {
+                    // What `new-current-uuid --clear-bitmap` leaves.
+                    let mut meta = DeviceMeta::new(RESOURCE, id, SIZE, FIRST_GENERATION);
+                    meta.history_uuids = vec![JUST_CREATED_UUID];
+                    meta
+                };
                 Node {
                     id,
                     core: ResourceCore::new(
@@ -513,7 +555,11 @@ impl Sim {
                         meta.clone(),
                         0,
                     ),
-                    store: Store::new(),
+                    store: if old_contents {
+                        Store::with_old_contents(id)
+                    } else {
+                        Store::new()
+                    },
                     persisted: meta,
                     incarnation: 0,
                     work: Vec::new(),
@@ -551,6 +597,7 @@ impl Sim {
             answered: BTreeMap::new(),
             races: Vec::new(),
             split_possible: false,
+            old_contents,
             split_brain,
             csums,
             racing_blocks: BTreeSet::new(),
@@ -1021,6 +1068,9 @@ impl Sim {
         if matches!(pending.command, Command::Shutdown) && result.is_ok() {
             self.cov.shutdowns += 1;
         }
+        if matches!(pending.command, Command::SkipInitialSync) && result.is_ok() {
+            self.cov.skipped_initial_syncs += 1;
+        }
         self.answered.insert(cid, result);
     }
 
@@ -1065,9 +1115,10 @@ impl Sim {
             },
             17 => Command::Disconnect,
             18 if self.rng.percent(30) => Command::Shutdown,
-            19 if self.rng.percent(30) => match self.rng.below(3) {
+            19 if self.rng.percent(30) => match self.rng.below(4) {
                 0 => Command::Invalidate,
                 1 => Command::InvalidateRemote,
+                2 if !self.old_contents => Command::SkipInitialSync,
                 _ => Command::Verify,
             },
             _ => Command::ResumeIo,
@@ -1945,6 +1996,9 @@ impl Sim {
                     });
                 }
                 self.cov.replicas_compared += 1;
+                if self.old_contents {
+                    self.cov.initial_syncs_compared += 1;
+                }
             }
         }
     }

@@ -68,6 +68,7 @@ const TAG_VERIFY_REQUEST: u8 = 25;
 const TAG_VERIFY_REPLY: u8 = 26;
 const TAG_RESYNC_CHECKSUMS: u8 = 27;
 const TAG_RESYNC_SAME: u8 = 28;
+const TAG_SKIP_INITIAL_SYNC: u8 = 29;
 /// Digests one `VerifyReply` may carry: one per 4 KiB block of the largest request (1 MiB).
 pub const MAX_VERIFY_DIGESTS: usize = 256;
 /// Generations a Hello may list in its history, at most.
@@ -335,6 +336,10 @@ pub fn encode_into(out: &mut impl FrameBuf, msg: &PeerMessage) {
         PeerMessage::StateAbort { transaction } => {
             out.put_u8(TAG_STATE_ABORT);
             out.put_slice(&transaction.to_be_bytes());
+        }
+        PeerMessage::SkipInitialSync { uuid } => {
+            out.put_u8(TAG_SKIP_INITIAL_SYNC);
+            out.put_slice(&uuid.to_be_bytes());
         }
         PeerMessage::State {
             role,
@@ -891,6 +896,7 @@ pub fn decode_frame_body(body: &[u8]) -> Result<PeerMessage, WireError> {
         TAG_STATE_REPLY => ("StateReply", rest),
         TAG_STATE_COMMIT => ("StateCommit", rest),
         TAG_STATE_ABORT => ("StateAbort", rest),
+        TAG_SKIP_INITIAL_SYNC => ("SkipInitialSync", rest),
         TAG_SYNC_BITMAP => ("SyncBitmap", rest),
         TAG_RESYNC_REQUEST => ("ResyncRequest", rest),
         TAG_RESYNC_FAILED => ("ResyncFailed", rest),
@@ -926,6 +932,9 @@ pub fn decode_frame_body(body: &[u8]) -> Result<PeerMessage, WireError> {
         },
         TAG_STATE_ABORT => PeerMessage::StateAbort {
             transaction: r.u64("transaction")?,
+        },
+        TAG_SKIP_INITIAL_SYNC => PeerMessage::SkipInitialSync {
+            uuid: r.u64("uuid")?,
         },
         TAG_STATE => PeerMessage::State {
             role: r.enum_u8("role", role_from)?,
@@ -1650,6 +1659,7 @@ mod tests {
             },
             PeerMessage::StateCommit { transaction: 9 },
             PeerMessage::StateAbort { transaction: 10 },
+            PeerMessage::SkipInitialSync { uuid: 0x1234_5678 },
             PeerMessage::State {
                 role: Role::Primary,
                 disk: DiskState::UpToDate,

@@ -125,12 +125,6 @@ impl Node {
         })
         .with_context(|| format!("daemon log:\n{}", self.log()))
     }
-
-    /// Runs a qrbd command that must fail; returns its standard error.
-    pub fn qrbd_fails(&self, args: &[&str]) -> anyhow::Result<String> {
-        let output = self.qrbd(args)?;
-        expect_failure(&output, &format!("qrbd {}", args.join(" ")))
-    }
 }
 
 impl Deref for Node {

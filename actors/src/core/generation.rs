@@ -10,8 +10,10 @@ use super::DiskState;
 /// A data-generation identifier. Zero means "none".
 pub type GenerationUuid = u64;
 
-/// The generation of a freshly created, all-zero volume. Every node's `create-md` starts here,
-/// so two blank replicas are recognised as the same data without an initial copy.
+/// The generation of fresh metadata (`create-md`). A replicated volume starts Inconsistent
+/// here: it never held data a peer agreed on, so the first connection after `primary --force`
+/// copies every block to it, unless `new-current-uuid --clear-bitmap` declared two blank disks
+/// identical first (docs/protocol.md, "The initial sync").
 pub const JUST_CREATED_UUID: GenerationUuid = 4;
 
 /// How many earlier generations a node remembers.
@@ -85,6 +87,20 @@ pub fn compare_generations(
     peer_id: u8,
 ) -> SyncDecision {
     let weak = |disk: DiskState| matches!(disk, DiskState::Outdated | DiskState::Inconsistent);
+    // An Inconsistent disk still at the fresh generation never held data anyone agreed on:
+    // it takes every block from a peer that has moved on (the initial sync).
+    let blank = |gens: &Generations, disk: DiskState| {
+        gens.current == JUST_CREATED_UUID && disk == DiskState::Inconsistent
+    };
+    match (blank(local, local_disk), blank(peer, peer_disk)) {
+        (true, false) if peer.current != JUST_CREATED_UUID => {
+            return SyncDecision::LocalBehind { full: true }
+        }
+        (false, true) if local.current != JUST_CREATED_UUID => {
+            return SyncDecision::PeerBehind { full: true }
+        }
+        _ => {}
+    }
     let decision = compare_uuids(local, local_id, peer, peer_id);
     match (decision, weak(local_disk), weak(peer_disk)) {
         (SyncDecision::Same, _, _) => SyncDecision::Same,
@@ -109,15 +125,24 @@ fn compare_uuids(
     }
     let local_bitmap = local.bitmap_for(peer_id);
     let peer_bitmap = peer.bitmap_for(local_id);
+    // A bitmap started in the fresh generation tracks changes to data the two never agreed
+    // on (blank replicas before their initial sync): it cannot say what differs.
+    let untracked = |bitmap: GenerationUuid| bitmap == JUST_CREATED_UUID;
     if local_bitmap != 0 && local_bitmap == peer_bitmap {
         // Both started tracking the other at the same generation, and both moved on from it.
-        return SyncDecision::SplitBrain { full: false };
+        return SyncDecision::SplitBrain {
+            full: untracked(local_bitmap),
+        };
     }
     if local_bitmap != 0 && local_bitmap == peer.current {
-        return SyncDecision::PeerBehind { full: false };
+        return SyncDecision::PeerBehind {
+            full: untracked(local_bitmap),
+        };
     }
     if peer_bitmap != 0 && peer_bitmap == local.current {
-        return SyncDecision::LocalBehind { full: false };
+        return SyncDecision::LocalBehind {
+            full: untracked(peer_bitmap),
+        };
     }
     let local_knows_peer = local.knows(peer.current);
     let peer_knows_local = peer.knows(local.current);
@@ -268,6 +293,46 @@ mod tests {
                 generations(20, &[(0, 10)], &[10]),
                 UpToDate,
                 SyncDecision::LocalBehind { full: false },
+            ),
+            (
+                "a blank (fresh, Inconsistent) peer takes everything, whatever bitmaps say",
+                generations(20, &[(1, JUST_CREATED_UUID)], &[JUST_CREATED_UUID]),
+                UpToDate,
+                generations(JUST_CREATED_UUID, &[], &[]),
+                Inconsistent,
+                SyncDecision::PeerBehind { full: true },
+            ),
+            (
+                "a blank local disk takes everything from an Outdated peer that moved on",
+                generations(JUST_CREATED_UUID, &[], &[]),
+                Inconsistent,
+                generations(20, &[], &[JUST_CREATED_UUID]),
+                Outdated,
+                SyncDecision::LocalBehind { full: true },
+            ),
+            (
+                "two blank disks: the same generation, nothing to copy",
+                generations(JUST_CREATED_UUID, &[], &[]),
+                Inconsistent,
+                generations(JUST_CREATED_UUID, &[], &[]),
+                Inconsistent,
+                SyncDecision::Same,
+            ),
+            (
+                "behind the fresh generation: no bitmap tracks what differs",
+                generations(JUST_CREATED_UUID, &[], &[]),
+                UpToDate,
+                generations(20, &[(0, JUST_CREATED_UUID)], &[JUST_CREATED_UUID]),
+                UpToDate,
+                SyncDecision::LocalBehind { full: true },
+            ),
+            (
+                "two forced promotions of blank replicas: a split brain with nothing tracked",
+                generations(20, &[(1, JUST_CREATED_UUID)], &[JUST_CREATED_UUID]),
+                UpToDate,
+                generations(30, &[(0, JUST_CREATED_UUID)], &[JUST_CREATED_UUID]),
+                UpToDate,
+                SyncDecision::SplitBrain { full: true },
             ),
             (
                 "both Outdated: the identifiers decide",

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use super::{DiskState, ReplicationProtocol, Role};
 
 /// Bumped on any incompatible change of the messages or their meaning.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Identifies a replicated request on the sending node (its DeviceCore request id).
 pub type PeerRequestId = u64;
@@ -128,6 +128,12 @@ pub enum PeerMessage {
     PingAck {
         nonce: u64,
     },
+    /// `new-current-uuid --clear-bitmap`: the sender declared the blank replicas identical and
+    /// took `uuid` as their first generation, UpToDate; a blank receiver does the same
+    /// (docs/protocol.md, "The initial sync").
+    SkipInitialSync {
+        uuid: u64,
+    },
 
     /// Resync (docs/protocol.md, "Resync"): a part of the sender's out-of-sync bitmap for the
     /// receiver, as runs of (first block, count) in order; `last` ends the exchange.
@@ -225,6 +231,7 @@ impl PeerMessage {
             PeerMessage::StateReply { .. } => "StateReply",
             PeerMessage::StateCommit { .. } => "StateCommit",
             PeerMessage::StateAbort { .. } => "StateAbort",
+            PeerMessage::SkipInitialSync { .. } => "SkipInitialSync",
             PeerMessage::SyncBitmap { .. } => "SyncBitmap",
             PeerMessage::ResyncRequest { .. } => "ResyncRequest",
             PeerMessage::ResyncData { .. } => "ResyncData",
@@ -270,6 +277,7 @@ impl PeerMessage {
                 | PeerMessage::StatePrepare { .. }
                 | PeerMessage::StateCommit { .. }
                 | PeerMessage::StateAbort { .. }
+                | PeerMessage::SkipInitialSync { .. }
         );
         if data {
             StreamKind::Data

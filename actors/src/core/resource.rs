@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 mod bitmaps;
+mod initial_sync;
 mod resync;
 mod verify;
 
@@ -126,6 +127,8 @@ pub enum Command {
     /// Online verify: compare every block with the peer's, mark the differing ones out of
     /// sync.
     Verify,
+    /// `new-current-uuid --clear-bitmap`: blank replicas are identical; skip the initial sync.
+    SkipInitialSync,
     /// Refuse new I/O, finish in-flight I/O, flush, record a clean shutdown.
     Shutdown,
 }
@@ -137,6 +140,12 @@ pub enum CommandError {
     Busy,
     #[error("local disk is {0}, not UpToDate; use --force to promote anyway")]
     DiskNotUpToDate(DiskState),
+    #[error(
+        "this replica was never synced (Inconsistent, fresh metadata): `primary --force` makes \
+         its data the one every peer copies (the initial sync); if every replica is blank, run \
+         `new-current-uuid --clear-bitmap` first to skip the copy"
+    )]
+    Blank,
     #[error("peer {0} is Primary; two primaries are not allowed (demote it first)")]
     PeerIsPrimary(String),
     #[error("peer {0} is becoming Primary; two primaries are not allowed")]
@@ -600,6 +609,8 @@ enum MetaWaiter {
     ReleaseIo,
     /// A sync target's Inconsistent mark must be durable before its first resync write.
     ResyncTarget(PeerId),
+    /// A command is answered once its change is durable.
+    CommandDone(CommandId),
 }
 
 /// The protocol of one resource.
@@ -628,6 +639,10 @@ pub struct ResourceCore {
     /// Peer writes at the local store, by (peer, conn, seq): those of a lost connection still
     /// land, so nothing newer may be written over them before they did.
     at_store: BTreeSet<(PeerId, u64, u64)>,
+    /// The ranges of the writes in `at_store`: their extents stay hot in the activity log.
+    peer_write_ranges: BTreeMap<(PeerId, u64, u64), ByteRange>,
+    /// Received writes waiting, in order, for their extents to be made hot.
+    peer_writes_waiting: VecDeque<(PeerId, u64, PeerWrite)>,
     effects: VecDeque<Effect>,
     /// The time of the input being handled.
     now: Tick,
@@ -751,6 +766,8 @@ impl ResourceCore {
             crashed,
             received_writes: BTreeMap::new(),
             at_store: BTreeSet::new(),
+            peer_write_ranges: BTreeMap::new(),
+            peer_writes_waiting: VecDeque::new(),
             effects: VecDeque::new(),
             now,
             bitmap_writer: bitmaps::BitmapWriter::default(),
@@ -883,6 +900,7 @@ impl ResourceCore {
                 result,
             } => {
                 self.at_store.remove(&(peer, conn, seq));
+                self.peer_write_ranges.remove(&(peer, conn, seq));
                 if self.current_conn(peer) == Some(conn) {
                     if let Some(link) = self.links.get_mut(&peer) {
                         let effects = link.receiver.local_done(seq, result);
@@ -1155,8 +1173,7 @@ impl ResourceCore {
                                 self.device.mark_out_of_sync(other, range);
                             }
                         }
-                        self.effects
-                            .push_back(Effect::ApplyPeerWrite { peer, conn, write });
+                        self.apply_peer_write(peer, conn, write);
                     }
                 }
                 ReceiverEffect::Flush(epoch) => {
@@ -1273,6 +1290,7 @@ impl ResourceCore {
             PeerMessage::StateCommit { transaction } => {
                 self.commit_received(peer, transaction, now)
             }
+            PeerMessage::SkipInitialSync { uuid } => self.skip_initial_sync_received(peer, uuid),
             PeerMessage::StateAbort { transaction } => {
                 if self
                     .prepared
@@ -2165,6 +2183,7 @@ impl ResourceCore {
             Command::Invalidate => self.invalidate(id, false, now),
             Command::InvalidateRemote => self.invalidate(id, true, now),
             Command::Verify => self.start_verify(id, now),
+            Command::SkipInitialSync => self.skip_initial_sync(id),
             Command::Shutdown => self.shutdown(id, now),
         }
     }
@@ -2205,6 +2224,9 @@ impl ResourceCore {
         if let Some(prepared) = self.prepared {
             let name = self.peer_name(prepared.peer);
             return self.done(id, Err(CommandError::LostRace(name)));
+        }
+        if self.is_blank() && !force {
+            return self.done(id, Err(CommandError::Blank));
         }
         if self.disk != DiskState::UpToDate && !force {
             return self.done(id, Err(CommandError::DiskNotUpToDate(self.disk)));
@@ -2455,6 +2477,9 @@ impl ResourceCore {
         if let Some(link) = self.links.get_mut(&peer) {
             link.role = Some(Role::Primary);
         }
+        if prepared.outdate_peers {
+            self.forced_over_blank(peer);
+        }
         if prepared.outdate_peers && self.disk != DiskState::Outdated {
             tracing::warn!(resource = %self.config.resource, peer = %self.peer_name(peer), "the peer was promoted with --force over this node's data; the local disk is Outdated");
             self.become_outdated(peer, 0);
@@ -2640,6 +2665,13 @@ impl ResourceCore {
                 }
                 MetaWaiter::ResyncTarget(peer) => {
                     self.persist(Some(MetaWaiter::ResyncTarget(peer)));
+                }
+                MetaWaiter::CommandDone(id) => {
+                    let answer = match &result {
+                        Ok(()) => Ok("done".to_owned()),
+                        Err(error) => Err(CommandError::Meta(error.clone())),
+                    };
+                    self.done(id, answer);
                 }
             }
         }

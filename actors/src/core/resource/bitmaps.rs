@@ -3,7 +3,11 @@
 //! come first, since writes wait for them. Pieces of cold extents that changed (bits a resync
 //! cleared, a bitmap exchange added) are stored lazily, and all of them at a clean shutdown.
 
-use super::{DrainStep, Effect, ResourceCore};
+use std::collections::BTreeSet;
+
+use super::{DrainStep, Effect, PeerWrite, ResourceCore};
+use crate::core::activity_log::extents_of;
+use crate::core::device::ByteRange;
 use crate::core::replication::PeerId;
 use crate::core::Tick;
 use crate::meta::{BitmapChunk, BitmapUpdate};
@@ -55,8 +59,7 @@ impl ResourceCore {
                 self.changed_pieces(usize::MAX, false),
             )
         } else if self.device.activity_log().needs_transaction() {
-            let mut busy = self.device.busy_extents();
-            self.resync_busy_extents(&mut busy);
+            let busy = self.busy_extents();
             let Some(tx) = self.device.activity_log_mut().begin(&busy) else {
                 return;
             };
@@ -74,8 +77,7 @@ impl ResourceCore {
             // A large request made more extents hot than the log may keep: the idle ones
             // leave (with their bitmap pieces), so a crash does not resync all of them.
             self.bitmap_writer.last_lazy = now;
-            let mut busy = self.device.busy_extents();
-            self.resync_busy_extents(&mut busy);
+            let busy = self.busy_extents();
             let Some(tx) = self.device.activity_log_mut().begin(&busy) else {
                 return;
             };
@@ -176,6 +178,7 @@ impl ResourceCore {
                 };
                 self.volume_effects(effects, now);
                 self.release_resync_writes(committed, now);
+                self.release_peer_writes(committed, now);
             }
             Purpose::Lazy => {}
             Purpose::All => self.all_bitmaps_stored(result),
@@ -200,5 +203,68 @@ impl ResourceCore {
                 }
             }
         }
+    }
+}
+
+impl ResourceCore {
+    /// A Secondary writes what its Primary sends through its own activity log, as the
+    /// Primary does: after a crash of this node, the hot extents are out of sync for every
+    /// peer, so a write its volatile cache lost is copied again, whoever is Primary by then.
+    /// Received writes go to the store in arrival order; one that waits for its extents holds
+    /// back those behind it.
+    pub(super) fn apply_peer_write(&mut self, peer: PeerId, conn: u64, write: PeerWrite) {
+        let range = ByteRange::new(write.offset, write.len);
+        self.peer_write_ranges
+            .insert((peer, conn, write.seq), range);
+        if self.peer_writes_waiting.is_empty() && self.device.activity_log().covers(range) {
+            self.device.activity_log_mut().touch(range);
+            self.effects
+                .push_back(Effect::ApplyPeerWrite { peer, conn, write });
+        } else {
+            self.device.activity_log_mut().want(range);
+            self.peer_writes_waiting.push_back((peer, conn, write));
+        }
+    }
+
+    /// The activity log's transaction ended: received writes whose extents are hot go on. A
+    /// failed transaction lets them go on regardless (the peer's copy stays complete; only
+    /// this node's crash protection for them is lost) rather than stall replication.
+    fn release_peer_writes(&mut self, committed: bool, now: Tick) {
+        while let Some((peer, conn, write)) = self.peer_writes_waiting.pop_front() {
+            if self.current_conn(peer) != Some(conn) {
+                // Its connection is gone: the Primary counts it out of sync.
+                self.at_store.remove(&(peer, conn, write.seq));
+                self.peer_write_ranges.remove(&(peer, conn, write.seq));
+                self.effects.push_back(Effect::ForgetPayload {
+                    peer,
+                    conn,
+                    seq: write.seq,
+                });
+                continue;
+            }
+            let range = ByteRange::new(write.offset, write.len);
+            if !committed || self.device.activity_log().covers(range) {
+                self.device.activity_log_mut().touch(range);
+                self.effects
+                    .push_back(Effect::ApplyPeerWrite { peer, conn, write });
+            } else {
+                self.device.activity_log_mut().want(range);
+                self.peer_writes_waiting.push_front((peer, conn, write));
+                break;
+            }
+        }
+        self.resume_deferred_hellos(now);
+    }
+
+    /// Extents that must stay hot: writes in flight (application, resync, received).
+    fn busy_extents(&self) -> BTreeSet<u64> {
+        let mut busy = self.device.busy_extents();
+        self.resync_busy_extents(&mut busy);
+        for range in self.peer_write_ranges.values() {
+            if let Some((first, last)) = extents_of(*range) {
+                busy.extend(first..=last);
+            }
+        }
+        busy
     }
 }

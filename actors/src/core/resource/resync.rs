@@ -670,6 +670,11 @@ impl ResourceCore {
             "change peer-device name:{} peer-node-id:{peer} conn-name:{name} replication:Established moved:{moved_bytes}",
             self.config.resource
         ));
+        if self.missing_for(peer) > 0 {
+            // Blocks marked after the bitmaps were exchanged (a verify of this node's that
+            // ended meanwhile): another resync carries them.
+            self.resync_after_verify(peer, now);
+        }
     }
 
     /// Source: the target asks for blocks.

@@ -9,7 +9,7 @@ use super::{CommandError, CommandId, DigestPurpose, Effect, ResourceCore};
 use crate::core::device::ByteRange;
 use crate::core::messages::PeerMessage;
 use crate::core::replication::PeerId;
-use crate::core::{Tick, BLOCK_SIZE};
+use crate::core::{DiskState, Tick, BLOCK_SIZE};
 
 /// One 4 KiB block's digest (SHA-256 in the shells).
 pub type BlockDigest = [u8; 32];
@@ -86,6 +86,23 @@ impl ResourceCore {
             return self.done(
                 id,
                 refuse(format!("a verify against {name} is already running")),
+            );
+        }
+        // Inconsistent data is known to differ, and nothing could repair what a verify found.
+        let inconsistent = if self.disk == DiskState::Inconsistent {
+            Some(self.config.node_name.clone())
+        } else if link.disk == Some(DiskState::Inconsistent) {
+            Some(name.clone())
+        } else {
+            None
+        };
+        if let Some(who) = inconsistent {
+            return self.done(
+                id,
+                refuse(format!(
+                    "{who} is Inconsistent: verify compares consistent replicas (let the resync \
+                     or the initial sync finish first)"
+                )),
             );
         }
         tracing::info!(resource = %self.config.resource, peer = %name, "online verify starts");
@@ -333,7 +350,7 @@ impl ResourceCore {
 
     /// The differing blocks are out of sync now: a resync repairs them at once, in the
     /// direction the same-generation rule gives (a Primary's data wins; else this node's).
-    fn resync_after_verify(&mut self, peer: PeerId, now: Tick) {
+    pub(super) fn resync_after_verify(&mut self, peer: PeerId, now: Tick) {
         let Some(link) = self.links.get(&peer) else {
             return;
         };
