@@ -1,14 +1,14 @@
 //! Replication integration tests: two real daemons on 127.0.0.1 (FUSE images, QUIC with mutual
 //! TLS), real loop devices, ext4 and fault injection. They need root, /dev/fuse, losetup,
-//! mkfs.ext4, e2fsck, dd and timeout.
+//! mkfs.ext4, e2fsck, dd, fio and timeout.
 //!
 //! Every test has a scratch directory and ports of its own (`make_pair`); guards clean up
 //! (daemons, mounts, loop devices, child processes, files) also when an assertion fails
 //! half-way. Waiting is on a condition with a deadline, never a guessed sleep.
 //!
 //! Blocking I/O to a FUSE image (which a suspended or dead daemon can hold forever) is only done
-//! from child processes (`dd`, `cp`, `cmp`) under `timeout`, never from a thread of the test
-//! process: a thread stuck in FUSE can wedge the whole test process.
+//! from child processes (`dd`, `cp`, `cmp`, `fio`) under `timeout`, never from a thread of the
+//! test process: a thread stuck in FUSE can wedge the whole test process.
 
 #[path = "common/fault_proxy.rs"]
 mod fault_proxy;
@@ -370,6 +370,24 @@ impl Background {
             .with_context(|| format!("cannot wait for {}", self.what))?;
         self.child = None;
         Ok(status)
+    }
+
+    /// Waits until `probe` yields a value, at most `limit`; fails early (with the standard
+    /// error) if the process exits first.
+    fn wait_while_running<T>(
+        &mut self,
+        limit: Duration,
+        what: &str,
+        mut probe: impl FnMut() -> Option<T>,
+    ) -> anyhow::Result<T> {
+        let found = wait_until(limit, what, || {
+            if let Some(value) = probe() {
+                return Some(Some(value));
+            }
+            (!self.running()).then_some(None)
+        })
+        .with_context(|| format!("{} so far: {}", self.what, self.stderr()))?;
+        found.with_context(|| format!("{} exited before {what}: {}", self.what, self.stderr()))
     }
 
     /// The standard error so far, for failure messages.
@@ -1591,26 +1609,155 @@ fn checksum_based_resync_moves_only_what_differs() -> anyhow::Result<()> {
     pair.stop()
 }
 
-/// A Secondary killed while the Primary writes comes back, catches up from the bitmap (no
-/// full sync), and the images end identical.
+/// The region of the image fio writes and verifies: the first half.
+const FIO_REGION: u64 = 32 * MIB;
+
+/// fio's job on `image`: random O_DIRECT writes of 4 KiB and 64 KiB (4 in flight) that cover
+/// `FIO_REGION` once, each block with a crc32c header, then a verify phase that reads every
+/// block back and checks it. The same arguments with `--verify_only` (and the same seed) only
+/// verify what an earlier run wrote. The result goes to `output` as JSON.
+fn fio_job(image: &Path, output: &Path, verify_only: bool) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--name=kill-secondary",
+        "--direct=1",
+        "--rw=randwrite",
+        "--bssplit=4k/75:64k/25",
+        "--ioengine=libaio",
+        "--iodepth=4",
+        "--offset=0",
+        "--time_based=0",
+        "--verify=crc32c",
+        "--verify_fatal=1",
+        "--randseed=4242",
+        // The image exists and has its size: nothing to lay out or preallocate.
+        "--fallocate=none",
+        "--output-format=json",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
+    args.push(format!("--filename={}", text(image)));
+    args.push(format!("--size={FIO_REGION}"));
+    args.push(format!("--output={}", text(output)));
+    if verify_only {
+        args.push("--verify_only".to_owned());
+    }
+    args
+}
+
+/// Bytes a finished fio job wrote and read (the verify phase reads), from its JSON output.
+fn fio_io_bytes(output: &Path) -> anyhow::Result<(u64, u64)> {
+    let raw = std::fs::read_to_string(output)
+        .with_context(|| format!("cannot read {}", output.display()))?;
+    // fio may put a note before the JSON document.
+    let json = &raw[raw.find('{').context("no JSON in fio's output")?..];
+    let report: serde_json::Value =
+        serde_json::from_str(json).with_context(|| format!("bad fio JSON: {raw}"))?;
+    let job = &report["jobs"][0];
+    let bytes = |direction: &str| {
+        job[direction]["io_bytes"]
+            .as_u64()
+            .with_context(|| format!("no {direction} io_bytes in fio's output: {raw}"))
+    };
+    Ok((bytes("write")?, bytes("read")?))
+}
+
+/// A Secondary killed (SIGKILL) while fio writes with verification on the Primary comes back
+/// during or after the run and catches up from the bitmap: it moves only what it missed, fio's
+/// verify phase finds every block it wrote intact through the Primary's image (the kill, the
+/// reconnect and the resync never made it return bad data), the backing files end identical,
+/// and after a switchover fio `--verify_only` finds every block intact through the former
+/// Secondary's image.
 #[test]
-fn a_killed_secondary_catches_up() -> anyhow::Result<()> {
+fn a_secondary_killed_during_fio_verify_catches_up() -> anyhow::Result<()> {
     let mut pair = Pair::up("qrbd-kill-secondary", &PairSpec::new(R, SIZE, "C"))?;
     pair.alpha.qrbd_ok(&["primary", R])?;
-    write_scattered(&pair.alpha, 256, 64 * MIB, 3)?;
+    let dir = pair.dir().to_owned();
+    let output = dir.join("fio.json");
+    let written_before = pair.alpha.status(R)?.written_bytes;
+    let mut fio = Background::spawn(
+        "fio",
+        Command::new("timeout")
+            .args(["--kill-after=5", "90", "fio"])
+            .args(fio_job(&pair.alpha.image_path(R), &output, false)),
+        &dir.join("fio.out"),
+        &dir.join("fio.err"),
+    )?;
+
+    // A quarter of the region is written (and, protocol C, on beta too): kill beta.
+    let at_kill = fio
+        .wait_while_running(REACT, "fio to write a quarter of its region", || {
+            let written = pair.alpha.status(R).ok()?.written_bytes;
+            let written = written.saturating_sub(written_before);
+            (written >= FIO_REGION / 4).then_some(written)
+        })
+        .with_context(|| pair.logs())?;
     pair.beta.kill_daemon()?;
-    write_scattered(&pair.alpha, 512, 64 * MIB, 4)?;
+    // Alpha goes on without beta and counts what beta misses.
+    let missed = fio
+        .wait_while_running(REACT, "alpha to count 4 MiB out of sync for beta", || {
+            let p = peer(&pair.alpha).ok()?;
+            (p.connection != "Connected" && p.out_of_sync_bytes >= 4 * MIB)
+                .then_some(p.out_of_sync_bytes)
+        })
+        .with_context(|| pair.logs())?;
+
     pair.beta.start_daemon()?;
     pair.wait_connected(CONNECT)?;
+    let fio_running_at_reconnect = fio.running();
     wait_for_resync(&pair)?;
     let moved = peer(&pair.beta)?.resynced_bytes;
+
+    let status = fio.wait(Duration::from_secs(60))?;
     ensure!(
-        moved > 0 && moved < 16 * MIB,
-        "beta resynced {moved} bytes; expected only what it missed"
+        status.success(),
+        "fio failed ({status}): {}\n{}",
+        fio.stderr(),
+        std::fs::read_to_string(&output).unwrap_or_default()
+    );
+    let (fio_written, fio_verified) = fio_io_bytes(&output)?;
+    eprintln!(
+        "fio wrote {fio_written} bytes and verified {fio_verified}; beta was killed after \
+         {at_kill}, alpha counted {missed} out of sync before beta restarted, beta resynced \
+         {moved}; fio still running at the reconnect: {fio_running_at_reconnect}"
+    );
+    ensure!(
+        fio_written == FIO_REGION && fio_verified == FIO_REGION,
+        "fio wrote {fio_written} and verified {fio_verified} bytes; {FIO_REGION} each expected"
+    );
+    // What alpha completed before the kill is on beta (protocol C): beta misses at most the
+    // rest, plus the writes in flight at the kill (4 of at most 64 KiB).
+    let missable = fio_written.saturating_sub(at_kill) + 4 * (64 << 10);
+    ensure!(
+        moved > 0 && moved < fio_written && moved <= missable,
+        "beta resynced {moved} bytes of the {fio_written} fio wrote ({at_kill} before the kill); \
+         expected only what it missed, at most {missable}"
     );
     pair.wait_quiet()?;
-    ensure!(pair.backings_identical()?, "the backing images differ");
+    ensure!(
+        pair.backings_identical()?,
+        "the backing images differ\n{}",
+        pair.logs()
+    );
+
+    // Beta takes over and serves every block fio wrote, intact.
     pair.alpha.qrbd_ok(&["secondary", R])?;
+    pair.beta.qrbd_ok(&["primary", R])?;
+    let verify_output = dir.join("fio-verify-only.json");
+    let mut args = vec![
+        "--kill-after=5".to_owned(),
+        "60".to_owned(),
+        "fio".to_owned(),
+    ];
+    args.extend(fio_job(&pair.beta.image_path(R), &verify_output, true));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run("timeout", &args).context("fio --verify_only on beta's image")?;
+    let (_, beta_verified) = fio_io_bytes(&verify_output)?;
+    ensure!(
+        beta_verified == FIO_REGION,
+        "fio --verify_only checked {beta_verified} bytes on beta; {FIO_REGION} expected"
+    );
+    pair.beta.qrbd_ok(&["secondary", R])?;
     pair.stop()
 }
 
