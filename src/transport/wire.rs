@@ -2236,7 +2236,7 @@ mod tests {
             "{err}"
         );
 
-        for tag in [0, 7, 8, 29, 255] {
+        for tag in [0, 7, 8, 30, 255] {
             let err = decode_frame_body(&[tag, 0, 0]).unwrap_err();
             assert!(matches!(err, WireError::UnknownTag(t) if t == tag), "{err}");
         }
