@@ -177,6 +177,8 @@ impl Replicated {
             history_uuids: Vec::new(),
             receiver_missing_bytes: 0,
             discard_my_data: false,
+            primary_before_split: false,
+            resuming_initial_sync: false,
         };
         bench.core.handle(
             1,

@@ -1303,11 +1303,11 @@ fn parse_resync_rate(value: &Scalar) -> Result<u64, String> {
 /// The `after_sb_0pri` values qrbd implements, besides `discard-node-NAME`; the default first.
 const AFTER_SB_0PRI_VALUES: &[&str] = &[
     "disconnect",
+    "discard-younger-primary",
+    "discard-older-primary",
     "discard-zero-changes",
     "discard-least-changes",
 ];
-/// `after_sb_0pri` values of DRBD's that qrbd does not implement yet.
-const AFTER_SB_0PRI_NOT_YET: &[&str] = &["discard-younger-primary", "discard-older-primary"];
 /// The `after_sb_1pri` values qrbd implements; the default first.
 const AFTER_SB_1PRI_VALUES: &[&str] = &["disconnect", "consensus", "discard-secondary"];
 /// `after_sb_1pri` values of DRBD's that qrbd does not implement.
@@ -1367,6 +1367,8 @@ fn parse_after_sb_0pri(value: &Scalar, node_names: &[&str]) -> Result<AfterSb0Pr
         "disconnect" => return Ok(AfterSb0Pri::Disconnect),
         "discard-zero-changes" => return Ok(AfterSb0Pri::DiscardZeroChanges),
         "discard-least-changes" => return Ok(AfterSb0Pri::DiscardLeastChanges),
+        "discard-younger-primary" => return Ok(AfterSb0Pri::DiscardYoungerPrimary),
+        "discard-older-primary" => return Ok(AfterSb0Pri::DiscardOlderPrimary),
         _ => {}
     }
     if let Some(name) = text.strip_prefix(DISCARD_NODE) {
@@ -1385,11 +1387,6 @@ fn parse_after_sb_0pri(value: &Scalar, node_names: &[&str]) -> Result<AfterSb0Pr
         return Err(format!(
             "{KEY} {text:?}: {name:?} is neither this node nor a peer of this resource{}; NAME in \"discard-node-NAME\" must be one of: {names}",
             did_you_mean(&close)
-        ));
-    }
-    if AFTER_SB_0PRI_NOT_YET.contains(&text) {
-        return Err(format!(
-            "{KEY} {text:?} is a DRBD policy qrbd does not implement yet; {supported}"
         ));
     }
     if ["consensus", "discard-secondary"].contains(&text) || AFTER_SB_1PRI_NOT_YET.contains(&text) {
@@ -1420,10 +1417,7 @@ fn parse_after_sb_1pri(value: &Scalar) -> Result<AfterSb1Pri, String> {
             "{KEY} {text:?} is a DRBD policy qrbd does not implement; {supported}"
         ));
     }
-    if text.starts_with(DISCARD_NODE)
-        || ["discard-zero-changes", "discard-least-changes"].contains(&text)
-        || AFTER_SB_0PRI_NOT_YET.contains(&text)
-    {
+    if text.starts_with(DISCARD_NODE) || AFTER_SB_0PRI_VALUES[1..].contains(&text) {
         return Err(format!(
             "{KEY} {text:?} is a policy for after_sb_0pri (neither node Primary), not for after_sb_1pri; \"consensus\" applies after_sb_0pri when it picks the Secondary; {supported}"
         ));
@@ -2505,6 +2499,14 @@ mod tests {
                 AfterSb0Pri::DiscardNode("alpha".into()),
             ),
             (
+                "\"discard-younger-primary\"",
+                AfterSb0Pri::DiscardYoungerPrimary,
+            ),
+            (
+                "\"discard-older-primary\"",
+                AfterSb0Pri::DiscardOlderPrimary,
+            ),
+            (
                 "\"discard-node-beta\"",
                 AfterSb0Pri::DiscardNode("beta".into()),
             ),
@@ -2566,7 +2568,7 @@ mod tests {
     #[test]
     fn bad_after_sb_0pri() {
         let supported = [
-            "supported: \"disconnect\" (the default), \"discard-zero-changes\", \"discard-least-changes\", \"discard-node-NAME\"",
+            "supported: \"disconnect\" (the default), \"discard-younger-primary\", \"discard-older-primary\", \"discard-zero-changes\", \"discard-least-changes\", \"discard-node-NAME\"",
             "where NAME is one of: alpha (this node), beta, gamma",
         ];
         let cases: &[(&str, &[&str])] = &[
@@ -2588,15 +2590,6 @@ mod tests {
             ("1.5", &["after_sb_0pri 1.5 is a floating-point number"]),
             ("[\"disconnect\"]", &["after_sb_0pri [...] is a list"]),
             ("{ a = 1 }", &["after_sb_0pri {...} is a table"]),
-            // DRBD's policies that qrbd does not implement yet.
-            (
-                "\"discard-younger-primary\"",
-                &["\"discard-younger-primary\" is a DRBD policy qrbd does not implement yet"],
-            ),
-            (
-                "\"discard-older-primary\"",
-                &["\"discard-older-primary\" is a DRBD policy qrbd does not implement yet"],
-            ),
             // after_sb_1pri's values.
             ("\"consensus\"", &["is a policy for after_sb_1pri"]),
             ("\"discard-secondary\"", &["is a policy for after_sb_1pri"]),
@@ -2654,8 +2647,8 @@ mod tests {
             "<inline>: resource \"r0\": after_sb_0pri \"discard-node-delta\": \"delta\" is neither this node nor a peer of this resource; NAME in \"discard-node-NAME\" must be one of: alpha (this node), beta, gamma"
         );
         assert_eq!(
-            load_err(&resource_with("after_sb_0pri", "\"discard-younger-primary\""), &[]),
-            "<inline>: resource \"r0\": after_sb_0pri \"discard-younger-primary\" is a DRBD policy qrbd does not implement yet; supported: \"disconnect\" (the default), \"discard-zero-changes\", \"discard-least-changes\", \"discard-node-NAME\" where NAME is one of: alpha (this node)"
+            load_err(&resource_with("after_sb_0pri", "\"discard-yonger-primary\""), &[]),
+            "<inline>: resource \"r0\": after_sb_0pri \"discard-yonger-primary\" is not a split-brain policy (did you mean \"discard-younger-primary\"?); supported: \"disconnect\" (the default), \"discard-younger-primary\", \"discard-older-primary\", \"discard-zero-changes\", \"discard-least-changes\", \"discard-node-NAME\" where NAME is one of: alpha (this node)"
         );
         // A peer of another resource is not a name here.
         load_err(

@@ -44,6 +44,15 @@ pub struct MetaFlags {
     /// disk only, so a peer's UpToDate data wins until a resync.
     #[serde(default)]
     pub crashed_primary: bool,
+    /// This node was Primary already when it began writing without a peer (the generation
+    /// that started then was started by a write, not by a promotion during the split). Only
+    /// `after_sb_0pri = discard-younger-primary` / `discard-older-primary` read it.
+    #[serde(default)]
+    pub primary_before_split: bool,
+    /// A blank node's initial sync has begun and its full bitmap is durable: an interrupted
+    /// initial sync resumes from the bitmap instead of starting over.
+    #[serde(default)]
+    pub initial_sync_bitmap_stored: bool,
 }
 
 impl DeviceMeta {
@@ -65,6 +74,8 @@ impl DeviceMeta {
                 clean_shutdown: true,
                 unconfirmed: false,
                 crashed_primary: false,
+                primary_before_split: false,
+                initial_sync_bitmap_stored: false,
             },
         }
     }

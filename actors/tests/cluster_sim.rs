@@ -105,6 +105,7 @@ struct Coverage {
     resync_same: u64,
     skipped_initial_syncs: u64,
     initial_syncs_compared: u64,
+    initial_syncs_resumed: u64,
 }
 
 impl Coverage {
@@ -136,6 +137,7 @@ impl Coverage {
         self.resync_same += o.resync_same;
         self.skipped_initial_syncs += o.skipped_initial_syncs;
         self.initial_syncs_compared += o.initial_syncs_compared;
+        self.initial_syncs_resumed += o.initial_syncs_resumed;
     }
 
     fn missing(&self) -> Vec<&'static str> {
@@ -190,6 +192,10 @@ impl Coverage {
             (
                 "replicas of different blank disks compared after the initial sync",
                 self.initial_syncs_compared,
+            ),
+            (
+                "interrupted initial syncs resumed from the bitmaps",
+                self.initial_syncs_resumed,
             ),
         ];
         all.iter()
@@ -501,10 +507,12 @@ fn config(
 /// The split-brain policy of a seed (the same on every node, as operators must configure it).
 fn split_brain_policy(rng: &mut Rng) -> SplitBrainPolicy {
     SplitBrainPolicy {
-        after_sb_0pri: match rng.below(4) {
+        after_sb_0pri: match rng.below(6) {
             0 => AfterSb0Pri::Disconnect,
             1 => AfterSb0Pri::DiscardZeroChanges,
             2 => AfterSb0Pri::DiscardLeastChanges,
+            3 => AfterSb0Pri::DiscardYoungerPrimary,
+            4 => AfterSb0Pri::DiscardOlderPrimary,
             _ => AfterSb0Pri::DiscardNode(name(1)),
         },
         after_sb_1pri: match rng.below(3) {
@@ -886,6 +894,9 @@ impl Sim {
         }
         if line.contains("verify-differing-blocks:") {
             self.cov.verifies_finished += 1;
+        }
+        if line.contains("initial-sync:resumed") {
+            self.cov.initial_syncs_resumed += 1;
         }
         if line.contains("split-brain:resolved") {
             self.cov.split_brains_resolved += 1;

@@ -252,6 +252,8 @@ mod tests {
             history_uuids: vec![8, 16],
             receiver_missing_bytes: 0,
             discard_my_data: false,
+            primary_before_split: false,
+            resuming_initial_sync: false,
         }
     }
 

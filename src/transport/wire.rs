@@ -283,6 +283,8 @@ pub fn encode_into(out: &mut impl FrameBuf, msg: &PeerMessage) {
             history_uuids,
             receiver_missing_bytes,
             discard_my_data,
+            primary_before_split,
+            resuming_initial_sync,
         } => {
             out.put_u8(TAG_HELLO);
             // The version comes first so any later layout can still be recognised as a version
@@ -302,6 +304,8 @@ pub fn encode_into(out: &mut impl FrameBuf, msg: &PeerMessage) {
             });
             out.put_slice(&receiver_missing_bytes.to_be_bytes());
             out.put_u8(u8::from(*discard_my_data));
+            out.put_u8(u8::from(*primary_before_split));
+            out.put_u8(u8::from(*resuming_initial_sync));
         }
         PeerMessage::Refused { reason, standalone } => {
             out.put_u8(TAG_REFUSED);
@@ -834,6 +838,8 @@ fn decode_hello(rest: &[u8]) -> Result<PeerMessage, WireError> {
             history_uuids: r.list("history length", |r| r.u64("history uuid"))?,
             receiver_missing_bytes: r.u64("receiver_missing_bytes")?,
             discard_my_data: r.bool("discard_my_data")?,
+            primary_before_split: r.bool("primary_before_split")?,
+            resuming_initial_sync: r.bool("resuming_initial_sync")?,
         };
         Ok(hello)
     };
@@ -1620,6 +1626,8 @@ mod tests {
                 history_uuids: vec![8, 16],
                 receiver_missing_bytes: 0,
                 discard_my_data: false,
+                primary_before_split: true,
+                resuming_initial_sync: false,
             },
             PeerMessage::Hello {
                 protocol_version: PROTOCOL_VERSION,
@@ -1635,6 +1643,8 @@ mod tests {
                 history_uuids: vec![8, 16],
                 receiver_missing_bytes: 0,
                 discard_my_data: false,
+                primary_before_split: true,
+                resuming_initial_sync: false,
             },
             PeerMessage::Refused {
                 reason: "size mismatch: 1 GiB here, 2 GiB there".into(),
@@ -2117,6 +2127,8 @@ mod tests {
             history_uuids: vec![8, 16],
             receiver_missing_bytes: 0,
             discard_my_data: false,
+            primary_before_split: false,
+            resuming_initial_sync: true,
         });
         let mut stream = Vec::new();
         for msg in &msgs {
@@ -2273,6 +2285,8 @@ mod tests {
             history_uuids: vec![8, 16],
             receiver_missing_bytes: 0,
             discard_my_data: false,
+            primary_before_split: false,
+            resuming_initial_sync: true,
         };
         assert_eq!(decode_frame_body(&encode(&hello)[4..]).unwrap(), hello);
     }

@@ -35,6 +35,12 @@ pub enum PeerMessage {
         /// The sender was told `connect --discard-my-data`: after a split brain it gives up
         /// its data.
         discard_my_data: bool,
+        /// The sender was Primary already when it began writing without the receiver (it did
+        /// not become Primary during the split): `discard-younger-primary` keeps its data.
+        primary_before_split: bool,
+        /// The sender is blank and its initial sync had begun, with its full bitmap durable:
+        /// the initial sync resumes from the bitmaps.
+        resuming_initial_sync: bool,
     },
     /// The other side cannot accept this peer; the connection is closed after it. With
     /// `standalone`, neither side retries until the administrator says `connect`.

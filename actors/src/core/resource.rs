@@ -535,6 +535,8 @@ struct HelloFacts {
     bitmap_uuid: u64,
     history: Vec<u64>,
     discard_my_data: bool,
+    primary_before_split: bool,
+    resuming_initial_sync: bool,
 }
 
 /// A data-stream arrival kept until the handshake completes.
@@ -971,7 +973,7 @@ impl ResourceCore {
 
     fn submit(&mut self, id: RequestId, kind: IoKind, range: ByteRange, start: Tick) {
         if kind.modifies_data() && self.role == Role::Primary {
-            self.start_generation_if_needed(false);
+            self.start_generation_if_needed(false, false);
         }
         let effects = self.device.submit_as(id, kind, range, start);
         self.volume_effects(effects, start);
@@ -980,7 +982,9 @@ impl ResourceCore {
     /// A Primary that writes without some peer starts a new data generation first; the old
     /// one becomes that peer's bitmap identifier (docs/protocol.md, "Data generations").
     /// I/O waits until the new identifiers are durable.
-    fn start_generation_if_needed(&mut self, force: bool) {
+    /// `at_promotion`: the generation starts because this node is being promoted (not because
+    /// a Primary writes); recorded for `discard-younger-primary` when a split begins here.
+    fn start_generation_if_needed(&mut self, force: bool, at_promotion: bool) {
         let absent: Vec<PeerId> = self
             .links
             .values()
@@ -994,6 +998,10 @@ impl ResourceCore {
         }
         let mut generations = generations_of(&self.meta);
         let new = self.uuids.next_uuid();
+        let split_begins = absent.iter().any(|peer| generations.bitmap_for(*peer) == 0);
+        if split_begins {
+            self.meta.flags.primary_before_split = !at_promotion;
+        }
         generations.start_new(new, absent);
         set_generations(&mut self.meta, &generations);
         tracing::info!(resource = %self.config.resource, generation = %format!("{new:016X}"), "new data generation");
@@ -1018,6 +1026,8 @@ impl ResourceCore {
             bitmap_uuid: self.meta.bitmap_uuids.get(&peer).copied().unwrap_or(0),
             history: self.meta.history_uuids.clone(),
             discard_my_data: self.links.get(&peer).is_some_and(|l| l.discard_my_data),
+            primary_before_split: self.meta.flags.primary_before_split,
+            resuming_initial_sync: self.resuming_initial_sync(),
         }
     }
 
@@ -1496,6 +1506,8 @@ impl ResourceCore {
             history_uuids: self.meta.history_uuids.clone(),
             receiver_missing_bytes: self.missing_for(peer),
             discard_my_data: self.links.get(&peer).is_some_and(|l| l.discard_my_data),
+            primary_before_split: self.meta.flags.primary_before_split,
+            resuming_initial_sync: self.resuming_initial_sync(),
         }
     }
 
@@ -1576,6 +1588,8 @@ impl ResourceCore {
             history_uuids,
             receiver_missing_bytes,
             discard_my_data,
+            primary_before_split,
+            resuming_initial_sync,
         } = hello
         else {
             return;
@@ -1705,6 +1719,7 @@ impl ResourceCore {
                         name: &self.config.node_name,
                         role: self.role,
                         discard_my_data: our_discard,
+                        primary_before_split: self.meta.flags.primary_before_split,
                         changes: our_changes,
                         consistent: matches!(
                             self.disk,
@@ -1716,6 +1731,7 @@ impl ResourceCore {
                         name: &name,
                         role: *role,
                         discard_my_data: *discard_my_data,
+                        primary_before_split: *primary_before_split,
                         changes: *receiver_missing_bytes,
                         consistent: matches!(*disk, DiskState::UpToDate | DiskState::Consistent),
                     },
@@ -1772,9 +1788,22 @@ impl ResourceCore {
             || (decision == SyncDecision::Same
                 && *receiver_missing_bytes > 0
                 && self.role == Role::Secondary);
+        // A blank node whose initial sync had begun resumes it from the bitmaps.
+        let resumes = match decision {
+            SyncDecision::LocalBehind { full: true } => self.resuming_initial_sync(),
+            SyncDecision::PeerBehind { full: true } => *resuming_initial_sync,
+            _ => false,
+        };
+        if resumes {
+            tracing::info!(resource = %self.config.resource, peer = %name, "the interrupted initial sync resumes from the bitmaps");
+            self.emit(format!(
+                "change peer-device name:{} peer-node-id:{peer} conn-name:{name} initial-sync:resumed",
+                self.config.resource
+            ));
+        }
         let sync = match decision {
             SyncDecision::LocalBehind { full } => {
-                if full {
+                if full && !resumes {
                     // No bitmap tracks the difference: every block comes from the peer.
                     self.device
                         .mark_out_of_sync(peer, ByteRange::new(0, self.config.size_bytes));
@@ -1782,7 +1811,7 @@ impl ResourceCore {
                 Some(SyncRole::Target)
             }
             SyncDecision::PeerBehind { full } => {
-                if full {
+                if full && !resumes {
                     self.device
                         .mark_out_of_sync(peer, ByteRange::new(0, self.config.size_bytes));
                 }
@@ -1990,7 +2019,7 @@ impl ResourceCore {
             // Writes the peer did not acknowledge, and writes still held or waiting here
             // (they will complete without the peer), belong to a new generation.
             if marked || self.device.modifying_in_flight() > 0 {
-                self.start_generation_if_needed(false);
+                self.start_generation_if_needed(false, false);
             }
             if hold_taken && self.meta.current_uuid == generation {
                 let effects = self.device.release(HOLD_METADATA, now);
@@ -2315,9 +2344,9 @@ impl ResourceCore {
         let everyone_here = self.links.values().all(Link::is_connected);
         if outdate_peers || !everyone_here {
             let absent_before = self.meta.current_uuid;
-            self.start_generation_if_needed(outdate_peers);
+            self.start_generation_if_needed(outdate_peers, true);
             if outdate_peers && self.meta.current_uuid == absent_before {
-                self.start_generation_if_needed(true);
+                self.start_generation_if_needed(true, true);
             }
         }
         let version = self.persist(None);

@@ -17,6 +17,11 @@ pub enum AfterSb0Pri {
     DiscardLeastChanges,
     /// The named node is the victim.
     DiscardNode(String),
+    /// The node that became Primary during the split is the victim: the one that was Primary
+    /// before it keeps its data.
+    DiscardYoungerPrimary,
+    /// The node that was Primary before the split is the victim.
+    DiscardOlderPrimary,
 }
 
 /// DRBD's `after-sb-1pri`: one node is Primary.
@@ -52,6 +57,9 @@ pub struct SplitBrainSide<'a> {
     pub role: Role,
     /// `connect --discard-my-data`: this side asked to be the victim.
     pub discard_my_data: bool,
+    /// This side was Primary already when it began writing without the other (it did not
+    /// become Primary during the split).
+    pub primary_before_split: bool,
     /// Blocks this side changed since the split (its out-of-sync count for the other).
     pub changes: u64,
     /// Its data is consistent (UpToDate or Consistent): only such a side can survive.
@@ -126,7 +134,7 @@ pub fn resolve_split_brain(
         .filter(|r| **r == Role::Primary)
         .count();
     match primaries {
-        0 => zero_primaries(local, peer, &policy.after_sb_0pri, victim),
+        0 => zero_primaries(local, peer, &policy.after_sb_0pri, &victim),
         1 => {
             match policy.after_sb_1pri {
                 AfterSb1Pri::Disconnect => Disconnect("after_sb_1pri = disconnect".into()),
@@ -139,7 +147,7 @@ pub fn resolve_split_brain(
                 }
                 AfterSb1Pri::Consensus => {
                     let secondary_is_local = local.role == Role::Secondary;
-                    match zero_primaries(local, peer, &policy.after_sb_0pri, |is_local, why| {
+                    match zero_primaries(local, peer, &policy.after_sb_0pri, &|is_local, why| {
                     if is_local { LocalIsVictim(why) } else { PeerIsVictim(why) }
                 }) {
                     LocalIsVictim(why) if secondary_is_local => LocalIsVictim(format!("after_sb_1pri = consensus: {why}")),
@@ -162,7 +170,7 @@ fn zero_primaries(
     local: &SplitBrainSide<'_>,
     peer: &SplitBrainSide<'_>,
     policy: &AfterSb0Pri,
-    victim: impl Fn(bool, String) -> SplitBrainOutcome,
+    victim: &dyn Fn(bool, String) -> SplitBrainOutcome,
 ) -> SplitBrainOutcome {
     match policy {
         AfterSb0Pri::Disconnect => SplitBrainOutcome::Disconnect("after_sb_0pri = disconnect".into()),
@@ -189,6 +197,44 @@ fn zero_primaries(
                     loser.name, loser.changes, winner.changes, winner.name
                 ),
             )
+        }
+        AfterSb0Pri::DiscardYoungerPrimary | AfterSb0Pri::DiscardOlderPrimary => {
+            let discard_older = *policy == AfterSb0Pri::DiscardOlderPrimary;
+            let key = if discard_older {
+                "discard-older-primary"
+            } else {
+                "discard-younger-primary"
+            };
+            match (local.primary_before_split, peer.primary_before_split) {
+                (true, false) | (false, true) => {
+                    let (older, younger) = if local.primary_before_split {
+                        (local, peer)
+                    } else {
+                        (peer, local)
+                    };
+                    let loser = if discard_older { older } else { younger };
+                    victim(
+                        loser.id == local.id,
+                        format!(
+                            "{} was Primary before the split and {} became Primary during it ({key})",
+                            older.name, younger.name
+                        ),
+                    )
+                }
+                (both, _) => {
+                    // Like DRBD: no answer from the roles, so the change counts decide.
+                    let which = if both { "both" } else { "neither" };
+                    match zero_primaries(local, peer, &AfterSb0Pri::DiscardLeastChanges, victim) {
+                        SplitBrainOutcome::LocalIsVictim(why) => SplitBrainOutcome::LocalIsVictim(format!(
+                            "{which} node was Primary before the split ({key}), so: {why}"
+                        )),
+                        SplitBrainOutcome::PeerIsVictim(why) => SplitBrainOutcome::PeerIsVictim(format!(
+                            "{which} node was Primary before the split ({key}), so: {why}"
+                        )),
+                        other => other,
+                    }
+                }
+            }
         }
         AfterSb0Pri::DiscardNode(name) => {
             if name == local.name {
@@ -222,8 +268,17 @@ mod tests {
             name,
             role,
             discard_my_data: discard,
+            primary_before_split: false,
             changes,
             consistent: true,
+        }
+    }
+
+    /// A side that was Primary before the split (it kept writing when the link went).
+    fn older(side: SplitBrainSide<'static>) -> SplitBrainSide<'static> {
+        SplitBrainSide {
+            primary_before_split: true,
+            ..side
         }
     }
 
@@ -280,6 +335,41 @@ mod tests {
                 SplitBrainPolicy::default(),
                 Want::A,
                 "--discard-my-data wins over any policy",
+            ),
+            (
+                older(side(1, "a", Secondary, false, 5)),
+                side(2, "b", Secondary, false, 3),
+                p0(AfterSb0Pri::DiscardYoungerPrimary),
+                Want::B,
+                "discard-younger-primary: the node promoted during the split loses",
+            ),
+            (
+                side(1, "a", Secondary, false, 5),
+                older(side(2, "b", Secondary, false, 9)),
+                p0(AfterSb0Pri::DiscardOlderPrimary),
+                Want::B,
+                "discard-older-primary: the node Primary before the split loses",
+            ),
+            (
+                side(1, "a", Secondary, false, 5),
+                side(2, "b", Secondary, false, 3),
+                p0(AfterSb0Pri::DiscardYoungerPrimary),
+                Want::B,
+                "discard-younger-primary, both promoted during the split: least changes",
+            ),
+            (
+                older(side(1, "a", Secondary, false, 2)),
+                older(side(2, "b", Secondary, false, 3)),
+                p0(AfterSb0Pri::DiscardOlderPrimary),
+                Want::A,
+                "discard-older-primary, no answer from the roles: least changes",
+            ),
+            (
+                older(side(1, "a", Primary, false, 5)),
+                side(2, "b", Secondary, false, 3),
+                p1(AfterSb0Pri::DiscardOlderPrimary, AfterSb1Pri::Consensus),
+                Want::Nobody,
+                "consensus refuses when after_sb_0pri would discard the Primary",
             ),
             (
                 side(1, "a", Secondary, true, 5),

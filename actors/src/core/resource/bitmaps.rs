@@ -42,6 +42,9 @@ pub(super) struct BitmapWriter {
     in_flight: Option<InFlight>,
     last_lazy: Tick,
     write_all: bool,
+    /// A blank sync target waits for its full bitmap to be stored (docs/protocol.md, "The
+    /// initial sync").
+    pub(super) initial_sync_for: Option<PeerId>,
 }
 
 impl ResourceCore {
@@ -191,6 +194,7 @@ impl ResourceCore {
     }
 
     fn all_bitmaps_stored(&mut self, result: Result<(), String>) {
+        self.initial_sync_bitmap_stored(result.is_ok());
         if let super::Change::ShuttingDown { command, step } = &self.change {
             if *step == DrainStep::StoringBitmaps {
                 let command = *command;

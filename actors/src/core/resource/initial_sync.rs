@@ -18,6 +18,40 @@ impl ResourceCore {
         self.meta.current_uuid == JUST_CREATED_UUID && self.disk == DiskState::Inconsistent
     }
 
+    /// This node is blank and its initial sync had begun with its full bitmap durable.
+    pub(super) fn resuming_initial_sync(&self) -> bool {
+        self.is_blank() && self.meta.flags.initial_sync_bitmap_stored
+    }
+
+    /// A blank target's initial sync begins: its full bitmap is stored first (in one atomic
+    /// transaction), then the mark that says so, together with the Inconsistent mark; only then
+    /// does the transfer start. A restart in between finds no mark and starts over, which
+    /// loses nothing: no block moved yet. Returns false when the target is not blank, or
+    /// already has the mark (a resumed initial sync).
+    pub(super) fn store_initial_sync_bitmap(&mut self, peer: PeerId) -> bool {
+        if !self.is_blank() || self.meta.flags.initial_sync_bitmap_stored {
+            return false;
+        }
+        self.bitmap_writer.initial_sync_for = Some(peer);
+        self.store_all_bitmaps();
+        true
+    }
+
+    /// The full bitmap of a blank target is durable (or could not be stored).
+    pub(super) fn initial_sync_bitmap_stored(&mut self, ok: bool) {
+        let Some(peer) = self.bitmap_writer.initial_sync_for.take() else {
+            return;
+        };
+        if !ok {
+            // Tried again; the transfer waits.
+            self.bitmap_writer.initial_sync_for = Some(peer);
+            self.store_all_bitmaps();
+            return;
+        }
+        self.meta.flags.initial_sync_bitmap_stored = true;
+        self.persist(Some(MetaWaiter::ResyncTarget(peer)));
+    }
+
     fn counts_out_of_sync_blocks(&self) -> bool {
         self.links.keys().any(|peer| self.missing_for(*peer) > 0)
     }

@@ -493,7 +493,9 @@ impl ResourceCore {
                 self.meta.flags.consistent = false;
                 self.meta.flags.up_to_date = false;
                 self.set_disk(DiskState::Inconsistent, false);
-                self.persist(Some(MetaWaiter::ResyncTarget(peer)));
+                if !self.store_initial_sync_bitmap(peer) {
+                    self.persist(Some(MetaWaiter::ResyncTarget(peer)));
+                }
             }
         }
     }
@@ -615,6 +617,7 @@ impl ResourceCore {
             self.meta.history_uuids = source_history;
         }
         self.meta.bitmap_uuids.remove(&peer);
+        self.meta.flags.initial_sync_bitmap_stored = false;
         self.effects.push_back(Effect::Send {
             peer,
             message: PeerMessage::ResyncDone {
