@@ -62,7 +62,12 @@ use qrbd_actors::core::{
 use qrbd_actors::meta::{BitmapChunk, BitmapUpdate, DeviceMeta, StoredBitmaps};
 
 const BLOCK: u64 = 4096;
-const BLOCKS: u64 = 32;
+/// Three activity-log extents (4 MiB each), so that extents leave the log.
+const BLOCKS: u64 = 3 * EXTENT_BLOCKS;
+/// Blocks per activity-log extent.
+const EXTENT_BLOCKS: u64 = 1024;
+/// The blocks the workload uses at the start of each extent (the rest stays as it was).
+const USED_PER_EXTENT: u64 = 12;
 const SIZE: u64 = BLOCKS * BLOCK;
 const SEEDS: u64 = 4000;
 const STEPS: u64 = 400;
@@ -450,6 +455,7 @@ struct Sim {
     /// The disks held different data before `create-md`: skipping the initial sync would be
     /// the operator's mistake, so the workload never does.
     old_contents: bool,
+    al_extents: usize,
     split_brain: SplitBrainPolicy,
     csums: bool,
     /// A calm seed has no faults and writes mostly on the Primary: long stretches of plain
@@ -476,6 +482,7 @@ fn config(
     seed: u64,
     split_brain: &SplitBrainPolicy,
     csums: bool,
+    al_extents: usize,
 ) -> CoreConfig {
     CoreConfig {
         resource: RESOURCE.into(),
@@ -499,6 +506,7 @@ fn config(
         sync: SyncConfig {
             split_brain: split_brain.clone(),
             csums,
+            al_extents,
             ..SyncConfig::default()
         },
     }
@@ -535,6 +543,12 @@ impl Sim {
         };
         let split_brain = split_brain_policy(&mut rng);
         let csums = rng.percent(50);
+        // A log of one or two extents makes extents leave it all the time.
+        let al_extents = match rng.below(3) {
+            0 => 1,
+            1 => 2,
+            _ => qrbd_actors::core::activity_log::DEFAULT_AL_EXTENTS,
+        };
         // Fresh metadata (blank, Inconsistent) on new disks or on disks with old contents;
         // otherwise a cluster whose initial sync was skipped long ago.
         let blank = rng.percent(25);
@@ -559,6 +573,7 @@ impl Sim {
                             seed ^ u64::from(id) << 32,
                             &split_brain,
                             csums,
+                            al_extents,
                         ),
                         meta.clone(),
                         0,
@@ -606,6 +621,7 @@ impl Sim {
             races: Vec::new(),
             split_possible: false,
             old_contents,
+            al_extents,
             split_brain,
             csums,
             racing_blocks: BTreeSet::new(),
@@ -1212,7 +1228,13 @@ impl Sim {
             ByteRange::new(0, 0)
         } else {
             let len = 1 + self.rng.below(3);
-            let first = self.rng.below(BLOCKS - len + 1);
+            let extent = self.rng.below(BLOCKS / EXTENT_BLOCKS);
+            let first = if extent > 0 && self.rng.percent(10) {
+                // Across the boundary with the extent before.
+                extent * EXTENT_BLOCKS - 1
+            } else {
+                extent * EXTENT_BLOCKS + self.rng.below(USED_PER_EXTENT - len + 1)
+            };
             ByteRange::new(first * BLOCK, len * BLOCK)
         };
         let wid = if kind == IoKind::Write {
@@ -1714,6 +1736,7 @@ impl Sim {
         let (protocol, seed, now) = (self.protocol, self.seed, self.now);
         let split_brain = self.split_brain.clone();
         let csums = self.csums;
+        let al_extents = self.al_extents;
         let mut rng = Rng::new(self.rng.next());
         let n = self.node(id);
         if crash {
@@ -1742,7 +1765,15 @@ impl Sim {
         n.resync_payloads.clear();
         let stored = n.bitmaps.stored();
         n.core = ResourceCore::restore(
-            config(id, count, protocol, core_seed, &split_brain, csums),
+            config(
+                id,
+                count,
+                protocol,
+                core_seed,
+                &split_brain,
+                csums,
+                al_extents,
+            ),
             meta,
             stored,
             now,

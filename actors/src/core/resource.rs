@@ -2603,7 +2603,10 @@ impl ResourceCore {
         }
     }
 
-    fn local_flushed(&mut self, token: u64, result: Result<(), IoFault>, _now: Tick) {
+    fn local_flushed(&mut self, token: u64, result: Result<(), IoFault>, now: Tick) {
+        if self.flushed_before_eviction(token, result.clone(), now) {
+            return;
+        }
         let (command, step) = match &self.change {
             Change::Demoting { command, step } | Change::ShuttingDown { command, step } => {
                 (*command, *step)

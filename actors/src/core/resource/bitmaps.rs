@@ -45,6 +45,9 @@ pub(super) struct BitmapWriter {
     /// A blank sync target waits for its full bitmap to be stored (docs/protocol.md, "The
     /// initial sync").
     pub(super) initial_sync_for: Option<PeerId>,
+    /// An activity-log transaction that lets extents go waits for this local flush (its
+    /// token): what was written into them must be durable before nothing marks them.
+    flush_before: Option<(u64, BitmapUpdate)>,
 }
 
 impl ResourceCore {
@@ -53,6 +56,7 @@ impl ResourceCore {
         if self.bitmap_writer.in_flight.is_some() {
             return;
         }
+        let mut evicts = false;
         let (purpose, activity_log, pieces) = if self.bitmap_writer.write_all {
             self.bitmap_writer.write_all = false;
             let hot: Vec<u64> = self.device.activity_log().hot_extents().collect();
@@ -66,6 +70,7 @@ impl ResourceCore {
             let Some(tx) = self.device.activity_log_mut().begin(&busy) else {
                 return;
             };
+            evicts = !tx.evicted.is_empty();
             let mut pieces = Vec::new();
             let peers: Vec<PeerId> = self.device.peer_ids().collect();
             for extent in &tx.evicted {
@@ -84,6 +89,7 @@ impl ResourceCore {
             let Some(tx) = self.device.activity_log_mut().begin(&busy) else {
                 return;
             };
+            evicts = !tx.evicted.is_empty();
             let peers: Vec<PeerId> = self.device.peer_ids().collect();
             let pieces = tx
                 .evicted
@@ -115,13 +121,54 @@ impl ResourceCore {
             purpose,
             pieces,
         });
-        self.effects.push_back(Effect::PersistBitmaps {
-            version,
-            update: BitmapUpdate {
-                activity_log,
-                chunks,
-            },
-        });
+        let update = BitmapUpdate {
+            activity_log,
+            chunks,
+        };
+        if evicts {
+            // Writes into the extents that leave may sit in the disk's volatile cache: after
+            // a crash nothing would mark them out of sync, so they are made durable first.
+            let token = self.next_token;
+            self.next_token += 1;
+            self.bitmap_writer.flush_before = Some((token, update));
+            self.effects.push_back(Effect::FlushLocal { token });
+            return;
+        }
+        self.effects
+            .push_back(Effect::PersistBitmaps { version, update });
+    }
+
+    /// The local flush an evicting activity-log transaction waited for; false when `token` is
+    /// not that flush.
+    pub(super) fn flushed_before_eviction(
+        &mut self,
+        token: u64,
+        result: Result<(), crate::core::device::IoFault>,
+        now: Tick,
+    ) -> bool {
+        let Some((_, update)) = self
+            .bitmap_writer
+            .flush_before
+            .take_if(|(t, _)| *t == token)
+        else {
+            return false;
+        };
+        let Some(version) = self.bitmap_writer.in_flight.as_ref().map(|f| f.version) else {
+            return true;
+        };
+        match result {
+            Ok(()) => self
+                .effects
+                .push_back(Effect::PersistBitmaps { version, update }),
+            Err(fault) => self.bitmaps_persisted(
+                version,
+                Err(format!(
+                    "flushing the data before the activity log let extents go failed: {fault}"
+                )),
+                now,
+            ),
+        }
+        true
     }
 
     /// Changed pieces, at most `limit`; with `cold_only`, only of extents that are not hot
