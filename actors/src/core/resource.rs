@@ -2604,7 +2604,7 @@ impl ResourceCore {
     }
 
     fn local_flushed(&mut self, token: u64, result: Result<(), IoFault>, now: Tick) {
-        if self.flushed_before_eviction(token, result.clone(), now) {
+        if self.flushed_before_eviction(token, result, now) {
             return;
         }
         let (command, step) = match &self.change {
