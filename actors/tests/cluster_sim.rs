@@ -50,11 +50,11 @@ use std::fmt::Write as _;
 use qrbd_actors::core::generation::JUST_CREATED_UUID;
 use qrbd_actors::core::messages::{PeerMessage, StreamKind};
 use qrbd_actors::core::replication::Outgoing;
-use qrbd_actors::core::resource::SyncConfig;
 use qrbd_actors::core::resource::{
     Command, CommandError, CommandId, CoreConfig, DigestPurpose, Effect, Input, PeerConfig,
     PeerWrite, ResourceCore, Timing,
 };
+use qrbd_actors::core::resource::{RateControl, SyncConfig};
 use qrbd_actors::core::split_brain::{AfterSb0Pri, AfterSb1Pri, AfterSb2Pri, SplitBrainPolicy};
 use qrbd_actors::core::{
     ByteRange, ConnectionState, DiskState, IoKind, ReplicationProtocol, RequestId, Role, Tick,
@@ -99,6 +99,7 @@ struct Coverage {
     epochs_checked: u64,
     pairs_converged: u64,
     resyncs_finished: u64,
+    resyncs_fixed_rate: u64,
     split_brains_resolved: u64,
     inconsistent: u64,
     verifies_finished: u64,
@@ -128,6 +129,7 @@ impl Coverage {
         self.replicas_compared += o.replicas_compared;
         self.pairs_converged += o.pairs_converged;
         self.resyncs_finished += o.resyncs_finished;
+        self.resyncs_fixed_rate += o.resyncs_fixed_rate;
         self.split_brains_resolved += o.split_brains_resolved;
         self.inconsistent += o.inconsistent;
         self.verifies_finished += o.verifies_finished;
@@ -171,6 +173,10 @@ impl Coverage {
                 self.pairs_converged,
             ),
             ("resyncs that moved blocks", self.resyncs_finished),
+            (
+                "resyncs that moved blocks with the controller off",
+                self.resyncs_fixed_rate,
+            ),
             ("split brains resolved", self.split_brains_resolved),
             ("Inconsistent disks (sync targets)", self.inconsistent),
             ("online verifies finished", self.verifies_finished),
@@ -413,8 +419,9 @@ struct Sim {
     races: Vec<(CommandId, u8, CommandId, u8)>,
     /// Two Primaries may legitimately exist (no quorum in the core).
     split_possible: bool,
-    split_brain: SplitBrainPolicy,
-    csums: bool,
+    /// The resync settings of a seed (split-brain policy, csums, rate controller), the same
+    /// on every node.
+    sync: SyncConfig,
     /// A calm seed has no faults and writes mostly on the Primary: long stretches of plain
     /// replication, so that its invariants are exercised as much as the fault handling.
     calm: bool,
@@ -437,8 +444,7 @@ fn config(
     nodes: u8,
     protocol: ReplicationProtocol,
     seed: u64,
-    split_brain: &SplitBrainPolicy,
-    csums: bool,
+    sync: &SyncConfig,
 ) -> CoreConfig {
     CoreConfig {
         resource: RESOURCE.into(),
@@ -459,12 +465,27 @@ fn config(
             ..Timing::default()
         },
         seed,
-        sync: SyncConfig {
-            split_brain: split_brain.clone(),
-            csums,
-            ..SyncConfig::default()
-        },
+        sync: sync.clone(),
     }
+}
+
+/// The rate controller of a seed, and the size of its resync requests: small requests, so
+/// that a resync of the small disk takes many, and every mode of the controller (off with a
+/// fixed rate or none, fill or delay target, rate caps, yielding to application writes or not).
+/// Drawn from a generator of its own, so that the rest of a seed's run does not change.
+fn rate_control(seed: u64) -> (RateControl, u64) {
+    let mut rng = Rng::new(seed ^ 0x5eed_c0de_0000_0001);
+    let ms = MS;
+    let control = RateControl {
+        plan_ahead: [0, 0, 100 * ms, 500 * ms, 2 * SECOND, 5 * SECOND][rng.below(6) as usize],
+        fill_target: [0, BLOCK, 4 * BLOCK, 16 * BLOCK, 8 << 20][rng.below(5) as usize],
+        delay_target: [100 * ms, SECOND][rng.below(2) as usize],
+        max_rate: [0, 0, 64 << 10, 256 << 10, 1 << 20][rng.below(5) as usize],
+        min_rate: [0, 4 << 10, 4 << 20][rng.below(3) as usize],
+        fixed_rate: [0, 64 << 10, 1 << 20][rng.below(3) as usize],
+    };
+    let request_bytes = [BLOCK, 2 * BLOCK, 4 * BLOCK, 256 << 10][rng.below(4) as usize];
+    (control, request_bytes)
 }
 
 /// The split-brain policy of a seed (the same on every node, as operators must configure it).
@@ -496,20 +517,21 @@ impl Sim {
         };
         let split_brain = split_brain_policy(&mut rng);
         let csums = rng.percent(50);
+        let (rate, request_bytes) = rate_control(seed);
+        let sync = SyncConfig {
+            split_brain,
+            csums,
+            rate,
+            request_bytes,
+            ..SyncConfig::default()
+        };
         let nodes = (1..=count)
             .map(|id| {
                 let meta = DeviceMeta::new(RESOURCE, id, SIZE, JUST_CREATED_UUID);
                 Node {
                     id,
                     core: ResourceCore::new(
-                        config(
-                            id,
-                            count,
-                            protocol,
-                            seed ^ u64::from(id) << 32,
-                            &split_brain,
-                            csums,
-                        ),
+                        config(id, count, protocol, seed ^ u64::from(id) << 32, &sync),
                         meta.clone(),
                         0,
                     ),
@@ -551,8 +573,7 @@ impl Sim {
             answered: BTreeMap::new(),
             races: Vec::new(),
             split_possible: false,
-            split_brain,
-            csums,
+            sync,
             racing_blocks: BTreeSet::new(),
             queue: VecDeque::new(),
             trace: VecDeque::new(),
@@ -561,6 +582,10 @@ impl Sim {
             cov: Coverage::default(),
         };
         sim.log(format!("{count} nodes, protocol {protocol}"));
+        sim.log(format!(
+            "resync requests of {} bytes, {:?}",
+            sim.sync.request_bytes, sim.sync.rate
+        ));
         for id in 1..=count {
             sim.effects(id);
         }
@@ -845,6 +870,9 @@ impl Sim {
         }
         if line.contains("replication:Established moved:") && !line.ends_with("moved:0") {
             self.cov.resyncs_finished += 1;
+            if !self.sync.rate.dynamic() {
+                self.cov.resyncs_fixed_rate += 1;
+            }
         }
         if line.contains("disk:Outdated") {
             self.cov.outdated += 1;
@@ -1650,8 +1678,7 @@ impl Sim {
         self.dials.retain(|(n, _)| *n != id);
         let count = self.nodes.len() as u8;
         let (protocol, seed, now) = (self.protocol, self.seed, self.now);
-        let split_brain = self.split_brain.clone();
-        let csums = self.csums;
+        let sync = self.sync.clone();
         let mut rng = Rng::new(self.rng.next());
         let n = self.node(id);
         if crash {
@@ -1680,7 +1707,7 @@ impl Sim {
         n.resync_payloads.clear();
         let stored = n.bitmaps.stored();
         n.core = ResourceCore::restore(
-            config(id, count, protocol, core_seed, &split_brain, csums),
+            config(id, count, protocol, core_seed, &sync),
             meta,
             stored,
             now,
