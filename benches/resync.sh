@@ -8,7 +8,7 @@
 # with the daemons' CPU time per GiB moved, and the backing files compared after each resync.
 #
 #   benches/resync.sh [--dirty SIZE] [--full SIZE] [--runtime SECONDS] [--rate BYTES]
-#                     [--al-extents N] [--no-disk-flushes] [--parts LIST] [--no-fill]
+#                     [--extra TOML] [--al-extents N] [--no-disk-flushes] [--parts LIST] [--no-fill]
 #                     [--poll SECONDS] [--timeout SECONDS] [--pin] [--binary PATH]
 #                     [--no-build] [--base-dir DIR] [--keep]
 #
@@ -24,7 +24,8 @@ source "$SCRIPT_DIR/lib.sh"
 DIRTY=${QRBD_RESYNC_DIRTY:-1g}          # bytes written while disconnected; also the cp file
 FULL=${QRBD_RESYNC_FULL:-4g}            # image size of the pair: the full sync moves all of it
 RUNTIME=${QRBD_RESYNC_RUNTIME:-20}      # seconds of each latency job
-RATE=${QRBD_RESYNC_RATE:-0}             # [[resource]] resync_rate (0: unlimited)
+RATE=${QRBD_RESYNC_RATE:-0}             # fixed resync_rate with c_plan_ahead = 0 (0: controller)
+EXTRA=${QRBD_RESYNC_EXTRA:-}            # more [[resource]] lines, e.g. c_max_rate = "200M"
 AL_EXTENTS=${QRBD_RESYNC_AL_EXTENTS:-}  # [[resource]] al_extents (default: the product's)
 DISK_FLUSHES=${QRBD_RESYNC_DISK_FLUSHES:-true}  # [[resource]] disk_flushes
 PARTS=${QRBD_RESYNC_PARTS:-baseline,bitmap,full,latency}
@@ -47,8 +48,11 @@ Options (each also as an environment variable):
   --full SIZE          size of the pair's images, all of which the full sync moves
                        (QRBD_RESYNC_FULL, default 4g; at least --dirty)
   --runtime SECONDS    length of each latency job (QRBD_RESYNC_RUNTIME, default 20)
-  --rate BYTES         resync_rate of the resource, e.g. 100M; 0 is unlimited
+  --rate BYTES         a fixed resync rate, e.g. 100M: c_plan_ahead = 0 (the resync
+                       controller off) and resync_rate = BYTES; 0 keeps the controller
                        (QRBD_RESYNC_RATE, default 0)
+  --extra TOML         more lines for the [[resource]] table, e.g. 'c_max_rate = "200M"' or
+                       $'c_fill_target = "4M"\nc_min_rate = 0' (QRBD_RESYNC_EXTRA)
   --al-extents N       al_extents of the resource (QRBD_RESYNC_AL_EXTENTS, default: qrbd's)
   --no-disk-flushes    disk_flushes = false: the peer does not flush at every epoch boundary
                        (QRBD_RESYNC_DISK_FLUSHES=false)
@@ -74,6 +78,7 @@ while [[ $# -gt 0 ]]; do
         --full) FULL=$2; shift 2 ;;
         --runtime) RUNTIME=$2; shift 2 ;;
         --rate) RATE=$2; shift 2 ;;
+        --extra) EXTRA=$2; shift 2 ;;
         --al-extents) AL_EXTENTS=$2; shift 2 ;;
         --no-disk-flushes) DISK_FLUSHES=false; shift ;;
         --parts) PARTS=$2; shift 2 ;;
@@ -593,7 +598,14 @@ main() {
     ((FULL_BYTES % MIB == 0)) || die "--full must be a multiple of 1 MiB"
     ((FULL_BYTES >= DIRTY_BYTES)) || die "--full must be at least --dirty"
     IMAGE_SIZE="$((FULL_BYTES / MIB))MiB"
-    RESOURCE_EXTRA="resync_rate = $(size_bytes "$RATE")"
+    RESOURCE_EXTRA=""
+    if [[ $(size_bytes "$RATE") != 0 ]]; then
+        RESOURCE_EXTRA="c_plan_ahead = 0"$'\n'"resync_rate = $(size_bytes "$RATE")"
+    fi
+    [[ -z $EXTRA ]] || RESOURCE_EXTRA+=$'\n'"$EXTRA"
+    MODE="resync controller"
+    [[ $(size_bytes "$RATE") == 0 ]] || MODE="fixed resync_rate $RATE"
+    [[ -z $EXTRA ]] || MODE+=" ($(tr '\n' ';' <<<"$EXTRA" | sed 's/;$//; s/;/; /g'))"
     [[ -z $AL_EXTENTS ]] || RESOURCE_EXTRA+=$'\n'"al_extents = $AL_EXTENTS"
     find_binary "$REPO_DIR" "$BINARY" "$BUILD"
 
@@ -626,7 +638,7 @@ main() {
 
     echo
     echo "resync bench: dirty $DIRTY, image $FULL$( ((FILL)) || echo ' (not filled)'), latency" \
-        "jobs ${RUNTIME}s, resync_rate $RATE${AL_EXTENTS:+, al_extents $AL_EXTENTS}," \
+        "jobs ${RUNTIME}s, $MODE,${AL_EXTENTS:+ al_extents $AL_EXTENTS,}" \
         "disk_flushes $DISK_FLUSHES," \
         "protocol C on 127.0.0.1, $(nproc) CPUs, kernel $(uname -r)," \
         "$(date -u +%Y-%m-%dT%H:%MZ), load average at start $load" \

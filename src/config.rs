@@ -22,7 +22,12 @@
 //! size = "1GiB"
 //! protocol = "C"                  # default C
 //! al_extents = 1237               # default 1237, 7..=65534
-//! resync_rate = "100MiB"          # bytes per second; default 0 (unlimited)
+//! c_plan_ahead = "2s"             # resync controller horizon; default 2s, "0" turns it off
+//! c_fill_target = "8MiB"          # resync bytes kept in flight; default 8MiB
+//! c_delay_target = "1s"           # with c_fill_target = 0: the target's queueing delay
+//! c_max_rate = "1GiB"             # resync bound, bytes per second; default 0 (none)
+//! c_min_rate = "4MiB"             # yield to application writes only above this; default 4MiB
+//! resync_rate = "100MiB"          # fixed resync rate when c_plan_ahead = "0"; 0: unlimited
 //! after_sb_0pri = "discard-zero-changes"  # split brain, no Primary; default "disconnect"
 //! after_sb_1pri = "discard-secondary"     # split brain, one Primary; default "disconnect"
 //! after_sb_2pri = "disconnect"            # split brain, two Primaries; only "disconnect"
@@ -44,6 +49,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use config::{Config, Environment, File, FileFormat, Map, Value, ValueKind};
 use qrbd_actors::core::split_brain::{AfterSb0Pri, AfterSb1Pri, AfterSb2Pri, SplitBrainPolicy};
@@ -78,8 +84,30 @@ pub const MIN_AL_EXTENTS: usize = 7;
 pub const MAX_AL_EXTENTS: usize = 65534;
 /// Default `[[resource]] resync_rate`: 0, unlimited.
 pub const DEFAULT_RESYNC_RATE: u64 = 0;
-/// Smallest accepted `[[resource]] resync_rate` other than 0 (4 KiB per second: one block).
+/// Smallest accepted `[[resource]] resync_rate` other than 0 (4 KiB per second: one block),
+/// also of `c_max_rate` and `c_min_rate`.
 pub const MIN_RESYNC_RATE: u64 = 4 * KIB;
+/// Default `[[resource]] c_plan_ahead`: 2 s (DRBD's default).
+pub const DEFAULT_C_PLAN_AHEAD: Duration = Duration::from_secs(2);
+/// Largest accepted `[[resource]] c_plan_ahead`.
+pub const MAX_C_PLAN_AHEAD: Duration = Duration::from_secs(30);
+/// The resync controller's step: `c_plan_ahead` is a whole number of them.
+pub const C_STEP: Duration = Duration::from_millis(100);
+/// Default `[[resource]] c_fill_target`: 8 MiB.
+pub const DEFAULT_C_FILL_TARGET: u64 = 8 * MIB;
+/// Smallest accepted `[[resource]] c_fill_target` other than 0 (one block).
+pub const MIN_C_FILL_TARGET: u64 = 4 * KIB;
+/// Largest accepted `[[resource]] c_fill_target`.
+pub const MAX_C_FILL_TARGET: u64 = 64 * MIB;
+/// Default `[[resource]] c_delay_target`: 1 s (DRBD's default).
+pub const DEFAULT_C_DELAY_TARGET: Duration = Duration::from_secs(1);
+/// Accepted `[[resource]] c_delay_target`s.
+pub const MIN_C_DELAY_TARGET: Duration = Duration::from_millis(100);
+pub const MAX_C_DELAY_TARGET: Duration = Duration::from_secs(10);
+/// Default `[[resource]] c_max_rate`: 0, no bound.
+pub const DEFAULT_C_MAX_RATE: u64 = 0;
+/// Default `[[resource]] c_min_rate`: 4 MiB per second.
+pub const DEFAULT_C_MIN_RATE: u64 = 4 * MIB;
 /// Resource, node and peer names are at most this many characters long.
 pub const MAX_NAME_LEN: usize = 64;
 /// Prefix of the environment variables that override configuration keys.
@@ -111,6 +139,11 @@ const RESOURCE_KEYS: &[&str] = &[
     "disk_flushes",
     "al_extents",
     "resync_rate",
+    "c_plan_ahead",
+    "c_fill_target",
+    "c_delay_target",
+    "c_max_rate",
+    "c_min_rate",
     "after_sb_0pri",
     "after_sb_1pri",
     "after_sb_2pri",
@@ -182,10 +215,12 @@ pub struct ResourceConfig {
     /// crash every hot extent must be resynced: more extents mean fewer metadata writes under
     /// scattered writes, fewer mean less to resync after a crash.
     pub al_extents: usize,
-    /// Like DRBD's `resync-rate`: the upper bound of resync traffic in bytes per second, so
-    /// that a resync does not take the bandwidth and disk time the application needs. 0 (the
-    /// default) means unlimited; otherwise at least `MIN_RESYNC_RATE`.
+    /// Like DRBD's `resync-rate`: the fixed rate of resync traffic in bytes per second when the
+    /// resync controller is off (`c_plan_ahead = 0`); ignored otherwise. 0 (the default)
+    /// means unlimited; otherwise at least `MIN_RESYNC_RATE`.
     pub resync_rate: u64,
+    /// The resync controller (`c_plan_ahead` and friends, like DRBD's).
+    pub resync_control: ResyncControl,
     /// Automatic split-brain recovery, like DRBD's `after-sb-0pri`, `after-sb-1pri` and
     /// `after-sb-2pri` (keys `after_sb_0pri`, `after_sb_1pri`, `after_sb_2pri`, by how many of
     /// the two nodes are Primary): which node, if any, discards what it wrote since the split
@@ -194,6 +229,39 @@ pub struct ResourceConfig {
     /// `discard-node-NAME` names this node or one of the resource's peers.
     pub split_brain: SplitBrainPolicy,
     pub peers: Vec<PeerConfig>,
+}
+
+/// The resync controller of a resource: how fast the sync target asks for blocks. Like DRBD's
+/// dynamic resync controller, with DRBD's names (`c-plan-ahead` is `c_plan_ahead`, ...). See
+/// docs/protocol.md, "Resync".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResyncControl {
+    /// How far ahead the controller plans its corrections; 0 turns it off, and `resync_rate`
+    /// is the fixed rate (`0` or `C_STEP..=MAX_C_PLAN_AHEAD`, in whole steps).
+    pub plan_ahead: Duration,
+    /// Bytes the target keeps requested and not yet written; 0: derive them from
+    /// `delay_target` (`0` or `MIN_C_FILL_TARGET..=MAX_C_FILL_TARGET`). With the controller
+    /// off, the fixed window (8 MiB when 0).
+    pub fill_target: u64,
+    /// With `fill_target` 0: keep the measured rate with this much delay in flight.
+    pub delay_target: Duration,
+    /// Upper bound of the controller's rate in bytes per second; 0: none.
+    pub max_rate: u64,
+    /// While application writes replicate, the resync yields (one request in flight) only
+    /// while it is faster than this, in bytes per second; 0: it never yields.
+    pub min_rate: u64,
+}
+
+impl Default for ResyncControl {
+    fn default() -> Self {
+        ResyncControl {
+            plan_ahead: DEFAULT_C_PLAN_AHEAD,
+            fill_target: DEFAULT_C_FILL_TARGET,
+            delay_target: DEFAULT_C_DELAY_TARGET,
+            max_rate: DEFAULT_C_MAX_RATE,
+            min_rate: DEFAULT_C_MIN_RATE,
+        }
+    }
 }
 
 /// One `[[resource.peer]]`: another node holding a replica.
@@ -652,6 +720,11 @@ struct RawResource {
     csums: Option<bool>,
     al_extents: Option<Scalar>,
     resync_rate: Option<Scalar>,
+    c_plan_ahead: Option<Scalar>,
+    c_fill_target: Option<Scalar>,
+    c_delay_target: Option<Scalar>,
+    c_max_rate: Option<Scalar>,
+    c_min_rate: Option<Scalar>,
     after_sb_0pri: Option<Scalar>,
     after_sb_1pri: Option<Scalar>,
     after_sb_2pri: Option<Scalar>,
@@ -1129,6 +1202,17 @@ fn validate_resource(
         None => DEFAULT_RESYNC_RATE,
         Some(value) => parse_resync_rate(&value).map_err(|reason| ctx.invalid(&place, reason))?,
     };
+    let resync_control = validate_resync_control(
+        [
+            raw.c_plan_ahead.as_ref(),
+            raw.c_fill_target.as_ref(),
+            raw.c_delay_target.as_ref(),
+            raw.c_max_rate.as_ref(),
+            raw.c_min_rate.as_ref(),
+        ],
+        &place,
+        ctx,
+    )?;
 
     let mut peers: Vec<PeerConfig> = Vec::with_capacity(raw.peer.len());
     for (j, raw_peer) in raw.peer.into_iter().enumerate() {
@@ -1197,8 +1281,52 @@ fn validate_resource(
         csums: raw.csums.unwrap_or(false),
         al_extents,
         resync_rate,
+        resync_control,
         split_brain,
         peers,
+    })
+}
+
+/// The `c_*` keys of a resource (the resync controller), in the order `c_plan_ahead`,
+/// `c_fill_target`, `c_delay_target`, `c_max_rate`, `c_min_rate`; defaults for those not given.
+fn validate_resync_control(
+    [plan_ahead, fill_target, delay_target, max_rate, min_rate]: [Option<&Scalar>; 5],
+    place: &str,
+    ctx: &Ctx,
+) -> Result<ResyncControl, ConfigError> {
+    let invalid = |reason: String| ctx.invalid(place, reason);
+    let defaults = ResyncControl::default();
+    let plan_ahead = match plan_ahead {
+        None => defaults.plan_ahead,
+        Some(value) => parse_plan_ahead(value).map_err(invalid)?,
+    };
+    let fill_target = match fill_target {
+        None => defaults.fill_target,
+        Some(value) => parse_fill_target(value).map_err(invalid)?,
+    };
+    let delay_target = match delay_target {
+        None => defaults.delay_target,
+        Some(value) => parse_delay_target(value).map_err(invalid)?,
+    };
+    let max_rate = match max_rate {
+        None => defaults.max_rate,
+        Some(value) => parse_rate("c_max_rate", value, "0 means no bound").map_err(invalid)?,
+    };
+    let min_rate = match min_rate {
+        None => defaults.min_rate,
+        Some(value) => parse_rate(
+            "c_min_rate",
+            value,
+            "0 means the resync never yields to application writes",
+        )
+        .map_err(invalid)?,
+    };
+    Ok(ResyncControl {
+        plan_ahead,
+        fill_target,
+        delay_target,
+        max_rate,
+        min_rate,
     })
 }
 
@@ -1281,23 +1409,124 @@ fn check_al_extents(value: &Scalar) -> Result<usize, String> {
 /// bare number of bytes), 0 for unlimited, otherwise at least `MIN_RESYNC_RATE`. Unlike a size
 /// it need not be a multiple of 4096. Returns the message on failure.
 fn parse_resync_rate(value: &Scalar) -> Result<u64, String> {
-    const UNITS: &str =
-        "resync_rate is in bytes per second, such as \"100MiB\" or \"512K\"; 0 means unlimited";
+    parse_rate("resync_rate", value, "0 means unlimited")
+}
+
+/// A rate in bytes per second for `key`, as [`parse_resync_rate`] reads it; `zero` says what 0
+/// means. Returns the message on failure.
+fn parse_rate(key: &str, value: &Scalar, zero: &str) -> Result<u64, String> {
+    let units = format!("{key} is in bytes per second, such as \"100MiB\" or \"512K\"; {zero}");
     let text = match value {
         Scalar::Int(n) => n.to_string(),
         Scalar::Text(text) => text.clone(),
-        Scalar::Other { shown, what } => {
-            return Err(format!("resync_rate {shown} is {what} ({UNITS})"))
-        }
+        Scalar::Other { shown, what } => return Err(format!("{key} {shown} is {what} ({units})")),
     };
-    let bytes = parse_byte_count(&text)
-        .map_err(|reason| format!("resync_rate {text:?}: {reason} ({UNITS})"))?;
+    let bytes =
+        parse_byte_count(&text).map_err(|reason| format!("{key} {text:?}: {reason} ({units})"))?;
     if bytes != 0 && bytes < MIN_RESYNC_RATE {
         return Err(format!(
-            "resync_rate {text:?} is too small: the minimum is 4KiB per second (one block); 0 means unlimited"
+            "{key} {text:?} is too small: the minimum is 4KiB per second (one block); {zero}"
         ));
     }
     Ok(bytes)
+}
+
+/// `[[resource]] c_fill_target`: bytes written like a size, 0 or
+/// `MIN_C_FILL_TARGET..=MAX_C_FILL_TARGET`. Returns the message on failure.
+fn parse_fill_target(value: &Scalar) -> Result<u64, String> {
+    const KEY: &str = "c_fill_target";
+    const UNITS: &str = "c_fill_target is in bytes, such as \"8MiB\" or \"512K\", 4KiB..=64MiB; \
+         0 means c_delay_target decides";
+    let text = match value {
+        Scalar::Int(n) => n.to_string(),
+        Scalar::Text(text) => text.clone(),
+        Scalar::Other { shown, what } => return Err(format!("{KEY} {shown} is {what} ({UNITS})")),
+    };
+    let bytes =
+        parse_byte_count(&text).map_err(|reason| format!("{KEY} {text:?}: {reason} ({UNITS})"))?;
+    if bytes != 0 && !(MIN_C_FILL_TARGET..=MAX_C_FILL_TARGET).contains(&bytes) {
+        return Err(format!("{KEY} {text:?} is out of range ({UNITS})"));
+    }
+    Ok(bytes)
+}
+
+/// `[[resource]] c_plan_ahead`: a duration, 0 (the controller off) or a whole number of
+/// `C_STEP`s up to `MAX_C_PLAN_AHEAD`. Returns the message on failure.
+fn parse_plan_ahead(value: &Scalar) -> Result<Duration, String> {
+    const KEY: &str = "c_plan_ahead";
+    const VALID: &str = "c_plan_ahead is a duration such as \"2s\" or \"500ms\", \
+         in whole 100ms steps up to 30s; 0 turns the resync controller off (resync_rate applies)";
+    let duration = parse_duration(KEY, value).map_err(|reason| format!("{reason} ({VALID})"))?;
+    let step = C_STEP.as_nanos();
+    if duration > MAX_C_PLAN_AHEAD || duration.as_nanos() % step != 0 {
+        return Err(format!("{KEY} {} is out of range ({VALID})", shown(value)));
+    }
+    Ok(duration)
+}
+
+/// `[[resource]] c_delay_target`: a duration in `MIN_C_DELAY_TARGET..=MAX_C_DELAY_TARGET`.
+/// Returns the message on failure.
+fn parse_delay_target(value: &Scalar) -> Result<Duration, String> {
+    const KEY: &str = "c_delay_target";
+    const VALID: &str = "c_delay_target is a duration such as \"1s\" or \"500ms\", 100ms..=10s";
+    let duration = parse_duration(KEY, value).map_err(|reason| format!("{reason} ({VALID})"))?;
+    if !(MIN_C_DELAY_TARGET..=MAX_C_DELAY_TARGET).contains(&duration) {
+        return Err(format!("{KEY} {} is out of range ({VALID})", shown(value)));
+    }
+    Ok(duration)
+}
+
+/// How a scalar was written, for messages.
+fn shown(value: &Scalar) -> String {
+    match value {
+        Scalar::Int(n) => n.to_string(),
+        Scalar::Text(text) => format!("{text:?}"),
+        Scalar::Other { shown, .. } => shown.clone(),
+    }
+}
+
+/// A duration for `key`: a whole number with the unit `s` or `ms` (`"2s"`, `"500ms"`; a space
+/// before the unit is allowed), or 0 without a unit. Returns the reason on failure.
+fn parse_duration(key: &str, value: &Scalar) -> Result<Duration, String> {
+    let text = match value {
+        Scalar::Int(0) => return Ok(Duration::ZERO),
+        Scalar::Int(n) => {
+            return Err(format!(
+                "{key} {n} has no unit; write \"{n}s\" or \"{n}ms\" in quotes"
+            ))
+        }
+        Scalar::Text(text) => text,
+        Scalar::Other { shown, what } => return Err(format!("{key} {shown} is {what}")),
+    };
+    let trimmed = text.trim();
+    let fail = |reason: &str| Err(format!("{key} {text:?}: {reason}"));
+    if trimmed.is_empty() {
+        return fail("empty");
+    }
+    if trimmed.starts_with('-') {
+        return fail("negative values are not allowed");
+    }
+    let digits_end = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
+    let (number, unit) = trimmed.split_at(digits_end);
+    if number.is_empty() {
+        return fail("does not start with a number");
+    }
+    let unit = unit.trim_start();
+    if unit.starts_with('.') || unit.starts_with(',') {
+        return fail("must be a whole number; use ms instead of a fraction (1500ms, not 1.5s)");
+    }
+    let Ok(number) = number.parse::<u64>() else {
+        return fail("too large");
+    };
+    match unit.to_ascii_lowercase().as_str() {
+        "" if number == 0 => Ok(Duration::ZERO),
+        "" => fail("has no unit (use s or ms)"),
+        "s" => Ok(Duration::from_secs(number)),
+        "ms" => Ok(Duration::from_millis(number)),
+        _ => fail(&format!("unknown unit {unit:?} (use s or ms)")),
+    }
 }
 
 /// The `after_sb_0pri` values qrbd implements, besides `discard-node-NAME`; the default first.
@@ -1586,6 +1815,11 @@ mod tests {
         csums = true
         al_extents = 3001
         resync_rate = "100M"
+        c_plan_ahead = "500ms"
+        c_fill_target = 0
+        c_delay_target = "300ms"
+        c_max_rate = "1G"
+        c_min_rate = 0
         after_sb_0pri = "discard-node-gamma"
         after_sb_1pri = "consensus"
         after_sb_2pri = "disconnect"
@@ -1700,6 +1934,13 @@ mod tests {
         assert_eq!(config.resources[0].al_extents, DEFAULT_AL_EXTENTS);
         assert_eq!(config.resources[0].resync_rate, 0, "unlimited");
         assert_eq!(config.resources[0].resync_rate, DEFAULT_RESYNC_RATE);
+        let control = &config.resources[0].resync_control;
+        assert_eq!(control.plan_ahead, Duration::from_secs(2));
+        assert_eq!(control.fill_target, 8 * MIB);
+        assert_eq!(control.delay_target, Duration::from_secs(1));
+        assert_eq!(control.max_rate, 0, "no bound");
+        assert_eq!(control.min_rate, 4 * MIB);
+        assert_eq!(*control, ResyncControl::default());
         let split_brain = &config.resources[0].split_brain;
         assert_eq!(*split_brain, SplitBrainPolicy::default());
         assert_eq!(split_brain.after_sb_0pri, AfterSb0Pri::Disconnect);
@@ -1763,6 +2004,13 @@ mod tests {
                     csums: true,
                     al_extents: 3001,
                     resync_rate: 100 * MIB,
+                    resync_control: ResyncControl {
+                        plan_ahead: Duration::from_millis(500),
+                        fill_target: 0,
+                        delay_target: Duration::from_millis(300),
+                        max_rate: GIB,
+                        min_rate: 0,
+                    },
                     split_brain: SplitBrainPolicy {
                         after_sb_0pri: AfterSb0Pri::DiscardNode("gamma".into()),
                         after_sb_1pri: AfterSb1Pri::Consensus,
@@ -1789,6 +2037,7 @@ mod tests {
                     csums: false,
                     al_extents: 1237,
                     resync_rate: 0,
+                    resync_control: ResyncControl::default(),
                     split_brain: SplitBrainPolicy::default(),
                     peers: vec![],
                 },
@@ -1931,7 +2180,7 @@ mod tests {
             &[
                 "resource \"r0\"",
                 "unknown key \"sise\"",
-                "name, size, protocol, disk_flushes, al_extents, resync_rate, after_sb_0pri, after_sb_1pri, after_sb_2pri, csums, peer",
+                "name, size, protocol, disk_flushes, al_extents, resync_rate, c_plan_ahead, c_fill_target, c_delay_target, c_max_rate, c_min_rate, after_sb_0pri, after_sb_1pri, after_sb_2pri, csums, peer",
             ],
         );
         // DRBD's spellings and near misses of the new keys get a suggestion.
@@ -1940,6 +2189,12 @@ mod tests {
             ("al_extent", "al_extents"),
             ("resync-rate", "resync_rate"),
             ("resync_rat", "resync_rate"),
+            ("c-plan-ahead", "c_plan_ahead"),
+            ("c-fill-target", "c_fill_target"),
+            ("c-delay-target", "c_delay_target"),
+            ("c-max-rate", "c_max_rate"),
+            ("c-min-rate", "c_min_rate"),
+            ("plan_ahead", "c_plan_ahead"),
             ("after-sb-0pri", "after_sb_0pri"),
             ("after-sb-1pri", "after_sb_1pri"),
             ("after-sb-2pri", "after_sb_2pri"),
@@ -2472,6 +2727,157 @@ mod tests {
         assert_eq!(
             load_err(&resource_with("resync_rate", "\"fast\""), &[]),
             "<inline>: resource \"r0\": resync_rate \"fast\": does not start with a number; write e.g. 1GiB or 4096 (resync_rate is in bytes per second, such as \"100MiB\" or \"512K\"; 0 means unlimited)"
+        );
+    }
+
+    #[test]
+    fn resync_controller_values() {
+        let control = |key: &str, value: &str| {
+            load_ok(&resource_with(key, value)).resources[0]
+                .resync_control
+                .clone()
+        };
+        let ms = Duration::from_millis;
+        for (value, expected) in [
+            ("0", Duration::ZERO),
+            ("\"0\"", Duration::ZERO),
+            ("\"0s\"", Duration::ZERO),
+            ("\"100ms\"", ms(100)),
+            ("\"500ms\"", ms(500)),
+            ("\"2s\"", ms(2000)),
+            ("\"2 S\"", ms(2000)),
+            ("\"2500MS\"", ms(2500)),
+            ("\"30s\"", ms(30_000)),
+        ] {
+            assert_eq!(
+                control("c_plan_ahead", value).plan_ahead,
+                expected,
+                "{value}"
+            );
+        }
+        for (value, expected) in [
+            ("0", 0),
+            ("\"4K\"", 4 * KIB),
+            ("4096", 4096),
+            ("\"8MiB\"", 8 * MIB),
+            ("\"64M\"", 64 * MIB),
+        ] {
+            assert_eq!(
+                control("c_fill_target", value).fill_target,
+                expected,
+                "{value}"
+            );
+        }
+        for (value, expected) in [
+            ("\"100ms\"", ms(100)),
+            ("\"1s\"", ms(1000)),
+            ("\"10s\"", ms(10_000)),
+        ] {
+            assert_eq!(
+                control("c_delay_target", value).delay_target,
+                expected,
+                "{value}"
+            );
+        }
+        for (value, expected) in [("0", 0), ("\"4K\"", 4 * KIB), ("\"10G\"", 10 * GIB)] {
+            assert_eq!(control("c_max_rate", value).max_rate, expected, "{value}");
+            assert_eq!(control("c_min_rate", value).min_rate, expected, "{value}");
+        }
+        // Each key leaves the others at their defaults.
+        let only_fill = control("c_fill_target", "0");
+        assert_eq!(
+            only_fill,
+            ResyncControl {
+                fill_target: 0,
+                ..ResyncControl::default()
+            }
+        );
+    }
+
+    #[test]
+    fn bad_resync_controller_values() {
+        let cases: &[(&str, &str, &[&str])] = &[
+            (
+                "c_plan_ahead",
+                "20",
+                &["c_plan_ahead 20 has no unit", "\"20s\""],
+            ),
+            (
+                "c_plan_ahead",
+                "\"2\"",
+                &["c_plan_ahead \"2\": has no unit (use s or ms)"],
+            ),
+            ("c_plan_ahead", "\"1.5s\"", &["whole number", "1500ms"]),
+            ("c_plan_ahead", "\"2min\"", &["unknown unit \"min\""]),
+            ("c_plan_ahead", "\"-1s\"", &["negative"]),
+            ("c_plan_ahead", "\"\"", &["empty"]),
+            (
+                "c_plan_ahead",
+                "\"fast\"",
+                &["does not start with a number"],
+            ),
+            (
+                "c_plan_ahead",
+                "\"31s\"",
+                &["c_plan_ahead \"31s\" is out of range", "up to 30s"],
+            ),
+            (
+                "c_plan_ahead",
+                "\"150ms\"",
+                &["out of range", "whole 100ms steps"],
+            ),
+            ("c_plan_ahead", "\"99999999999999999999s\"", &["too large"]),
+            (
+                "c_plan_ahead",
+                "1.5",
+                &["c_plan_ahead 1.5 is a floating-point number"],
+            ),
+            ("c_plan_ahead", "true", &["is a boolean"]),
+            (
+                "c_delay_target",
+                "0",
+                &["c_delay_target 0 is out of range", "100ms..=10s"],
+            ),
+            (
+                "c_delay_target",
+                "\"50ms\"",
+                &["out of range", "100ms..=10s"],
+            ),
+            ("c_delay_target", "\"11s\"", &["out of range"]),
+            (
+                "c_fill_target",
+                "\"2K\"",
+                &["c_fill_target \"2K\" is out of range", "4KiB..=64MiB"],
+            ),
+            (
+                "c_fill_target",
+                "\"65M\"",
+                &["out of range", "0 means c_delay_target decides"],
+            ),
+            ("c_fill_target", "\"8MB\"", &["unknown unit \"MB\""]),
+            ("c_fill_target", "[1]", &["c_fill_target [...] is a list"]),
+            (
+                "c_max_rate",
+                "\"100\"",
+                &["c_max_rate \"100\" is too small", "0 means no bound"],
+            ),
+            ("c_max_rate", "\"1.5G\"", &["whole number"]),
+            (
+                "c_min_rate",
+                "\"fast\"",
+                &["c_min_rate \"fast\"", "0 means the resync never yields"],
+            ),
+        ];
+        for (key, value, words) in cases {
+            let message = load_err(&resource_with(key, value), words);
+            assert!(
+                message.starts_with(&format!("<inline>: resource \"r0\": {key}")),
+                "{key} = {value}: {message:?}"
+            );
+        }
+        assert_eq!(
+            load_err(&resource_with("c_plan_ahead", "\"45s\""), &[]),
+            "<inline>: resource \"r0\": c_plan_ahead \"45s\" is out of range (c_plan_ahead is a duration such as \"2s\" or \"500ms\", in whole 100ms steps up to 30s; 0 turns the resync controller off (resync_rate applies))"
         );
     }
 

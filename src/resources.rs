@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use qrbd_actors::core::generation::JUST_CREATED_UUID;
-use qrbd_actors::core::resource::{SyncConfig, Timing};
+use qrbd_actors::core::resource::{RateControl, SyncConfig, Timing};
 use qrbd_actors::meta::DeviceMeta;
 use qrbd_actors::ports::MetaStore;
 use qrbd_actors::supervisor::{PeerSetup, ResourceSetup};
@@ -206,12 +206,26 @@ pub fn open_resource(
         disk_flushes: resource.disk_flushes,
         sync: SyncConfig {
             al_extents: resource.al_extents,
-            max_rate: resource.resync_rate,
+            rate: rate_control(resource),
             split_brain: resource.split_brain.clone(),
             csums: resource.csums,
             ..SyncConfig::default()
         },
     })
+}
+
+/// The resync controller's settings of a resource, in the core's terms (nanoseconds).
+fn rate_control(resource: &ResourceConfig) -> RateControl {
+    let nanos = |d: std::time::Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+    let control = &resource.resync_control;
+    RateControl {
+        plan_ahead: nanos(control.plan_ahead),
+        fill_target: control.fill_target,
+        delay_target: nanos(control.delay_target),
+        max_rate: control.max_rate,
+        min_rate: control.min_rate,
+        fixed_rate: resource.resync_rate,
+    }
 }
 
 #[cfg(test)]

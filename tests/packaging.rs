@@ -114,6 +114,11 @@ fn shipped_config_examples_are_valid() -> anyhow::Result<()> {
                     "protocol =",
                     "al_extents =",
                     "resync_rate =",
+                    "c_plan_ahead =",
+                    "c_fill_target =",
+                    "c_delay_target =",
+                    "c_max_rate =",
+                    "c_min_rate =",
                     "csums =",
                     "after_sb_0pri =",
                     "after_sb_1pri =",
@@ -140,6 +145,13 @@ fn shipped_config_examples_are_valid() -> anyhow::Result<()> {
     ensure!(resource.size_bytes == 1 << 30 && resource.peers.len() == 1);
     ensure!(resource.al_extents == config::DEFAULT_AL_EXTENTS);
     ensure!(resource.resync_rate == 100 << 20);
+    ensure!(
+        resource.resync_control
+            == config::ResyncControl {
+                max_rate: 500 << 20,
+                ..config::ResyncControl::default()
+            }
+    );
     ensure!(resource.csums);
     ensure!(
         resource.split_brain

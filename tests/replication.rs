@@ -1463,9 +1463,12 @@ fn quick_resync_moves_only_the_dirty_blocks() -> anyhow::Result<()> {
 /// up to about the dirty amount, not the dirty amount plus what the first attempt moved.
 #[test]
 fn a_resync_cut_halfway_resumes_without_starting_over() -> anyhow::Result<()> {
-    // Slow enough to cut it in the middle.
-    let (mut pair, proxy) =
-        primary_behind_proxy("qrbd-resync-resume", SIZE, "resync_rate = \"2M\"")?;
+    // Slow enough to cut it in the middle: the controller off, a fixed rate.
+    let (mut pair, proxy) = primary_behind_proxy(
+        "qrbd-resync-resume",
+        SIZE,
+        "c_plan_ahead = 0\nresync_rate = \"2M\"",
+    )?;
     proxy.cut();
     wait_until(REACT, "alpha to notice the cut", || {
         (connection(&pair.alpha)? != "Connected").then_some(())
@@ -2404,12 +2407,13 @@ fn split_brain_one_primary_consensus() -> anyhow::Result<()> {
 #[test]
 fn a_sync_target_refuses_promotion_and_the_states_survive_crashes() -> anyhow::Result<()> {
     let mut pair = Pair::configure("qrbd-outdate", &PairSpec::new(R, SIZE, "C"))?;
-    // Slow, so that the resync is still running while we look.
+    // Slow, so that the resync is still running while we look: the controller off, a fixed
+    // rate.
     for node in [&pair.alpha, &pair.beta] {
         edit_config(
             node,
             "protocol = \"C\"",
-            "protocol = \"C\"\nresync_rate = \"64K\"",
+            "protocol = \"C\"\nc_plan_ahead = 0\nresync_rate = \"64K\"",
         )?;
     }
     pair.create_md()?;

@@ -113,6 +113,15 @@ pub struct PeerSyncStatus {
     pub elapsed_seconds: u64,
     /// Why it is not progressing, when it is not.
     pub stalled: Option<String>,
+    /// On the target: bytes requested and not yet written (0 on the source).
+    #[serde(default)]
+    pub in_flight_bytes: u64,
+    /// On the target with the rate controller on: this step's request budget per second.
+    #[serde(default)]
+    pub planned_rate_bytes_per_sec: Option<u64>,
+    /// On the target: yielding to application writes (one request in flight).
+    #[serde(default)]
+    pub yielding: bool,
 }
 
 /// A resync that moved nothing for this long says it is stalled.

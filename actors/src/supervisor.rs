@@ -256,6 +256,9 @@ fn sync_status(sync: &SyncStatus, now: Tick) -> PeerSyncStatus {
         eta_seconds: remaining.checked_div(rate),
         elapsed_seconds: elapsed / SECOND,
         stalled,
+        in_flight_bytes: sync.in_flight_bytes,
+        planned_rate_bytes_per_sec: sync.planned_rate,
+        yielding: sync.yielding,
     }
 }
 

@@ -50,11 +50,11 @@ use std::fmt::Write as _;
 use qrbd_actors::core::generation::JUST_CREATED_UUID;
 use qrbd_actors::core::messages::{PeerMessage, StreamKind};
 use qrbd_actors::core::replication::Outgoing;
-use qrbd_actors::core::resource::SyncConfig;
 use qrbd_actors::core::resource::{
     Command, CommandError, CommandId, CoreConfig, DigestPurpose, Effect, Input, PeerConfig,
     PeerWrite, ResourceCore, Timing,
 };
+use qrbd_actors::core::resource::{RateControl, SyncConfig};
 use qrbd_actors::core::split_brain::{AfterSb0Pri, AfterSb1Pri, AfterSb2Pri, SplitBrainPolicy};
 use qrbd_actors::core::{
     ByteRange, ConnectionState, DiskState, IoKind, ReplicationProtocol, RequestId, Role, Tick,
@@ -104,6 +104,7 @@ struct Coverage {
     epochs_checked: u64,
     pairs_converged: u64,
     resyncs_finished: u64,
+    resyncs_fixed_rate: u64,
     split_brains_resolved: u64,
     inconsistent: u64,
     verifies_finished: u64,
@@ -136,6 +137,7 @@ impl Coverage {
         self.replicas_compared += o.replicas_compared;
         self.pairs_converged += o.pairs_converged;
         self.resyncs_finished += o.resyncs_finished;
+        self.resyncs_fixed_rate += o.resyncs_fixed_rate;
         self.split_brains_resolved += o.split_brains_resolved;
         self.inconsistent += o.inconsistent;
         self.verifies_finished += o.verifies_finished;
@@ -182,6 +184,10 @@ impl Coverage {
                 self.pairs_converged,
             ),
             ("resyncs that moved blocks", self.resyncs_finished),
+            (
+                "resyncs that moved blocks with the controller off",
+                self.resyncs_fixed_rate,
+            ),
             ("split brains resolved", self.split_brains_resolved),
             ("Inconsistent disks (sync targets)", self.inconsistent),
             ("online verifies finished", self.verifies_finished),
@@ -455,9 +461,9 @@ struct Sim {
     /// The disks held different data before `create-md`: skipping the initial sync would be
     /// the operator's mistake, so the workload never does.
     old_contents: bool,
-    al_extents: usize,
-    split_brain: SplitBrainPolicy,
-    csums: bool,
+    /// The resync settings of a seed (split-brain policy, csums, rate controller, activity-log
+    /// size), the same on every node.
+    sync: SyncConfig,
     /// A calm seed has no faults and writes mostly on the Primary: long stretches of plain
     /// replication, so that its invariants are exercised as much as the fault handling.
     calm: bool,
@@ -480,9 +486,7 @@ fn config(
     nodes: u8,
     protocol: ReplicationProtocol,
     seed: u64,
-    split_brain: &SplitBrainPolicy,
-    csums: bool,
-    al_extents: usize,
+    sync: &SyncConfig,
 ) -> CoreConfig {
     CoreConfig {
         resource: RESOURCE.into(),
@@ -503,13 +507,27 @@ fn config(
             ..Timing::default()
         },
         seed,
-        sync: SyncConfig {
-            split_brain: split_brain.clone(),
-            csums,
-            al_extents,
-            ..SyncConfig::default()
-        },
+        sync: sync.clone(),
     }
+}
+
+/// The rate controller of a seed, and the size of its resync requests: small requests, so
+/// that a resync of the small disk takes many, and every mode of the controller (off with a
+/// fixed rate or none, fill or delay target, rate caps, yielding to application writes or not).
+/// Drawn from a generator of its own, so that the rest of a seed's run does not change.
+fn rate_control(seed: u64) -> (RateControl, u64) {
+    let mut rng = Rng::new(seed ^ 0x5eed_c0de_0000_0001);
+    let ms = MS;
+    let control = RateControl {
+        plan_ahead: [0, 0, 100 * ms, 500 * ms, 2 * SECOND, 5 * SECOND][rng.below(6) as usize],
+        fill_target: [0, BLOCK, 4 * BLOCK, 16 * BLOCK, 8 << 20][rng.below(5) as usize],
+        delay_target: [100 * ms, SECOND][rng.below(2) as usize],
+        max_rate: [0, 0, 64 << 10, 256 << 10, 1 << 20][rng.below(5) as usize],
+        min_rate: [0, 4 << 10, 4 << 20][rng.below(3) as usize],
+        fixed_rate: [0, 64 << 10, 1 << 20][rng.below(3) as usize],
+    };
+    let request_bytes = [BLOCK, 2 * BLOCK, 4 * BLOCK, 256 << 10][rng.below(4) as usize];
+    (control, request_bytes)
 }
 
 /// The split-brain policy of a seed (the same on every node, as operators must configure it).
@@ -543,11 +561,20 @@ impl Sim {
         };
         let split_brain = split_brain_policy(&mut rng);
         let csums = rng.percent(50);
+        let (rate, request_bytes) = rate_control(seed);
         // A log of one or two extents makes extents leave it all the time.
         let al_extents = match rng.below(3) {
             0 => 1,
             1 => 2,
             _ => qrbd_actors::core::activity_log::DEFAULT_AL_EXTENTS,
+        };
+        let sync = SyncConfig {
+            split_brain,
+            csums,
+            rate,
+            request_bytes,
+            al_extents,
+            ..SyncConfig::default()
         };
         // Fresh metadata (blank, Inconsistent) on new disks or on disks with old contents;
         // otherwise a cluster whose initial sync was skipped long ago.
@@ -566,15 +593,7 @@ impl Sim {
                 Node {
                     id,
                     core: ResourceCore::new(
-                        config(
-                            id,
-                            count,
-                            protocol,
-                            seed ^ u64::from(id) << 32,
-                            &split_brain,
-                            csums,
-                            al_extents,
-                        ),
+                        config(id, count, protocol, seed ^ u64::from(id) << 32, &sync),
                         meta.clone(),
                         0,
                     ),
@@ -621,9 +640,7 @@ impl Sim {
             races: Vec::new(),
             split_possible: false,
             old_contents,
-            al_extents,
-            split_brain,
-            csums,
+            sync,
             racing_blocks: BTreeSet::new(),
             queue: VecDeque::new(),
             trace: VecDeque::new(),
@@ -632,6 +649,10 @@ impl Sim {
             cov: Coverage::default(),
         };
         sim.log(format!("{count} nodes, protocol {protocol}"));
+        sim.log(format!(
+            "resync requests of {} bytes, {:?}",
+            sim.sync.request_bytes, sim.sync.rate
+        ));
         for id in 1..=count {
             sim.effects(id);
         }
@@ -919,6 +940,9 @@ impl Sim {
         }
         if line.contains("replication:Established moved:") && !line.ends_with("moved:0") {
             self.cov.resyncs_finished += 1;
+            if !self.sync.rate.dynamic() {
+                self.cov.resyncs_fixed_rate += 1;
+            }
         }
         if line.contains("disk:Outdated") {
             self.cov.outdated += 1;
@@ -1734,9 +1758,7 @@ impl Sim {
         self.dials.retain(|(n, _)| *n != id);
         let count = self.nodes.len() as u8;
         let (protocol, seed, now) = (self.protocol, self.seed, self.now);
-        let split_brain = self.split_brain.clone();
-        let csums = self.csums;
-        let al_extents = self.al_extents;
+        let sync = self.sync.clone();
         let mut rng = Rng::new(self.rng.next());
         let n = self.node(id);
         if crash {
@@ -1765,15 +1787,7 @@ impl Sim {
         n.resync_payloads.clear();
         let stored = n.bitmaps.stored();
         n.core = ResourceCore::restore(
-            config(
-                id,
-                count,
-                protocol,
-                core_seed,
-                &split_brain,
-                csums,
-                al_extents,
-            ),
+            config(id, count, protocol, core_seed, &sync),
             meta,
             stored,
             now,
@@ -1893,7 +1907,8 @@ impl Sim {
             );
         }
         self.run_queue();
-        for round in 0..400 {
+        // Long enough for a full sync of every block at the slowest rate a seed may draw.
+        for round in 0..20_000 {
             self.step += 1;
             let mut progressed = false;
             while !self.dials.is_empty() {
@@ -1911,7 +1926,12 @@ impl Sim {
                 }
             }
             self.check_step();
-            if !progressed && round > 150 {
+            // A rate-limited resync may have nothing to do until the next tick.
+            let resyncing = self
+                .nodes
+                .iter()
+                .any(|n| n.core.links().any(|l| l.sync.is_some()));
+            if !progressed && round > 150 && !resyncing {
                 break;
             }
             // Long enough for redials after a refusal and for promotions to time out.

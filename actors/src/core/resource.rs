@@ -11,10 +11,12 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 mod bitmaps;
 mod initial_sync;
 mod resync;
+mod sync_controller;
 mod verify;
 
 use resync::Resync;
 pub use resync::{resync_direction, SideFacts, SyncConfig, SyncRole, SyncStatus};
+pub use sync_controller::RateControl;
 pub use verify::{BlockDigest, VerifyResult};
 
 use super::activity_log::ActivityLog;

@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use super::sync_controller::{Pacer, RateControl};
 use super::{BlockDigest, CommandId, DigestPurpose, Effect, MetaWaiter, ResourceCore};
 use crate::core::device::ByteRange;
 use crate::core::messages::PeerMessage;
@@ -16,8 +17,6 @@ use crate::core::{DiskState, Role, Tick, BLOCK_SIZE};
 
 /// Runs per `SyncBitmap` message.
 const RUNS_PER_MESSAGE: usize = 4096;
-/// How long after the last application write the resync stays in its yielding mode.
-const APPLICATION_QUIET: Tick = 100_000_000;
 /// The largest request a source serves.
 pub const MAX_RESYNC_REQUEST: u64 = 1 << 20;
 
@@ -28,10 +27,8 @@ pub struct SyncConfig {
     pub al_extents: usize,
     /// Bytes per resync request.
     pub request_bytes: u64,
-    /// Bytes the target keeps requested and not yet written.
-    pub window_bytes: u64,
-    /// Upper bound of the resync rate in bytes per second (0: none).
-    pub max_rate: u64,
+    /// How the target paces its requests: the rate controller and its settings.
+    pub rate: RateControl,
     /// Automatic split-brain recovery (`after_sb_*`).
     pub split_brain: SplitBrainPolicy,
     /// Checksum-based resync (DRBD's `csums-alg`): the target sends digests of its blocks
@@ -44,8 +41,7 @@ impl Default for SyncConfig {
         SyncConfig {
             al_extents: crate::core::activity_log::DEFAULT_AL_EXTENTS,
             request_bytes: 256 << 10,
-            window_bytes: 8 << 20,
-            max_rate: 0,
+            rate: RateControl::default(),
             split_brain: SplitBrainPolicy::default(),
             csums: false,
         }
@@ -168,13 +164,8 @@ pub struct Resync {
     pub last_progress: Tick,
     /// Why the resync cannot go on, when it cannot.
     pub stalled: Option<String>,
-    /// Target: bytes the rate limit still allows, and when it was last topped up.
-    allowance: u64,
-    allowance_at: Tick,
-    /// Target: application writes arrived from the source until about this time; meanwhile
-    /// the resync keeps one request in flight, so that the epoch flushes those writes wait
-    /// for do not queue behind a window of resync writes.
-    application_busy_until: Tick,
+    /// Target: the rate controller, once the transfer runs.
+    pacer: Option<Pacer>,
 }
 
 /// The observable state of a resync.
@@ -188,6 +179,12 @@ pub struct SyncStatus {
     pub started: Tick,
     pub last_progress: Tick,
     pub stalled: Option<String>,
+    /// Target: bytes requested and not yet written.
+    pub in_flight_bytes: u64,
+    /// Target with the controller on: this step's request budget, in bytes per second.
+    pub planned_rate: Option<u64>,
+    /// Target: yielding to application writes (one request in flight).
+    pub yielding: bool,
 }
 
 impl Resync {
@@ -210,9 +207,7 @@ impl Resync {
             started: now,
             last_progress: now,
             stalled: None,
-            allowance: 0,
-            allowance_at: now,
-            application_busy_until: 0,
+            pacer: None,
         }
     }
 
@@ -228,9 +223,14 @@ impl Resync {
         if status.stalled != self.stalled {
             status.stalled.clone_from(&self.stalled);
         }
+        let pacer = self.pacer.as_ref().map(Pacer::status).unwrap_or_default();
+        status.in_flight_bytes = self.requested_bytes;
+        status.planned_rate = pacer.planned_rate;
+        status.yielding = pacer.yielding;
     }
 
     pub fn status(&self) -> SyncStatus {
+        let pacer = self.pacer.as_ref().map(Pacer::status).unwrap_or_default();
         SyncStatus {
             role: self.role,
             running: self.running,
@@ -240,6 +240,9 @@ impl Resync {
             started: self.started,
             last_progress: self.last_progress,
             stalled: self.stalled.clone(),
+            in_flight_bytes: self.requested_bytes,
+            planned_rate: pacer.planned_rate,
+            yielding: pacer.yielding,
         }
     }
 }
@@ -505,15 +508,16 @@ impl ResourceCore {
         if let Some(resync) = self.links.get_mut(&peer).and_then(|l| l.resync.as_mut()) {
             if resync.role == SyncRole::Target {
                 resync.running = true;
-                resync.allowance_at = now;
+                let sync = &self.config.sync;
+                resync.pacer = Some(Pacer::new(&sync.rate, sync.request_bytes, now));
                 self.request_more(peer, now);
             }
         }
     }
 
-    /// Target: keeps the window of requests full, in linear order, within the rate limit.
+    /// Target: requests dirty blocks in linear order, as many as the rate controller allows
+    /// (docs/protocol.md, "Resync").
     pub(super) fn request_more(&mut self, peer: PeerId, now: Tick) {
-        let sync = &self.config.sync;
         if self.current_conn(peer).is_none() {
             return;
         }
@@ -528,31 +532,13 @@ impl ResourceCore {
             if resync.role != SyncRole::Target || !resync.running || resync.stalled.is_some() {
                 return;
             }
-            if sync.max_rate > 0 {
-                let elapsed = now.saturating_sub(resync.allowance_at);
-                let earned = (elapsed as u128 * sync.max_rate as u128 / 1_000_000_000) as u64;
-                // At most a tenth of a second's worth saved up.
-                resync.allowance =
-                    (resync.allowance + earned).min((sync.max_rate / 10).max(sync.request_bytes));
-                resync.allowance_at = now;
-            }
-            // At a low rate limit, small requests keep the flow smooth.
-            let request_bytes = if sync.max_rate > 0 {
-                sync.request_bytes.min(sync.max_rate / 10)
-            } else {
-                sync.request_bytes
-            };
-            let max_blocks = (request_bytes / BLOCK_SIZE).max(1);
-            // Yield to the application: while its writes replicate here, one request at a
-            // time (docs/protocol.md, "Resync").
-            let window = if now < resync.application_busy_until {
-                request_bytes.min(sync.window_bytes)
-            } else {
-                sync.window_bytes
+            let Some(pacer) = resync.pacer.as_mut() else {
+                return;
             };
             let mut wrapped = false;
-            while resync.requested_bytes < window {
-                if sync.max_rate > 0 && resync.allowance < max_blocks * BLOCK_SIZE {
+            loop {
+                let max_blocks = pacer.next_request(now, resync.requested_bytes) / BLOCK_SIZE;
+                if max_blocks == 0 {
                     break;
                 }
                 let Some((first, count)) = bitmap.next_dirty_run(resync.cursor, max_blocks) else {
@@ -570,9 +556,7 @@ impl ResourceCore {
                 resync.cursor = first + count;
                 resync.requested.insert(offset, len);
                 resync.requested_bytes += len;
-                if sync.max_rate > 0 {
-                    resync.allowance = resync.allowance.saturating_sub(len);
-                }
+                pacer.requested(len);
                 sends.push(PeerMessage::ResyncRequest { offset, len });
             }
             resync.requested.is_empty() && sends.is_empty() && bitmap.dirty_blocks() == 0
@@ -1104,6 +1088,9 @@ impl ResourceCore {
                     resync.moved_bytes += len;
                 }
                 resync.last_progress = now;
+                if let Some(pacer) = resync.pacer.as_mut() {
+                    pacer.settled(len);
+                }
                 if let Some(bitmap) = self.device.out_of_sync_mut(peer) {
                     bitmap.clear(ByteRange::new(offset, len));
                 }
@@ -1139,16 +1126,21 @@ impl ResourceCore {
         ));
     }
 
-    /// Target: an application write of the source arrived; the resync yields for a while.
+    /// Target: an application write of the source arrived; the resync yields for a while
+    /// (unless it is slower than `c_min_rate`), so that the epoch flushes those writes wait for
+    /// do not queue behind a window of resync writes.
     pub(super) fn application_write_during_resync(&mut self, peer: PeerId, now: Tick) {
-        if let Some(resync) = self.links.get_mut(&peer).and_then(|l| l.resync.as_mut()) {
-            if resync.role == SyncRole::Target {
-                resync.application_busy_until = now.saturating_add(APPLICATION_QUIET);
-            }
+        if let Some(pacer) = self
+            .links
+            .get_mut(&peer)
+            .and_then(|l| l.resync.as_mut())
+            .and_then(|r| r.pacer.as_mut())
+        {
+            pacer.application_write(now);
         }
     }
 
-    /// Time passed: the rate limit may allow more requests.
+    /// Time passed: the rate controller's next step may allow more requests.
     pub(super) fn resync_tick(&mut self, now: Tick) {
         let peers: Vec<PeerId> = self
             .links
