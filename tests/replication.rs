@@ -2311,6 +2311,43 @@ fn split_brain_recovery(
     pair.stop()
 }
 
+/// Beta's metadata is recreated (`create-md --force`) and beta is forced Primary alone and
+/// writes: its data no longer descends from alpha's (they share only the fresh generation).
+/// When alpha connects again, both refuse, say "unrelated data" and stay StandAlone.
+#[test]
+fn unrelated_data_is_refused() -> anyhow::Result<()> {
+    let mut pair = Pair::up("qrbd-unrelated", &PairSpec::new(R, SIZE, "C"))?;
+    pair.alpha.qrbd_ok(&["disconnect", R])?;
+    let exit = pair.beta.stop_daemon()?;
+    ensure!(exit.success(), "beta's daemon exited with {exit}");
+    pair.beta.qrbd_ok(&["create-md", "--force", R])?;
+    pair.beta.start_daemon()?;
+    wait_until(REACT, "beta's image", || {
+        pair.beta.image_path(R).exists().then_some(())
+    })?;
+    pair.beta.qrbd_ok(&["primary", "--force", R])?;
+    write_random(&pair.beta, 4, 0)?;
+    pair.beta.qrbd_ok(&["secondary", R])?;
+    pair.alpha.qrbd_ok(&["connect", R])?;
+    for node in [&pair.alpha, &pair.beta] {
+        wait_until(REACT, "the refusal to be logged", || {
+            log(node).contains("unrelated data").then_some(())
+        })
+        .with_context(|| pair.logs())?;
+    }
+    ensure_never_connected(&[&pair.alpha, &pair.beta], WATCH)?;
+    for node in [&pair.alpha, &pair.beta] {
+        let peer = peer(node)?;
+        ensure!(
+            peer.connection == "StandAlone",
+            "{} should stay StandAlone after the refusal, not {}",
+            node.dir.display(),
+            peer.connection
+        );
+    }
+    pair.stop()
+}
+
 /// Alpha was Primary before the split and beta became Primary during it: beta, the younger
 /// Primary, loses, though it changed more.
 #[test]

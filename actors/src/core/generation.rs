@@ -150,11 +150,16 @@ fn compare_uuids(
         (true, false) => SyncDecision::PeerBehind { full: true },
         (false, true) => SyncDecision::LocalBehind { full: true },
         _ => {
-            let common = local
-                .history
-                .iter()
-                .any(|uuid| *uuid != 0 && peer.history.contains(uuid));
-            if common || (local_bitmap != 0 && peer.knows(local_bitmap)) {
+            // Every replica starts in the fresh generation: sharing only that relates nothing.
+            let common = local.history.iter().any(|uuid| {
+                *uuid != 0 && *uuid != JUST_CREATED_UUID && peer.history.contains(uuid)
+            });
+            // A bitmap identifier the other side knows relates them too (either way round, so
+            // both sides reach the same verdict); the fresh generation relates nothing.
+            let related = |bitmap: GenerationUuid, other: &Generations| {
+                bitmap != JUST_CREATED_UUID && other.knows(bitmap)
+            };
+            if common || related(local_bitmap, peer) || related(peer_bitmap, local) {
                 SyncDecision::SplitBrain { full: true }
             } else {
                 SyncDecision::Unrelated
@@ -333,6 +338,22 @@ mod tests {
                 generations(30, &[(0, JUST_CREATED_UUID)], &[JUST_CREATED_UUID]),
                 UpToDate,
                 SyncDecision::SplitBrain { full: true },
+            ),
+            (
+                "two clusters that each skipped their initial sync share only the fresh generation",
+                generations(20, &[], &[JUST_CREATED_UUID]),
+                UpToDate,
+                generations(30, &[], &[JUST_CREATED_UUID]),
+                UpToDate,
+                SyncDecision::Unrelated,
+            ),
+            (
+                "a replica recreated and forced alone meets its old peer: unrelated",
+                generations(20, &[], &[JUST_CREATED_UUID]),
+                UpToDate,
+                generations(30, &[(0, JUST_CREATED_UUID)], &[JUST_CREATED_UUID]),
+                UpToDate,
+                SyncDecision::Unrelated,
             ),
             (
                 "both Outdated: the identifiers decide",
