@@ -11,9 +11,10 @@
 //! once.
 //!
 //! Our additions to the scheme DRBD made known, each for a failure we saw on a fast link:
-//! * below the wanted level a step may close the gap to it at once, but request at most twice
-//!   what the last one moved (a slow start: the plan alone adds `fill_target / slots` per step,
-//!   seconds to reach several hundred MiB/s);
+//! * the first step is bounded only by the wanted level in flight (nothing is measured yet), and
+//!   later, below the wanted level a step may close the gap to it at once, but request at most
+//!   twice what the last one moved (a slow start: the plan alone adds `fill_target / slots` per
+//!   step, seconds to reach several hundred MiB/s);
 //! * what arrived counts as the last step's bytes or the average of the last ten steps,
 //!   whichever is more: one step in which the source stalled (a flush) does not collapse the
 //!   budget, which the plan would take seconds to rebuild;
@@ -38,6 +39,8 @@ use crate::core::{Tick, BLOCK_SIZE};
 pub const STEP: Tick = 100_000_000;
 /// The most bytes the controller ever wants in flight (also the largest `fill_target`).
 pub const MAX_IN_FLIGHT: u64 = 64 << 20;
+/// The first step's budget: more than any link moves in 100 ms (10 GiB/s).
+const FIRST_STEP_BUDGET: u64 = 1 << 30;
 /// The window of the fixed mode (`plan_ahead` 0) when `fill_target` is 0.
 pub const FIXED_WINDOW: u64 = 8 << 20;
 /// How long after the last application write the resync stays in its yielding mode.
@@ -180,9 +183,9 @@ impl Pacer {
         }
         let request_size = (request_size / BLOCK_SIZE).max(1) * BLOCK_SIZE;
         let slots = (config.plan_ahead / STEP).max(1) as usize;
-        // The first step may fill the wanted level at once (as a window would); with a delay
-        // target nothing is measured yet, and one request starts the slow start.
-        let mut budget = config.fill_target.min(MAX_IN_FLIGHT).max(request_size);
+        // Nothing is measured yet: the first step has no budget to speak of, only the wanted
+        // level in flight bounds it (as a window would; with a delay target, one request).
+        let mut budget = FIRST_STEP_BUDGET;
         if config.max_rate > 0 {
             budget = budget.min(per_step(config.max_rate).max(request_size));
         }
@@ -353,9 +356,8 @@ impl Pacer {
 
     pub fn status(&self) -> PacerStatus {
         PacerStatus {
-            planned_rate: self
-                .config
-                .dynamic()
+            // Nothing is planned before the first step.
+            planned_rate: (self.config.dynamic() && !self.history.is_empty())
                 .then(|| (u128::from(self.budget) * SECOND / u128::from(STEP)) as u64),
             yielding: self.yielding,
         }
@@ -547,15 +549,18 @@ mod tests {
 
     #[test]
     fn a_fast_link_reaches_its_rate_quickly() {
-        // The slow start: below the fill target, a step closes the gap to it (at most doubling
-        // what the last one moved), without queueing much more than the fill target.
+        // The first step is bounded only by the fill target in flight (as the window was):
+        // from the start, the link's rate, and never more than the fill target queued.
         let mut model = Model::new(dynamic(), 600 * MIB, 5 * MS);
         let mut most = 0;
-        model.run(1_500 * MS, MS, |m| most = most.max(m.in_flight));
-        assert!(most <= 12 * MIB, "{} KiB in flight", most / 1024);
-        assert!(model.rate_over(S) > 600 * MIB * 9 / 10);
-        let mut model = Model::new(dynamic(), 400 * MIB, MS);
-        model.run(S, STEP, |_| {});
+        let before = model.settled;
+        model.run(S, MS, |m| most = most.max(m.in_flight));
+        assert!(most <= 8 * MIB + REQUEST, "{} KiB in flight", most / 1024);
+        assert!(model.settled - before > 600 * MIB * 9 / 10);
+        // The slow start, after the resync yielded to application writes for a second: the
+        // budget closes the gap to the fill target within a few steps.
+        let (mut model, _) = with_application_writes(dynamic(), MS);
+        model.run(500 * MS, STEP, |_| {});
         assert!(model.rate_over(S) > 400 * MIB * 9 / 10);
         // With a delay target instead of a fill target, from one request.
         let config = RateControl {
@@ -564,7 +569,7 @@ mod tests {
             ..dynamic()
         };
         let mut model = Model::new(config, 400 * MIB, MS);
-        model.run(2 * S, STEP, |_| {});
+        model.run(S, STEP, |_| {});
         assert!(model.rate_over(S) > 400 * MIB * 9 / 10);
     }
 
