@@ -291,6 +291,8 @@ start_pair() {
         fi
         sleep 0.2
     done
+    # Two new, blank disks: no initial sync (docs/protocol.md, "The initial sync").
+    "$QRBD" --config "$dir/alpha.toml" new-current-uuid --clear-bitmap r0 >/dev/null
     "$QRBD" --config "$dir/alpha.toml" primary r0 >/dev/null
 }
 
