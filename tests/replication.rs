@@ -150,6 +150,15 @@ impl Pair {
         )
     }
 
+    /// The end of a test whose alpha is Primary: replication goes quiet, the backing files
+    /// are identical, alpha steps down and both daemons stop cleanly.
+    fn end_in_sync(&mut self) -> anyhow::Result<()> {
+        self.wait_quiet()?;
+        ensure!(self.backings_identical()?, "the backing images differ");
+        self.alpha.qrbd_ok(&["secondary", R])?;
+        self.stop()
+    }
+
     /// Stops both daemons cleanly (SIGTERM) and checks they exit with success.
     fn stop(&mut self) -> anyhow::Result<()> {
         for node in [&mut self.alpha, &mut self.beta] {
@@ -1302,10 +1311,7 @@ fn the_initial_sync_after_a_forced_promotion_copies_every_block() -> anyhow::Res
         moved == 64 * MIB,
         "the initial sync moved {moved} bytes; expected the whole image"
     );
-    pair.wait_quiet()?;
-    ensure!(pair.backings_identical()?, "the backing images differ");
-    pair.alpha.qrbd_ok(&["secondary", R])?;
-    pair.stop()
+    pair.end_in_sync()
 }
 
 /// The initial sync survives a restart of its target: beta's daemon is stopped (SIGTERM) a
@@ -1362,10 +1368,7 @@ fn an_initial_sync_resumes_after_the_target_restarts() -> anyhow::Result<()> {
         total >= 64 * MIB && total < 64 * MIB + before_kill / 2,
         "the initial sync started over: {total} bytes moved in all ({before_kill} before the restart)"
     );
-    pair.wait_quiet()?;
-    ensure!(pair.backings_identical()?, "the backing images differ");
-    pair.alpha.qrbd_ok(&["secondary", R])?;
-    pair.stop()
+    pair.end_in_sync()
 }
 
 /// Two blank disks: `new-current-uuid --clear-bitmap` makes both UpToDate in one new
@@ -1411,10 +1414,7 @@ fn clear_bitmap_skips_the_initial_sync_of_blank_disks() -> anyhow::Result<()> {
     );
     pair.alpha.qrbd_ok(&["primary", R])?;
     write_scattered(&pair.alpha, 64, 64 * MIB, 5)?;
-    pair.wait_quiet()?;
-    ensure!(pair.backings_identical()?, "the backing images differ");
-    pair.alpha.qrbd_ok(&["secondary", R])?;
-    pair.stop()
+    pair.end_in_sync()
 }
 
 #[test]
@@ -1521,10 +1521,7 @@ fn a_resync_cut_halfway_resumes_without_starting_over() -> anyhow::Result<()> {
         total < dirty + before_cut / 2,
         "the resync started over: {total} bytes moved in all for {dirty} dirty bytes ({before_cut} before the cut)"
     );
-    pair.wait_quiet()?;
-    ensure!(pair.backings_identical()?, "the backing images differ");
-    pair.alpha.qrbd_ok(&["secondary", R])?;
-    pair.stop()
+    pair.end_in_sync()
 }
 
 /// `invalidate` on the Secondary, then `invalidate-remote` on the Primary: each is a full
