@@ -244,9 +244,10 @@ impl Pacer {
                 return 0;
             }
             self.earned.top_up(self.budget, self.budget, now);
-            // Whole requests, unless a step's budget is smaller than one.
+            // What was earned so far, at least a block: waiting for a whole request's worth
+            // would hold single-block requests (scattered dirty blocks) to one per event.
             let earned = self.earned.bytes();
-            if earned < self.request_size.min(self.budget).max(BLOCK_SIZE) {
+            if earned < BLOCK_SIZE {
                 return 0;
             }
             limit = limit.min(earned);
@@ -263,9 +264,14 @@ impl Pacer {
         if cap > 0 {
             self.allowance
                 .top_up(cap, per_step(cap).max(self.request_size), now);
-            if self.allowance.bytes() < self.request_size {
+            // A request of what the allowance holds: the dirty runs may be single blocks, and
+            // waiting for a whole request's worth each time would let one request out per
+            // tick or completion (23 a second for scattered blocks at 2 MiB/s).
+            let available = self.allowance.bytes();
+            if available < BLOCK_SIZE {
                 return 0;
             }
+            limit = limit.min(available);
         }
         limit / BLOCK_SIZE * BLOCK_SIZE
     }
@@ -398,6 +404,8 @@ mod tests {
         /// The source serves nothing for `.1` at the start of every `.0` (a disk that stalls
         /// for its flushes, say).
         stalls: Option<(Tick, Tick)>,
+        /// The longest dirty run: requests are no longer than this (scattered blocks).
+        longest_run: u64,
     }
 
     impl Model {
@@ -416,6 +424,7 @@ mod tests {
                 settled: 0,
                 log: Vec::new(),
                 stalls: None,
+                longest_run: u64::MAX,
             }
         }
 
@@ -427,6 +436,7 @@ mod tests {
                     break;
                 }
                 assert!(len <= REQUEST && len % BLOCK_SIZE == 0, "{len}");
+                let len = len.min(self.longest_run);
                 self.log.push((self.now, self.in_flight, len));
                 self.pacer.requested(len);
                 self.requested += len;
@@ -630,6 +640,28 @@ mod tests {
         });
         // A request every 4096 bytes' worth, seen at the next tick: 1.32 s apart.
         assert!(model.requested >= 7 * 4096, "{}", model.requested);
+    }
+
+    #[test]
+    fn a_rate_limit_is_reached_with_single_block_requests() {
+        // Scattered dirty blocks: every request is one block, far below a request's size.
+        for config in [
+            RateControl {
+                plan_ahead: 0,
+                fixed_rate: 2 * MIB,
+                ..dynamic()
+            },
+            RateControl {
+                max_rate: 2 * MIB,
+                ..dynamic()
+            },
+        ] {
+            let mut model = Model::new(config, 400 * MIB, MS);
+            model.longest_run = BLOCK_SIZE;
+            model.run(5 * S, STEP, |_| {});
+            let rate = model.rate_over(4 * S);
+            assert!(rate > 2 * MIB * 8 / 10 && rate <= 2 * MIB, "{rate}");
+        }
     }
 
     #[test]
