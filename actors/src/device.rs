@@ -245,6 +245,8 @@ pub struct DeviceSetup {
 
 pub struct DeviceActor {
     name: String,
+    /// This device's queue in the retry actor.
+    retry_key: u64,
     core: ResourceCore,
     store: Arc<dyn BlockStore>,
     pending: BTreeMap<RequestId, PendingIo>,
@@ -331,6 +333,7 @@ impl DeviceActor {
         let core = ResourceCore::restore(setup.config, setup.meta, setup.bitmaps, 0);
         DeviceActor {
             name,
+            retry_key: crate::retry::next_device_key(),
             core,
             store,
             pending: BTreeMap::new(),
@@ -1166,6 +1169,7 @@ impl DeviceActor {
                 reply: pending.reply,
                 issued: pending.issued,
             },
+            device_key: self.retry_key,
             device: ctx.address().recipient(),
         });
     }

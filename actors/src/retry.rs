@@ -7,8 +7,11 @@
 //! postponed request and re-submits it through the owning device's mailbox, waiting for room
 //! there on its own time. The device takes the application-I/O count again on re-submission,
 //! having released it when it postponed the request, so the count stays paired.
+//!
+//! Each device has a queue of its own here: a device whose mailbox is full (or whose actor is
+//! stuck) holds up only its own re-submissions, never another device's.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Instant;
 
 use actix::prelude::*;
@@ -33,7 +36,17 @@ pub struct Resubmit(pub PostponedIo);
 #[rtype(result = "()")]
 pub struct RetryPostponed {
     pub io: PostponedIo,
+    /// Names the device's queue: unique per device for the life of the process (see
+    /// [`next_device_key`]).
+    pub device_key: u64,
     pub device: Recipient<Resubmit>,
+}
+
+/// A fresh key for a device's queue.
+pub fn next_device_key() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// Counters, for status and tests.
@@ -42,6 +55,7 @@ pub struct RetryStats {
     pub postponed: u64,
     pub resubmitted: u64,
     pub failed: u64,
+    /// Requests waiting here now, over all devices.
     pub queued: u64,
 }
 
@@ -49,10 +63,16 @@ pub struct RetryStats {
 #[rtype(result = "RetryStats")]
 pub struct GetRetryStats;
 
+/// One device's postponed requests, re-submitted one at a time, in order.
+struct DeviceQueue {
+    device: Recipient<Resubmit>,
+    waiting: VecDeque<PostponedIo>,
+    resubmitting: bool,
+}
+
 #[derive(Default)]
 pub struct RetryActor {
-    queue: VecDeque<RetryPostponed>,
-    resubmitting: bool,
+    queues: BTreeMap<u64, DeviceQueue>,
     stats: RetryStats,
 }
 
@@ -64,16 +84,22 @@ impl Supervised for RetryActor {}
 impl SystemService for RetryActor {}
 
 impl RetryActor {
-    /// Re-submits queued requests one at a time, each waiting for room in its device's
-    /// mailbox without holding up this actor's own mailbox.
-    fn resubmit_next(&mut self, ctx: &mut Context<Self>) {
-        if self.resubmitting {
-            return;
-        }
-        let Some(RetryPostponed { io, device }) = self.queue.pop_front() else {
+    /// Re-submits the next request of one device's queue, waiting for room in that device's
+    /// mailbox without holding up this actor's own mailbox or any other device's queue.
+    fn resubmit_next(&mut self, key: u64, ctx: &mut Context<Self>) {
+        let Some(queue) = self.queues.get_mut(&key) else {
             return;
         };
-        self.resubmitting = true;
+        if queue.resubmitting {
+            return;
+        }
+        let Some(io) = queue.waiting.pop_front() else {
+            // Nothing left for this device: forget it until it postpones again.
+            self.queues.remove(&key);
+            return;
+        };
+        queue.resubmitting = true;
+        let device = queue.device.clone();
         let send = async move {
             match device.send(Resubmit(io)).await {
                 Ok(()) => true,
@@ -85,16 +111,22 @@ impl RetryActor {
                 }
             }
         };
-        ctx.spawn(send.into_actor(self).map(|delivered, actor, ctx| {
-            actor.resubmitting = false;
+        ctx.spawn(send.into_actor(self).map(move |delivered, actor, ctx| {
+            if let Some(queue) = actor.queues.get_mut(&key) {
+                queue.resubmitting = false;
+            }
             if delivered {
                 actor.stats.resubmitted += 1;
             } else {
                 actor.stats.failed += 1;
             }
-            actor.stats.queued = actor.queue.len() as u64;
-            actor.resubmit_next(ctx);
+            actor.count_queued();
+            actor.resubmit_next(key, ctx);
         }));
+    }
+
+    fn count_queued(&mut self) {
+        self.stats.queued = self.queues.values().map(|q| q.waiting.len() as u64).sum();
     }
 }
 
@@ -102,9 +134,17 @@ impl Handler<RetryPostponed> for RetryActor {
     type Result = ();
     fn handle(&mut self, msg: RetryPostponed, ctx: &mut Context<Self>) {
         self.stats.postponed += 1;
-        self.queue.push_back(msg);
-        self.stats.queued = self.queue.len() as u64;
-        self.resubmit_next(ctx);
+        let queue = self
+            .queues
+            .entry(msg.device_key)
+            .or_insert_with(|| DeviceQueue {
+                device: msg.device,
+                waiting: VecDeque::new(),
+                resubmitting: false,
+            });
+        queue.waiting.push_back(msg.io);
+        self.count_queued();
+        self.resubmit_next(msg.device_key, ctx);
     }
 }
 

@@ -21,7 +21,9 @@ use qrbd_actors::device::{
 };
 use qrbd_actors::gate::{GateRefused, OpenRefused};
 use qrbd_actors::meta::{DeviceMeta, StoredBitmaps};
-use qrbd_actors::retry::{GetRetryStats, RetryActor, RetryStats};
+use qrbd_actors::retry::{
+    next_device_key, GetRetryStats, PostponedIo, Resubmit, RetryActor, RetryPostponed, RetryStats,
+};
 use qrbd_actors::supervisor::{
     Demote, GetStatus, Promote, ResourceSetup, ResourceSupervisor, SetSuspended, Shutdown,
     StateChangeError,
@@ -550,6 +552,89 @@ async fn postponed_write_is_reissued_through_the_retry_actor_and_replies_once() 
         .collect();
     assert_eq!(writes, vec![(0, 4096, true), (0, 4096, true)]);
     assert_eq!(retry_stats().await.resubmitted, 1);
+}
+
+/// A device whose actor takes a re-submission and never finishes with it.
+struct StuckDevice;
+
+impl Actor for StuckDevice {
+    type Context = Context<Self>;
+}
+
+impl Handler<Resubmit> for StuckDevice {
+    type Result = ResponseFuture<()>;
+    fn handle(&mut self, _: Resubmit, _: &mut Context<Self>) -> Self::Result {
+        Box::pin(std::future::pending())
+    }
+}
+
+/// The retry actor keeps one queue per device: a device that never takes its re-submissions
+/// (a full mailbox, a stuck actor) holds up its own queue only, and another device's
+/// postponed write is re-issued and completes meanwhile.
+#[actix_rt::test]
+async fn a_stuck_device_does_not_hold_up_another_devices_retries() {
+    let pool = pool();
+    let stuck = StuckDevice.start();
+    let stuck_key = next_device_key();
+    let mut stuck_replies = Vec::new();
+    for offset in [0, 4096] {
+        let (reply, outcome) = reply_channel();
+        stuck_replies.push(outcome);
+        RetryActor::from_registry().do_send(RetryPostponed {
+            io: PostponedIo {
+                op: write_op(&pool, offset, &pattern(1, 4096)),
+                reply,
+                issued: Instant::now(),
+            },
+            device_key: stuck_key,
+            device: stuck.clone().recipient(),
+        });
+    }
+    retry_stats_until("the stuck device's queue", |s| {
+        s.postponed == 2 && s.queued == 1
+    })
+    .await;
+
+    let store = MemStore::new(MIB);
+    let (device, _snap) = start_device(&store, true);
+    let data = pattern(7, 4096);
+    let gate = store.hold_gate();
+    let (reply, replied) = stamped_reply(&store);
+    device.do_send(SubmitIo {
+        op: write_op(&pool, 0, &data),
+        reply,
+        issued: Instant::now(),
+    });
+    store
+        .wait_for("first write parked", DEADLINE, |c| c.parked == 1)
+        .await;
+    device
+        .send(PostponeRequest(FIRST_REQUEST))
+        .await
+        .expect("device alive");
+    gate.release();
+    let (outcome, writes_at_reply) = tokio::time::timeout(DEADLINE, replied)
+        .await
+        .expect("the other device's postponed write completes while one device is stuck")
+        .expect("reply not dropped");
+    assert!(matches!(outcome, Ok(IoDone::Written(4096))), "{outcome:?}");
+    assert_eq!(writes_at_reply, 2, "replied only after the re-issued write");
+    let stats = retry_stats().await;
+    assert_eq!(stats.postponed, 3);
+    assert_eq!(
+        stats.resubmitted, 1,
+        "only the other device's request went through"
+    );
+    assert_eq!(
+        stats.queued, 1,
+        "the stuck device's second request still waits"
+    );
+    for mut outcome in stuck_replies {
+        assert!(
+            outcome.try_recv().is_err(),
+            "the stuck device answered nothing"
+        );
+    }
 }
 
 /// The seed patch's deadlock: re-issuing a postponed write must wait while the device is
