@@ -69,6 +69,8 @@ const TAG_VERIFY_REPLY: u8 = 26;
 const TAG_RESYNC_CHECKSUMS: u8 = 27;
 const TAG_RESYNC_SAME: u8 = 28;
 const TAG_SKIP_INITIAL_SYNC: u8 = 29;
+const TAG_SUPERSEDED: u8 = 30;
+const TAG_RETRY_WRITE: u8 = 31;
 /// Digests one `VerifyReply` may carry: one per 4 KiB block of the largest request (1 MiB).
 pub const MAX_VERIFY_DIGESTS: usize = 256;
 /// Generations a Hello may list in its history, at most.
@@ -344,6 +346,15 @@ pub fn encode_into(out: &mut impl FrameBuf, msg: &PeerMessage) {
         PeerMessage::SkipInitialSync { uuid } => {
             out.put_u8(TAG_SKIP_INITIAL_SYNC);
             out.put_slice(&uuid.to_be_bytes());
+        }
+        PeerMessage::Superseded { seq } => {
+            out.put_u8(TAG_SUPERSEDED);
+            out.put_slice(&seq.to_be_bytes());
+        }
+        PeerMessage::RetryWrite { seq, after } => {
+            out.put_u8(TAG_RETRY_WRITE);
+            out.put_slice(&seq.to_be_bytes());
+            out.put_slice(&after.to_be_bytes());
         }
         PeerMessage::State {
             role,
@@ -903,6 +914,8 @@ pub fn decode_frame_body(body: &[u8]) -> Result<PeerMessage, WireError> {
         TAG_STATE_COMMIT => ("StateCommit", rest),
         TAG_STATE_ABORT => ("StateAbort", rest),
         TAG_SKIP_INITIAL_SYNC => ("SkipInitialSync", rest),
+        TAG_SUPERSEDED => ("Superseded", rest),
+        TAG_RETRY_WRITE => ("RetryWrite", rest),
         TAG_SYNC_BITMAP => ("SyncBitmap", rest),
         TAG_RESYNC_REQUEST => ("ResyncRequest", rest),
         TAG_RESYNC_FAILED => ("ResyncFailed", rest),
@@ -941,6 +954,11 @@ pub fn decode_frame_body(body: &[u8]) -> Result<PeerMessage, WireError> {
         },
         TAG_SKIP_INITIAL_SYNC => PeerMessage::SkipInitialSync {
             uuid: r.u64("uuid")?,
+        },
+        TAG_SUPERSEDED => PeerMessage::Superseded { seq: r.u64("seq")? },
+        TAG_RETRY_WRITE => PeerMessage::RetryWrite {
+            seq: r.u64("seq")?,
+            after: r.u64("after")?,
         },
         TAG_STATE => PeerMessage::State {
             role: r.enum_u8("role", role_from)?,
@@ -1670,6 +1688,11 @@ mod tests {
             PeerMessage::StateCommit { transaction: 9 },
             PeerMessage::StateAbort { transaction: 10 },
             PeerMessage::SkipInitialSync { uuid: 0x1234_5678 },
+            PeerMessage::Superseded { seq: 77 },
+            PeerMessage::RetryWrite {
+                seq: 78,
+                after: u64::MAX,
+            },
             PeerMessage::State {
                 role: Role::Primary,
                 disk: DiskState::UpToDate,
@@ -2248,7 +2271,7 @@ mod tests {
             "{err}"
         );
 
-        for tag in [0, 7, 8, 30, 255] {
+        for tag in [0, 7, 8, 32, 255] {
             let err = decode_frame_body(&[tag, 0, 0]).unwrap_err();
             assert!(matches!(err, WireError::UnknownTag(t) if t == tag), "{err}");
         }

@@ -134,6 +134,18 @@ pub enum PeerMessage {
     PingAck {
         nonce: u64,
     },
+    /// Two primaries (docs/protocol.md, "Postponed requests"): the resolver did not write the
+    /// peer's write `seq`, which lay inside its own conflicting write; the request completes.
+    Superseded {
+        seq: u64,
+    },
+    /// Two primaries: the resolver did not write the peer's write `seq`, which overlapped its
+    /// own write `after` (a sequence number of the resolver's data stream); the request is
+    /// issued again once the writes up to `after` are applied at its origin.
+    RetryWrite {
+        seq: u64,
+        after: u64,
+    },
     /// `new-current-uuid --clear-bitmap`: the sender declared the blank replicas identical and
     /// took `uuid` as their first generation, UpToDate; a blank receiver does the same
     /// (docs/protocol.md, "The initial sync").
@@ -238,6 +250,8 @@ impl PeerMessage {
             PeerMessage::StateCommit { .. } => "StateCommit",
             PeerMessage::StateAbort { .. } => "StateAbort",
             PeerMessage::SkipInitialSync { .. } => "SkipInitialSync",
+            PeerMessage::Superseded { .. } => "Superseded",
+            PeerMessage::RetryWrite { .. } => "RetryWrite",
             PeerMessage::SyncBitmap { .. } => "SyncBitmap",
             PeerMessage::ResyncRequest { .. } => "ResyncRequest",
             PeerMessage::ResyncData { .. } => "ResyncData",

@@ -1303,6 +1303,17 @@ impl ResourceCore {
                 self.commit_received(peer, transaction, now)
             }
             PeerMessage::SkipInitialSync { uuid } => self.skip_initial_sync_received(peer, uuid),
+            // Only a resolver between two primaries sends these, and two primaries are not
+            // allowed yet: a peer that sends one is broken.
+            other @ (PeerMessage::Superseded { .. } | PeerMessage::RetryWrite { .. }) => self
+                .protocol_error(
+                    peer,
+                    format!(
+                        "{} from a peer, but two primaries are not allowed here",
+                        other.name()
+                    ),
+                    now,
+                ),
             PeerMessage::StateAbort { transaction } => {
                 if self
                     .prepared
@@ -3181,6 +3192,37 @@ mod tests {
         );
         assert_eq!(pair.nodes[0].role(), Role::Primary);
         assert_eq!(pair.nodes[1].role(), Role::Secondary);
+    }
+
+    #[test]
+    fn conflict_answers_without_two_primaries_drop_the_link() {
+        for message in [
+            PeerMessage::Superseded { seq: 1 },
+            PeerMessage::RetryWrite { seq: 1, after: 3 },
+        ] {
+            let mut pair = Pair::new();
+            pair.connect();
+            let name = message.name();
+            pair.input(
+                0,
+                Input::PeerMessage {
+                    peer: 2,
+                    conn: 1,
+                    message,
+                },
+            );
+            let effects: Vec<Effect> = pair.nodes[0].drain_effects().collect();
+            assert!(
+                effects
+                    .iter()
+                    .any(|e| matches!(e, Effect::CloseConnection { peer: 2, .. })),
+                "{name}: {effects:?}"
+            );
+            let link = pair.nodes[0].link(2).expect("link");
+            assert!(link
+                .last_error
+                .is_some_and(|e| e.contains("two primaries are not allowed")));
+        }
     }
 
     #[test]
