@@ -640,11 +640,10 @@ pub struct ResourceCore {
     crashed: bool,
     /// The received writes not yet applied, by (peer, seq).
     received_writes: BTreeMap<(PeerId, u64), PeerWrite>,
-    /// Peer writes at the local store, by (peer, conn, seq): those of a lost connection still
-    /// land, so nothing newer may be written over them before they did.
-    at_store: BTreeSet<(PeerId, u64, u64)>,
-    /// The ranges of the writes in `at_store`: their extents stay hot in the activity log.
-    peer_write_ranges: BTreeMap<(PeerId, u64, u64), ByteRange>,
+    /// Peer writes at the local store (or waiting for the activity log), by (peer, conn, seq),
+    /// with their ranges: those of a lost connection still land, so nothing newer may be
+    /// written over them before they did, and their extents stay hot in the activity log.
+    at_store: BTreeMap<(PeerId, u64, u64), ByteRange>,
     /// Received writes waiting, in order, for their extents to be made hot.
     peer_writes_waiting: VecDeque<(PeerId, u64, PeerWrite)>,
     effects: VecDeque<Effect>,
@@ -769,8 +768,7 @@ impl ResourceCore {
             down: false,
             crashed,
             received_writes: BTreeMap::new(),
-            at_store: BTreeSet::new(),
-            peer_write_ranges: BTreeMap::new(),
+            at_store: BTreeMap::new(),
             peer_writes_waiting: VecDeque::new(),
             effects: VecDeque::new(),
             now,
@@ -904,7 +902,6 @@ impl ResourceCore {
                 result,
             } => {
                 self.at_store.remove(&(peer, conn, seq));
-                self.peer_write_ranges.remove(&(peer, conn, seq));
                 if self.current_conn(peer) == Some(conn) {
                     if let Some(link) = self.links.get_mut(&peer) {
                         let effects = link.receiver.local_done(seq, result);
@@ -1173,7 +1170,6 @@ impl ResourceCore {
             match effect {
                 ReceiverEffect::Apply(seq) => {
                     if let Some(write) = self.received_writes.remove(&(peer, seq)) {
-                        self.at_store.insert((peer, conn, seq));
                         if self.disk != DiskState::UpToDate {
                             // This node's generation does not describe its data while it is
                             // not UpToDate: what it takes from one peer may differ from what
@@ -2860,7 +2856,7 @@ impl ResourceCore {
             .map(|link| link.name.clone())
             .or_else(|| {
                 self.at_store
-                    .iter()
+                    .keys()
                     .next()
                     .map(|(peer, _, _)| self.peer_name(*peer))
             })
@@ -2869,7 +2865,7 @@ impl ResourceCore {
     /// Whether writes received on a connection that is gone are still at the local store.
     fn lost_writes_at_store(&self) -> bool {
         self.at_store
-            .iter()
+            .keys()
             .any(|(peer, conn, _)| self.current_conn(*peer) != Some(*conn))
     }
 

@@ -265,8 +265,7 @@ impl ResourceCore {
     /// back those behind it.
     pub(super) fn apply_peer_write(&mut self, peer: PeerId, conn: u64, write: PeerWrite) {
         let range = ByteRange::new(write.offset, write.len);
-        self.peer_write_ranges
-            .insert((peer, conn, write.seq), range);
+        self.at_store.insert((peer, conn, write.seq), range);
         if self.peer_writes_waiting.is_empty() && self.device.activity_log().covers(range) {
             self.device.activity_log_mut().touch(range);
             self.effects
@@ -285,7 +284,6 @@ impl ResourceCore {
             if self.current_conn(peer) != Some(conn) {
                 // Its connection is gone: the Primary counts it out of sync.
                 self.at_store.remove(&(peer, conn, write.seq));
-                self.peer_write_ranges.remove(&(peer, conn, write.seq));
                 self.effects.push_back(Effect::ForgetPayload {
                     peer,
                     conn,
@@ -311,7 +309,7 @@ impl ResourceCore {
     fn busy_extents(&self) -> BTreeSet<u64> {
         let mut busy = self.device.busy_extents();
         self.resync_busy_extents(&mut busy);
-        for range in self.peer_write_ranges.values() {
+        for range in self.at_store.values() {
             if let Some((first, last)) = extents_of(*range) {
                 busy.extend(first..=last);
             }

@@ -660,7 +660,7 @@ impl ResourceCore {
         if self.missing_for(peer) > 0 {
             // Blocks marked after the bitmaps were exchanged (a verify of this node's that
             // ended meanwhile): another resync carries them.
-            self.resync_after_verify(peer, now);
+            self.resync_marked_blocks(peer, now);
         }
     }
 

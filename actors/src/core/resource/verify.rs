@@ -344,13 +344,14 @@ impl ResourceCore {
             link.last_verify = Some(result);
         }
         if differing {
-            self.resync_after_verify(peer, now);
+            self.resync_marked_blocks(peer, now);
         }
     }
 
-    /// The differing blocks are out of sync now: a resync repairs them at once, in the
+    /// Blocks marked out of sync while connected (a verify's differing blocks, or marks that
+    /// came too late for the resync that just ended): a resync repairs them at once, in the
     /// direction the same-generation rule gives (a Primary's data wins; else this node's).
-    pub(super) fn resync_after_verify(&mut self, peer: PeerId, now: Tick) {
+    pub(super) fn resync_marked_blocks(&mut self, peer: PeerId, now: Tick) {
         let Some(link) = self.links.get(&peer) else {
             return;
         };
