@@ -149,6 +149,7 @@ impl Replicated {
             timing: Timing::default(),
             seed: 1,
             sync: Default::default(),
+            allow_two_primaries: false,
         };
         let meta = DeviceMeta::new("r0", 0, DEVICE_SIZE, JUST_CREATED_UUID);
         let mut bench = Replicated {

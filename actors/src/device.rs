@@ -380,6 +380,7 @@ impl DeviceActor {
             timing: Timing::default(),
             seed: 1,
             sync: SyncConfig::default(),
+            allow_two_primaries: false,
         };
         let meta = DeviceMeta::new(name, 0, size, crate::core::generation::JUST_CREATED_UUID);
         let mut actor = DeviceActor::with_setup(

@@ -53,6 +53,8 @@ pub struct ResourceSetup {
     pub seed: u64,
     /// The activity log and resync settings.
     pub sync: SyncConfig,
+    /// Both nodes may be Primary at once (protocol C; every peer must configure it too).
+    pub allow_two_primaries: bool,
 }
 
 /// A configured peer of a resource.
@@ -106,6 +108,7 @@ impl ResourceSupervisor {
             timing: setup.timing,
             seed: setup.seed,
             sync: setup.sync,
+            allow_two_primaries: setup.allow_two_primaries,
         };
         let device_actor = DeviceActor::with_setup(
             setup.store,

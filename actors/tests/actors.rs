@@ -780,6 +780,7 @@ async fn supervisor_role_changes_drain_and_shutdown() {
         events: None,
         disk_flushes: true,
         sync: Default::default(),
+        allow_two_primaries: false,
     });
     let supervisor = handle.supervisor.clone();
     let device = handle.device.clone();

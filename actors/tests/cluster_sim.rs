@@ -508,6 +508,7 @@ fn config(
         },
         seed,
         sync: sync.clone(),
+        allow_two_primaries: false,
     }
 }
 

@@ -145,6 +145,18 @@ pub struct DeviceStats {
     pub write_latency_buckets: [u64; WRITE_LATENCY_BOUNDS_US.len()],
     /// Writes that had to wait for an overlapping earlier write.
     pub conflicts: u64,
+    /// Two primaries, on the resolver: a peer's write and a local write were issued
+    /// concurrently to overlapping blocks.
+    pub concurrent_writes: u64,
+    /// Two primaries, on the resolver: peer writes not written here because a concurrent local
+    /// write covers them (answered Superseded).
+    pub superseded: u64,
+    /// Two primaries, on the resolver: peer writes answered RetryWrite.
+    pub retries_asked: u64,
+    /// Two primaries, on the other side: local writes the peer answered Superseded.
+    pub superseded_by_peer: u64,
+    /// Postponed writes re-submitted (through the retry actor).
+    pub resubmitted: u64,
 }
 
 /// The deterministic request pipeline of one volume.

@@ -105,6 +105,9 @@ pub struct CoreConfig {
     pub seed: u64,
     /// The activity log and resync.
     pub sync: SyncConfig,
+    /// Both nodes of a connection may be Primary (protocol C only), when both configure it
+    /// (docs/protocol.md, "Two primaries").
+    pub allow_two_primaries: bool,
 }
 
 /// An administrator's command.
@@ -3022,6 +3025,7 @@ mod tests {
             timing: Timing::default(),
             seed: u64::from(id),
             sync: SyncConfig::default(),
+            allow_two_primaries: false,
         }
     }
 
