@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use qrbd::transport::{encode, encode_data_header, FrameBatch, FrameParser, Parsed};
+use qrbd::transport::{
+    encode, encode_data_header, DataHeader, FrameBatch, FrameParser, Parsed,
+};
 use qrbd_actors::buffer::{BufferPool, PooledBuf};
 use qrbd_actors::core::generation::JUST_CREATED_UUID;
 use qrbd_actors::core::messages::PeerMessage;
@@ -397,7 +399,7 @@ fn codec(c: &mut Criterion) {
             b.iter(|| {
                 for seq in 0..n {
                     batch
-                        .push_data(seq, 1, seq, seq * 4096, payload.clone())
+                        .push_data(&data_header(seq), payload.clone())
                         .expect("a 4 KiB payload fits");
                 }
                 batch.take_chunks(&mut chunks);
@@ -410,7 +412,7 @@ fn codec(c: &mut Criterion) {
     // Before batching: a header of its own per frame, and two stream writes per frame.
     encode_group.throughput(Throughput::Elements(1));
     encode_group.bench_function("data_4KiB_header_per_frame", |b| {
-        b.iter(|| black_box(encode_data_header(1, 1, 1, 4096, PAYLOAD).expect("fits")))
+        b.iter(|| black_box(encode_data_header(&data_header(1), PAYLOAD).expect("fits")))
     });
     encode_group.finish();
 
@@ -424,6 +426,7 @@ fn codec(c: &mut Criterion) {
                 epoch: 1,
                 request: seq,
                 offset: seq * 4096,
+                seen: 0,
                 data: vec![0xa5; PAYLOAD],
             }));
         }
@@ -473,3 +476,14 @@ criterion_group! {
     targets = device_core, resource_core, buffer_pool, codec
 }
 criterion_main!(benches);
+
+/// The header of the `seq`th 4 KiB write of the codec benchmarks.
+fn data_header(seq: u64) -> DataHeader {
+    DataHeader {
+        seq,
+        epoch: 1,
+        request: seq,
+        offset: seq * 4096,
+        seen: 0,
+    }
+}

@@ -37,7 +37,7 @@ use crate::config::QrbdConfig;
 #[cfg(test)]
 use crate::transport::ZERO_COPY_MIN;
 use crate::transport::{
-    self, read_message, write_batch, write_message, FrameBatch, FrameParser, Parsed, WireError,
+    self, read_message, write_batch, write_message, DataHeader, FrameBatch, FrameParser, Parsed, WireError,
 };
 
 /// Bytes received from a peer (on the data and resync streams together) and not yet written
@@ -458,9 +458,19 @@ async fn uni_writer(
                     epoch,
                     request,
                     offset,
+                    seen,
                     data,
                 } => (
-                    batch.push_data(seq, epoch, request, offset, SharedPayload(data)),
+                    batch.push_data(
+                        &DataHeader {
+                            seq,
+                            epoch,
+                            request,
+                            offset,
+                            seen,
+                        },
+                        SharedPayload(data),
+                    ),
                     Some(request),
                 ),
                 PeerOutbound::ResyncData { offset, data, .. } => {
@@ -635,6 +645,7 @@ async fn intake(
                 epoch: header.epoch,
                 request: header.request,
                 offset: header.offset,
+                seen: header.seen,
                 data: payload.buf,
                 budget: Some(payload.budget),
             }),
@@ -1143,7 +1154,16 @@ mod tests {
                 for (i, len) in sizes.iter().enumerate() {
                     let seq = round * 100 + i as u64 + 1;
                     batch
-                        .push_data(seq, 1, seq + 1000, seq * 4096, payload(seq, *len))
+                        .push_data(
+                            &DataHeader {
+                                seq,
+                                epoch: 1,
+                                request: seq + 1000,
+                                offset: seq * 4096,
+                                seen: seq / 2,
+                            },
+                            payload(seq, *len),
+                        )
                         .unwrap();
                     expected.push((seq, *len));
                 }
@@ -1179,9 +1199,11 @@ mod tests {
                             epoch,
                             request,
                             offset,
+                            seen,
                             data,
                             budget,
                         } => {
+                            assert_eq!(seen, seq / 2, "seen travels with the write");
                             assert_eq!(
                                 (conn, epoch, request, offset),
                                 (7, 1, seq + 1000, seq * 4096)
@@ -1450,6 +1472,7 @@ mod tests {
                     epoch: 1,
                     request: 5,
                     offset: 0,
+                    seen: 0,
                     data: Arc::new(write),
                 })
                 .unwrap();
@@ -1528,6 +1551,7 @@ mod tests {
                 epoch: 1,
                 request: 1,
                 offset: 0,
+                seen: 0,
                 data: vec![1; 4096],
             });
             let reason =

@@ -100,6 +100,7 @@ pub enum PeerOutbound {
         epoch: Epoch,
         request: RequestId,
         offset: u64,
+        seen: u64,
         data: SharedBuf,
     },
     /// Blocks read for a sync target, sent as `ResyncData` only on connection `conn` (a newer
@@ -174,6 +175,7 @@ pub enum LinkEvent {
         epoch: Epoch,
         request: RequestId,
         offset: u64,
+        seen: u64,
         data: PooledBuf,
         /// As for [`LinkEvent::Message`]; it covers the buffer's whole capacity.
         budget: Option<OwnedSemaphorePermit>,
@@ -1192,12 +1194,14 @@ impl DeviceActor {
                 request,
                 seq,
                 epoch,
+                seen,
             } => match self.pending.get(&request).and_then(|p| p.op.as_ref()) {
                 Some(IoOp::Write { offset, data }) => PeerOutbound::Data {
                     seq,
                     epoch,
                     request,
                     offset: *offset,
+                    seen,
                     data: data.clone(),
                 },
                 _ => {
@@ -1209,6 +1213,7 @@ impl DeviceActor {
                 request,
                 seq,
                 epoch,
+                seen,
             } => match self.pending.get(&request).and_then(|p| p.op.as_ref()) {
                 Some(IoOp::Discard { offset, len }) => {
                     PeerOutbound::Message(PeerMessage::Discard {
@@ -1217,6 +1222,7 @@ impl DeviceActor {
                         request,
                         offset: *offset,
                         len: *len,
+                        seen,
                     })
                 }
                 _ => {
@@ -1305,6 +1311,7 @@ impl DeviceActor {
                 epoch,
                 request,
                 offset,
+                seen,
                 data,
                 budget,
             } => {
@@ -1315,6 +1322,7 @@ impl DeviceActor {
                     offset,
                     len: data.len() as u64,
                     discard: false,
+                    seen,
                 };
                 self.keep_payload(peer, conn, write, Some(data), budget)
             }
@@ -1354,6 +1362,7 @@ impl DeviceActor {
                     request,
                     offset,
                     len,
+                    seen,
                 } => {
                     let write = PeerWrite {
                         seq,
@@ -1362,6 +1371,7 @@ impl DeviceActor {
                         offset,
                         len,
                         discard: true,
+                        seen,
                     };
                     self.keep_payload(peer, conn, write, None, budget)
                 }
@@ -1643,6 +1653,7 @@ impl Handler<SendRawData> for DeviceActor {
                     epoch: 1,
                     request: 0,
                     offset: msg.offset,
+                    seen: 0,
                     data: msg.data.clone(),
                 }),
             );

@@ -742,11 +742,13 @@ impl Sim {
                         request,
                         seq,
                         epoch,
+                        seen,
                     }
                     | Outgoing::Discard {
                         request,
                         seq,
                         epoch,
+                        seen,
                     } => {
                         let Some(req) = self.node(id).requests.get(&request).cloned() else {
                             self.fail(&format!("n{id}: sends unknown request {request}"));
@@ -757,6 +759,7 @@ impl Sim {
                             epoch,
                             request,
                             offset: req.range.offset,
+                            seen,
                             len: req.range.len,
                             discard,
                         };

@@ -263,6 +263,7 @@ mod tests {
             epoch: 1,
             request: 99,
             offset: 1 << 20,
+            seen: 0,
             data: (0..1u32 << 20)
                 .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
                 .collect(),

@@ -19,8 +19,8 @@ use qrbd_actors::core::{DiskState, ReplicationProtocol, Role};
 /// Largest `Data` payload accepted. Writes are at most 1 MiB; the slack keeps the limit from
 /// becoming a compatibility problem if that grows a little.
 pub const MAX_DATA_PAYLOAD: usize = 2 << 20;
-/// Fixed fields of `Data` after the tag: seq, epoch, request, offset.
-const DATA_FIELDS_LEN: usize = 4 * 8;
+/// Fixed fields of `Data` after the tag: seq, epoch, request, offset, seen.
+const DATA_FIELDS_LEN: usize = 5 * 8;
 /// Smallest `Data` frame body: tag and fixed fields, empty payload.
 const DATA_BODY_MIN: usize = 1 + DATA_FIELDS_LEN;
 /// Largest accepted value of the length prefix (tag + fields + payload of the biggest `Data`).
@@ -382,9 +382,19 @@ pub fn encode_into(out: &mut impl FrameBuf, msg: &PeerMessage) {
             epoch,
             request,
             offset,
+            seen,
             data,
         } => {
-            push_data_fields(out, *seq, *epoch, *request, *offset);
+            push_data_fields(
+                out,
+                &DataHeader {
+                    seq: *seq,
+                    epoch: *epoch,
+                    request: *request,
+                    offset: *offset,
+                    seen: *seen,
+                },
+            );
             out.put_slice(data);
         }
         PeerMessage::Discard {
@@ -393,9 +403,10 @@ pub fn encode_into(out: &mut impl FrameBuf, msg: &PeerMessage) {
             request,
             offset,
             len,
+            seen,
         } => {
             out.put_u8(TAG_DISCARD);
-            for value in [seq, epoch, request, offset, len] {
+            for value in [seq, epoch, request, offset, len, seen] {
                 out.put_slice(&value.to_be_bytes());
             }
         }
@@ -573,34 +584,31 @@ pub fn encode_resync_data_header_into(
     Ok(())
 }
 
-fn push_data_fields(out: &mut impl FrameBuf, seq: u64, epoch: u64, request: u64, offset: u64) {
+fn push_data_fields(out: &mut impl FrameBuf, header: &DataHeader) {
     out.put_u8(TAG_DATA);
-    for value in [seq, epoch, request, offset] {
+    for value in [
+        header.seq,
+        header.epoch,
+        header.request,
+        header.offset,
+        header.seen,
+    ] {
         out.put_u64(value);
     }
 }
 
 /// The first [`DATA_HEADER_LEN`] bytes of the frame of a `Data` message with a payload of
 /// `payload_len` bytes; the payload itself follows on the stream unchanged.
-pub fn encode_data_header(
-    seq: u64,
-    epoch: u64,
-    request: u64,
-    offset: u64,
-    payload_len: usize,
-) -> Result<Vec<u8>, WireError> {
-    let mut header = Vec::with_capacity(DATA_HEADER_LEN);
-    encode_data_header_into(&mut header, seq, epoch, request, offset, payload_len)?;
-    Ok(header)
+pub fn encode_data_header(header: &DataHeader, payload_len: usize) -> Result<Vec<u8>, WireError> {
+    let mut out = Vec::with_capacity(DATA_HEADER_LEN);
+    encode_data_header_into(&mut out, header, payload_len)?;
+    Ok(out)
 }
 
 /// Appends what [`encode_data_header`] returns to `out`.
 pub fn encode_data_header_into(
     out: &mut impl FrameBuf,
-    seq: u64,
-    epoch: u64,
-    request: u64,
-    offset: u64,
+    header: &DataHeader,
     payload_len: usize,
 ) -> Result<(), WireError> {
     let body_len = u32::try_from(DATA_BODY_MIN + payload_len)
@@ -610,7 +618,7 @@ pub fn encode_data_header_into(
             len: (DATA_BODY_MIN + payload_len) as u64,
         })?;
     out.put_u32(body_len);
-    push_data_fields(out, seq, epoch, request, offset);
+    push_data_fields(out, header);
     Ok(())
 }
 
@@ -774,28 +782,23 @@ impl<'a> Reader<'a> {
     }
 }
 
-struct DataFields {
-    seq: u64,
-    epoch: u64,
-    request: u64,
-    offset: u64,
-}
-
-fn data_fields(r: &mut Reader<'_>) -> Result<DataFields, WireError> {
-    Ok(DataFields {
+fn data_fields(r: &mut Reader<'_>) -> Result<DataHeader, WireError> {
+    Ok(DataHeader {
         seq: r.u64("seq")?,
         epoch: r.u64("epoch")?,
         request: r.u64("request")?,
         offset: r.u64("offset")?,
+        seen: r.u64("seen")?,
     })
 }
 
-fn data_message(fields: DataFields, data: Vec<u8>) -> PeerMessage {
+fn data_message(fields: DataHeader, data: Vec<u8>) -> PeerMessage {
     PeerMessage::Data {
         seq: fields.seq,
         epoch: fields.epoch,
         request: fields.request,
         offset: fields.offset,
+        seen: fields.seen,
         data,
     }
 }
@@ -976,6 +979,7 @@ pub fn decode_frame_body(body: &[u8]) -> Result<PeerMessage, WireError> {
             request: r.u64("request")?,
             offset: r.u64("offset")?,
             len: r.u64("len")?,
+            seen: r.u64("seen")?,
         },
         TAG_BARRIER => PeerMessage::Barrier {
             seq: r.u64("seq")?,
@@ -1161,8 +1165,18 @@ pub async fn write_message(
             epoch,
             request,
             offset,
+            seen,
             data,
-        } => return write_data(stream, *seq, *epoch, *request, *offset, data).await,
+        } => {
+            let header = DataHeader {
+                seq: *seq,
+                epoch: *epoch,
+                request: *request,
+                offset: *offset,
+                seen: *seen,
+            };
+            return write_data(stream, &header, data).await;
+        }
         PeerMessage::ResyncData { offset, data } => {
             let mut header = Vec::with_capacity(RESYNC_DATA_HEADER_LEN);
             encode_resync_data_header_into(&mut header, *offset, data.len())?;
@@ -1185,13 +1199,10 @@ pub async fn write_message(
 /// Writes a `Data` message from a borrowed payload.
 pub async fn write_data(
     stream: &mut quinn::SendStream,
-    seq: u64,
-    epoch: u64,
-    request: u64,
-    offset: u64,
+    header: &DataHeader,
     payload: &[u8],
 ) -> Result<(), WireError> {
-    let header = encode_data_header(seq, epoch, request, offset, payload.len())?;
+    let header = encode_data_header(header, payload.len())?;
     stream.write_all(&header).await?;
     stream.write_all(payload).await?;
     Ok(())
@@ -1263,19 +1274,12 @@ impl FrameBatch {
 
     /// Adds a `Data` frame; a payload of [`ZERO_COPY_MIN`] bytes or more is kept by reference
     /// (and lives until the peer acknowledged it at the QUIC level).
-    pub fn push_data<P>(
-        &mut self,
-        seq: u64,
-        epoch: u64,
-        request: u64,
-        offset: u64,
-        payload: P,
-    ) -> Result<(), WireError>
+    pub fn push_data<P>(&mut self, header: &DataHeader, payload: P) -> Result<(), WireError>
     where
         P: AsRef<[u8]> + Send + 'static,
     {
         let len = payload.as_ref().len();
-        encode_data_header_into(&mut self.buf, seq, epoch, request, offset, len)?;
+        encode_data_header_into(&mut self.buf, header, len)?;
         self.push_payload(DATA_HEADER_LEN, payload);
         Ok(())
     }
@@ -1338,6 +1342,8 @@ pub struct DataHeader {
     pub epoch: u64,
     pub request: u64,
     pub offset: u64,
+    /// See [`PeerMessage::Data`].
+    pub seen: u64,
 }
 
 /// The fixed fields of a frame whose payload goes to a buffer of its own.
@@ -1536,13 +1542,7 @@ impl<B: AsMut<[u8]>> FrameParser<B> {
         let parsed = match payload {
             Some((_, len)) => {
                 let header = if tag == TAG_DATA {
-                    let f = data_fields(&mut Reader::new("Data", &body[1..]))?;
-                    PayloadHeader::Data(DataHeader {
-                        seq: f.seq,
-                        epoch: f.epoch,
-                        request: f.request,
-                        offset: f.offset,
-                    })
+                    PayloadHeader::Data(data_fields(&mut Reader::new("Data", &body[1..]))?)
                 } else {
                     PayloadHeader::ResyncData {
                         offset: Reader::new("ResyncData", &body[1..]).u64("offset")?,
@@ -1714,6 +1714,7 @@ mod tests {
                 epoch: 2,
                 request: 3,
                 offset: 4096,
+                seen: 77,
                 data: (0..4096u32).map(|i| (i * 7) as u8).collect(),
             },
             PeerMessage::Data {
@@ -1721,6 +1722,7 @@ mod tests {
                 epoch: 0,
                 request: 9,
                 offset: 0,
+                seen: 0,
                 data: Vec::new(),
             },
             PeerMessage::Discard {
@@ -1728,6 +1730,7 @@ mod tests {
                 epoch: 6,
                 request: 7,
                 offset: 8,
+                seen: u64::MAX,
                 len: 1 << 20,
             },
             PeerMessage::Barrier {
@@ -1859,6 +1862,7 @@ mod tests {
                         epoch: header.epoch,
                         request: header.request,
                         offset: header.offset,
+                        seen: header.seen,
                         data: payload,
                     }),
                     Parsed::ResyncData { offset, payload } => out.push(PeerMessage::ResyncData {
@@ -1888,6 +1892,7 @@ mod tests {
                 epoch: 3,
                 request: seq * 2,
                 offset: seq * 4096,
+                seen: 0,
                 data: (0..len).map(|i| (i * 31 + seq as usize) as u8).collect(),
             });
             msgs.push(PeerMessage::Ping { nonce: seq });
@@ -1908,9 +1913,19 @@ mod tests {
                     epoch,
                     request,
                     offset,
+                    seen,
                     data,
                 } => batch
-                    .push_data(*seq, *epoch, *request, *offset, data.clone())
+                    .push_data(
+                        &DataHeader {
+                            seq: *seq,
+                            epoch: *epoch,
+                            request: *request,
+                            offset: *offset,
+                            seen: *seen,
+                        },
+                        data.clone(),
+                    )
                     .unwrap(),
                 PeerMessage::ResyncData { offset, data } => {
                     batch.push_resync_data(*offset, data.clone()).unwrap()
@@ -1947,7 +1962,7 @@ mod tests {
         let mut batch = FrameBatch::new();
         batch.push_message(&PeerMessage::Ping { nonce: 1 }).unwrap();
         let err = batch
-            .push_data(1, 1, 1, 0, vec![0u8; MAX_DATA_PAYLOAD + 1])
+            .push_data(&header(1, 2, 3, 4), vec![0u8; MAX_DATA_PAYLOAD + 1])
             .unwrap_err();
         assert!(matches!(err, WireError::FrameTooLarge { .. }), "{err}");
         let err = batch
@@ -1956,6 +1971,7 @@ mod tests {
                 epoch: 1,
                 request: 1,
                 offset: 0,
+                seen: 0,
                 data: vec![0u8; MAX_DATA_PAYLOAD + 1],
             })
             .unwrap_err();
@@ -2058,6 +2074,7 @@ mod tests {
             epoch: 1,
             request: 1,
             offset: 0,
+            seen: 0,
             data: vec![9; 8],
         });
         let mut input = &frame[..];
@@ -2173,17 +2190,28 @@ mod tests {
             epoch: 2,
             request: 3,
             offset: 4,
+            seen: 0,
             data: payload.clone(),
         };
-        let mut framed = encode_data_header(1, 2, 3, 4, payload.len()).unwrap();
+        let mut framed = encode_data_header(&header(1, 2, 3, 4), payload.len()).unwrap();
         assert_eq!(framed.len(), DATA_HEADER_LEN);
         framed.extend_from_slice(&payload);
         assert_eq!(framed, encode(&msg));
         assert!(matches!(
-            encode_data_header(1, 2, 3, 4, MAX_DATA_PAYLOAD + 1),
+            encode_data_header(&header(1, 2, 3, 4), MAX_DATA_PAYLOAD + 1),
             Err(WireError::FrameTooLarge { .. })
         ));
-        encode_data_header(1, 2, 3, 4, MAX_DATA_PAYLOAD).unwrap();
+        encode_data_header(&header(1, 2, 3, 4), MAX_DATA_PAYLOAD).unwrap();
+    }
+
+    fn header(seq: u64, epoch: u64, request: u64, offset: u64) -> DataHeader {
+        DataHeader {
+            seq,
+            epoch,
+            request,
+            offset,
+            seen: 0,
+        }
     }
 
     #[test]
@@ -2331,6 +2359,7 @@ mod tests {
             epoch: 1,
             request: 1,
             offset: 0,
+            seen: 0,
             data: vec![7; MAX_DATA_PAYLOAD],
         };
         assert_eq!(read_all(&encode(&data)).unwrap(), vec![data]);

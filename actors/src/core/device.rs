@@ -89,6 +89,8 @@ pub enum Stage {
     WaitingForConflict,
     /// Admitted; waits for its extents to be made hot in the activity log.
     WaitingForActivityLog,
+    /// Admitted; waits for a peer's write to the same blocks to land first (two primaries).
+    WaitingForPeer,
     /// Submitted to the local store.
     Local,
     /// Local part finished; completion waits for the rest of the rule (peers, suspension).
@@ -119,6 +121,51 @@ struct Request {
     postponed: bool,
     /// What connected peers still owe before the request may complete.
     waiting: Vec<(PeerId, PeerNeed)>,
+    /// The data-stream sequence number under which it went to each peer.
+    sent: Vec<(PeerId, u64)>,
+    /// When a peer answered RetryWrite: the conflict's age counts from here.
+    retry_since: Option<Tick>,
+    /// A postponed request issued again: its first local write landed, so failing it now
+    /// leaves its blocks out of sync with every peer.
+    resubmission: bool,
+}
+
+/// Names a received write while it is in the conflict domain: (peer, connection, sequence
+/// number).
+pub type ReceivedKey = (PeerId, u64, u64);
+
+/// What to do with a received write (two primaries; docs/protocol.md, "Two primaries").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReceivedDecision {
+    /// Write it now; it holds its blocks until [`DeviceCore::received_landed`].
+    Apply,
+    /// An overlapping local write must finish (or be answered) first: ask again later.
+    Wait,
+    /// The resolver's concurrent local write covers it: do not write it; answer Superseded.
+    Superseded,
+    /// The resolver's concurrent local write overlaps it: do not write it; answer RetryWrite
+    /// with `after`, that write's sequence number.
+    Retry { after: u64 },
+}
+
+/// What of one peer's writes landed here, so that this node's writes can tell the peer which
+/// of its writes they follow (the `seen` of [`PeerMessage::Data`]).
+#[derive(Debug, Default)]
+struct Landed {
+    /// Every write up to this sequence number was acknowledged as written.
+    acked: u64,
+    /// Writes above `acked` that landed: sequence number -> block span.
+    above: BTreeMap<u64, (u64, u64)>,
+}
+
+impl Landed {
+    fn seen_for(&self, (start, end): (u64, u64)) -> u64 {
+        self.above
+            .iter()
+            .rev()
+            .find(|(_, (s, e))| *s < end && start < *e)
+            .map_or(self.acked, |(seq, _)| *seq)
+    }
 }
 
 /// Upper bounds (microseconds) of the write latency histogram's buckets; a last, unbounded
@@ -188,6 +235,14 @@ pub struct DeviceCore {
     /// Spans held by resync reads (docs/protocol.md, "Resync"), by lock id.
     resync_locks: BTreeMap<u64, (u64, u64)>,
     next_resync_lock: u64,
+    /// Received writes in the conflict domain until they landed: their block spans.
+    received: BTreeMap<ReceivedKey, (u64, u64)>,
+    /// Local writes waiting for a received write to land, in arrival order.
+    peer_blocked: VecDeque<RequestId>,
+    /// Per peer: which of its writes landed here.
+    landed: BTreeMap<PeerId, Landed>,
+    /// Requests handed back for re-submission and not re-submitted yet: their ranges.
+    postponed: BTreeMap<RequestId, ByteRange>,
 }
 
 /// Resync locks share `active_spans` with requests; their ids never collide with request ids.
@@ -213,6 +268,10 @@ impl DeviceCore {
             al_waiters: VecDeque::new(),
             resync_locks: BTreeMap::new(),
             next_resync_lock: RESYNC_LOCK_BASE,
+            received: BTreeMap::new(),
+            peer_blocked: VecDeque::new(),
+            landed: BTreeMap::new(),
+            postponed: BTreeMap::new(),
         }
     }
 
@@ -333,6 +392,8 @@ impl DeviceCore {
         if let Some(sender) = self.peers.get_mut(&peer) {
             sender.connect();
         }
+        // Sequence numbers start over with the connection.
+        self.landed.remove(&peer);
     }
 
     /// The peer's connection is gone: requests stop waiting for it, and everything it did not
@@ -346,6 +407,7 @@ impl DeviceCore {
             return effects;
         }
         sender.disconnect();
+        self.landed.remove(&peer);
         let mut released = Vec::new();
         for (id, request) in self.requests.iter_mut() {
             let before = request.waiting.len();
@@ -466,10 +528,15 @@ impl DeviceCore {
     }
 
     fn try_finish(&mut self, id: RequestId, now: Tick, effects: &mut Vec<VolumeEffect>) {
-        let ready = self.requests.get(&id).is_some_and(|request| {
-            request.stage == Stage::ReadyToComplete && request.waiting.is_empty()
+        let (ready, postponed) = self.requests.get(&id).map_or((false, false), |request| {
+            (
+                request.stage == Stage::ReadyToComplete && request.waiting.is_empty(),
+                request.postponed,
+            )
         });
-        if ready && self.holds == 0 {
+        // A postponed request does not complete upward: held completions do not hold it, and
+        // handing it back frees its blocks for the peer's write it must follow.
+        if ready && (self.holds == 0 || postponed) {
             self.finish(id, now, effects);
         }
     }
@@ -482,12 +549,23 @@ impl DeviceCore {
         };
         let (kind, range) = (request.kind, request.range);
         let mut waiting = Vec::new();
+        let mut sent = Vec::new();
         for (peer, sender) in self.peers.iter_mut() {
             let mut out = Vec::new();
             match kind {
                 IoKind::Write | IoKind::Discard if sender.is_connected() => {
-                    let need = sender.replicate(id, range, kind == IoKind::Discard, &mut out);
+                    let seen = self
+                        .landed
+                        .get(peer)
+                        .map_or(0, |landed| landed.seen_for(range.block_span()));
+                    let need =
+                        sender.replicate(id, range, kind == IoKind::Discard, seen, &mut out);
                     waiting.push((*peer, need));
+                    if let Some(Outgoing::Data { seq, .. } | Outgoing::Discard { seq, .. }) =
+                        out.last()
+                    {
+                        sent.push((*peer, *seq));
+                    }
                 }
                 IoKind::Write | IoKind::Discard => sender.out_of_sync.mark(range),
                 IoKind::Flush
@@ -510,6 +588,7 @@ impl DeviceCore {
         }
         if let Some(request) = self.requests.get_mut(&id) {
             request.waiting = waiting;
+            request.sent = sent;
         }
     }
 
@@ -548,9 +627,14 @@ impl DeviceCore {
         self.closed
     }
 
-    /// Nothing admitted, nothing held: a drain may finish.
+    /// Nothing admitted, nothing held, nothing postponed: a drain may finish.
     pub fn is_idle(&self) -> bool {
-        self.app_in_flight == 0 && self.held.is_empty()
+        self.app_in_flight == 0 && self.held.is_empty() && self.postponed.is_empty()
+    }
+
+    /// Requests handed back for re-submission that have not come back yet.
+    pub fn postponed(&self) -> usize {
+        self.postponed.len()
     }
 
     pub fn stats(&self) -> DeviceStats {
@@ -580,12 +664,24 @@ impl DeviceCore {
             .partition(|id| requests.get(id).is_some_and(|r| r.kind.modifies_data()));
         self.held = kept.into();
         for id in refused {
-            self.requests.remove(&id);
+            if let Some(request) = self.requests.remove(&id) {
+                self.mark_failed_resubmission(&request);
+            }
             self.modifying_in_flight = self.modifying_in_flight.saturating_sub(1);
             self.stats.failed += 1;
             effects.push(VolumeEffect::Complete(id, Err(IoFault::ReadOnly)));
         }
         effects
+    }
+
+    /// A re-submitted request that fails leaves what its first local write put here out of
+    /// sync with every peer (docs/protocol.md, "Postponed requests").
+    fn mark_failed_resubmission(&mut self, request: &Request) {
+        if request.resubmission {
+            for sender in self.peers.values_mut() {
+                sender.out_of_sync.mark(request.range);
+            }
+        }
     }
 
     /// Requests the core tracks that change data (admitted or held).
@@ -627,6 +723,50 @@ impl DeviceCore {
             self.stats.failed += 1;
             return vec![VolumeEffect::Complete(id, Err(fault))];
         }
+        self.track(id, kind, range, start, false)
+    }
+
+    /// A postponed request comes back from the retry actor, under its old id. It was accepted
+    /// once, so a demotion or shutdown begun since does not refuse it: they wait for it. Only
+    /// if it would have to wait while I/O is held on a device that no longer takes writes does
+    /// it fail, and its range is counted out of sync with every peer.
+    pub fn resubmit(
+        &mut self,
+        id: RequestId,
+        kind: IoKind,
+        range: ByteRange,
+        start: Tick,
+    ) -> Vec<VolumeEffect> {
+        if self.postponed.remove(&id).is_none() || self.requests.contains_key(&id) {
+            // Not one this core handed back: an ordinary request.
+            return self.submit_as(id, kind, range, start);
+        }
+        self.stats.resubmitted += 1;
+        let refused = if self.holds != 0 && self.closed {
+            Some(IoFault::Closed)
+        } else if self.holds != 0 && !self.writable && kind.modifies_data() {
+            Some(IoFault::ReadOnly)
+        } else {
+            None
+        };
+        if let Some(fault) = refused {
+            for sender in self.peers.values_mut() {
+                sender.out_of_sync.mark(range);
+            }
+            self.stats.failed += 1;
+            return vec![VolumeEffect::Complete(id, Err(fault))];
+        }
+        self.track(id, kind, range, start, true)
+    }
+
+    fn track(
+        &mut self,
+        id: RequestId,
+        kind: IoKind,
+        range: ByteRange,
+        start: Tick,
+        resubmission: bool,
+    ) -> Vec<VolumeEffect> {
         self.requests.insert(
             id,
             Request {
@@ -637,6 +777,9 @@ impl DeviceCore {
                 local_result: None,
                 postponed: false,
                 waiting: Vec::new(),
+                sent: Vec::new(),
+                retry_since: None,
+                resubmission,
             },
         );
         if kind.modifies_data() {
@@ -694,6 +837,13 @@ impl DeviceCore {
         };
         if request.kind.modifies_data() {
             let range = request.range;
+            if self.overlaps_received(range.block_span()) {
+                // A peer's write to these blocks is being applied: this one follows it, on
+                // this node and (through `seen`) on the peer.
+                self.set_stage(id, Stage::WaitingForPeer);
+                self.peer_blocked.push_back(id);
+                return;
+            }
             if !self.activity_log.covers(range) {
                 self.activity_log.want(range);
                 self.set_stage(id, Stage::WaitingForActivityLog);
@@ -807,10 +957,14 @@ impl DeviceCore {
         }
         if request.postponed {
             self.stats.postponed += 1;
+            self.postponed.insert(id, request.range);
             effects.push(VolumeEffect::Postponed(id));
             return;
         }
         let result = request.local_result.unwrap_or(Err(IoFault::Closed));
+        if result.is_err() {
+            self.mark_failed_resubmission(&request);
+        }
         self.account(&request, result, now);
         effects.push(VolumeEffect::Complete(id, result));
     }
@@ -860,6 +1014,214 @@ impl DeviceCore {
         effects
     }
 
+    // ----- two primaries: received writes in the conflict domain -----
+
+    fn overlaps_received(&self, (start, end): (u64, u64)) -> bool {
+        self.received.values().any(|(s, e)| *s < end && start < *e)
+    }
+
+    /// Where a write received from `peer` stands against the local writes it overlaps
+    /// (docs/protocol.md, "Two primaries"). `seen` is the write's own claim of which of this
+    /// node's writes it follows; `resolver`: this node decides the peer's conflicts.
+    ///
+    /// - A local write not yet sent to the peer follows the received one (it waits for it).
+    /// - A local write the peer has not answered yet, and the received write does not follow
+    ///   (its `seq` above `seen`), was issued concurrently: the resolver decides at once (the
+    ///   received write is not written), the other side waits for the resolver's answer.
+    /// - Otherwise only the disk's order matters: wait while the local write is at the store.
+    pub fn admit_received(
+        &mut self,
+        key: ReceivedKey,
+        range: ByteRange,
+        seen: u64,
+        resolver: bool,
+    ) -> ReceivedDecision {
+        let peer = key.0;
+        let span = range.block_span();
+        let mut wait = false;
+        let mut covering = false;
+        let mut after = 0;
+        let mut concurrent = false;
+        for (_, (active_end, id)) in self.active_spans.range(..span.1).rev() {
+            if *active_end <= span.0 {
+                break;
+            }
+            let Some(local) = self.requests.get(id) else {
+                continue; // a resync lock
+            };
+            let sent = local.sent.iter().find(|(p, _)| *p == peer).map(|(_, s)| *s);
+            let unanswered = local.waiting.contains(&(peer, PeerNeed::WriteAck));
+            match sent {
+                Some(seq) if unanswered && (!resolver || seq > seen) => {
+                    concurrent = true;
+                    after = after.max(seq);
+                    let (start, len) = (local.range.offset, local.range.len);
+                    covering |= start <= range.offset
+                        && range.end().is_some_and(|end| end <= start.saturating_add(len));
+                }
+                _ if local.stage == Stage::Local => wait = true,
+                _ => {}
+            }
+        }
+        if concurrent && resolver {
+            self.stats.concurrent_writes += 1;
+            return if covering {
+                self.stats.superseded += 1;
+                ReceivedDecision::Superseded
+            } else {
+                self.stats.retries_asked += 1;
+                ReceivedDecision::Retry { after }
+            };
+        }
+        if concurrent || wait {
+            return ReceivedDecision::Wait;
+        }
+        if span.0 < span.1 {
+            self.received.insert(key, span);
+        }
+        ReceivedDecision::Apply
+    }
+
+    /// A received write admitted by [`Self::admit_received`] is on the store (or will never
+    /// be): local writes that waited for it go on.
+    pub fn received_landed(&mut self, key: ReceivedKey) -> Vec<VolumeEffect> {
+        let mut effects = Vec::new();
+        if self.received.remove(&key).is_none() || self.peer_blocked.is_empty() {
+            return effects;
+        }
+        for id in std::mem::take(&mut self.peer_blocked) {
+            let blocked = self
+                .requests
+                .get(&id)
+                .is_some_and(|r| self.overlaps_received(r.range.block_span()));
+            if blocked {
+                self.peer_blocked.push_back(id);
+            } else {
+                self.start(id, &mut effects);
+            }
+        }
+        effects
+    }
+
+    /// The peer's write `seq` (current connection) landed here: this node's next writes to
+    /// those blocks follow it.
+    pub fn note_landed(&mut self, peer: PeerId, seq: u64, range: ByteRange) {
+        let landed = self.landed.entry(peer).or_default();
+        if seq > landed.acked {
+            landed.above.insert(seq, range.block_span());
+        }
+    }
+
+    /// This node acknowledged the peer's writes up to `up_to` as written: writes postponed
+    /// until then are handed back.
+    pub fn acknowledged_peer_writes(
+        &mut self,
+        peer: PeerId,
+        up_to: u64,
+        now: Tick,
+    ) -> Vec<VolumeEffect> {
+        let landed = self.landed.entry(peer).or_default();
+        landed.acked = landed.acked.max(up_to);
+        landed.above = landed.above.split_off(&up_to.saturating_add(1));
+        let mut effects = Vec::new();
+        let due: Vec<RequestId> = self
+            .requests
+            .iter()
+            .filter(|(_, r)| {
+                r.waiting
+                    .iter()
+                    .any(|(p, need)| *p == peer && matches!(need, PeerNeed::PeerApplied(a) if *a <= up_to))
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            self.satisfy(id, peer, |need| matches!(need, PeerNeed::PeerApplied(a) if a <= up_to));
+            self.try_finish(id, now, &mut effects);
+        }
+        effects
+    }
+
+    /// The resolver did not write this node's write `seq`: a concurrent write of its own
+    /// covers it, and lands here after it. The request completes as if acknowledged.
+    pub fn peer_superseded(
+        &mut self,
+        peer: PeerId,
+        seq: u64,
+        now: Tick,
+    ) -> Result<Vec<VolumeEffect>, ProtocolError> {
+        let id = self.answered_request(peer, seq, "Superseded")?;
+        self.stats.superseded_by_peer += 1;
+        self.satisfy(id, peer, |need| need == PeerNeed::WriteAck);
+        let mut effects = Vec::new();
+        self.try_finish(id, now, &mut effects);
+        Ok(effects)
+    }
+
+    /// The resolver did not write this node's write `seq`, which overlapped its concurrent
+    /// write `after`: once the peer's writes up to `after` landed here, the request goes back
+    /// to be issued again, so that it lands after that write on both nodes.
+    pub fn peer_asked_retry(
+        &mut self,
+        peer: PeerId,
+        seq: u64,
+        after: u64,
+        now: Tick,
+    ) -> Result<Vec<VolumeEffect>, ProtocolError> {
+        let id = self.answered_request(peer, seq, "RetryWrite")?;
+        let landed = self.landed.get(&peer).map_or(0, |l| l.acked);
+        if let Some(request) = self.requests.get_mut(&id) {
+            request.postponed = true;
+            request.retry_since = Some(now);
+            if let Some(need) = request
+                .waiting
+                .iter_mut()
+                .find(|(p, need)| *p == peer && *need == PeerNeed::WriteAck)
+            {
+                need.1 = PeerNeed::PeerApplied(after);
+            }
+            if after <= landed {
+                request
+                    .waiting
+                    .retain(|(p, need)| !(*p == peer && *need == PeerNeed::PeerApplied(after)));
+            }
+        }
+        let mut effects = Vec::new();
+        self.try_finish(id, now, &mut effects);
+        Ok(effects)
+    }
+
+    fn answered_request(
+        &mut self,
+        peer: PeerId,
+        seq: u64,
+        what: &str,
+    ) -> Result<RequestId, ProtocolError> {
+        let sender = self
+            .peers
+            .get_mut(&peer)
+            .ok_or_else(|| ProtocolError(format!("{what} from unknown peer {peer}")))?;
+        let id = sender.awaiting(seq).ok_or_else(|| {
+            ProtocolError(format!(
+                "{what} for write {seq}, which awaits no acknowledgement"
+            ))
+        })?;
+        sender.answered(seq);
+        Ok(id)
+    }
+
+    /// Since when the oldest write postponed for `peer`'s conflicting write has waited for it.
+    pub fn oldest_retry_wait(&self, peer: PeerId) -> Option<Tick> {
+        self.requests
+            .values()
+            .filter(|r| {
+                r.waiting
+                    .iter()
+                    .any(|(p, need)| *p == peer && matches!(need, PeerNeed::PeerApplied(_)))
+            })
+            .filter_map(|r| r.retry_since)
+            .min()
+    }
+
     /// Suspend I/O: new requests are held before admission and completions are held back.
     pub fn suspend(&mut self) {
         self.hold(HOLD_USER);
@@ -904,6 +1266,7 @@ impl DeviceCore {
                     if request.kind.modifies_data() {
                         self.modifying_in_flight = self.modifying_in_flight.saturating_sub(1);
                     }
+                    self.mark_failed_resubmission(&request);
                 }
                 self.stats.failed += 1;
                 effects.push(VolumeEffect::Complete(id, Err(IoFault::Closed)));
@@ -1101,7 +1464,8 @@ mod replication_tests {
             vec![Outgoing::Data {
                 request: id,
                 seq: 1,
-                epoch: 1
+                epoch: 1,
+                seen: 0
             }]
         );
         assert!(completed(&core.local_done(id, Ok(()), 1)).is_empty());
@@ -1202,7 +1566,8 @@ mod replication_tests {
                 Outgoing::Data {
                     request: third,
                     seq: 4,
-                    epoch: 2
+                    epoch: 2,
+                    seen: 0
                 },
             ]
         );
@@ -1291,7 +1656,8 @@ mod replication_tests {
                 Outgoing::Data {
                     request: second,
                     seq: 3,
-                    epoch: 2
+                    epoch: 2,
+                    seen: 0
                 },
             ]
         );

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use super::{DiskState, ReplicationProtocol, Role};
 
 /// Bumped on any incompatible change of the messages or their meaning.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Identifies a replicated request on the sending node (its DeviceCore request id).
 pub type PeerRequestId = u64;
@@ -63,12 +63,17 @@ pub enum PeerMessage {
         receiver_missing_bytes: u64,
     },
 
-    /// A replicated write. `seq` numbers every message on the data stream.
+    /// A replicated write. `seq` numbers every message on the data stream. `seen` is the
+    /// newest write of the receiver's own data stream (its sequence number) that the sender
+    /// had applied before it issued this one, among those overlapping it, or the receiver's
+    /// writes it acknowledged as written: two primaries' resolver tells by it whether its own
+    /// write and this one were issued concurrently (docs/protocol.md, "Two primaries").
     Data {
         seq: u64,
         epoch: Epoch,
         request: PeerRequestId,
         offset: u64,
+        seen: u64,
         data: Vec<u8>,
     },
     /// A replicated discard (reads back as zeros afterwards).
@@ -78,6 +83,7 @@ pub enum PeerMessage {
         request: PeerRequestId,
         offset: u64,
         len: u64,
+        seen: u64,
     },
     /// Closes `epoch`, which held `writes` writes/discards. With `flush`, the receiver makes
     /// them durable before acknowledging.

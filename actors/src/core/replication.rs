@@ -229,6 +229,10 @@ pub enum PeerNeed {
     WriteAck,
     /// A flush: the barrier ack of this epoch (the peer flushed everything before it).
     BarrierAck(Epoch),
+    /// Two primaries, a write the peer answered RetryWrite: the peer's own writes up to this
+    /// sequence number of its data stream must be applied here before the write is issued
+    /// again (docs/protocol.md, "Two primaries").
+    PeerApplied(u64),
 }
 
 /// A message the shell must send on the peer's data stream. Data and discards carry the
@@ -239,11 +243,14 @@ pub enum Outgoing {
         request: RequestId,
         seq: u64,
         epoch: Epoch,
+        /// See [`crate::core::messages::PeerMessage::Data`].
+        seen: u64,
     },
     Discard {
         request: RequestId,
         seq: u64,
         epoch: Epoch,
+        seen: u64,
     },
     Barrier {
         seq: u64,
@@ -350,11 +357,14 @@ impl PeerSender {
     }
 
     /// Replicates a write or discard: returns the messages to send and what to wait for.
+    /// `seen`: the newest of the peer's own writes applied here that overlap this one (see
+    /// [`crate::core::messages::PeerMessage::Data`]).
     pub fn replicate(
         &mut self,
         request: RequestId,
         range: ByteRange,
         is_discard: bool,
+        seen: u64,
         out: &mut Vec<Outgoing>,
     ) -> PeerNeed {
         if self.close_before_next_write && self.writes_in_epoch > 0 {
@@ -367,12 +377,14 @@ impl PeerSender {
                 request,
                 seq,
                 epoch,
+                seen,
             }
         } else {
             Outgoing::Data {
                 request,
                 seq,
                 epoch,
+                seen,
             }
         });
         self.writes_in_epoch += 1;
@@ -429,6 +441,23 @@ impl PeerSender {
             acked.push(request);
         }
         Ok(acked)
+    }
+
+    /// The request sent as `seq` whose acknowledgement is still awaited, if any.
+    pub fn awaiting(&self, seq: u64) -> Option<RequestId> {
+        let index = self
+            .awaiting_ack
+            .binary_search_by_key(&seq, |(s, _)| *s)
+            .ok()?;
+        self.awaiting_ack.get(index).map(|(_, request)| *request)
+    }
+
+    /// The peer answered `seq` otherwise (Superseded, RetryWrite): the acknowledgement that
+    /// later covers it must not complete the request, whose id a re-submission reuses.
+    pub fn answered(&mut self, seq: u64) {
+        if let Ok(index) = self.awaiting_ack.binary_search_by_key(&seq, |(s, _)| *s) {
+            self.awaiting_ack.remove(index);
+        }
     }
 
     /// Checks and applies a barrier ack; epochs are acked in order.
@@ -770,24 +799,26 @@ mod tests {
         sender.connect();
         let mut out = Vec::new();
         assert_eq!(
-            sender.replicate(1, ByteRange::new(0, 4096), false, &mut out),
+            sender.replicate(1, ByteRange::new(0, 4096), false, 0, &mut out),
             PeerNeed::WriteAck
         );
-        sender.replicate(2, ByteRange::new(4096, 4096), false, &mut out);
+        sender.replicate(2, ByteRange::new(4096, 4096), false, 0, &mut out);
         sender.note_completion();
-        sender.replicate(3, ByteRange::new(8192, 4096), true, &mut out);
+        sender.replicate(3, ByteRange::new(8192, 4096), true, 0, &mut out);
         assert_eq!(
             out,
             vec![
                 Outgoing::Data {
                     request: 1,
                     seq: 1,
-                    epoch: 1
+                    epoch: 1,
+                    seen: 0
                 },
                 Outgoing::Data {
                     request: 2,
                     seq: 2,
-                    epoch: 1
+                    epoch: 1,
+                    seen: 0
                 },
                 Outgoing::Barrier {
                     seq: 3,
@@ -798,7 +829,8 @@ mod tests {
                 Outgoing::Discard {
                     request: 3,
                     seq: 4,
-                    epoch: 2
+                    epoch: 2,
+                    seen: 0
                 },
             ]
         );
@@ -903,11 +935,12 @@ mod tests {
                 request,
                 ByteRange::new(request * 4096, 4096),
                 false,
+                0,
                 &mut out,
             );
         }
         sender.flush(&mut out);
-        sender.replicate(9, ByteRange::new(0, 4096), true, &mut out);
+        sender.replicate(9, ByteRange::new(0, 4096), true, 0, &mut out);
         assert_eq!(sender.acked_up_to(2), Ok(vec![1, 2]));
         assert_eq!(sender.acked_up_to(2), Ok(vec![]), "already covered");
         // Up to the barrier (4) covers no further write; 5 is the discard.
@@ -917,7 +950,7 @@ mod tests {
         // Protocol A waits for no acknowledgement.
         let mut sender = PeerSender::new(ReplicationProtocol::A, 1 << 20);
         sender.connect();
-        sender.replicate(1, ByteRange::new(0, 4096), false, &mut out);
+        sender.replicate(1, ByteRange::new(0, 4096), false, 0, &mut out);
         assert_eq!(sender.acked_up_to(1), Ok(vec![]));
     }
 

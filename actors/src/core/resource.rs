@@ -187,6 +187,8 @@ pub struct PeerWrite {
     pub offset: u64,
     pub len: u64,
     pub discard: bool,
+    /// See [`PeerMessage::Data`].
+    pub seen: u64,
 }
 
 /// What a [`Effect::Digest`] is for.
@@ -3249,6 +3251,7 @@ mod tests {
                     offset: 0,
                     len: 4096,
                     discard: false,
+                    seen: 0,
                 },
             },
         );
