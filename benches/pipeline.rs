@@ -10,9 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use qrbd::transport::{
-    encode, encode_data_header, DataHeader, FrameBatch, FrameParser, Parsed,
-};
+use qrbd::transport::{encode, encode_data_header, DataHeader, FrameBatch, FrameParser, Parsed};
 use qrbd_actors::buffer::{BufferPool, PooledBuf};
 use qrbd_actors::core::generation::JUST_CREATED_UUID;
 use qrbd_actors::core::messages::PeerMessage;
@@ -182,6 +180,7 @@ impl Replicated {
             discard_my_data: false,
             primary_before_split: false,
             resuming_initial_sync: false,
+            allow_two_primaries: false,
         };
         bench.core.handle(
             1,

@@ -37,7 +37,8 @@ use crate::config::QrbdConfig;
 #[cfg(test)]
 use crate::transport::ZERO_COPY_MIN;
 use crate::transport::{
-    self, read_message, write_batch, write_message, DataHeader, FrameBatch, FrameParser, Parsed, WireError,
+    self, read_message, write_batch, write_message, DataHeader, FrameBatch, FrameParser, Parsed,
+    WireError,
 };
 
 /// Bytes received from a peer (on the data and resync streams together) and not yet written

@@ -1168,6 +1168,7 @@ impl DeviceActor {
         };
         RetryActor::from_registry().do_send(RetryPostponed {
             io: PostponedIo {
+                id,
                 op,
                 reply: pending.reply,
                 issued: pending.issued,
@@ -1524,7 +1525,27 @@ impl Handler<SubmitIo> for DeviceActor {
 impl Handler<Resubmit> for DeviceActor {
     type Result = ();
     fn handle(&mut self, Resubmit(io): Resubmit, ctx: &mut Context<Self>) {
-        self.submit(io.op, io.reply, io.issued, ctx);
+        // Under its old id: the core knows it as postponed, and takes it back even while a
+        // demotion or shutdown drains (they wait for it).
+        let (kind, range) = io.op.kind_and_range();
+        let start = self.tick(io.issued);
+        self.pending.insert(
+            io.id,
+            PendingIo {
+                op: Some(io.op),
+                reply: io.reply,
+                issued: io.issued,
+            },
+        );
+        self.feed(
+            Input::Resubmit {
+                id: io.id,
+                kind,
+                range,
+                start,
+            },
+            Some(ctx),
+        );
     }
 }
 

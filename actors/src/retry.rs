@@ -16,10 +16,13 @@ use std::time::Instant;
 
 use actix::prelude::*;
 
+use crate::core::RequestId;
 use crate::io::{IoOp, IoReply};
 
 /// A request handed back by its device, with everything needed to issue it again.
 pub struct PostponedIo {
+    /// The request's id in its device's core, which it keeps when it comes back.
+    pub id: RequestId,
     pub op: IoOp,
     pub reply: IoReply,
     /// The application's original issue time; re-submission keeps it.

@@ -582,6 +582,7 @@ async fn a_stuck_device_does_not_hold_up_another_devices_retries() {
         stuck_replies.push(outcome);
         RetryActor::from_registry().do_send(RetryPostponed {
             io: PostponedIo {
+                id: offset + 1,
                 op: write_op(&pool, offset, &pattern(1, 4096)),
                 reply,
                 issued: Instant::now(),

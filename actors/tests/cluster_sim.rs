@@ -575,7 +575,6 @@ impl Sim {
             rate,
             request_bytes,
             al_extents,
-            ..SyncConfig::default()
         };
         // Fresh metadata (blank, Inconsistent) on new disks or on disks with old contents;
         // otherwise a cluster whose initial sync was skipped long ago.

@@ -97,7 +97,8 @@ struct Sim {
     /// Held writes that turning read-only must refuse.
     read_only_refusals: Vec<RequestId>,
     /// Logical requests handed back as postponed, waiting to be re-submitted.
-    retry_queue: Vec<usize>,
+    /// Postponed requests, by logical request and the id they come back under.
+    retry_queue: Vec<(usize, RequestId)>,
     /// Ids the core has forgotten, to poke with stale events.
     forgotten: Vec<RequestId>,
     next_admit: u64,
@@ -233,16 +234,37 @@ impl Sim {
             completions: 0,
             times_postponed: 0,
         });
-        self.submit(logical);
+        self.submit(logical, None);
     }
 
-    fn submit(&mut self, logical: usize) {
+    /// Submits the logical request, or re-submits it under the id it was postponed with.
+    fn submit(&mut self, logical: usize, postponed_as: Option<RequestId>) {
         let (kind, range, start) = {
             let l = &self.logicals[logical];
             (l.kind, l.range, l.start)
         };
-        let refusal = self.expected_refusal(kind, range);
-        let (id, effects) = self.core.submit(kind, range, start);
+        let (id, effects, refusal) = match postponed_as {
+            None => {
+                let refusal = self.expected_refusal(kind, range);
+                let (id, effects) = self.core.submit(kind, range, start);
+                self.ensure(id > self.last_id, || format!("id {id} reused"));
+                self.last_id = id;
+                (id, effects, refusal)
+            }
+            Some(id) => {
+                // Accepted once, a postponed request is taken back even by a device that no
+                // longer takes new ones, unless it would have to wait while held there.
+                let refusal = if self.suspended && self.closed {
+                    Some(IoFault::Closed)
+                } else if self.suspended && !self.writable && kind.modifies_data() {
+                    Some(IoFault::ReadOnly)
+                } else {
+                    None
+                };
+                let effects = self.core.resubmit(id, kind, range, start);
+                (id, effects, refusal)
+            }
+        };
         if self.trace {
             eprintln!(
                 "[{}] submit #{logical} {kind:?} {range:?} span {:?} as {id}",
@@ -250,8 +272,6 @@ impl Sim {
                 block_span(range)
             );
         }
-        self.ensure(id > self.last_id, || format!("id {id} reused"));
-        self.last_id = id;
         if let Some(fault) = refusal {
             self.ensure(effects == vec![Effect::Complete(id, Err(fault))], || {
                 format!("{kind:?} {range:?} should be refused with {fault:?}, got {effects:?}")
@@ -445,7 +465,7 @@ impl Sim {
         self.stats.postponed += 1;
         self.coverage.postponed += 1;
         self.logicals[live.logical].times_postponed += 1;
-        self.retry_queue.push(live.logical);
+        self.retry_queue.push((live.logical, id));
         self.forgotten.push(id);
     }
 
@@ -550,8 +570,9 @@ impl Sim {
             return;
         }
         let index = self.rng.below(self.retry_queue.len() as u64) as usize;
-        let logical = self.retry_queue.swap_remove(index);
-        self.submit(logical);
+        let (logical, id) = self.retry_queue.swap_remove(index);
+        self.forgotten.retain(|forgotten| *forgotten != id);
+        self.submit(logical, Some(id));
     }
 
     fn suspend(&mut self) {
@@ -624,9 +645,17 @@ impl Sim {
         self.ensure(self.core.is_suspended() == self.suspended, || {
             "suspension differs".to_owned()
         });
-        self.ensure(self.core.is_idle() == (admitted == 0 && held == 0), || {
-            "is_idle differs from the model".to_owned()
+        let postponed = self.retry_queue.len();
+        self.ensure(self.core.postponed() == postponed, || {
+            format!(
+                "core counts {} postponed, model {postponed}",
+                self.core.postponed()
+            )
         });
+        self.ensure(
+            self.core.is_idle() == (admitted == 0 && held == 0 && postponed == 0),
+            || "is_idle differs from the model".to_owned(),
+        );
         for (id, live) in &self.live {
             let expected = match live.stage {
                 ModelStage::Held => Stage::Held,

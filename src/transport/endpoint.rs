@@ -254,6 +254,7 @@ mod tests {
             discard_my_data: false,
             primary_before_split: false,
             resuming_initial_sync: false,
+            allow_two_primaries: false,
         }
     }
 

@@ -287,6 +287,7 @@ pub fn encode_into(out: &mut impl FrameBuf, msg: &PeerMessage) {
             discard_my_data,
             primary_before_split,
             resuming_initial_sync,
+            allow_two_primaries,
         } => {
             out.put_u8(TAG_HELLO);
             // The version comes first so any later layout can still be recognised as a version
@@ -308,6 +309,7 @@ pub fn encode_into(out: &mut impl FrameBuf, msg: &PeerMessage) {
             out.put_u8(u8::from(*discard_my_data));
             out.put_u8(u8::from(*primary_before_split));
             out.put_u8(u8::from(*resuming_initial_sync));
+            out.put_u8(u8::from(*allow_two_primaries));
         }
         PeerMessage::Refused { reason, standalone } => {
             out.put_u8(TAG_REFUSED);
@@ -854,6 +856,7 @@ fn decode_hello(rest: &[u8]) -> Result<PeerMessage, WireError> {
             discard_my_data: r.bool("discard_my_data")?,
             primary_before_split: r.bool("primary_before_split")?,
             resuming_initial_sync: r.bool("resuming_initial_sync")?,
+            allow_two_primaries: r.bool("allow_two_primaries")?,
         };
         Ok(hello)
     };
@@ -1646,6 +1649,7 @@ mod tests {
                 discard_my_data: false,
                 primary_before_split: true,
                 resuming_initial_sync: false,
+                allow_two_primaries: true,
             },
             PeerMessage::Hello {
                 protocol_version: PROTOCOL_VERSION,
@@ -1663,6 +1667,7 @@ mod tests {
                 discard_my_data: false,
                 primary_before_split: true,
                 resuming_initial_sync: false,
+                allow_two_primaries: true,
             },
             PeerMessage::Refused {
                 reason: "size mismatch: 1 GiB here, 2 GiB there".into(),
@@ -2169,6 +2174,7 @@ mod tests {
             discard_my_data: false,
             primary_before_split: false,
             resuming_initial_sync: true,
+            allow_two_primaries: false,
         });
         let mut stream = Vec::new();
         for msg in &msgs {
@@ -2338,6 +2344,7 @@ mod tests {
             discard_my_data: false,
             primary_before_split: false,
             resuming_initial_sync: true,
+            allow_two_primaries: false,
         };
         assert_eq!(decode_frame_body(&encode(&hello)[4..]).unwrap(), hello);
     }

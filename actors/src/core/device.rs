@@ -528,15 +528,10 @@ impl DeviceCore {
     }
 
     fn try_finish(&mut self, id: RequestId, now: Tick, effects: &mut Vec<VolumeEffect>) {
-        let (ready, postponed) = self.requests.get(&id).map_or((false, false), |request| {
-            (
-                request.stage == Stage::ReadyToComplete && request.waiting.is_empty(),
-                request.postponed,
-            )
+        let ready = self.requests.get(&id).is_some_and(|request| {
+            request.stage == Stage::ReadyToComplete && request.waiting.is_empty()
         });
-        // A postponed request does not complete upward: held completions do not hold it, and
-        // handing it back frees its blocks for the peer's write it must follow.
-        if ready && (self.holds == 0 || postponed) {
+        if ready && self.holds == 0 {
             self.finish(id, now, effects);
         }
     }
@@ -558,8 +553,7 @@ impl DeviceCore {
                         .landed
                         .get(peer)
                         .map_or(0, |landed| landed.seen_for(range.block_span()));
-                    let need =
-                        sender.replicate(id, range, kind == IoKind::Discard, seen, &mut out);
+                    let need = sender.replicate(id, range, kind == IoKind::Discard, seen, &mut out);
                     waiting.push((*peer, need));
                     if let Some(Outgoing::Data { seq, .. } | Outgoing::Discard { seq, .. }) =
                         out.last()
@@ -1057,7 +1051,9 @@ impl DeviceCore {
                     after = after.max(seq);
                     let (start, len) = (local.range.offset, local.range.len);
                     covering |= start <= range.offset
-                        && range.end().is_some_and(|end| end <= start.saturating_add(len));
+                        && range
+                            .end()
+                            .is_some_and(|end| end <= start.saturating_add(len));
                 }
                 _ if local.stage == Stage::Local => wait = true,
                 _ => {}
@@ -1128,14 +1124,18 @@ impl DeviceCore {
             .requests
             .iter()
             .filter(|(_, r)| {
-                r.waiting
-                    .iter()
-                    .any(|(p, need)| *p == peer && matches!(need, PeerNeed::PeerApplied(a) if *a <= up_to))
+                r.waiting.iter().any(|(p, need)| {
+                    *p == peer && matches!(need, PeerNeed::PeerApplied(a) if *a <= up_to)
+                })
             })
             .map(|(id, _)| *id)
             .collect();
         for id in due {
-            self.satisfy(id, peer, |need| matches!(need, PeerNeed::PeerApplied(a) if a <= up_to));
+            self.satisfy(
+                id,
+                peer,
+                |need| matches!(need, PeerNeed::PeerApplied(a) if a <= up_to),
+            );
             self.try_finish(id, now, &mut effects);
         }
         effects

@@ -41,6 +41,8 @@ pub enum PeerMessage {
         /// The sender is blank and its initial sync had begun, with its full bitmap durable:
         /// the initial sync resumes from the bitmaps.
         resuming_initial_sync: bool,
+        /// The sender's resource allows two primaries; both sides must agree.
+        allow_two_primaries: bool,
     },
     /// The other side cannot accept this peer; the connection is closed after it. With
     /// `standalone`, neither side retries until the administrator says `connect`.

@@ -34,6 +34,9 @@ use crate::meta::{BitmapUpdate, DeviceMeta, StoredBitmaps};
 /// One second in ticks (nanoseconds).
 pub const SECOND: Tick = 1_000_000_000;
 const MILLISECOND: Tick = 1_000_000;
+/// Why a connection was dropped when a conflict between two primaries did not resolve in time.
+pub const CONFLICT_TIMEOUT: &str =
+    "a write postponed for a conflict waited too long for the peer's conflicting write";
 
 /// Identifies an administrator's command until its [`Effect::CommandDone`].
 pub type CommandId = u64;
@@ -219,8 +222,17 @@ pub enum Input {
         id: RequestId,
         result: Result<(), IoFault>,
     },
-    /// A peer asked to retry request `id` (two primaries, a later issue).
+    /// Postpone request `id` as a peer's RetryWrite does, with no peer involved: the shells'
+    /// tests of the retry path use it.
     Postpone { id: RequestId },
+    /// A request the core postponed ([`Effect::Postponed`]) comes back through the retry
+    /// actor, under its old id and with its original start time.
+    Resubmit {
+        id: RequestId,
+        kind: IoKind,
+        range: ByteRange,
+        start: Tick,
+    },
     /// A transport connection to `peer` is up; `conn` names it from now on.
     TransportUp { peer: PeerId, conn: u64 },
     /// Connection `conn` to `peer` is gone.
@@ -649,8 +661,9 @@ pub struct ResourceCore {
     /// with their ranges: those of a lost connection still land, so nothing newer may be
     /// written over them before they did, and their extents stay hot in the activity log.
     at_store: BTreeMap<(PeerId, u64, u64), ByteRange>,
-    /// Received writes waiting, in order, for their extents to be made hot.
-    peer_writes_waiting: VecDeque<(PeerId, u64, PeerWrite)>,
+    /// Received writes waiting, in order, for an overlapping local write (two primaries) or
+    /// for their extents to be made hot.
+    peer_writes_waiting: VecDeque<bitmaps::QueuedPeerWrite>,
     effects: VecDeque<Effect>,
     /// The time of the input being handled.
     now: Tick,
@@ -876,6 +889,18 @@ impl ResourceCore {
                 let effects = self.device.postpone(id, now);
                 self.volume_effects(effects, now);
             }
+            Input::Resubmit {
+                id,
+                kind,
+                range,
+                start,
+            } => {
+                if kind.modifies_data() && self.role == Role::Primary {
+                    self.start_generation_if_needed(false, false);
+                }
+                let effects = self.device.resubmit(id, kind, range, start);
+                self.volume_effects(effects, now);
+            }
             Input::TransportUp { peer, conn } => self.transport_up(peer, conn, now),
             Input::TransportDown { peer, conn, reason } => {
                 if self.current_conn(peer) == Some(conn) {
@@ -906,8 +931,13 @@ impl ResourceCore {
                 seq,
                 result,
             } => {
-                self.at_store.remove(&(peer, conn, seq));
+                let range = self.at_store.remove(&(peer, conn, seq));
+                let effects = self.device.received_landed((peer, conn, seq));
+                self.volume_effects(effects, now);
                 if self.current_conn(peer) == Some(conn) {
+                    if let (Some(range), Ok(())) = (range, result) {
+                        self.device.note_landed(peer, seq, range);
+                    }
                     if let Some(link) = self.links.get_mut(&peer) {
                         let effects = link.receiver.local_done(seq, result);
                         self.receiver_effects(peer, effects, now);
@@ -967,6 +997,10 @@ impl ResourceCore {
             ),
             Input::Tick => self.tick(now),
             Input::Command { id, command } => self.command(id, command, now),
+        }
+        if !self.peer_writes_waiting.is_empty() {
+            // A local write answered, finished or handed back may let a received one go on.
+            self.release_peer_writes(false, now);
         }
         self.resync_after_input();
         self.pump_bitmaps(now);
@@ -1116,7 +1150,7 @@ impl ResourceCore {
                 "peer {} sent a write while it is not Primary",
                 link.name
             ))
-        } else if self.role == Role::Primary {
+        } else if self.role == Role::Primary && !self.config.allow_two_primaries {
             Some(format!(
                 "peer {} sent a write to this node, which is Primary",
                 link.name
@@ -1206,7 +1240,15 @@ impl ResourceCore {
                     }
                 }
                 ReceiverEffect::Ack(message) => {
-                    self.effects.push_back(Effect::Send { peer, message })
+                    let acked = match message {
+                        PeerMessage::WriteAck { up_to } => Some(up_to),
+                        _ => None,
+                    };
+                    self.effects.push_back(Effect::Send { peer, message });
+                    if let Some(up_to) = acked {
+                        let effects = self.device.acknowledged_peer_writes(peer, up_to, now);
+                        self.volume_effects(effects, now);
+                    }
                 }
             }
         }
@@ -1304,17 +1346,9 @@ impl ResourceCore {
                 self.commit_received(peer, transaction, now)
             }
             PeerMessage::SkipInitialSync { uuid } => self.skip_initial_sync_received(peer, uuid),
-            // Only a resolver between two primaries sends these, and two primaries are not
-            // allowed yet: a peer that sends one is broken.
-            other @ (PeerMessage::Superseded { .. } | PeerMessage::RetryWrite { .. }) => self
-                .protocol_error(
-                    peer,
-                    format!(
-                        "{} from a peer, but two primaries are not allowed here",
-                        other.name()
-                    ),
-                    now,
-                ),
+            answer @ (PeerMessage::Superseded { .. } | PeerMessage::RetryWrite { .. }) => {
+                self.conflict_answer(peer, answer, now)
+            }
             PeerMessage::StateAbort { transaction } => {
                 if self
                     .prepared
@@ -1399,7 +1433,7 @@ impl ResourceCore {
         now: Tick,
     ) {
         let current_uuid = remote.current;
-        if role == Role::Primary && self.role == Role::Primary {
+        if role == Role::Primary && self.role == Role::Primary && !self.config.allow_two_primaries {
             let reason = format!(
                 "both this node and peer {} are Primary; two primaries are not allowed",
                 self.peer_name(peer)
@@ -1505,6 +1539,36 @@ impl ResourceCore {
 
     // ----- handshake -----
 
+    /// The resolver's answer to one of this node's writes that was concurrent with its own
+    /// (docs/protocol.md, "Two primaries").
+    fn conflict_answer(&mut self, peer: PeerId, answer: PeerMessage, now: Tick) {
+        if !self.config.allow_two_primaries {
+            let reason = format!(
+                "{} from a peer, but two primaries are not allowed here",
+                answer.name()
+            );
+            return self.protocol_error(peer, reason, now);
+        }
+        if self.config.node_id < peer {
+            let reason = format!(
+                "{} from a peer with a higher node id: this node resolves their conflicts",
+                answer.name()
+            );
+            return self.protocol_error(peer, reason, now);
+        }
+        let result = match answer {
+            PeerMessage::Superseded { seq } => self.device.peer_superseded(peer, seq, now),
+            PeerMessage::RetryWrite { seq, after } => {
+                self.device.peer_asked_retry(peer, seq, after, now)
+            }
+            _ => Ok(Vec::new()),
+        };
+        match result {
+            Ok(effects) => self.volume_effects(effects, now),
+            Err(error) => self.protocol_error(peer, error.0, now),
+        }
+    }
+
     fn hello_message(&self, peer: PeerId) -> PeerMessage {
         PeerMessage::Hello {
             protocol_version: PROTOCOL_VERSION,
@@ -1522,6 +1586,7 @@ impl ResourceCore {
             discard_my_data: self.links.get(&peer).is_some_and(|l| l.discard_my_data),
             primary_before_split: self.meta.flags.primary_before_split,
             resuming_initial_sync: self.resuming_initial_sync(),
+            allow_two_primaries: self.config.allow_two_primaries,
         }
     }
 
@@ -1604,6 +1669,7 @@ impl ResourceCore {
             discard_my_data,
             primary_before_split,
             resuming_initial_sync,
+            allow_two_primaries,
         } = hello
         else {
             return;
@@ -1649,6 +1715,12 @@ impl ResourceCore {
                 "resource {:?}: peer uses protocol {protocol}, ours is {}",
                 ours.resource, ours.protocol
             ))
+        } else if *allow_two_primaries != ours.allow_two_primaries {
+            Some(format!(
+                "resource {:?}: allow_two_primaries is {} here and {allow_two_primaries} on the \
+                 peer; both must agree",
+                ours.resource, ours.allow_two_primaries
+            ))
         } else {
             None
         };
@@ -1656,7 +1728,8 @@ impl ResourceCore {
             self.refuse(peer, reason, false, now);
             return;
         }
-        if *role == Role::Primary && self.role == Role::Primary {
+        let both_primary = *role == Role::Primary && self.role == Role::Primary;
+        if both_primary && !ours.allow_two_primaries {
             let reason = format!(
                 "both {} and {name} are Primary; two primaries are not allowed (demote one, then `qrbd connect`)",
                 ours.node_name
@@ -1780,6 +1853,18 @@ impl ResourceCore {
                 let reason = format!(
                     "unrelated data: generation {:016X} here and {current_uuid:016X} on {name} share no history",
                     local.current
+                );
+                self.refuse(peer, reason, true, now);
+                return;
+            }
+            SyncDecision::Same
+                if both_primary && (self.missing_for(peer) > 0 || *receiver_missing_bytes > 0) =>
+            {
+                // Neither may become the sync target of the other while Primary.
+                let reason = format!(
+                    "{} and {name} are both Primary and blocks differ between them; demote \
+                     one (it becomes the sync target), then `qrbd connect`",
+                    self.config.node_name
                 );
                 self.refuse(peer, reason, true, now);
                 return;
@@ -2155,6 +2240,18 @@ impl ResourceCore {
                         timing.request_timeout() / SECOND
                     ),
                 ));
+            } else if self
+                .device
+                .oldest_retry_wait(link.id)
+                .is_some_and(|since| now.saturating_sub(since) > timing.request_timeout())
+            {
+                drops.push((
+                    link.id,
+                    format!(
+                        "{CONFLICT_TIMEOUT} ({} s, timeout x ko-count)",
+                        timing.request_timeout() / SECOND
+                    ),
+                ));
             }
         }
         for (peer, reason) in drops {
@@ -2261,10 +2358,11 @@ impl ResourceCore {
         if self.role == Role::Primary {
             return self.done(id, Ok("already Primary".into()));
         }
-        if let Some(name) = self.connected_primary() {
+        let two_primaries = self.config.allow_two_primaries;
+        if let Some(name) = self.connected_primary().filter(|_| !two_primaries) {
             return self.done(id, Err(CommandError::PeerIsPrimary(name)));
         }
-        if let Some(prepared) = self.prepared {
+        if let Some(prepared) = self.prepared.filter(|_| !two_primaries) {
             let name = self.peer_name(prepared.peer);
             return self.done(id, Err(CommandError::LostRace(name)));
         }
@@ -2274,7 +2372,9 @@ impl ResourceCore {
         if self.disk != DiskState::UpToDate && !force {
             return self.done(id, Err(CommandError::DiskNotUpToDate(self.disk)));
         }
-        if let Some(name) = self.peer_with_pending_writes() {
+        // With two primaries the received writes are in the conflict domain: this node's
+        // writes follow them wherever they overlap.
+        if let Some(name) = self.peer_with_pending_writes().filter(|_| !two_primaries) {
             return self.done(id, Err(CommandError::ApplyingPeerWrites(name)));
         }
         if let Some(link) = self.links.values().find(|l| {
@@ -2338,11 +2438,12 @@ impl ResourceCore {
             return;
         }
         let (force, outdate_peers) = (promotion.force, promotion.outdate_peers);
-        if let Some(name) = self.peer_with_pending_writes() {
+        let two_primaries = self.config.allow_two_primaries;
+        if let Some(name) = self.peer_with_pending_writes().filter(|_| !two_primaries) {
             // The old Primary's last writes must land here before this node writes.
             return self.abort_promotion(CommandError::ApplyingPeerWrites(name));
         }
-        if let Some(name) = self.connected_primary() {
+        if let Some(name) = self.connected_primary().filter(|_| !two_primaries) {
             return self.abort_promotion(CommandError::PeerIsPrimary(name));
         }
         self.meta.flags.was_primary = true;
@@ -2435,11 +2536,12 @@ impl ResourceCore {
         now: Tick,
     ) {
         let me = self.config.node_name.clone();
+        let two_primaries = self.config.allow_two_primaries;
         let refusal = if node != peer {
             Some(format!(
                 "node id {node} does not match the peer's id {peer}"
             ))
-        } else if self.role == Role::Primary {
+        } else if self.role == Role::Primary && !two_primaries {
             Some(format!("{me} is Primary"))
         } else if self.going_down {
             Some(format!("{me} is going down"))
@@ -2448,7 +2550,7 @@ impl ResourceCore {
             Some(format!("{me} is still finishing its writes as Primary"))
         } else if let Some(other) = self.primary_peer_other_than(peer) {
             Some(format!("{other} is Primary"))
-        } else if let Some(other) = self.peer_with_pending_writes() {
+        } else if let Some(other) = self.peer_with_pending_writes().filter(|_| !two_primaries) {
             // The old Primary's last writes must land here before a new one writes.
             Some(format!(
                 "{me} is still writing data it received from {other}"
@@ -2459,7 +2561,10 @@ impl ResourceCore {
                 self.peer_name(other.peer)
             ))
         } else if let Change::Promoting(own) = &self.change {
-            if peer < self.config.node_id && own.persisting.is_none() {
+            if two_primaries {
+                // Both may be Primary: neither promotion stands in the other's way.
+                None
+            } else if peer < self.config.node_id && own.persisting.is_none() {
                 // Both want to become Primary at once: the lower node id wins.
                 let winner = self.peer_name(peer);
                 self.abort_promotion(CommandError::LostRace(winner));
@@ -2592,6 +2697,7 @@ impl ResourceCore {
             // nothing (protocols A and B complete writes before the peer wrote them).
             Change::Demoting { .. } => {
                 self.device.admitted() == 0
+                    && self.device.postponed() == 0
                     && self.links.values().all(|link| {
                         !link.is_connected()
                             || self

@@ -7,7 +7,8 @@ use std::collections::BTreeSet;
 
 use super::{DrainStep, Effect, PeerWrite, ResourceCore};
 use crate::core::activity_log::extents_of;
-use crate::core::device::ByteRange;
+use crate::core::device::{ByteRange, ReceivedDecision};
+use crate::core::messages::PeerMessage;
 use crate::core::replication::PeerId;
 use crate::core::Tick;
 use crate::meta::{BitmapChunk, BitmapUpdate};
@@ -228,7 +229,11 @@ impl ResourceCore {
                 };
                 self.volume_effects(effects, now);
                 self.release_resync_writes(committed, now);
-                self.release_peer_writes(committed, now);
+                // Whatever the transaction made hot, the first waiting write asks again.
+                if let Some(front) = self.peer_writes_waiting.front_mut() {
+                    front.wanted = false;
+                }
+                self.release_peer_writes(!committed, now);
             }
             Purpose::Lazy => {}
             Purpose::All => self.all_bitmaps_stored(result),
@@ -257,6 +262,18 @@ impl ResourceCore {
     }
 }
 
+/// A received write on its way to the store.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct QueuedPeerWrite {
+    peer: PeerId,
+    conn: u64,
+    write: PeerWrite,
+    /// It is in the device's conflict domain.
+    admitted: bool,
+    /// Its extents were asked of the activity log.
+    wanted: bool,
+}
+
 impl ResourceCore {
     /// A Secondary writes what its Primary sends through its own activity log, as the
     /// Primary does: after a crash of this node, the hot extents are out of sync for every
@@ -266,24 +283,38 @@ impl ResourceCore {
     pub(super) fn apply_peer_write(&mut self, peer: PeerId, conn: u64, write: PeerWrite) {
         let range = ByteRange::new(write.offset, write.len);
         self.at_store.insert((peer, conn, write.seq), range);
-        if self.peer_writes_waiting.is_empty() && self.device.activity_log().covers(range) {
-            self.device.activity_log_mut().touch(range);
-            self.effects
-                .push_back(Effect::ApplyPeerWrite { peer, conn, write });
-        } else {
-            self.device.activity_log_mut().want(range);
-            self.peer_writes_waiting.push_back((peer, conn, write));
-        }
+        self.peer_writes_waiting.push_back(QueuedPeerWrite {
+            peer,
+            conn,
+            write,
+            admitted: false,
+            wanted: false,
+        });
+        self.release_peer_writes(false, self.now);
     }
 
-    /// The activity log's transaction ended: received writes whose extents are hot go on. A
-    /// failed transaction lets them go on regardless (the peer's copy stays complete; only
-    /// this node's crash protection for them is lost) rather than stall replication.
-    fn release_peer_writes(&mut self, committed: bool, now: Tick) {
-        while let Some((peer, conn, write)) = self.peer_writes_waiting.pop_front() {
+    /// Moves received writes on, in arrival order, as far as they can go: each enters the
+    /// conflict domain (with two primaries it may wait for, or be answered instead of written
+    /// because of, a concurrent local write), then waits for its extents to be hot. After a
+    /// failed activity-log transaction (`log_failed`) they go on regardless (the peer's copy
+    /// stays complete; only this node's crash protection for them is lost) rather than stall
+    /// replication.
+    pub(super) fn release_peer_writes(&mut self, log_failed: bool, now: Tick) {
+        while let Some(&QueuedPeerWrite {
+            peer,
+            conn,
+            write,
+            admitted,
+            wanted,
+        }) = self.peer_writes_waiting.front()
+        {
+            let key = (peer, conn, write.seq);
             if self.current_conn(peer) != Some(conn) {
                 // Its connection is gone: the Primary counts it out of sync.
-                self.at_store.remove(&(peer, conn, write.seq));
+                self.peer_writes_waiting.pop_front();
+                self.at_store.remove(&key);
+                let effects = self.device.received_landed(key);
+                self.volume_effects(effects, now);
                 self.effects.push_back(Effect::ForgetPayload {
                     peer,
                     conn,
@@ -292,17 +323,79 @@ impl ResourceCore {
                 continue;
             }
             let range = ByteRange::new(write.offset, write.len);
-            if !committed || self.device.activity_log().covers(range) {
+            if !admitted {
+                let resolver = self.config.node_id < peer;
+                let answer = match self.device.admit_received(key, range, write.seen, resolver) {
+                    ReceivedDecision::Wait => break,
+                    ReceivedDecision::Apply => None,
+                    ReceivedDecision::Superseded => {
+                        Some(PeerMessage::Superseded { seq: write.seq })
+                    }
+                    ReceivedDecision::Retry { after } => Some(PeerMessage::RetryWrite {
+                        seq: write.seq,
+                        after,
+                    }),
+                };
+                if let Some(answer) = answer {
+                    self.peer_writes_waiting.pop_front();
+                    self.not_written(peer, conn, write, answer, now);
+                    continue;
+                }
+            }
+            if log_failed || self.device.activity_log().covers(range) {
+                self.peer_writes_waiting.pop_front();
                 self.device.activity_log_mut().touch(range);
                 self.effects
                     .push_back(Effect::ApplyPeerWrite { peer, conn, write });
             } else {
-                self.device.activity_log_mut().want(range);
-                self.peer_writes_waiting.push_front((peer, conn, write));
+                if !wanted {
+                    self.device.activity_log_mut().want(range);
+                }
+                if let Some(front) = self.peer_writes_waiting.front_mut() {
+                    front.admitted = true;
+                    front.wanted = true;
+                }
                 break;
             }
         }
         self.resume_deferred_hellos(now);
+    }
+
+    /// The resolver does not write a received write that was concurrent with its own: it
+    /// answers (before the acknowledgement that covers it) and counts it done.
+    fn not_written(
+        &mut self,
+        peer: PeerId,
+        conn: u64,
+        write: PeerWrite,
+        answer: PeerMessage,
+        now: Tick,
+    ) {
+        self.at_store.remove(&(peer, conn, write.seq));
+        self.effects.push_back(Effect::ForgetPayload {
+            peer,
+            conn,
+            seq: write.seq,
+        });
+        let outcome = match answer {
+            PeerMessage::Superseded { .. } => "superseded",
+            _ => "retry",
+        };
+        self.emit(format!(
+            "conflict name:{} peer-node-id:{peer} conn-name:{} write:{outcome} offset:{} len:{}",
+            self.config.resource,
+            self.peer_name(peer),
+            write.offset,
+            write.len
+        ));
+        self.effects.push_back(Effect::Send {
+            peer,
+            message: answer,
+        });
+        if let Some(link) = self.links.get_mut(&peer) {
+            let effects = link.receiver.local_done(write.seq, Ok(()));
+            self.receiver_effects(peer, effects, now);
+        }
     }
 
     /// Extents that must stay hot: writes in flight (application, resync, received).
