@@ -31,6 +31,7 @@
 //! after_sb_0pri = "discard-zero-changes"  # split brain, no Primary; default "disconnect"
 //! after_sb_1pri = "discard-secondary"     # split brain, one Primary; default "disconnect"
 //! after_sb_2pri = "disconnect"            # split brain, two Primaries; only "disconnect"
+//! allow_two_primaries = false     # both nodes Primary at once; protocol C only; default false
 //!
 //!   [[resource.peer]]
 //!   name = "beta"
@@ -148,6 +149,7 @@ const RESOURCE_KEYS: &[&str] = &[
     "after_sb_1pri",
     "after_sb_2pri",
     "csums",
+    "allow_two_primaries",
     "peer",
 ];
 const PEER_KEYS: &[&str] = &["name", "id", "address"];
@@ -228,6 +230,10 @@ pub struct ResourceConfig {
     /// StandAlone until `qrbd connect --discard-my-data` on the victim. A
     /// `discard-node-NAME` names this node or one of the resource's peers.
     pub split_brain: SplitBrainPolicy,
+    /// Like DRBD's `allow-two-primaries`: this node may be Primary while a peer is (default
+    /// off). Only with protocol C, and only useful with a cluster filesystem or an application
+    /// that coordinates its own writes; every node of the resource must set it.
+    pub allow_two_primaries: bool,
     pub peers: Vec<PeerConfig>,
 }
 
@@ -728,6 +734,7 @@ struct RawResource {
     after_sb_0pri: Option<Scalar>,
     after_sb_1pri: Option<Scalar>,
     after_sb_2pri: Option<Scalar>,
+    allow_two_primaries: Option<bool>,
     #[serde(default)]
     peer: Vec<RawPeer>,
 }
@@ -1194,6 +1201,20 @@ fn validate_resource(
             .parse()
             .map_err(|e| ctx.invalid(&place, format!("protocol: {e}")))?,
     };
+    let allow_two_primaries = raw.allow_two_primaries.unwrap_or(false);
+    // With two Primaries, a write that overlaps one of the peer's is settled by the peer's
+    // answer to it (written, superseded or to be retried); protocols A and B complete a write
+    // before that answer exists, so the conflict could not be resolved.
+    if allow_two_primaries && protocol != ReplicationProtocol::C {
+        return Err(ctx.invalid(
+            &place,
+            format!(
+                "allow_two_primaries = true needs protocol \"C\" (this resource has protocol \"{protocol}\"): \
+                 conflicting writes of two Primaries are resolved through the peer's write \
+                 acknowledgement, which protocols A and B do not wait for"
+            ),
+        ));
+    }
     let al_extents = match raw.al_extents {
         None => DEFAULT_AL_EXTENTS,
         Some(value) => check_al_extents(&value).map_err(|reason| ctx.invalid(&place, reason))?,
@@ -1283,6 +1304,7 @@ fn validate_resource(
         resync_rate,
         resync_control,
         split_brain,
+        allow_two_primaries,
         peers,
     })
 }
@@ -1837,6 +1859,7 @@ mod tests {
         [[resource]]
         name = "r1"
         size = 8192
+        allow_two_primaries = true
     "#;
 
     // --- sizes -------------------------------------------------------------------------------
@@ -1946,6 +1969,7 @@ mod tests {
         assert_eq!(split_brain.after_sb_0pri, AfterSb0Pri::Disconnect);
         assert_eq!(split_brain.after_sb_1pri, AfterSb1Pri::Disconnect);
         assert_eq!(split_brain.after_sb_2pri, AfterSb2Pri::Disconnect);
+        assert!(!config.resources[0].allow_two_primaries);
         assert!(config.resources[0].peers.is_empty());
     }
 
@@ -2016,6 +2040,7 @@ mod tests {
                         after_sb_1pri: AfterSb1Pri::Consensus,
                         after_sb_2pri: AfterSb2Pri::Disconnect,
                     },
+                    allow_two_primaries: false,
                     peers: vec![
                         PeerConfig {
                             name: "beta".into(),
@@ -2039,6 +2064,7 @@ mod tests {
                     resync_rate: 0,
                     resync_control: ResyncControl::default(),
                     split_brain: SplitBrainPolicy::default(),
+                    allow_two_primaries: true,
                     peers: vec![],
                 },
             ],
@@ -2180,7 +2206,7 @@ mod tests {
             &[
                 "resource \"r0\"",
                 "unknown key \"sise\"",
-                "name, size, protocol, disk_flushes, al_extents, resync_rate, c_plan_ahead, c_fill_target, c_delay_target, c_max_rate, c_min_rate, after_sb_0pri, after_sb_1pri, after_sb_2pri, csums, peer",
+                "name, size, protocol, disk_flushes, al_extents, resync_rate, c_plan_ahead, c_fill_target, c_delay_target, c_max_rate, c_min_rate, after_sb_0pri, after_sb_1pri, after_sb_2pri, csums, allow_two_primaries, peer",
             ],
         );
         // DRBD's spellings and near misses of the new keys get a suggestion.
@@ -2200,6 +2226,8 @@ mod tests {
             ("after-sb-2pri", "after_sb_2pri"),
             ("after_sb_0_pri", "after_sb_0pri"),
             ("aftersb_1pri", "after_sb_1pri"),
+            ("allow-two-primaries", "allow_two_primaries"),
+            ("allow_two_primary", "allow_two_primaries"),
         ] {
             load_err(
                 &with_node(&format!(
@@ -2579,6 +2607,65 @@ mod tests {
         load_err(
             &with_node("[[resource]]\nname = \"r0\"\nsize = \"1GiB\"\nprotocol = \"D\"\n"),
             &["resource \"r0\"", "protocol", "\"D\"", "A, B or C"],
+        );
+    }
+
+    #[test]
+    fn allow_two_primaries_with_protocol_c() {
+        let two_primaries = |protocol: &str, value: &str| {
+            let config = load_ok(&with_node(&format!(
+                "[[resource]]\nname = \"r0\"\nsize = \"1GiB\"\n{protocol}allow_two_primaries = {value}\n"
+            )));
+            config.resources[0].allow_two_primaries
+        };
+        assert!(two_primaries("protocol = \"C\"\n", "true"));
+        assert!(two_primaries("protocol = \"c\"\n", "true"));
+        // C is the default protocol.
+        assert!(two_primaries("", "true"));
+        assert!(!two_primaries("protocol = \"C\"\n", "false"));
+        // Off is always fine, whatever the protocol.
+        assert!(!two_primaries("protocol = \"A\"\n", "false"));
+        assert!(!two_primaries("protocol = \"B\"\n", "false"));
+        // The default is off, in every resource.
+        let config = load_ok(&with_node(
+            "[[resource]]\nname = \"r0\"\nsize = \"1GiB\"\nallow_two_primaries = true\n\
+             [[resource]]\nname = \"r1\"\nsize = \"1GiB\"\n",
+        ));
+        assert!(config.resources[0].allow_two_primaries);
+        assert!(!config.resources[1].allow_two_primaries);
+    }
+
+    #[test]
+    fn allow_two_primaries_refused_without_protocol_c() {
+        for protocol in ["A", "B"] {
+            let message = load_err(
+                &with_node(&format!(
+                    "[[resource]]\nname = \"r0\"\nsize = \"1GiB\"\nprotocol = \"{protocol}\"\nallow_two_primaries = true\n"
+                )),
+                &[],
+            );
+            assert_eq!(
+                message,
+                format!(
+                    "<inline>: resource \"r0\": allow_two_primaries = true needs protocol \"C\" \
+                     (this resource has protocol \"{protocol}\"): conflicting writes of two \
+                     Primaries are resolved through the peer's write acknowledgement, which \
+                     protocols A and B do not wait for"
+                )
+            );
+        }
+        // The resource named is the one at fault.
+        load_err(
+            &with_node(
+                "[[resource]]\nname = \"r0\"\nsize = \"1GiB\"\nallow_two_primaries = true\n\
+                 [[resource]]\nname = \"r1\"\nsize = \"1GiB\"\nprotocol = \"b\"\nallow_two_primaries = true\n",
+            ),
+            &["resource \"r1\"", "allow_two_primaries", "protocol \"B\""],
+        );
+        // Not a boolean.
+        load_err(
+            &resource_with("allow_two_primaries", "\"maybe\""),
+            &["resource \"r0\"", "allow_two_primaries", "boolean"],
         );
     }
 

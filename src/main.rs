@@ -59,11 +59,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             for resource in &config.resources {
                 println!(
-                    "  {}: {} protocol {} peers {}",
+                    "  {}: {} protocol {} peers {}{}",
                     resource.name,
                     status_text::human_bytes(resource.size_bytes),
                     resource.protocol,
-                    resource.peers.len()
+                    resource.peers.len(),
+                    if resource.allow_two_primaries {
+                        " two-primaries allowed"
+                    } else {
+                        ""
+                    }
                 );
             }
             Ok(())

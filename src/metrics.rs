@@ -456,6 +456,46 @@ const RESOURCE_FIELDS: &[ResourceField] = &[
         |r| r.retries,
     ),
     (
+        "qrbd_resource_allow_two_primaries",
+        "gauge",
+        "1 when the resource allows two Primaries (allow_two_primaries), else 0.",
+        |r| u64::from(r.allow_two_primaries),
+    ),
+    (
+        "qrbd_resource_concurrent_writes_total",
+        "counter",
+        "Two primaries, on the node resolving conflicts: peer writes issued concurrently with \
+         an overlapping local write.",
+        |r| r.concurrent_writes,
+    ),
+    (
+        "qrbd_resource_superseded_writes_total",
+        "counter",
+        "Two primaries, on the node resolving conflicts: peer writes not written here because \
+         a concurrent local write covers them (answered Superseded).",
+        |r| r.superseded_writes,
+    ),
+    (
+        "qrbd_resource_retry_writes_asked_total",
+        "counter",
+        "Two primaries, on the node resolving conflicts: peer writes answered RetryWrite, to be \
+         submitted again by the peer.",
+        |r| r.retry_writes_asked,
+    ),
+    (
+        "qrbd_resource_superseded_by_peer_total",
+        "counter",
+        "Two primaries: local writes the peer answered Superseded (its concurrent write covers \
+         them).",
+        |r| r.superseded_by_peer,
+    ),
+    (
+        "qrbd_resource_resubmitted_writes_total",
+        "counter",
+        "Postponed writes submitted again through the retry service.",
+        |r| r.resubmitted_writes,
+    ),
+    (
         "qrbd_resource_size_bytes",
         "gauge",
         "Size of the resource's disk image in bytes.",
@@ -838,6 +878,12 @@ mod tests {
             write_latency_bounds_us: vec![100, 250, 1000],
             conflicts: 3,
             retries: 1,
+            allow_two_primaries: true,
+            concurrent_writes: 11,
+            superseded_writes: 12,
+            retry_writes_asked: 13,
+            superseded_by_peer: 14,
+            resubmitted_writes: 15,
             current_uuid: "0123456789ABCDEF".to_owned(),
             bitmap_uuids: Default::default(),
             history_uuids: Vec::new(),
@@ -882,6 +928,13 @@ mod tests {
             "qrbd_resource_write_latency_seconds_bucket{resource=\"r0\",le=\"0.00025\"} 3",
             "qrbd_resource_write_latency_seconds_bucket{resource=\"r0\",le=\"0.001\"} 4",
             "qrbd_resource_conflicts_total{resource=\"r0\"} 3",
+            "# TYPE qrbd_resource_concurrent_writes_total counter",
+            "qrbd_resource_allow_two_primaries{resource=\"r0\"} 1",
+            "qrbd_resource_concurrent_writes_total{resource=\"r0\"} 11",
+            "qrbd_resource_superseded_writes_total{resource=\"r0\"} 12",
+            "qrbd_resource_retry_writes_asked_total{resource=\"r0\"} 13",
+            "qrbd_resource_superseded_by_peer_total{resource=\"r0\"} 14",
+            "qrbd_resource_resubmitted_writes_total{resource=\"r0\"} 15",
             "qrbd_resource_write_latency_seconds_bucket{resource=\"r0\",le=\"+Inf\"} 4",
             "qrbd_resource_write_latency_seconds_sum{resource=\"r0\"} 0.001",
             "qrbd_resource_write_latency_seconds_count{resource=\"r0\"} 4",

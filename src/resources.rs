@@ -211,8 +211,7 @@ pub fn open_resource(
             csums: resource.csums,
             ..SyncConfig::default()
         },
-        // Plumbed from the configuration in the next step (issue 10).
-        allow_two_primaries: false,
+        allow_two_primaries: resource.allow_two_primaries,
     })
 }
 

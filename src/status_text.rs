@@ -61,6 +61,24 @@ pub fn render(resources: &[ResourceStatus]) -> String {
             status.open_readers,
             status.write_latency_avg_us
         );
+        // Most resources never have two Primaries: the line would be noise there.
+        if status.allow_two_primaries || status.two_primaries_counted() {
+            let _ = writeln!(
+                out,
+                "  two-primaries:{} concurrent-writes:{} superseded:{} retries-asked:{} \
+                 superseded-by-peer:{} resubmitted:{}",
+                if status.allow_two_primaries {
+                    "allowed"
+                } else {
+                    "no"
+                },
+                status.concurrent_writes,
+                status.superseded_writes,
+                status.retry_writes_asked,
+                status.superseded_by_peer,
+                status.resubmitted_writes
+            );
+        }
         if !status.bitmap_uuids.is_empty() || !status.history_uuids.is_empty() {
             let bitmaps: Vec<String> = status
                 .bitmap_uuids
@@ -140,6 +158,88 @@ pub fn render(resources: &[ResourceStatus]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use qrbd_actors::core::{DiskState, ReplicationProtocol, Role};
+
+    fn resource(name: &str) -> ResourceStatus {
+        ResourceStatus {
+            name: name.to_owned(),
+            role: Role::Primary,
+            disk: DiskState::UpToDate,
+            size_bytes: 1 << 20,
+            protocol: ReplicationProtocol::C,
+            suspended: false,
+            app_in_flight: 0,
+            app_held: 0,
+            open_writers: 0,
+            open_readers: 0,
+            reads: 0,
+            writes: 0,
+            flushes: 0,
+            discards: 0,
+            read_bytes: 0,
+            written_bytes: 0,
+            discarded_bytes: 0,
+            failed_requests: 0,
+            write_latency_avg_us: 0,
+            write_latency_total_us: 0,
+            write_latency_buckets: Vec::new(),
+            write_latency_bounds_us: Vec::new(),
+            conflicts: 0,
+            retries: 0,
+            allow_two_primaries: false,
+            concurrent_writes: 0,
+            superseded_writes: 0,
+            retry_writes_asked: 0,
+            superseded_by_peer: 0,
+            resubmitted_writes: 0,
+            current_uuid: "0123456789ABCDEF".to_owned(),
+            bitmap_uuids: Default::default(),
+            history_uuids: Vec::new(),
+            al_hits: 0,
+            al_misses: 0,
+            al_transactions: 0,
+            peers: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn two_primaries_line_only_when_relevant() {
+        let plain = render(&[resource("r0")]);
+        assert!(!plain.contains("two-primaries"), "{plain}");
+
+        let mut allowed = resource("r0");
+        allowed.allow_two_primaries = true;
+        let text = render(&[allowed.clone()]);
+        assert!(
+            text.lines().any(|l| l
+                == "  two-primaries:allowed concurrent-writes:0 superseded:0 retries-asked:0 \
+                    superseded-by-peer:0 resubmitted:0"),
+            "{text}"
+        );
+
+        allowed.concurrent_writes = 1;
+        allowed.superseded_writes = 2;
+        allowed.retry_writes_asked = 3;
+        allowed.superseded_by_peer = 4;
+        allowed.resubmitted_writes = 5;
+        let text = render(&[allowed]);
+        assert!(
+            text.lines().any(|l| l
+                == "  two-primaries:allowed concurrent-writes:1 superseded:2 retries-asked:3 \
+                    superseded-by-peer:4 resubmitted:5"),
+            "{text}"
+        );
+
+        // Anything counted shows, whatever the setting.
+        let mut counted = resource("r0");
+        counted.resubmitted_writes = 7;
+        let text = render(&[counted]);
+        assert!(
+            text.contains("  two-primaries:no concurrent-writes:0")
+                && text.contains("resubmitted:7"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn human_bytes_picks_a_unit() {

@@ -421,6 +421,10 @@ pub struct PairSpec {
     /// Where alpha (id 0, the side that dials) reaches beta; defaults to beta's listen address.
     /// Point it at a fault proxy to put one between them.
     pub beta_address_for_alpha: Option<std::net::SocketAddr>,
+    /// Writes `allow_two_primaries = true` into the resource on both nodes (default false).
+    /// The config refuses it unless `protocol` is C. For a pair that disagrees, edit that line
+    /// in one node's file before starting it.
+    pub allow_two_primaries: bool,
 }
 
 impl PairSpec {
@@ -430,7 +434,14 @@ impl PairSpec {
             size: size.to_owned(),
             protocol: protocol.to_owned(),
             beta_address_for_alpha: None,
+            allow_two_primaries: false,
         }
+    }
+
+    /// The same pair with `allow_two_primaries = true` on both nodes.
+    pub fn with_two_primaries(mut self) -> Self {
+        self.allow_two_primaries = true;
+        self
     }
 }
 
@@ -501,7 +512,7 @@ fn pair_config(
         "[node]\nname = \"{name}\"\nid = {id}\nstate_dir = {:?}\nmount_dir = {:?}\n\
          admin_socket = {:?}\nlisten = \"{listen}\"\n\n\
          [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\n\
-         [[resource]]\nname = {:?}\nsize = {:?}\nprotocol = {:?}\n\n\
+         [[resource]]\nname = {:?}\nsize = {:?}\nprotocol = {:?}\n{}\n\
          [[resource.peer]]\nname = \"{peer}\"\nid = {peer_id}\naddress = \"{peer_address}\"\n",
         node_dir.join("state"),
         node_dir.join("disks"),
@@ -512,5 +523,45 @@ fn pair_config(
         spec.resource,
         spec.size,
         spec.protocol,
+        if spec.allow_two_primaries {
+            "allow_two_primaries = true\n"
+        } else {
+            ""
+        },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The pair's files are valid configurations, and two primaries are off unless asked for.
+    #[test]
+    fn pair_config_two_primaries() {
+        let config = |spec: &PairSpec| {
+            let listen = "127.0.0.1:7788".parse().expect("address");
+            let peer = "127.0.0.1:7789".parse().expect("address");
+            let text = pair_config(
+                Path::new("/tmp/pair"),
+                "alpha",
+                0,
+                listen,
+                "beta",
+                1,
+                peer,
+                spec,
+            );
+            match crate::config::load_from_str(&text, &[]) {
+                Ok(config) => config,
+                Err(e) => panic!("{e}\n{text}"),
+            }
+        };
+        let plain = PairSpec::new("r0", "16MiB", "C");
+        let resource = &config(&plain).resources[0];
+        assert!(!resource.allow_two_primaries);
+        assert_eq!(resource.peers.len(), 1);
+        let two = config(&plain.clone().with_two_primaries());
+        assert!(two.resources[0].allow_two_primaries);
+        assert_eq!(two.resources[0].peers.len(), 1);
+    }
 }

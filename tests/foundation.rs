@@ -387,6 +387,23 @@ fn bad_config_missing_daemon_and_create_md() -> anyhow::Result<()> {
         "[node]\nname = \"alpha\"\nid = 40\n[[resource]]\nname = \"r0\"\nsize = \"64MiB\"\n",
     )?;
     check_config_fails(&bad_id, &["id 40", "out of range"])?;
+    let two_primaries_a = write_config(
+        &node,
+        "two-primaries-a.toml",
+        &format!(
+            "{head}[[resource]]\nname = \"r0\"\nsize = \"64MiB\"\nprotocol = \"A\"\n\
+             allow_two_primaries = true\n"
+        ),
+    )?;
+    check_config_fails(
+        &two_primaries_a,
+        &[
+            "resource \"r0\"",
+            "allow_two_primaries",
+            "protocol \"C\"",
+            "write acknowledgement",
+        ],
+    )?;
 
     let summary = node.qrbd_ok(&["check-config"])?;
     ensure_mentions(&summary, &["valid", "r0"], "check-config of a good file")?;

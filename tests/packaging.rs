@@ -123,6 +123,7 @@ fn shipped_config_examples_are_valid() -> anyhow::Result<()> {
                     "after_sb_0pri =",
                     "after_sb_1pri =",
                     "after_sb_2pri =",
+                    "allow_two_primaries =",
                     "metrics =",
                     "ca =",
                     "cert =",
@@ -153,6 +154,7 @@ fn shipped_config_examples_are_valid() -> anyhow::Result<()> {
             }
     );
     ensure!(resource.csums);
+    ensure!(resource.allow_two_primaries);
     ensure!(
         resource.split_brain
             == SplitBrainPolicy {

@@ -46,6 +46,27 @@ pub struct ResourceStatus {
     /// Requests postponed and re-submitted through the retry actor.
     #[serde(default)]
     pub retries: u64,
+    /// Both nodes may be Primary at once (`allow_two_primaries` in the configuration).
+    #[serde(default)]
+    pub allow_two_primaries: bool,
+    /// Two primaries, on the node that resolves conflicts: a peer's write and a local write
+    /// were issued concurrently to overlapping blocks.
+    #[serde(default)]
+    pub concurrent_writes: u64,
+    /// Two primaries, on the resolver: peer writes not written here because a concurrent
+    /// local write covers them (answered Superseded).
+    #[serde(default)]
+    pub superseded_writes: u64,
+    /// Two primaries, on the resolver: peer writes answered RetryWrite (the peer submits them
+    /// again).
+    #[serde(default)]
+    pub retry_writes_asked: u64,
+    /// Two primaries, on the other node: local writes the peer answered Superseded.
+    #[serde(default)]
+    pub superseded_by_peer: u64,
+    /// Postponed writes submitted again through the retry actor.
+    #[serde(default)]
+    pub resubmitted_writes: u64,
     /// Current data generation, as 16 hex digits.
     pub current_uuid: String,
     /// Per peer node id: the generation at which this node started writing without that
@@ -95,6 +116,21 @@ pub struct PeerStatus {
     /// The running online verify against this peer, or the last one (`finished` set).
     #[serde(default)]
     pub verify: Option<VerifyResult>,
+}
+
+impl ResourceStatus {
+    /// Whether any two-primaries conflict counter has counted something.
+    pub fn two_primaries_counted(&self) -> bool {
+        [
+            self.concurrent_writes,
+            self.superseded_writes,
+            self.retry_writes_asked,
+            self.superseded_by_peer,
+            self.resubmitted_writes,
+        ]
+        .iter()
+        .any(|&n| n != 0)
+    }
 }
 
 /// A resync in progress.

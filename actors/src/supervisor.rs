@@ -78,6 +78,7 @@ pub struct ResourceSupervisor {
     name: String,
     size_bytes: u64,
     protocol: ReplicationProtocol,
+    allow_two_primaries: bool,
     device: Addr<DeviceActor>,
     device_snapshot: SharedSnapshot,
     meta_actor: Addr<MetaActor>,
@@ -127,6 +128,7 @@ impl ResourceSupervisor {
             name: setup.name.clone(),
             size_bytes,
             protocol: setup.protocol,
+            allow_two_primaries: setup.allow_two_primaries,
             device: device.clone(),
             device_snapshot,
             meta_actor,
@@ -193,6 +195,12 @@ impl ResourceSupervisor {
             write_latency_bounds_us: crate::core::WRITE_LATENCY_BOUNDS_US.to_vec(),
             conflicts: stats.conflicts,
             retries: stats.postponed,
+            allow_two_primaries: self.allow_two_primaries,
+            concurrent_writes: stats.concurrent_writes,
+            superseded_writes: stats.superseded,
+            retry_writes_asked: stats.retries_asked,
+            superseded_by_peer: stats.superseded_by_peer,
+            resubmitted_writes: stats.resubmitted,
             current_uuid: format!("{:016X}", device.current_uuid),
             bitmap_uuids: device
                 .bitmap_uuids
