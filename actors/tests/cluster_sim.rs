@@ -52,7 +52,7 @@ use qrbd_actors::core::messages::{PeerMessage, StreamKind};
 use qrbd_actors::core::replication::Outgoing;
 use qrbd_actors::core::resource::{
     Command, CommandError, CommandId, CoreConfig, DigestPurpose, Effect, Input, PeerConfig,
-    PeerWrite, ResourceCore, Timing,
+    PeerWrite, ResourceCore, Timing, CONFLICT_TIMEOUT,
 };
 use qrbd_actors::core::resource::{RateControl, SyncConfig};
 use qrbd_actors::core::split_brain::{AfterSb0Pri, AfterSb1Pri, AfterSb2Pri, SplitBrainPolicy};
@@ -112,6 +112,12 @@ struct Coverage {
     skipped_initial_syncs: u64,
     initial_syncs_compared: u64,
     initial_syncs_resumed: u64,
+    two_primaries_connected: u64,
+    superseded: u64,
+    retries_asked: u64,
+    resubmitted: u64,
+    retried_twice: u64,
+    conflict_timeouts: u64,
 }
 
 impl Coverage {
@@ -145,6 +151,12 @@ impl Coverage {
         self.skipped_initial_syncs += o.skipped_initial_syncs;
         self.initial_syncs_compared += o.initial_syncs_compared;
         self.initial_syncs_resumed += o.initial_syncs_resumed;
+        self.two_primaries_connected += o.two_primaries_connected;
+        self.superseded += o.superseded;
+        self.retries_asked += o.retries_asked;
+        self.resubmitted += o.resubmitted;
+        self.retried_twice += o.retried_twice;
+        self.conflict_timeouts += o.conflict_timeouts;
     }
 
     fn missing(&self) -> Vec<&'static str> {
@@ -207,6 +219,24 @@ impl Coverage {
             (
                 "interrupted initial syncs resumed from the bitmaps",
                 self.initial_syncs_resumed,
+            ),
+            (
+                "steps with two Primaries connected to each other",
+                self.two_primaries_connected,
+            ),
+            ("peer writes superseded by the resolver", self.superseded),
+            ("peer writes answered RetryWrite", self.retries_asked),
+            (
+                "postponed writes re-submitted through the retry queue",
+                self.resubmitted,
+            ),
+            (
+                "writes postponed a second time after their re-submission",
+                self.retried_twice,
+            ),
+            (
+                "connections dropped for a conflict that did not resolve in time",
+                self.conflict_timeouts,
             ),
         ];
         all.iter()
@@ -293,6 +323,10 @@ struct AppRequest {
     range: ByteRange,
     wid: u64,
     as_primary: bool,
+    /// When the application issued it (kept across re-submissions).
+    start: Tick,
+    /// How often a peer's RetryWrite postponed it.
+    times_postponed: u32,
     /// Blocks and store versions of the local write, once done.
     written: Vec<(u64, u64)>,
     /// For a flush: the completed writes it must make durable.
@@ -303,6 +337,8 @@ struct AppRequest {
 #[derive(Debug, Clone)]
 enum Work {
     Local(RequestId),
+    /// The retry actor re-submits a postponed request.
+    Resubmit(RequestId),
     Apply {
         peer: u8,
         conn: u64,
@@ -436,6 +472,13 @@ struct Pending {
 
 struct Sim {
     seed: u64,
+    /// Both nodes may be Primary (`allow_two_primaries`).
+    dual: bool,
+    /// A node whose disk finishes nothing until then (two primaries' seeds).
+    stalled: Option<(u8, Tick)>,
+    quiescing: bool,
+    /// A node whose disk stalls right after this step, while the network and time go on.
+    stall_next: Option<u8>,
     rng: Rng,
     now: Tick,
     step: u64,
@@ -487,7 +530,11 @@ fn config(
     protocol: ReplicationProtocol,
     seed: u64,
     sync: &SyncConfig,
+    allow_two_primaries: bool,
 ) -> CoreConfig {
+    // Two primaries' seeds stall disks for longer than a request may take: a conflict whose
+    // writes cannot land in time drops the connection.
+    let ko_count = if allow_two_primaries { 1 } else { 7 };
     CoreConfig {
         resource: RESOURCE.into(),
         node_id: id,
@@ -504,11 +551,12 @@ fn config(
             .collect(),
         timing: Timing {
             refused_backoff: 2 * SECOND,
+            ko_count,
             ..Timing::default()
         },
         seed,
         sync: sync.clone(),
-        allow_two_primaries: false,
+        allow_two_primaries,
     }
 }
 
@@ -554,12 +602,18 @@ fn split_brain_policy(rng: &mut Rng) -> SplitBrainPolicy {
 impl Sim {
     fn new(seed: u64) -> Self {
         let mut rng = Rng::new(seed);
-        let count = if rng.percent(50) { 2 } else { 3 };
-        let protocol = match rng.below(6) {
+        let mut count = if rng.percent(50) { 2 } else { 3 };
+        let mut protocol = match rng.below(6) {
             0 => ReplicationProtocol::A,
             1 => ReplicationProtocol::B,
             _ => ReplicationProtocol::C,
         };
+        // Two primaries: a pair, protocol C, both configured for it.
+        let dual = rng.percent(25);
+        if dual {
+            count = 2;
+            protocol = ReplicationProtocol::C;
+        }
         let split_brain = split_brain_policy(&mut rng);
         let csums = rng.percent(50);
         let (rate, request_bytes) = rate_control(seed);
@@ -578,7 +632,8 @@ impl Sim {
         };
         // Fresh metadata (blank, Inconsistent) on new disks or on disks with old contents;
         // otherwise a cluster whose initial sync was skipped long ago.
-        let blank = rng.percent(25);
+        // (Two primaries' seeds start in sync, to spend their steps on conflicts.)
+        let blank = rng.percent(25) && !dual;
         let old_contents = blank && rng.percent(50);
         let nodes = (1..=count)
             .map(|id| {
@@ -593,7 +648,7 @@ impl Sim {
                 Node {
                     id,
                     core: ResourceCore::new(
-                        config(id, count, protocol, seed ^ u64::from(id) << 32, &sync),
+                        config(id, count, protocol, seed ^ u64::from(id) << 32, &sync, dual),
                         meta.clone(),
                         0,
                     ),
@@ -617,9 +672,13 @@ impl Sim {
                 }
             })
             .collect();
-        let calm = rng.percent(35);
+        let calm = rng.percent(if dual { 60 } else { 35 });
         let mut sim = Sim {
             seed,
+            dual,
+            stalled: None,
+            quiescing: false,
+            stall_next: None,
             calm,
             rng,
             now: 0,
@@ -648,7 +707,10 @@ impl Sim {
             verbose: std::env::var_os("QRBD_SIM_TRACE").is_some(),
             cov: Coverage::default(),
         };
-        sim.log(format!("{count} nodes, protocol {protocol}"));
+        sim.log(format!(
+            "{count} nodes, protocol {protocol}{}",
+            if dual { ", two primaries allowed" } else { "" }
+        ));
         sim.log(format!(
             "resync requests of {} bytes, {:?}",
             sim.sync.request_bytes, sim.sync.rate
@@ -734,7 +796,18 @@ impl Sim {
                 self.node(id).work.push(Work::Local(rid));
             }
             Effect::Complete(rid, result) => self.completed(id, rid, result.is_ok()),
-            Effect::Postponed(rid) => self.fail(&format!("n{id}: request {rid} postponed")),
+            Effect::Postponed(rid) => {
+                self.ensure(self.dual, || format!("n{id}: request {rid} postponed"));
+                let Some(req) = self.node(id).requests.get_mut(&rid) else {
+                    self.fail(&format!("n{id}: unknown request {rid} postponed"));
+                };
+                req.times_postponed += 1;
+                if req.times_postponed == 2 {
+                    self.cov.retried_twice += 1;
+                }
+                self.log(format!("n{id} postpones #{rid}: to the retry queue"));
+                self.node(id).work.push(Work::Resubmit(rid));
+            }
             Effect::SendData { peer, outgoing } => {
                 let (wire, request) = match outgoing {
                     Outgoing::Data {
@@ -818,7 +891,7 @@ impl Sim {
                 });
                 self.cov.epochs_checked += 1;
                 let role = self.node(id).core.role();
-                self.ensure(role != Role::Primary, || {
+                self.ensure(role != Role::Primary || self.dual, || {
                     format!("n{id} applies a write of n{peer} while Primary")
                 });
                 let from = self.origin.get(&wid).copied();
@@ -916,6 +989,9 @@ impl Sim {
             }),
             Effect::Dial { peer } => self.dials.push((id, peer)),
             Effect::CloseConnection { peer, conn, reason } => {
+                if reason.contains(CONFLICT_TIMEOUT) {
+                    self.cov.conflict_timeouts += 1;
+                }
                 let gid = self.node(id).current.get(&peer).copied();
                 if let Some((local, gid)) = gid.filter(|(local, _)| *local == conn) {
                     let _ = local;
@@ -937,6 +1013,21 @@ impl Sim {
         }
         if line.contains("initial-sync:resumed") {
             self.cov.initial_syncs_resumed += 1;
+        }
+        if line.contains("write:superseded") {
+            self.cov.superseded += 1;
+        }
+        if line.contains("conflict ")
+            && !self.quiescing
+            && self.stalled.is_none()
+            && self.rng.percent(30)
+        {
+            // The loser's disk stalls while the conflict is being resolved (carried out
+            // after this step).
+            self.stall_next = Some(3 - id);
+        }
+        if line.contains("write:retry") {
+            self.cov.retries_asked += 1;
         }
         if line.contains("split-brain:resolved") {
             self.cov.split_brains_resolved += 1;
@@ -1077,7 +1168,11 @@ impl Sim {
                     continue;
                 }
                 let there = self.nodes[usize::from(peer - 1)].store.read(block);
-                self.ensure(there == expected, || {
+                // Two primaries: the peer's own concurrent write may have superseded this one
+                // there (and lands here too), or followed it.
+                // (Discards of either node leave 0.)
+                let peers_own = self.dual && (there == 0 || self.origin.get(&there) == Some(&peer));
+                self.ensure(there == expected || peers_own, || {
                     format!("n{id}: protocol-C write {} completed but n{peer} block {block} holds {there}", req.wid)
                 });
                 replicated = true;
@@ -1157,7 +1252,13 @@ impl Sim {
     }
 
     fn admin(&mut self, id: u8) {
-        let command = match self.rng.below(20) {
+        // Two primaries need both nodes promoted, and each demotion undoes one.
+        let choice = if self.dual && self.rng.percent(50) {
+            0
+        } else {
+            self.rng.below(20)
+        };
+        let command = match choice {
             0..=4 => Command::Promote {
                 force: self.rng.percent(15),
             },
@@ -1260,7 +1361,9 @@ impl Sim {
                 // Across the boundary with the extent before.
                 extent * EXTENT_BLOCKS - 1
             } else {
-                extent * EXTENT_BLOCKS + self.rng.below(USED_PER_EXTENT - len + 1)
+                // Two primaries write a few hot blocks, so that their writes collide.
+                let used = if self.dual { 4 } else { USED_PER_EXTENT };
+                extent * EXTENT_BLOCKS + self.rng.below(used - len + 1)
             };
             ByteRange::new(first * BLOCK, len * BLOCK)
         };
@@ -1278,6 +1381,7 @@ impl Sim {
         } else {
             Vec::new()
         };
+        let start = self.now;
         let n = self.node(id);
         let rid = n.next_request;
         n.next_request += 1;
@@ -1288,6 +1392,8 @@ impl Sim {
                 range,
                 wid,
                 as_primary,
+                start,
+                times_postponed: 0,
                 written: Vec::new(),
                 must_persist,
             },
@@ -1297,7 +1403,6 @@ impl Sim {
             range.offset / BLOCK,
             range.len / BLOCK
         ));
-        let start = self.now;
         self.feed(
             id,
             Input::Submit {
@@ -1311,6 +1416,13 @@ impl Sim {
 
     /// Finishes one piece of a node's asynchronous work. Metadata updates finish in order.
     fn do_work(&mut self, id: u8) {
+        if let Some((node, until)) = self.stalled {
+            if self.now >= until {
+                self.stalled = None;
+            } else if node == id {
+                return;
+            }
+        }
         let len = self.node(id).work.len() as u64;
         if len == 0 {
             return;
@@ -1334,6 +1446,22 @@ impl Sim {
         }
         let work = self.node(id).work.remove(index);
         match work {
+            Work::Resubmit(rid) => {
+                let Some(req) = self.node(id).requests.get(&rid).cloned() else {
+                    self.fail(&format!("n{id}: re-submits unknown request {rid}"));
+                };
+                self.cov.resubmitted += 1;
+                self.log(format!("n{id} re-submits #{rid}"));
+                self.feed(
+                    id,
+                    Input::Resubmit {
+                        id: rid,
+                        kind: req.kind,
+                        range: req.range,
+                        start: req.start,
+                    },
+                );
+            }
             Work::Local(rid) => {
                 let Some(req) = self.node(id).requests.get(&rid).cloned() else {
                     self.fail(&format!("n{id}: local I/O for unknown request {rid}"));
@@ -1760,7 +1888,7 @@ impl Sim {
         self.queue.retain(|(n, _)| *n != id);
         self.dials.retain(|(n, _)| *n != id);
         let count = self.nodes.len() as u8;
-        let (protocol, seed, now) = (self.protocol, self.seed, self.now);
+        let (protocol, seed, now, dual) = (self.protocol, self.seed, self.now, self.dual);
         let sync = self.sync.clone();
         let mut rng = Rng::new(self.rng.next());
         let n = self.node(id);
@@ -1790,7 +1918,7 @@ impl Sim {
         n.resync_payloads.clear();
         let stored = n.bitmaps.stored();
         n.core = ResourceCore::restore(
-            config(id, count, protocol, core_seed, &sync),
+            config(id, count, protocol, core_seed, &sync, dual),
             meta,
             stored,
             now,
@@ -1823,6 +1951,13 @@ impl Sim {
             .filter(|n| n.core.role() == Role::Primary)
             .map(|n| n.id)
             .collect();
+        if self.dual {
+            if primaries.len() == 2 && self.connected(1, 2) && self.connected(2, 1) {
+                self.cov.two_primaries_connected += 1;
+            }
+            self.settle_races();
+            return;
+        }
         if !self.split_possible {
             self.ensure(primaries.len() <= 1, || {
                 format!("two Primaries: {primaries:?}")
@@ -1850,21 +1985,46 @@ impl Sim {
             .is_some_and(|l| l.connection == ConnectionState::Connected)
     }
 
+    /// The disk of `id` finishes nothing for 8 s, while messages flow and the other node
+    /// works: long enough for any request the stall holds up to time out.
+    fn stall_disk(&mut self, id: u8) {
+        let until = self.now + 8 * SECOND;
+        self.log(format!("n{id}'s disk stalls until t={}ms", until / MS));
+        self.stalled = Some((id, until));
+        while self.stalled.is_some() {
+            self.tick_all(500 * MS);
+            while self.streams.values().any(|q| !q.is_empty()) {
+                self.deliver();
+            }
+            let other = 3 - id;
+            while !self.node(other).work.is_empty() {
+                self.do_work(other);
+            }
+            // (`do_work` ends the stall once its time is up.)
+            self.do_work(id);
+        }
+    }
+
     fn random_step(&mut self) {
         self.step += 1;
+        if let Some(id) = self.stall_next.take() {
+            self.stall_disk(id);
+        }
         self.now += self.rng.below(20 * MS);
         let ids = self.ids();
         let mut id = ids[self.rng.below(ids.len() as u64) as usize];
         let mut choice = self.rng.below(100);
         if self.calm {
-            if choice >= 89 {
+            // (A calm seed of two primaries keeps its stalled disks.)
+            if choice >= 89 && !(self.dual && choice == 96) {
                 choice = 0;
             }
-            if let Some(primary) = ids
+            let primaries: Vec<u8> = ids
                 .iter()
                 .copied()
-                .find(|n| self.nodes[usize::from(*n) - 1].core.role() == Role::Primary)
-            {
+                .filter(|n| self.nodes[usize::from(*n) - 1].core.role() == Role::Primary)
+                .collect();
+            if let Some(primary) = self.rng.pick(&primaries) {
                 if (60..=74).contains(&choice) && self.rng.percent(80) {
                     id = primary;
                 }
@@ -1890,6 +2050,11 @@ impl Sim {
             92 => self.partition(),
             93..=94 => self.heal(),
             95 if self.rng.percent(40) => self.crash(),
+            96 if self.dual && self.stalled.is_none() => {
+                let until = self.now + 5 * SECOND + self.rng.below(4 * SECOND);
+                self.log(format!("n{id}'s disk stalls until t={}ms", until / MS));
+                self.stalled = Some((id, until));
+            }
             _ => self.deliver(),
         }
         self.check_step();
@@ -1899,6 +2064,8 @@ impl Sim {
     /// to do and checks that everything finished.
     fn quiesce(&mut self) {
         self.log("quiesce: faults stop".into());
+        self.stalled = None;
+        self.quiescing = true;
         self.heal();
         for id in self.ids() {
             self.command(id, Command::ResumeIo);

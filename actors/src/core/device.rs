@@ -128,6 +128,9 @@ struct Request {
     /// A postponed request issued again: its first local write landed, so failing it now
     /// leaves its blocks out of sync with every peer.
     resubmission: bool,
+    /// Two primaries, on the resolver: a concurrent peer write was answered because of this
+    /// one, and the conflict is resolved once the peer acknowledges this one.
+    decided_against: bool,
 }
 
 /// Names a received write while it is in the conflict domain: (peer, connection, sequence
@@ -774,6 +777,7 @@ impl DeviceCore {
                 sent: Vec::new(),
                 retry_since: None,
                 resubmission,
+                decided_against: false,
             },
         );
         if kind.modifies_data() {
@@ -1036,6 +1040,7 @@ impl DeviceCore {
         let mut covering = false;
         let mut after = 0;
         let mut concurrent = false;
+        let mut winners = Vec::new();
         for (_, (active_end, id)) in self.active_spans.range(..span.1).rev() {
             if *active_end <= span.0 {
                 break;
@@ -1048,6 +1053,7 @@ impl DeviceCore {
             match sent {
                 Some(seq) if unanswered && (!resolver || seq > seen) => {
                     concurrent = true;
+                    winners.push(*id);
                     after = after.max(seq);
                     let (start, len) = (local.range.offset, local.range.len);
                     covering |= start <= range.offset
@@ -1061,6 +1067,11 @@ impl DeviceCore {
         }
         if concurrent && resolver {
             self.stats.concurrent_writes += 1;
+            for id in winners {
+                if let Some(winner) = self.requests.get_mut(&id) {
+                    winner.decided_against = true;
+                }
+            }
             return if covering {
                 self.stats.superseded += 1;
                 ReceivedDecision::Superseded
@@ -1207,6 +1218,14 @@ impl DeviceCore {
         })?;
         sender.answered(seq);
         Ok(id)
+    }
+
+    /// Two primaries, on the resolver: a local write that won a conflict with `peer` still
+    /// waits for the peer's acknowledgement.
+    pub fn conflict_unresolved(&self, peer: PeerId) -> bool {
+        self.requests
+            .values()
+            .any(|r| r.decided_against && r.waiting.contains(&(peer, PeerNeed::WriteAck)))
     }
 
     /// Since when the oldest write postponed for `peer`'s conflicting write has waited for it.

@@ -932,12 +932,14 @@ impl ResourceCore {
                 result,
             } => {
                 let range = self.at_store.remove(&(peer, conn, seq));
+                let current = self.current_conn(peer) == Some(conn);
+                if let (Some(range), Ok(()), true) = (range, result, current) {
+                    // Before the local writes that waited for it start: they follow it.
+                    self.device.note_landed(peer, seq, range);
+                }
                 let effects = self.device.received_landed((peer, conn, seq));
                 self.volume_effects(effects, now);
-                if self.current_conn(peer) == Some(conn) {
-                    if let (Some(range), Ok(())) = (range, result) {
-                        self.device.note_landed(peer, seq, range);
-                    }
+                if current {
                     if let Some(link) = self.links.get_mut(&peer) {
                         let effects = link.receiver.local_done(seq, result);
                         self.receiver_effects(peer, effects, now);
@@ -1538,6 +1540,18 @@ impl ResourceCore {
     }
 
     // ----- handshake -----
+
+    /// Two primaries: a write of this node waits for the peer's conflicting write to land
+    /// here, a write of the peer waits for a conflicting local write, or (on the resolver) a
+    /// local write that won a conflict waits for the peer to write it.
+    fn conflict_pending(&self, peer: PeerId) -> bool {
+        self.device.oldest_retry_wait(peer).is_some()
+            || self.device.conflict_unresolved(peer)
+            || self
+                .peer_writes_waiting
+                .front()
+                .is_some_and(|queued| queued.waits_for_conflict(peer))
+    }
 
     /// The resolver's answer to one of this node's writes that was concurrent with its own
     /// (docs/protocol.md, "Two primaries").
@@ -2192,6 +2206,12 @@ impl ResourceCore {
         self.resync_tick(now);
         let timing = self.config.timing;
         let mut drops = Vec::new();
+        let conflicted: BTreeSet<PeerId> = self
+            .links
+            .keys()
+            .copied()
+            .filter(|peer| self.conflict_pending(*peer))
+            .collect();
         for link in self.links.values_mut() {
             if let Some(since) = link.handshake_since {
                 if now.saturating_sub(since) > timing.handshake_timeout {
@@ -2232,7 +2252,9 @@ impl ResourceCore {
                 .chain(link.awaiting_barriers.values().next())
                 .min()
                 .copied();
-            if oldest.is_some_and(|sent| now.saturating_sub(sent) > timing.request_timeout()) {
+            let unanswered =
+                oldest.is_some_and(|sent| now.saturating_sub(sent) > timing.request_timeout());
+            if unanswered && !conflicted.contains(&link.id) {
                 drops.push((
                     link.id,
                     format!(
@@ -2240,10 +2262,11 @@ impl ResourceCore {
                         timing.request_timeout() / SECOND
                     ),
                 ));
-            } else if self
-                .device
-                .oldest_retry_wait(link.id)
-                .is_some_and(|since| now.saturating_sub(since) > timing.request_timeout())
+            } else if unanswered
+                || self
+                    .device
+                    .oldest_retry_wait(link.id)
+                    .is_some_and(|since| now.saturating_sub(since) > timing.request_timeout())
             {
                 drops.push((
                     link.id,
@@ -2362,7 +2385,7 @@ impl ResourceCore {
         if let Some(name) = self.connected_primary().filter(|_| !two_primaries) {
             return self.done(id, Err(CommandError::PeerIsPrimary(name)));
         }
-        if let Some(prepared) = self.prepared.filter(|_| !two_primaries) {
+        if let Some(prepared) = self.prepared.filter(|p| !two_primaries || p.outdate_peers) {
             let name = self.peer_name(prepared.peer);
             return self.done(id, Err(CommandError::LostRace(name)));
         }
@@ -2543,6 +2566,11 @@ impl ResourceCore {
             ))
         } else if self.role == Role::Primary && !two_primaries {
             Some(format!("{me} is Primary"))
+        } else if self.role == Role::Primary && outdate_peers {
+            // A forced promotion would outdate this node's data, which it is writing.
+            Some(format!(
+                "{me} is Primary; a promotion with --force cannot outdate it"
+            ))
         } else if self.going_down {
             Some(format!("{me} is going down"))
         } else if matches!(self.change, Change::Demoting { .. }) {
@@ -2561,8 +2589,9 @@ impl ResourceCore {
                 self.peer_name(other.peer)
             ))
         } else if let Change::Promoting(own) = &self.change {
-            if two_primaries {
-                // Both may be Primary: neither promotion stands in the other's way.
+            if two_primaries && !outdate_peers && !own.outdate_peers {
+                // Both may be Primary: neither promotion stands in the other's way (unless
+                // one would outdate the other's data).
                 None
             } else if peer < self.config.node_id && own.persisting.is_none() {
                 // Both want to become Primary at once: the lower node id wins.

@@ -274,6 +274,14 @@ pub(super) struct QueuedPeerWrite {
     wanted: bool,
 }
 
+impl QueuedPeerWrite {
+    /// A write of `peer` that has not entered the conflict domain yet (it waits for an
+    /// overlapping local write).
+    pub(super) fn waits_for_conflict(&self, peer: PeerId) -> bool {
+        self.peer == peer && !self.admitted
+    }
+}
+
 impl ResourceCore {
     /// A Secondary writes what its Primary sends through its own activity log, as the
     /// Primary does: after a crash of this node, the hot extents are out of sync for every
