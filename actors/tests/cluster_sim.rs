@@ -17,14 +17,21 @@
 //! * Admin commands: promote (also forced, also two nodes racing), demote, suspend/resume I/O,
 //!   connect/disconnect, shutdown (then the node comes up again).
 //!
+//! * Two primaries: a quarter of the seeds are a pair with `allow_two_primaries` (protocol C).
+//!   Both nodes are promoted often and write a few hot blocks, so their writes collide; a
+//!   postponed write goes to a retry queue and is re-submitted later, as the RetryActor does;
+//!   a conflict may stall the loser's disk for longer than the request timeout.
+//!
 //! Invariants (checked after every step unless said otherwise):
-//! * at most one Primary among nodes connected to each other; globally at most one Primary
-//!   unless a promotion happened that the protocol cannot keep unique (forced, or in a
-//!   three-node cluster without every peer connected: the core has no quorum);
+//! * at most one Primary among nodes connected to each other (unless two primaries are
+//!   allowed); globally at most one Primary unless a promotion happened that the protocol
+//!   cannot keep unique (forced, or in a three-node cluster without every peer connected: the
+//!   core has no quorum);
 //! * a node's store is written by application writes only while it is Primary, and by a peer's
 //!   writes only with data that peer originated, and never while it is Primary itself;
 //! * a protocol-C write that completes is on the store of every peer connected at that moment
-//!   (unless counted out of sync for it);
+//!   (unless counted out of sync for it; with two primaries, unless the resolver superseded it,
+//!   or the peer's own write followed it there);
 //! * a flush that completes made every write completed before it durable (survives a crash);
 //! * SuspendIo/ResumeIo/Connect/Disconnect are answered in the same step; every command gets
 //!   exactly one answer, every request exactly one completion;
@@ -327,6 +334,8 @@ struct AppRequest {
     start: Tick,
     /// How often a peer's RetryWrite postponed it.
     times_postponed: u32,
+    /// The resolver answered it Superseded.
+    superseded: bool,
     /// Blocks and store versions of the local write, once done.
     written: Vec<(u64, u64)>,
     /// For a flush: the completed writes it must make durable.
@@ -401,6 +410,8 @@ struct Node {
     bitmaps: StoredBitmapsModel,
     /// Resync payloads received, by (peer, conn, offset).
     resync_payloads: BTreeMap<(u8, u64, u64), Vec<u64>>,
+    /// The request each replicated write was sent for, by (peer, sequence number).
+    sent: BTreeMap<(u8, u64), RequestId>,
 }
 
 /// The durable bitmaps, like a metadata store keeps them.
@@ -669,6 +680,7 @@ impl Sim {
                     unflushed: Vec::new(),
                     bitmaps: StoredBitmapsModel::default(),
                     resync_payloads: BTreeMap::new(),
+                    sent: BTreeMap::new(),
                 }
             })
             .collect();
@@ -826,6 +838,7 @@ impl Sim {
                             self.fail(&format!("n{id}: sends unknown request {request}"));
                         };
                         let discard = matches!(outgoing, Outgoing::Discard { .. });
+                        self.node(id).sent.insert((peer, seq), request);
                         let write = PeerWrite {
                             seq,
                             epoch,
@@ -1120,7 +1133,7 @@ impl Sim {
                     format!("n{id}: write {rid} succeeded though submitted while Secondary")
                 });
                 self.node(id).unflushed.extend(req.written.iter().copied());
-                if self.protocol == ReplicationProtocol::C {
+                if self.protocol == ReplicationProtocol::C && !req.superseded {
                     self.check_replicated(id, &req);
                 }
             }
@@ -1394,6 +1407,7 @@ impl Sim {
                 as_primary,
                 start,
                 times_postponed: 0,
+                superseded: false,
                 written: Vec::new(),
                 must_persist,
             },
@@ -1696,6 +1710,14 @@ impl Sim {
                 if matches!(message, PeerMessage::ResyncSame { .. }) {
                     self.cov.resync_same += 1;
                 }
+                if let PeerMessage::Superseded { seq } = message {
+                    // Its blocks hold the resolver's write once that lands, not its own.
+                    if let Some(rid) = self.node(to).sent.get(&(from, seq)).copied() {
+                        if let Some(req) = self.node(to).requests.get_mut(&rid) {
+                            req.superseded = true;
+                        }
+                    }
+                }
                 self.log(format!("n{to} <- n{from}: {}", brief(&message)));
                 self.feed(
                     to,
@@ -1916,6 +1938,7 @@ impl Sim {
         let meta = n.persisted.clone();
         let core_seed = seed ^ u64::from(id) << 32 ^ n.incarnation << 48;
         n.resync_payloads.clear();
+        n.sent.clear();
         let stored = n.bitmaps.stored();
         n.core = ResourceCore::restore(
             config(id, count, protocol, core_seed, &sync, dual),

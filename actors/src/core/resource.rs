@@ -933,7 +933,10 @@ impl ResourceCore {
             } => {
                 let range = self.at_store.remove(&(peer, conn, seq));
                 let current = self.current_conn(peer) == Some(conn);
-                if let (Some(range), Ok(()), true) = (range, result, current) {
+                // Only two primaries' writes need to tell which received writes they follow
+                // (and only their protocol C acknowledgements prune the record).
+                let two_primaries = self.config.allow_two_primaries;
+                if let (Some(range), Ok(()), true, true) = (range, result, current, two_primaries) {
                     // Before the local writes that waited for it start: they follow it.
                     self.device.note_landed(peer, seq, range);
                 }
@@ -1247,7 +1250,7 @@ impl ResourceCore {
                         _ => None,
                     };
                     self.effects.push_back(Effect::Send { peer, message });
-                    if let Some(up_to) = acked {
+                    if let Some(up_to) = acked.filter(|_| self.config.allow_two_primaries) {
                         let effects = self.device.acknowledged_peer_writes(peer, up_to, now);
                         self.volume_effects(effects, now);
                     }
