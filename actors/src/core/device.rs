@@ -1474,6 +1474,90 @@ mod replication_tests {
             .collect()
     }
 
+    /// Two primaries: the resolver decides a concurrent peer write at once, the other side
+    /// waits for the answer; a peer write that follows the local one (by `seen`) is no
+    /// conflict.
+    #[test]
+    fn the_resolver_supersedes_or_retries_concurrent_writes_and_the_other_side_waits() {
+        let page = |blocks: u64, count: u64| ByteRange::new(blocks * 4096, count * 4096);
+        // The resolver's write to blocks 0..4 is sent as seq 1 and not answered yet.
+        let mut resolver = connected_core(ReplicationProtocol::C);
+        let (local, _) = resolver.submit(IoKind::Write, page(0, 4), 0);
+        assert_eq!(
+            resolver.admit_received((PEER, 1, 1), page(1, 2), 0, true),
+            ReceivedDecision::Superseded,
+            "inside the local write"
+        );
+        assert_eq!(
+            resolver.admit_received((PEER, 1, 2), page(3, 2), 0, true),
+            ReceivedDecision::Retry { after: 1 },
+            "overlapping, not inside"
+        );
+        assert_eq!(
+            resolver.admit_received((PEER, 1, 3), page(1, 1), 1, true),
+            ReceivedDecision::Wait,
+            "issued after the peer applied seq 1: it follows, once the local write landed"
+        );
+        resolver.local_done(local, Ok(()), 1);
+        assert_eq!(
+            resolver.admit_received((PEER, 1, 3), page(1, 1), 1, true),
+            ReceivedDecision::Apply
+        );
+        let stats = resolver.stats();
+        assert_eq!(
+            (
+                stats.concurrent_writes,
+                stats.superseded,
+                stats.retries_asked
+            ),
+            (2, 1, 1)
+        );
+        // A local write issued while a received one is being applied waits for it.
+        assert_eq!(
+            resolver.admit_received((PEER, 1, 4), page(8, 1), 0, true),
+            ReceivedDecision::Apply
+        );
+        let (follower, effects) = resolver.submit(IoKind::Write, page(8, 1), 2);
+        assert!(sent(&effects).is_empty());
+        assert_eq!(resolver.stage(follower), Some(Stage::WaitingForPeer));
+        let effects = resolver.received_landed((PEER, 1, 4));
+        assert!(effects.contains(&VolumeEffect::StartLocal(follower)));
+
+        // The other side never decides: it waits for the answer to its own write.
+        let mut other = connected_core(ReplicationProtocol::C);
+        let (mine, _) = other.submit(IoKind::Write, page(3, 2), 0);
+        other.local_done(mine, Ok(()), 1);
+        assert_eq!(
+            other.admit_received((PEER, 1, 1), page(0, 4), 0, false),
+            ReceivedDecision::Wait
+        );
+        // RetryWrite: postponed until the peer's write 1 landed here; the peer's write goes on.
+        other
+            .peer_asked_retry(PEER, 1, 1, 2)
+            .expect("awaits an answer");
+        assert_eq!(
+            other.admit_received((PEER, 1, 1), page(0, 4), 0, false),
+            ReceivedDecision::Apply
+        );
+        assert!(other.acknowledged_peer_writes(PEER, 0, 3).is_empty());
+        other.received_landed((PEER, 1, 1));
+        other.note_landed(PEER, 1, page(0, 4));
+        let effects = other.acknowledged_peer_writes(PEER, 1, 4);
+        assert!(effects.contains(&VolumeEffect::Postponed(mine)));
+        assert_eq!((other.postponed(), other.app_in_flight()), (1, 0));
+        // It comes back under its old id and is sent again, now following the peer's write.
+        let effects = other.resubmit(mine, IoKind::Write, page(3, 2), 0);
+        assert!(matches!(
+            sent(&effects)[..],
+            [Outgoing::Data { request, seen: 1, .. }] if request == mine
+        ));
+        assert_eq!((other.postponed(), other.app_in_flight()), (0, 1));
+        assert!(
+            other.peer_superseded(PEER, 7, 5).is_err(),
+            "an answer for a write that awaits none"
+        );
+    }
+
     #[test]
     fn protocol_c_completes_only_after_local_write_and_write_ack() {
         let mut core = connected_core(ReplicationProtocol::C);
