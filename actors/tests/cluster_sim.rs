@@ -125,6 +125,7 @@ struct Coverage {
     resubmitted: u64,
     retried_twice: u64,
     conflict_timeouts: u64,
+    drains_with_parked_writes: u64,
 }
 
 impl Coverage {
@@ -164,6 +165,7 @@ impl Coverage {
         self.resubmitted += o.resubmitted;
         self.retried_twice += o.retried_twice;
         self.conflict_timeouts += o.conflict_timeouts;
+        self.drains_with_parked_writes += o.drains_with_parked_writes;
     }
 
     fn missing(&self) -> Vec<&'static str> {
@@ -244,6 +246,10 @@ impl Coverage {
             (
                 "connections dropped for a conflict that did not resolve in time",
                 self.conflict_timeouts,
+            ),
+            (
+                "demotions or shutdowns begun while a postponed write was parked",
+                self.drains_with_parked_writes,
             ),
         ];
         all.iter()
@@ -1259,6 +1265,13 @@ impl Sim {
             },
         );
         self.log(format!("n{id} command {command:?} (#{cid})"));
+        let parked = self.nodes[usize::from(id - 1)]
+            .work
+            .iter()
+            .any(|w| matches!(w, Work::Resubmit(_)));
+        if parked && matches!(command, Command::Demote | Command::Shutdown) {
+            self.cov.drains_with_parked_writes += 1;
+        }
         self.queue
             .push_back((id, Input::Command { id: cid, command }));
         cid
