@@ -327,12 +327,22 @@ impl Node {
 
     /// `qrbd status`: must be answered within [`RESPONSIVE`].
     async fn status(&self) -> ResourceStatus {
+        self.status_while("").await
+    }
+
+    /// [`Self::status`], saying what the test was waiting for if it is not answered.
+    async fn status_while(&self, waiting_for: &str) -> ResourceStatus {
         tokio::time::timeout(RESPONSIVE, self.supervisor.send(GetStatus))
             .await
             .unwrap_or_else(|_| {
                 panic!(
-                    "{}: the supervisor did not answer status within {RESPONSIVE:?}",
-                    self.name
+                    "{}: the supervisor did not answer status within {RESPONSIVE:?}{}{waiting_for}",
+                    self.name,
+                    if waiting_for.is_empty() {
+                        ""
+                    } else {
+                        ", waiting for "
+                    },
                 )
             })
             .expect("the supervisor is alive")
@@ -347,7 +357,7 @@ impl Node {
     ) -> ResourceStatus {
         let deadline = Instant::now() + within;
         loop {
-            let status = self.status().await;
+            let status = self.status_while(what).await;
             if condition(&status) {
                 return status;
             }
