@@ -56,6 +56,8 @@ struct Live {
     admitted_seq: u64,
     postponed: bool,
     local_result: Option<Result<(), IoFault>>,
+    /// Re-submitted after a postponement: neither turning read-only nor a close refuses it.
+    resubmission: bool,
 }
 
 /// An application request, across its re-submissions.
@@ -253,14 +255,8 @@ impl Sim {
             }
             Some(id) => {
                 // Accepted once, a postponed request is taken back even by a device that no
-                // longer takes new ones, unless it would have to wait while held there.
-                let refusal = if self.suspended && self.closed {
-                    Some(IoFault::Closed)
-                } else if self.suspended && !self.writable && kind.modifies_data() {
-                    Some(IoFault::ReadOnly)
-                } else {
-                    None
-                };
+                // longer takes new ones.
+                let refusal = None;
                 let effects = self.core.resubmit(id, kind, range, start);
                 (id, effects, refusal)
             }
@@ -298,6 +294,7 @@ impl Sim {
                 admitted_seq,
                 postponed: false,
                 local_result: None,
+                resubmission: postponed_as.is_some(),
             },
         );
         if self.suspended {
@@ -589,7 +586,8 @@ impl Sim {
         if was_suspended {
             // The core admits the held requests in arrival order (or fails them if closed).
             while let Some(id) = self.held_order.pop_front() {
-                if self.closed {
+                let resubmission = self.live.get(&id).is_some_and(|l| l.resubmission);
+                if self.closed && !resubmission {
                     continue;
                 }
                 let seq = self.next_admit;
@@ -727,7 +725,10 @@ impl Sim {
                         .held_order
                         .iter()
                         .copied()
-                        .filter(|id| self.kind_range(*id).0.modifies_data())
+                        .filter(|id| {
+                            self.kind_range(*id).0.modifies_data()
+                                && !self.live.get(id).is_some_and(|l| l.resubmission)
+                        })
                         .collect();
                     self.held_order.retain(|id| !refused.contains(id));
                     self.read_only_refusals.extend(refused);

@@ -654,16 +654,17 @@ impl DeviceCore {
         if writable {
             return effects;
         }
+        // Held re-submissions stay: they were accepted once, and a demotion waits for them.
         let requests = &self.requests;
-        let (refused, kept): (Vec<RequestId>, Vec<RequestId>) = self
-            .held
-            .iter()
-            .partition(|id| requests.get(id).is_some_and(|r| r.kind.modifies_data()));
+        let (refused, kept): (Vec<RequestId>, Vec<RequestId>) =
+            self.held.iter().partition(|id| {
+                requests
+                    .get(id)
+                    .is_some_and(|r| r.kind.modifies_data() && !r.resubmission)
+            });
         self.held = kept.into();
         for id in refused {
-            if let Some(request) = self.requests.remove(&id) {
-                self.mark_failed_resubmission(&request);
-            }
+            self.requests.remove(&id);
             self.modifying_in_flight = self.modifying_in_flight.saturating_sub(1);
             self.stats.failed += 1;
             effects.push(VolumeEffect::Complete(id, Err(IoFault::ReadOnly)));
@@ -724,9 +725,8 @@ impl DeviceCore {
     }
 
     /// A postponed request comes back from the retry actor, under its old id. It was accepted
-    /// once, so a demotion or shutdown begun since does not refuse it: they wait for it. Only
-    /// if it would have to wait while I/O is held on a device that no longer takes writes does
-    /// it fail, and its range is counted out of sync with every peer.
+    /// once, so a demotion or shutdown begun since does not refuse it: they wait for it (held,
+    /// if I/O is suspended, like any request).
     pub fn resubmit(
         &mut self,
         id: RequestId,
@@ -739,20 +739,6 @@ impl DeviceCore {
             return self.submit_as(id, kind, range, start);
         }
         self.stats.resubmitted += 1;
-        let refused = if self.holds != 0 && self.closed {
-            Some(IoFault::Closed)
-        } else if self.holds != 0 && !self.writable && kind.modifies_data() {
-            Some(IoFault::ReadOnly)
-        } else {
-            None
-        };
-        if let Some(fault) = refused {
-            for sender in self.peers.values_mut() {
-                sender.out_of_sync.mark(range);
-            }
-            self.stats.failed += 1;
-            return vec![VolumeEffect::Complete(id, Err(fault))];
-        }
         self.track(id, kind, range, start, true)
     }
 
@@ -1280,7 +1266,8 @@ impl DeviceCore {
             self.finish(id, now, &mut effects);
         }
         while let Some(id) = self.held.pop_front() {
-            if self.closed {
+            let resubmission = self.requests.get(&id).is_some_and(|r| r.resubmission);
+            if self.closed && !resubmission {
                 if let Some(request) = self.requests.remove(&id) {
                     if request.kind.modifies_data() {
                         self.modifying_in_flight = self.modifying_in_flight.saturating_sub(1);

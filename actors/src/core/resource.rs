@@ -2730,6 +2730,7 @@ impl ResourceCore {
             Change::Demoting { .. } => {
                 self.device.admitted() == 0
                     && self.device.postponed() == 0
+                    && self.device.modifying_in_flight() == 0
                     && self.links.values().all(|link| {
                         !link.is_connected()
                             || self
