@@ -39,14 +39,12 @@
 //!   was answered, application-I/O counts are zero, and two connected UpToDate nodes hold the
 //!   same bytes except in blocks that either counts out of sync for the other.
 //!
-//! Known limitations allowed here (both wait for the resync issue's activity log and the one
-//! conflict domain): writes in flight when their node crashed never completed, and the peers
-//! that got them keep them while the others do not; and a received peer write is applied
-//! straight to the store,
-//! outside the device's conflict domain (a later issue unifies them); a node that demotes while
-//! its own writes are still at the store can therefore see them land after a new Primary's
-//! write to the same block. The simulation tolerates the resulting difference only for blocks
-//! written by the demoted node's drained writes (see `racing_blocks`).
+//! Tolerances that predate the activity log and the one conflict domain (received writes
+//! joined it with two primaries), kept until a run shows them unneeded: writes in flight when
+//! their node crashed never completed, and the peers that got them keep them while the others
+//! do not; and a node that demotes while its own writes are still at the store may see them
+//! land after a new Primary's write to the same block. The simulation tolerates the resulting
+//! difference only for blocks written by such writes (see `racing_blocks`).
 //!
 //! A failing seed prints its seed and the last steps; `QRBD_SIM_SEED=<n>` replays it,
 //! `QRBD_SIM_SEEDS=<n>` runs more seeds.
