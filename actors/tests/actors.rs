@@ -28,7 +28,11 @@ use qrbd_actors::supervisor::{
     Demote, GetStatus, Promote, ResourceSetup, ResourceSupervisor, SetSuspended, Shutdown,
     StateChangeError,
 };
-use qrbd_actors::testing::{buf_from, reply_channel, IoOutcome, MemMetaStore, MemStore};
+use qrbd_actors::testing::{reply_channel, IoOutcome, MemMetaStore, MemStore};
+
+#[path = "common/io.rs"]
+mod io;
+use io::{pattern, write_op};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
@@ -43,26 +47,6 @@ const EIO: i32 = 5;
 
 fn pool() -> BufferPool {
     BufferPool::new(64 * MIB as usize)
-}
-
-/// Deterministic bytes: `len` bytes of an xorshift stream seeded by `seed`.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
-fn write_op(pool: &BufferPool, offset: u64, bytes: &[u8]) -> IoOp {
-    IoOp::Write {
-        offset,
-        data: Arc::new(buf_from(pool, bytes)),
-    }
 }
 
 fn read_op(pool: &BufferPool, offset: u64, len: u64) -> IoOp {

@@ -24,7 +24,7 @@ use qrbd_actors::core::replication::PeerId;
 use qrbd_actors::core::resource::Timing;
 use qrbd_actors::core::{DiskState, ReplicationProtocol, Role};
 use qrbd_actors::device::{
-    AttachLink, DeviceActor, FromPeerBatch, IoDone, IoOp, LinkEvent, PeerOutbound, SubmitIo, ToPeer,
+    AttachLink, DeviceActor, FromPeerBatch, IoDone, LinkEvent, PeerOutbound, SubmitIo, ToPeer,
 };
 use qrbd_actors::meta::{DeviceMeta, StoredBitmaps};
 use qrbd_actors::retry::{GetRetryStats, RetryActor, RetryStats};
@@ -33,6 +33,10 @@ use qrbd_actors::supervisor::{
     GetStatus, PeerSetup, Promote, ResourceSetup, ResourceSupervisor, SetSuspended,
 };
 use qrbd_actors::testing::{buf_from, reply_channel, IoOutcome, MemMetaStore, MemStore};
+
+#[path = "common/io.rs"]
+mod io;
+use io::{pattern, write_op};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
@@ -56,26 +60,6 @@ const IDS: [PeerId; 2] = [0, 1];
 
 fn pool() -> BufferPool {
     BufferPool::new(16 * MIB as usize)
-}
-
-/// Deterministic bytes: `len` bytes of an xorshift stream seeded by `seed`.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
-fn write_op(pool: &BufferPool, offset: u64, bytes: &[u8]) -> IoOp {
-    IoOp::Write {
-        offset,
-        data: Arc::new(buf_from(pool, bytes)),
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
