@@ -656,12 +656,11 @@ impl DeviceCore {
         }
         // Held re-submissions stay: they were accepted once, and a demotion waits for them.
         let requests = &self.requests;
-        let (refused, kept): (Vec<RequestId>, Vec<RequestId>) =
-            self.held.iter().partition(|id| {
-                requests
-                    .get(id)
-                    .is_some_and(|r| r.kind.modifies_data() && !r.resubmission)
-            });
+        let (refused, kept): (Vec<RequestId>, Vec<RequestId>) = self.held.iter().partition(|id| {
+            requests
+                .get(id)
+                .is_some_and(|r| r.kind.modifies_data() && !r.resubmission)
+        });
         self.held = kept.into();
         for id in refused {
             self.requests.remove(&id);
