@@ -10,115 +10,45 @@
 //! from child processes (`dd`, `cp`, `cmp`, `fio`) under `timeout`, never from a thread of the
 //! test process: a thread stuck in FUSE can wedge the whole test process.
 
+#[path = "common/background.rs"]
+mod background;
 #[path = "common/fault_proxy.rs"]
 mod fault_proxy;
+#[path = "common/pair.rs"]
+mod pair;
 
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
+use background::Background;
 use fault_proxy::FaultProxy;
+use pair::{binary, connection, log, peer, tail, Pair, CONNECT, R};
 use qrbd::demo::files_identical;
-use qrbd::testbed::{
-    make_pair, run, skip_initial_sync, wait_until, LoopDevice, Mounted, PairSpec, ScratchDir,
-    TestNode,
-};
-use qrbd_actors::status::PeerStatus;
+use qrbd::testbed::{run, wait_until, LoopDevice, Mounted, PairSpec, TestNode};
 use rand::RngCore;
 
-const R: &str = "r0";
 const SIZE: &str = "64MiB";
 const MIB: u64 = 1 << 20;
 /// The block size the background writers use (one `dd` per block).
 const BLOCK: u64 = 64 << 10;
-/// How long the pair may take to connect (first dial, handshake).
-const CONNECT: Duration = Duration::from_secs(30);
 /// How long a daemon may take to react to something (a lost peer, a refusal, a command).
 const REACT: Duration = Duration::from_secs(20);
 /// A few ping intervals (1 s each): how long a refused pair is watched for a connection.
 const WATCH: Duration = Duration::from_millis(3500);
 
-fn binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_qrbd"))
-}
-
 // ---------------------------------------------------------------------------------------------
 // A pair of nodes
 // ---------------------------------------------------------------------------------------------
 
-/// Two nodes (alpha dials, beta accepts) in a scratch directory of their own. Fields drop in
-/// order: both daemons (killed, mounts cleared) before the directory they live in.
-struct Pair {
-    alpha: TestNode,
-    beta: TestNode,
-    beta_listen: SocketAddr,
-    scratch: ScratchDir,
-}
-
+/// What only these tests do with a pair.
 impl Pair {
-    /// Configuration and certificates only; nothing run yet.
-    fn configure(prefix: &str, spec: &PairSpec) -> anyhow::Result<Pair> {
-        let scratch = ScratchDir::new(prefix)?;
-        let (alpha, beta, beta_listen) = make_pair(&binary(), scratch.path(), spec)?;
-        Ok(Pair {
-            alpha,
-            beta,
-            beta_listen,
-            scratch,
-        })
-    }
-
-    fn create_md(&self) -> anyhow::Result<()> {
-        for node in [&self.alpha, &self.beta] {
-            node.qrbd_ok(&["create-md", R])?;
-        }
-        Ok(())
-    }
-
-    fn start(&mut self) -> anyhow::Result<()> {
-        self.alpha.start_daemon()?;
-        self.beta.start_daemon()?;
-        Ok(())
-    }
-
-    /// Configured, metadata created, both daemons running and connected.
-    fn up(prefix: &str, spec: &PairSpec) -> anyhow::Result<Pair> {
-        let mut pair = Pair::configure(prefix, spec)?;
-        pair.create_md()?;
-        pair.start()?;
-        pair.wait_connected(CONNECT)?;
-        Ok(pair)
-    }
-
-    fn dir(&self) -> &Path {
-        self.scratch.path()
-    }
-
-    /// Waits until both are connected; a fresh pair's blank disks are then declared
-    /// identical (`new-current-uuid --clear-bitmap`).
-    fn wait_connected(&self, limit: Duration) -> anyhow::Result<()> {
-        self.wait_connected_blank(limit)?;
-        skip_initial_sync(&[&self.alpha, &self.beta], R).with_context(|| self.logs())?;
-        Ok(())
-    }
-
-    /// Waits until both are connected, and nothing else.
-    fn wait_connected_blank(&self, limit: Duration) -> anyhow::Result<()> {
-        for node in [&self.alpha, &self.beta] {
-            wait_until(limit, "the pair to connect", || {
-                connection(node).filter(|c| c == "Connected")
-            })
-            .with_context(|| self.logs())?;
-        }
-        Ok(())
-    }
-
     /// Waits until everything alpha wrote is acknowledged and beta has applied it all.
     fn wait_quiet(&self) -> anyhow::Result<()> {
         wait_until(REACT, "replication to go quiet", || {
@@ -141,15 +71,6 @@ impl Pair {
         files_identical(&self.alpha.backing_path(R), &self.beta.backing_path(R))
     }
 
-    /// Both daemon logs, for failure messages.
-    fn logs(&self) -> String {
-        format!(
-            "--- alpha daemon log ---\n{}\n--- beta daemon log ---\n{}",
-            tail(&log(&self.alpha), 60),
-            tail(&log(&self.beta), 60)
-        )
-    }
-
     /// The end of a test whose alpha is Primary: replication goes quiet, the backing files
     /// are identical, alpha steps down and both daemons stop cleanly.
     fn end_in_sync(&mut self) -> anyhow::Result<()> {
@@ -167,45 +88,6 @@ impl Pair {
         }
         Ok(())
     }
-}
-
-/// A daemon's log without the terminal colour codes the daemon writes even to a file.
-fn log(node: &TestNode) -> String {
-    let raw = node.log();
-    let mut plain = String::with_capacity(raw.len());
-    let mut chars = raw.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI ... final byte in '@'..='~' (colours end with 'm').
-            for c in chars.by_ref() {
-                if ('@'..='~').contains(&c) && c != '[' {
-                    break;
-                }
-            }
-        } else {
-            plain.push(c);
-        }
-    }
-    plain
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-/// The one peer of `r0` on `node`.
-fn peer(node: &TestNode) -> anyhow::Result<PeerStatus> {
-    let status = node.status(R)?;
-    status
-        .peers
-        .into_iter()
-        .next()
-        .context("status lists no peer")
-}
-
-fn connection(node: &TestNode) -> Option<String> {
-    peer(node).ok().map(|p| p.connection)
 }
 
 /// Watches `nodes` for `window` (polling their status) and fails if any of them connects.
@@ -321,105 +203,6 @@ fn ensure_same(actual: &[u8], expected: &[u8], what: &str) -> anyhow::Result<()>
         );
     }
     Ok(())
-}
-
-/// A child process in a process group of its own, killed (the whole group) on drop.
-struct Background {
-    child: Option<Child>,
-    what: String,
-    stderr_path: PathBuf,
-}
-
-impl Background {
-    fn spawn(
-        what: &str,
-        command: &mut Command,
-        stdout: &Path,
-        stderr: &Path,
-    ) -> anyhow::Result<Self> {
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(File::create(stdout)?)
-            .stderr(File::create(stderr)?)
-            .process_group(0)
-            .spawn()
-            .with_context(|| format!("cannot start {what}"))?;
-        Ok(Background {
-            child: Some(child),
-            what: what.to_owned(),
-            stderr_path: stderr.to_owned(),
-        })
-    }
-
-    fn pid(&self) -> anyhow::Result<libc::pid_t> {
-        let child = self.child.as_ref().context("already reaped")?;
-        Ok(libc::pid_t::try_from(child.id())?)
-    }
-
-    fn signal(&self, signal: libc::c_int) -> anyhow::Result<()> {
-        let pid = self.pid()?;
-        // SAFETY: kill has no memory-safety preconditions.
-        if unsafe { libc::kill(pid, signal) } != 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("cannot signal {}", self.what));
-        }
-        Ok(())
-    }
-
-    fn running(&mut self) -> bool {
-        matches!(self.child.as_mut().map(Child::try_wait), Some(Ok(None)))
-    }
-
-    /// Waits for the exit, at most `limit`.
-    fn wait(&mut self, limit: Duration) -> anyhow::Result<ExitStatus> {
-        let what = format!("{} to exit", self.what);
-        let child = self.child.as_mut().context("already reaped")?;
-        // A failing try_wait ends the wait with its error rather than looking like "running".
-        let status = wait_until(limit, &what, || child.try_wait().transpose())?
-            .with_context(|| format!("cannot wait for {}", self.what))?;
-        self.child = None;
-        Ok(status)
-    }
-
-    /// Waits until `probe` yields a value, at most `limit`; fails early (with the standard
-    /// error) if the process exits first.
-    fn wait_while_running<T>(
-        &mut self,
-        limit: Duration,
-        what: &str,
-        mut probe: impl FnMut() -> Option<T>,
-    ) -> anyhow::Result<T> {
-        let found = wait_until(limit, what, || {
-            if let Some(value) = probe() {
-                return Some(Some(value));
-            }
-            (!self.running()).then_some(None)
-        })
-        .with_context(|| format!("{} so far: {}", self.what, self.stderr()))?;
-        found.with_context(|| format!("{} exited before {what}: {}", self.what, self.stderr()))
-    }
-
-    /// The standard error so far, for failure messages.
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr_path).unwrap_or_else(|error| {
-            format!("(cannot read {}: {error})", self.stderr_path.display())
-        })
-    }
-}
-
-impl Drop for Background {
-    /// Best effort: a test that failed half-way must not leave the child running, and there is
-    /// nobody left to report a failure to kill it to (a panic in drop could abort the run).
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            if let Ok(pid) = libc::pid_t::try_from(child.id()) {
-                // SAFETY: kill has no memory-safety preconditions; -pid is the process group.
-                unsafe { libc::kill(-pid, libc::SIGKILL) };
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
 }
 
 /// A shell loop writing blocks of `BLOCK` bytes from a pattern file to an image, one `dd` with

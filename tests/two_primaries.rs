@@ -10,21 +10,24 @@
 //! child processes, files) also when an assertion fails half-way. Waiting is on a condition
 //! with a deadline, never a guessed sleep.
 
+#[path = "common/background.rs"]
+mod background;
+#[path = "common/pair.rs"]
+mod pair;
+
 use std::fs::File;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
-use qrbd::testbed::{
-    make_pair, run, skip_initial_sync, wait_until, PairSpec, ScratchDir, TestNode,
-};
-use qrbd_actors::status::{PeerStatus, ResourceStatus};
+use background::Background;
+use pair::{peer, Pair, R};
+use qrbd::testbed::{run, wait_until, PairSpec, TestNode};
+use qrbd_actors::status::ResourceStatus;
 use rand::{Rng, RngCore, SeedableRng};
 
-const R: &str = "r0";
 const SIZE: &str = "64MiB";
 const BLOCK: usize = 4096;
 /// The hot region both writers share: its first `HOT_BLOCKS` blocks.
@@ -33,7 +36,6 @@ const HOT_BLOCKS: u64 = 64;
 const WRITES_PER_ROUND: u64 = 2000;
 /// How long the hammer may go on looking for a conflict.
 const CONFLICT_DEADLINE: Duration = Duration::from_secs(30);
-const CONNECT: Duration = Duration::from_secs(30);
 const REACT: Duration = Duration::from_secs(20);
 /// How long one writer child may run.
 const CHILD_LIMIT: Duration = Duration::from_secs(60);
@@ -42,46 +44,16 @@ const ALPHA_TAG: u64 = 0xA1;
 const BETA_TAG: u64 = 0xB2;
 const RECORD_MAGIC: u64 = u64::from_le_bytes(*b"QRBDREC1");
 
-fn binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_qrbd"))
-}
-
 // ---------------------------------------------------------------------------------------------
 // A pair of nodes
 // ---------------------------------------------------------------------------------------------
 
-/// Alpha (id 0, the resolver of conflicts) and beta (id 1). Fields drop in order: both daemons
-/// (killed, mounts cleared) before the directory they live in.
-struct Pair {
-    alpha: TestNode,
-    beta: TestNode,
-    scratch: ScratchDir,
-}
-
+/// What only these tests do with a pair.
 impl Pair {
     /// Two primaries allowed, both daemons running, connected, the blank disks declared
     /// identical, and both nodes promoted.
     fn both_primary(prefix: &str) -> anyhow::Result<Pair> {
-        let scratch = ScratchDir::new(prefix)?;
-        let spec = PairSpec::new(R, SIZE, "C").with_two_primaries();
-        let (alpha, beta, _) = make_pair(&binary(), scratch.path(), &spec)?;
-        let mut pair = Pair {
-            alpha,
-            beta,
-            scratch,
-        };
-        for node in [&pair.alpha, &pair.beta] {
-            node.qrbd_ok(&["create-md", R])?;
-        }
-        pair.alpha.start_daemon()?;
-        pair.beta.start_daemon()?;
-        for node in [&pair.alpha, &pair.beta] {
-            wait_until(CONNECT, "the pair to connect", || {
-                peer(node).ok().filter(|p| p.connection == "Connected")
-            })
-            .with_context(|| pair.logs())?;
-        }
-        skip_initial_sync(&[&pair.alpha, &pair.beta], R).with_context(|| pair.logs())?;
+        let pair = Pair::up(prefix, &PairSpec::new(R, SIZE, "C").with_two_primaries())?;
         pair.alpha
             .qrbd_ok(&["primary", R])
             .with_context(|| pair.logs())?;
@@ -103,10 +75,6 @@ impl Pair {
             );
         }
         Ok(pair)
-    }
-
-    fn dir(&self) -> &Path {
-        self.scratch.path()
     }
 
     /// Waits until both nodes are connected with nothing in flight: no application request,
@@ -185,27 +153,6 @@ impl Pair {
         ensure!(data.len() as u64 == len, "short read of {name}'s image");
         Ok(data)
     }
-
-    fn logs(&self) -> String {
-        format!(
-            "--- alpha daemon log ---\n{}\n--- beta daemon log ---\n{}",
-            tail(&self.alpha.log(), 60),
-            tail(&self.beta.log(), 60)
-        )
-    }
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-fn peer(node: &TestNode) -> anyhow::Result<PeerStatus> {
-    node.status(R)?
-        .peers
-        .into_iter()
-        .next()
-        .context("status lists no peer")
 }
 
 /// `r0` in `qrbd status --json r0` through the CLI (a list of resources), parsed.
@@ -249,73 +196,6 @@ fn counters(status: &ResourceStatus) -> String {
 // Child processes
 // ---------------------------------------------------------------------------------------------
 
-/// A child process in a process group of its own, killed (the whole group) on drop.
-struct Background {
-    child: Option<Child>,
-    what: String,
-    stdout_path: PathBuf,
-    stderr_path: PathBuf,
-}
-
-impl Background {
-    fn spawn(what: &str, command: &mut Command, dir: &Path, name: &str) -> anyhow::Result<Self> {
-        let stdout_path = dir.join(format!("{name}.out"));
-        let stderr_path = dir.join(format!("{name}.err"));
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(File::create(&stdout_path)?)
-            .stderr(File::create(&stderr_path)?)
-            .process_group(0)
-            .spawn()
-            .with_context(|| format!("cannot start {what}"))?;
-        Ok(Background {
-            child: Some(child),
-            what: what.to_owned(),
-            stdout_path,
-            stderr_path,
-        })
-    }
-
-    fn wait(&mut self, limit: Duration) -> anyhow::Result<ExitStatus> {
-        let what = format!("{} to exit", self.what);
-        let child = self.child.as_mut().context("already reaped")?;
-        let status = wait_until(limit, &what, || child.try_wait().transpose())?
-            .with_context(|| format!("cannot wait for {}", self.what))?;
-        self.child = None;
-        Ok(status)
-    }
-
-    /// Waits for a successful exit and returns the standard output.
-    fn finish(&mut self, limit: Duration) -> anyhow::Result<String> {
-        let status = self.wait(limit)?;
-        ensure!(
-            status.success(),
-            "{} failed ({status}): {}\n{}",
-            self.what,
-            self.stderr(),
-            std::fs::read_to_string(&self.stdout_path).unwrap_or_default()
-        );
-        Ok(std::fs::read_to_string(&self.stdout_path)?)
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
-    }
-}
-
-impl Drop for Background {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            if let Ok(pid) = libc::pid_t::try_from(child.id()) {
-                // SAFETY: kill has no memory-safety preconditions; -pid is the process group.
-                unsafe { libc::kill(-pid, libc::SIGKILL) };
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 /// This test binary again, as a child under `timeout`, running `child_io` with `args`.
 fn spawn_child_io(
     dir: &Path,
@@ -324,7 +204,7 @@ fn spawn_child_io(
     args: &[String],
 ) -> anyhow::Result<Background> {
     let exe = std::env::current_exe().context("cannot find the test binary")?;
-    Background::spawn(
+    Background::spawn_in(
         &format!("{name} ({mode})"),
         Command::new("timeout")
             .arg("--foreground")
@@ -798,7 +678,7 @@ fn a_writer_hands_over_from_alpha_to_beta_while_both_are_primary() -> anyhow::Re
 fn status_and_events_show_conflicts() -> anyhow::Result<()> {
     let pair = Pair::both_primary("qrbd-2p-events")?;
     let seed = seed();
-    let mut events = Background::spawn(
+    let mut events = Background::spawn_in(
         "qrbd events (alpha)",
         Command::new(&pair.alpha.binary)
             .arg("--config")
@@ -855,13 +735,6 @@ fn status_and_events_show_conflicts() -> anyhow::Result<()> {
             "unexpected conflict line {line:?}"
         );
     }
-    ensure!(
-        events
-            .child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None))),
-        "qrbd events ended: {}",
-        events.stderr()
-    );
+    ensure!(events.running(), "qrbd events ended: {}", events.stderr());
     pair.ensure_connected()
 }
