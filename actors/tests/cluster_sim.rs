@@ -39,12 +39,10 @@
 //!   was answered, application-I/O counts are zero, and two connected UpToDate nodes hold the
 //!   same bytes except in blocks that either counts out of sync for the other.
 //!
-//! Tolerances that predate the activity log and the one conflict domain (received writes
-//! joined it with two primaries), kept until a run shows them unneeded: writes in flight when
-//! their node crashed never completed, and the peers that got them keep them while the others
-//! do not; and a node that demotes while its own writes are still at the store may see them
-//! land after a new Primary's write to the same block. The simulation tolerates the resulting
-//! difference only for blocks written by such writes (see `racing_blocks`).
+//! Without tolerances: writes in flight when their node crashed, and a demoted node's writes
+//! still at its store, are covered by the activity log and the one conflict domain (received
+//! writes joined it with two primaries); replicas compared at quiescence must be equal except
+//! in blocks either counts out of sync.
 //!
 //! A failing seed prints its seed and the last steps; `QRBD_SIM_SEED=<n>` replays it,
 //! `QRBD_SIM_SEEDS=<n>` runs more seeds.
@@ -525,9 +523,6 @@ struct Sim {
     /// A calm seed has no faults and writes mostly on the Primary: long stretches of plain
     /// replication, so that its invariants are exercised as much as the fault handling.
     calm: bool,
-    /// Blocks a demoted node's drained writes, or a crashed node's unfinished writes, touched
-    /// (see the known limitations).
-    racing_blocks: BTreeSet<u64>,
     queue: VecDeque<(u8, Input)>,
     trace: VecDeque<String>,
     hash: u64,
@@ -716,7 +711,6 @@ impl Sim {
             split_possible: false,
             old_contents,
             sync,
-            racing_blocks: BTreeSet::new(),
             queue: VecDeque::new(),
             trace: VecDeque::new(),
             hash: 0xcbf2_9ce4_8422_2325,
@@ -1496,13 +1490,6 @@ impl Sim {
                         self.ensure(req.as_primary, || {
                             format!("n{id}: application write #{rid} reaches the store of a node that was not Primary")
                         });
-                        if self.demoting(id) {
-                            for block in req.range.offset / BLOCK
-                                ..req.range.end().unwrap_or(0).div_ceil(BLOCK)
-                            {
-                                self.racing_blocks.insert(block);
-                            }
-                        }
                         let wid = req.wid;
                         let written =
                             self.node(id)
@@ -1678,11 +1665,6 @@ impl Sim {
                 );
             }
         }
-    }
-
-    fn demoting(&self, id: u8) -> bool {
-        let core = &self.nodes[usize::from(id - 1)].core;
-        core.role() == Role::Secondary
     }
 
     fn deliver(&mut self) {
@@ -1937,14 +1919,6 @@ impl Sim {
         n.current.clear();
         n.unflushed.clear();
         let lost: Vec<RequestId> = n.requests.keys().copied().collect();
-        // Writes that die with their node never completed: peers may or may not hold them,
-        // and only the activity log (the resync issue) will reconcile those blocks.
-        let in_flight_blocks: Vec<u64> = n
-            .requests
-            .values()
-            .filter(|r| matches!(r.kind, IoKind::Write | IoKind::Discard))
-            .flat_map(|r| r.range.offset / BLOCK..r.range.end().unwrap_or(0).div_ceil(BLOCK))
-            .collect();
         n.requests.clear();
         let meta = n.persisted.clone();
         let core_seed = seed ^ u64::from(id) << 32 ^ n.incarnation << 48;
@@ -1957,9 +1931,6 @@ impl Sim {
             stored,
             now,
         );
-        if crash {
-            self.racing_blocks.extend(in_flight_blocks);
-        }
         self.commands.retain(|_, p| p.node != id);
         self.log(format!(
             "n{id} {} and restarts (lost requests {lost:?})",
@@ -2250,7 +2221,7 @@ impl Sim {
                             .device()
                             .peer(na.id)
                             .is_some_and(|s| s.out_of_sync.is_dirty(block));
-                    if dirty || self.racing_blocks.contains(&block) {
+                    if dirty {
                         continue;
                     }
                     let (x, y) = (na.store.read(block), nb.store.read(block));
