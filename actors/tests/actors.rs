@@ -28,7 +28,7 @@ use qrbd_actors::supervisor::{
     Demote, GetStatus, Promote, ResourceSetup, ResourceSupervisor, SetSuspended, Shutdown,
     StateChangeError,
 };
-use qrbd_actors::testing::{reply_channel, IoOutcome, MemMetaStore, MemStore};
+use qrbd_actors::testing::{reply_channel, GateGuard, IoOutcome, MemMetaStore, MemStore};
 
 #[path = "common/io.rs"]
 mod io;
@@ -460,6 +460,27 @@ fn stamped_reply(
     (reply, receiver)
 }
 
+/// Holds the store's gate and submits a write of `data` at offset 0, whose reply is stamped
+/// with the store's write count; returns once the write is parked at the store.
+async fn park_stamped_write<'a>(
+    device: &Addr<DeviceActor>,
+    store: &'a Arc<MemStore>,
+    pool: &BufferPool,
+    data: &[u8],
+) -> (GateGuard<'a>, oneshot::Receiver<(IoOutcome, u64)>) {
+    let gate = store.hold_gate();
+    let (reply, replied) = stamped_reply(store);
+    device.do_send(SubmitIo {
+        op: write_op(pool, 0, data),
+        reply,
+        issued: Instant::now(),
+    });
+    store
+        .wait_for("the write parked", DEADLINE, |c| c.parked == 1)
+        .await;
+    (gate, replied)
+}
+
 #[actix_rt::test]
 async fn postponed_write_is_reissued_through_the_retry_actor_and_replies_once() {
     let store = MemStore::new(MIB);
@@ -467,16 +488,7 @@ async fn postponed_write_is_reissued_through_the_retry_actor_and_replies_once() 
     let pool = pool();
     let data = pattern(7, 4096);
 
-    let gate = store.hold_gate();
-    let (reply, mut replied) = stamped_reply(&store);
-    device.do_send(SubmitIo {
-        op: write_op(&pool, 0, &data),
-        reply,
-        issued: Instant::now(),
-    });
-    store
-        .wait_for("first write parked", DEADLINE, |c| c.parked == 1)
-        .await;
+    let (gate, mut replied) = park_stamped_write(&device, &store, &pool, &data).await;
     // A peer answered RetryWrite for it.
     device
         .send(PostponeRequest(FIRST_REQUEST))
@@ -583,16 +595,7 @@ async fn a_stuck_device_does_not_hold_up_another_devices_retries() {
     let store = MemStore::new(MIB);
     let (device, _snap) = start_device(&store, true);
     let data = pattern(7, 4096);
-    let gate = store.hold_gate();
-    let (reply, replied) = stamped_reply(&store);
-    device.do_send(SubmitIo {
-        op: write_op(&pool, 0, &data),
-        reply,
-        issued: Instant::now(),
-    });
-    store
-        .wait_for("first write parked", DEADLINE, |c| c.parked == 1)
-        .await;
+    let (gate, replied) = park_stamped_write(&device, &store, &pool, &data).await;
     device
         .send(PostponeRequest(FIRST_REQUEST))
         .await
@@ -633,16 +636,7 @@ async fn reissue_into_a_suspended_device_does_not_block_the_retry_actor() {
     let pool = pool();
     let data = pattern(9, 4096);
 
-    let gate = store.hold_gate();
-    let (reply, mut replied) = stamped_reply(&store);
-    device.do_send(SubmitIo {
-        op: write_op(&pool, 0, &data),
-        reply,
-        issued: Instant::now(),
-    });
-    store
-        .wait_for("the write parked", DEADLINE, |c| c.parked == 1)
-        .await;
+    let (gate, mut replied) = park_stamped_write(&device, &store, &pool, &data).await;
     device.send(SuspendIo).await.expect("device alive");
     device
         .send(PostponeRequest(FIRST_REQUEST))

@@ -2055,11 +2055,7 @@ impl Sim {
             92 => self.partition(),
             93..=94 => self.heal(),
             95 if self.rng.percent(40) => self.crash(),
-            96 if self.dual && self.stalled.is_none() => {
-                let until = self.now + 5 * SECOND + self.rng.below(4 * SECOND);
-                self.log(format!("n{id}'s disk stalls until t={}ms", until / MS));
-                self.stalled = Some((id, until));
-            }
+            96 if self.dual => self.stall_disk(id),
             _ => self.deliver(),
         }
         self.check_step();
@@ -2069,7 +2065,6 @@ impl Sim {
     /// to do and checks that everything finished.
     fn quiesce(&mut self) {
         self.log("quiesce: faults stop".into());
-        self.stalled = None;
         self.quiescing = true;
         self.heal();
         for id in self.ids() {

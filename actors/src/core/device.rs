@@ -121,8 +121,6 @@ struct Request {
     postponed: bool,
     /// What connected peers still owe before the request may complete.
     waiting: Vec<(PeerId, PeerNeed)>,
-    /// The data-stream sequence number under which it went to each peer.
-    sent: Vec<(PeerId, u64)>,
     /// When a peer answered RetryWrite: the conflict's age counts from here.
     retry_since: Option<Tick>,
     /// A postponed request issued again: its first local write landed, so failing it now
@@ -547,7 +545,6 @@ impl DeviceCore {
         };
         let (kind, range) = (request.kind, request.range);
         let mut waiting = Vec::new();
-        let mut sent = Vec::new();
         for (peer, sender) in self.peers.iter_mut() {
             let mut out = Vec::new();
             match kind {
@@ -558,11 +555,6 @@ impl DeviceCore {
                         .map_or(0, |landed| landed.seen_for(range.block_span()));
                     let need = sender.replicate(id, range, kind == IoKind::Discard, seen, &mut out);
                     waiting.push((*peer, need));
-                    if let Some(Outgoing::Data { seq, .. } | Outgoing::Discard { seq, .. }) =
-                        out.last()
-                    {
-                        sent.push((*peer, *seq));
-                    }
                 }
                 IoKind::Write | IoKind::Discard => sender.out_of_sync.mark(range),
                 IoKind::Flush
@@ -585,7 +577,6 @@ impl DeviceCore {
         }
         if let Some(request) = self.requests.get_mut(&id) {
             request.waiting = waiting;
-            request.sent = sent;
         }
     }
 
@@ -759,7 +750,6 @@ impl DeviceCore {
                 local_result: None,
                 postponed: false,
                 waiting: Vec::new(),
-                sent: Vec::new(),
                 retry_since: None,
                 resubmission,
                 decided_against: false,
@@ -1026,6 +1016,7 @@ impl DeviceCore {
         let mut after = 0;
         let mut concurrent = false;
         let mut winners = Vec::new();
+        let sender = self.peers.get(&peer);
         for (_, (active_end, id)) in self.active_spans.range(..span.1).rev() {
             if *active_end <= span.0 {
                 break;
@@ -1033,10 +1024,11 @@ impl DeviceCore {
             let Some(local) = self.requests.get(id) else {
                 continue; // a resync lock
             };
-            let sent = local.sent.iter().find(|(p, _)| *p == peer).map(|(_, s)| *s);
-            let unanswered = local.waiting.contains(&(peer, PeerNeed::WriteAck));
-            match sent {
-                Some(seq) if unanswered && (!resolver || seq > seen) => {
+            // Sent to the peer and not answered yet: its sequence number still awaits an
+            // acknowledgement (answers and acknowledgements both take it off that list).
+            let unanswered = sender.and_then(|s| s.awaiting_seq_of(*id));
+            match unanswered {
+                Some(seq) if !resolver || seq > seen => {
                     concurrent = true;
                     winners.push(*id);
                     after = after.max(seq);
@@ -1168,17 +1160,13 @@ impl DeviceCore {
         if let Some(request) = self.requests.get_mut(&id) {
             request.postponed = true;
             request.retry_since = Some(now);
-            if let Some(need) = request
-                .waiting
-                .iter_mut()
-                .find(|(p, need)| *p == peer && *need == PeerNeed::WriteAck)
-            {
-                need.1 = PeerNeed::PeerApplied(after);
-            }
-            if after <= landed {
-                request
-                    .waiting
-                    .retain(|(p, need)| !(*p == peer && *need == PeerNeed::PeerApplied(after)));
+            let answered = (peer, PeerNeed::WriteAck);
+            if let Some(index) = request.waiting.iter().position(|need| *need == answered) {
+                if after <= landed {
+                    request.waiting.swap_remove(index);
+                } else {
+                    request.waiting[index].1 = PeerNeed::PeerApplied(after);
+                }
             }
         }
         let mut effects = Vec::new();
@@ -1271,7 +1259,6 @@ impl DeviceCore {
                     if request.kind.modifies_data() {
                         self.modifying_in_flight = self.modifying_in_flight.saturating_sub(1);
                     }
-                    self.mark_failed_resubmission(&request);
                 }
                 self.stats.failed += 1;
                 effects.push(VolumeEffect::Complete(id, Err(IoFault::Closed)));

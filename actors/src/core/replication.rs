@@ -452,6 +452,15 @@ impl PeerSender {
         self.awaiting_ack.get(index).map(|(_, request)| *request)
     }
 
+    /// The sequence number under which `request` was sent, while its acknowledgement is still
+    /// awaited.
+    pub fn awaiting_seq_of(&self, request: RequestId) -> Option<u64> {
+        self.awaiting_ack
+            .iter()
+            .find(|(_, awaited)| *awaited == request)
+            .map(|(seq, _)| *seq)
+    }
+
     /// The peer answered `seq` otherwise (Superseded, RetryWrite): the acknowledgement that
     /// later covers it must not complete the request, whose id a re-submission reuses.
     pub fn answered(&mut self, seq: u64) {

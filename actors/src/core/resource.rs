@@ -934,11 +934,12 @@ impl ResourceCore {
                 let range = self.at_store.remove(&(peer, conn, seq));
                 let current = self.current_conn(peer) == Some(conn);
                 // Only two primaries' writes need to tell which received writes they follow
-                // (and only their protocol C acknowledgements prune the record).
-                let two_primaries = self.config.allow_two_primaries;
-                if let (Some(range), Ok(()), true, true) = (range, result, current, two_primaries) {
-                    // Before the local writes that waited for it start: they follow it.
-                    self.device.note_landed(peer, seq, range);
+                // (and only their protocol C acknowledgements prune the record). Recorded
+                // before the local writes that waited for it start: they follow it.
+                if current && self.config.allow_two_primaries && result.is_ok() {
+                    if let Some(range) = range {
+                        self.device.note_landed(peer, seq, range);
+                    }
                 }
                 let effects = self.device.received_landed((peer, conn, seq));
                 self.volume_effects(effects, now);

@@ -308,6 +308,7 @@ impl ResourceCore {
     /// stays complete; only this node's crash protection for them is lost) rather than stall
     /// replication.
     pub(super) fn release_peer_writes(&mut self, log_failed: bool, now: Tick) {
+        let mut dropped_lost = false;
         while let Some(&QueuedPeerWrite {
             peer,
             conn,
@@ -321,6 +322,7 @@ impl ResourceCore {
                 // Its connection is gone: the Primary counts it out of sync.
                 self.peer_writes_waiting.pop_front();
                 self.at_store.remove(&key);
+                dropped_lost = true;
                 let effects = self.device.received_landed(key);
                 self.volume_effects(effects, now);
                 self.effects.push_back(Effect::ForgetPayload {
@@ -366,7 +368,11 @@ impl ResourceCore {
                 break;
             }
         }
-        self.resume_deferred_hellos(now);
+        // A handshake may have waited for the lost connection's writes (the others wake it
+        // when they land).
+        if dropped_lost {
+            self.resume_deferred_hellos(now);
+        }
     }
 
     /// The resolver does not write a received write that was concurrent with its own: it
